@@ -1,0 +1,259 @@
+"""Training configuration: typed dataclasses, YAML loading, ``key=value`` overrides, validation.
+
+A config is data. Every key has a type and a default here; a YAML file or an override that names
+a key that does not exist, or gives a value of the wrong type, fails with the key's full name
+before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is wrong; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "bundled"  # dataset registry name: bundled | split_folder
+    root: Optional[str] = None  # dataset folder; for 'bundled', where it is generated (default: cache)
+    image_size: int = 64
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    seed: int = 0  # the bundled dataset's generation seed (fixed: it defines the dataset)
+    head_min: int = 100  # a class with at least this many training positives is head
+    tail_max: int = 20  # a class with fewer than this many training positives is tail
+    augment: bool = False
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "smallcnn"
+    pretrained: bool = False
+    weights_path: Optional[str] = None  # local backbone weights, used instead of a download
+    head: str = "cssfe"  # cssfe | baseline
+    embedding: str = "minilm"  # text encoder: rie | minilm | clip
+    embedding_options: Dict[str, Any] = field(default_factory=dict)
+    prompt: str = "a photo of {}."
+    dim: int = 128  # d, the width of queries, keys and values
+    enhance: bool = True
+    mask: bool = True
+    global_branch: bool = True
+    gate: str = "uncertainty"  # uncertainty: 1 - |2p - 1| | absence: 1 - p
+    tau: float = 0.1  # temperature of the semantic affinity
+    aux_weight: float = 0.5  # weight of the loss on first-pass logits
+
+
+@dataclass
+class LossConfig:
+    name: str = "asl"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 30
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    pct_start: float = 0.2
+    grad_clip: float = 10.0
+    ema_decay: float = 0.99
+    amp: str = "auto"  # auto (on for CUDA) | on | off
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "runs/default"
+    eval_every: int = 1
+    progress: bool = True
+    cache_dir: Optional[str] = None  # datasets and embeddings cache (default $CSSFE_CACHE or ~/.cache/cssfe)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+Config = TrainConfig
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, prefix=key + ".")
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (list, List, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is Any:
+        return value
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _from_dict(cls: Any, values: Dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys under '{prefix or '<top>'}': "
+            + ", ".join(sorted(names))
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: Dict[str, Any]) -> TrainConfig:
+    cfg = _from_dict(TrainConfig, values or {})
+    validate(cfg)
+    return cfg
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("params", "embedding_options"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> Dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``, the value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    out: Dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        values = loaded
+    for item in overrides:
+        values = _merge(values, parse_override(item))
+    try:
+        return from_dict(values)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check values and registry names; raises ConfigError naming the key."""
+    # Imported here: the registries import torch models, which the YAML layer does not need.
+    from cssfe.data import DATASETS
+    from cssfe.losses import LOSSES
+    from cssfe.models.backbones import BACKBONES
+    from cssfe.models.heads import HEADS
+    from cssfe.models.text_encoders import TEXT_ENCODERS
+
+    def check_name(key: str, name: str, registry: Any) -> None:
+        if name not in registry:
+            raise ConfigError(f"config key '{key}': unknown name {name!r}; choose one of: {', '.join(registry.names())}")
+
+    check_name("data.name", cfg.data.name, DATASETS)
+    check_name("model.backbone", cfg.model.backbone, BACKBONES)
+    check_name("model.head", cfg.model.head, HEADS)
+    check_name("model.embedding", cfg.model.embedding, TEXT_ENCODERS)
+    check_name("loss.name", cfg.loss.name, LOSSES)
+
+    def positive(key: str, value: float, strict: bool = True) -> None:
+        if (value <= 0) if strict else (value < 0):
+            raise ConfigError(f"config key '{key}' must be {'>' if strict else '>='} 0, got {value}")
+
+    positive("data.image_size", cfg.data.image_size)
+    positive("data.batch_size", cfg.data.batch_size)
+    positive("data.eval_batch_size", cfg.data.eval_batch_size)
+    positive("data.num_workers", cfg.data.num_workers, strict=False)
+    positive("model.dim", cfg.model.dim)
+    positive("model.tau", cfg.model.tau)
+    positive("model.aux_weight", cfg.model.aux_weight, strict=False)
+    positive("optim.epochs", cfg.optim.epochs)
+    positive("optim.lr", cfg.optim.lr)
+    positive("optim.weight_decay", cfg.optim.weight_decay, strict=False)
+    positive("optim.grad_clip", cfg.optim.grad_clip, strict=False)
+    positive("eval_every", cfg.eval_every)
+    if not 0 < cfg.optim.pct_start < 1:
+        raise ConfigError(f"config key 'optim.pct_start' must be in (0, 1), got {cfg.optim.pct_start}")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"config key 'optim.ema_decay' must be in [0, 1), got {cfg.optim.ema_decay}")
+    if cfg.data.tail_max > cfg.data.head_min:
+        raise ConfigError(
+            f"config keys 'data.tail_max' ({cfg.data.tail_max}) must not exceed 'data.head_min' ({cfg.data.head_min})"
+        )
+    if cfg.model.gate not in ("uncertainty", "absence"):
+        raise ConfigError(f"config key 'model.gate' must be 'uncertainty' or 'absence', got {cfg.model.gate!r}")
+    if cfg.optim.amp not in ("auto", "on", "off"):
+        raise ConfigError(f"config key 'optim.amp' must be auto, on or off, got {cfg.optim.amp!r}")
+    if "{}" not in cfg.model.prompt:
+        raise ConfigError(f"config key 'model.prompt' must contain '{{}}' for the class name, got {cfg.model.prompt!r}")
+    if cfg.model.weights_path is not None and not os.path.isfile(cfg.model.weights_path):
+        raise ConfigError(f"config key 'model.weights_path': file not found: {cfg.model.weights_path}")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -1,0 +1,172 @@
+"""The long-tail split format of LT-VOC / LT-COCO, read and written in one place.
+
+A split folder holds::
+
+    classes.txt              one class name per line, in label order
+    class_split.pkl          {'head': set, 'middle': set, 'tail': set} of class indices
+    <split>/img_id.txt       one image id per line (split = train, test)
+    <split>/class_freq.pkl   {'gt_labels': uint8 [n, C], 'class_freq', 'neg_class_freq', 'condition_prob'}
+    images/<id>.png|.jpg     the images
+
+``class_freq.pkl`` and ``class_split.pkl`` are the published files' formats (DB-loss benchmark):
+``gt_labels`` aligned with ``img_id.txt``, ``condition_prob[i, j]`` = P(class j | class i).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+GROUP_NAMES = ("head", "medium", "tail")
+SPLIT_KEYS = ("head", "middle", "tail")  # the published pickle's keys
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class SplitFormatError(ValueError):
+    """A split file is missing, unreadable or disagrees with the others; the message names the file."""
+
+
+def class_statistics(labels: np.ndarray) -> Dict[str, np.ndarray]:
+    labels = np.asarray(labels, dtype=np.uint8)
+    class_freq = labels.sum(0).astype(np.int64)
+    co = labels.T.astype(np.float64) @ labels.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        condition_prob = np.where(class_freq[:, None] > 0, co / np.maximum(class_freq[:, None], 1), 0.0)
+    return {
+        "gt_labels": labels,
+        "class_freq": class_freq,
+        "neg_class_freq": len(labels) - class_freq,
+        "condition_prob": condition_prob,
+    }
+
+
+def groups_from_frequencies(class_freq: Sequence[int], head_min: int = 100, tail_max: int = 20) -> np.ndarray:
+    """Group per class: 0 head (n >= head_min), 1 medium, 2 tail (n < tail_max)."""
+    freq = np.asarray(class_freq)
+    return np.where(freq >= head_min, 0, np.where(freq >= tail_max, 1, 2)).astype(np.int64)
+
+
+def groups_to_class_split(groups: np.ndarray) -> Dict[str, set]:
+    return {key: {int(c) for c in np.flatnonzero(groups == g)} for g, key in enumerate(SPLIT_KEYS)}
+
+
+def class_split_to_groups(split: Dict[str, set], num_classes: int, path: str = "class_split.pkl") -> np.ndarray:
+    missing = [k for k in SPLIT_KEYS if k not in split]
+    if missing:
+        raise SplitFormatError(f"{path}: missing key(s) {missing}; expected {list(SPLIT_KEYS)}")
+    groups = np.full(num_classes, -1, dtype=np.int64)
+    for g, key in enumerate(SPLIT_KEYS):
+        for c in split[key]:
+            c = int(c)
+            if not 0 <= c < num_classes:
+                raise SplitFormatError(f"{path}: class index {c} under '{key}' is outside 0..{num_classes - 1}")
+            if groups[c] != -1:
+                raise SplitFormatError(f"{path}: class index {c} is in two groups")
+            groups[c] = g
+    if (groups == -1).any():
+        raise SplitFormatError(f"{path}: class indices {np.flatnonzero(groups == -1).tolist()} are in no group")
+    return groups
+
+
+def _labels_matrix(label_sets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    out = np.zeros((len(label_sets), num_classes), dtype=np.uint8)
+    for i, classes in enumerate(label_sets):
+        out[i, list(classes)] = 1
+    return out
+
+
+def _dump(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def write_split_folder(
+    root: str,
+    class_names: Sequence[str],
+    ids: Dict[str, List[str]],
+    label_sets: Dict[str, List[List[int]]],
+    head_min: int = 100,
+    tail_max: int = 20,
+) -> np.ndarray:
+    """Write classes.txt, <split>/img_id.txt, <split>/class_freq.pkl and class_split.pkl (from train)."""
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("\n".join(class_names) + "\n")
+    for split in ids:
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        with open(os.path.join(root, split, "img_id.txt"), "w") as f:
+            f.write("\n".join(ids[split]) + "\n")
+        _dump(class_statistics(_labels_matrix(label_sets[split], len(class_names))), os.path.join(root, split, "class_freq.pkl"))
+    train_freq = _labels_matrix(label_sets["train"], len(class_names)).sum(0)
+    groups = groups_from_frequencies(train_freq, head_min, tail_max)
+    _dump(groups_to_class_split(groups), os.path.join(root, "class_split.pkl"))
+    return groups
+
+
+def read_id_list(path: str) -> List[str]:
+    """Image ids, one per line. Files named .pkl that are plain text (LT-COCO's img_id.pkl) work too."""
+    if not os.path.isfile(path):
+        raise SplitFormatError(f"image id list not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".pkl"):
+        try:
+            obj = pickle.loads(raw)
+            return [str(x) for x in obj]
+        except Exception:
+            pass  # the published LT-COCO id file is text despite its name
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SplitFormatError(f"{path}: neither a pickle nor UTF-8 text") from None
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+def read_pickle(path: str):
+    if not os.path.isfile(path):
+        raise SplitFormatError(f"split file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as exc:
+        raise SplitFormatError(f"{path}: cannot be unpickled ({type(exc).__name__}: {exc})") from None
+
+
+def read_split(root: str, split: str, num_classes: int) -> Tuple[List[str], np.ndarray]:
+    """(image ids, labels uint8 [n, C]) of one split of a split folder, checked for agreement."""
+    id_path = os.path.join(root, split, "img_id.txt")
+    freq_path = os.path.join(root, split, "class_freq.pkl")
+    ids = read_id_list(id_path)
+    stats = read_pickle(freq_path)
+    if not isinstance(stats, dict) or "gt_labels" not in stats:
+        raise SplitFormatError(f"{freq_path}: expected a dict with 'gt_labels'")
+    labels = np.asarray(stats["gt_labels"], dtype=np.uint8)
+    if labels.ndim != 2 or labels.shape[1] != num_classes:
+        raise SplitFormatError(f"{freq_path}: gt_labels has shape {labels.shape}, expected [n, {num_classes}]")
+    if len(labels) != len(ids):
+        raise SplitFormatError(f"{freq_path}: {len(labels)} label rows but {id_path} lists {len(ids)} images")
+    if "class_freq" in stats and not np.array_equal(np.asarray(stats["class_freq"]), labels.sum(0)):
+        raise SplitFormatError(f"{freq_path}: class_freq disagrees with the column sums of gt_labels")
+    return ids, labels
+
+
+def read_classes(root: str) -> List[str]:
+    path = os.path.join(root, "classes.txt")
+    if not os.path.isfile(path):
+        raise SplitFormatError(f"class list not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(set(names)) != len(names):
+        raise SplitFormatError(f"{path}: duplicate class names")
+    return names
+
+
+def find_image(root: str, image_id: str) -> str:
+    for ext in IMAGE_EXTENSIONS:
+        path = os.path.join(root, "images", image_id + ext)
+        if os.path.isfile(path):
+            return path
+    raise SplitFormatError(f"image {image_id!r} not found under {os.path.join(root, 'images')} ({'/'.join(IMAGE_EXTENSIONS)})")

@@ -1,0 +1,51 @@
+"""Command line of ``launch/train.py``: parse arguments, build the config, call ``train``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+from cssfe.config import ConfigError, load_config
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Train a CSSFE (or baseline) multi-label classifier. Without arguments: the default "
+        "configuration on the bundled long-tailed digits dataset.",
+        epilog="Overrides are key=value with dotted keys, e.g. model.head=baseline optim.epochs=5 loss.name=db.",
+    )
+    p.add_argument("--config", help="YAML config file (default: built-in defaults, configs/default.yaml)")
+    p.add_argument("--output-dir", help="where the run is written (default: runs/<time>-<head>-<backbone>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    config_path = args.config
+    if args.resume and config_path is None:
+        if not args.output_dir:
+            print("error: --resume needs --output-dir (the run to continue)", file=sys.stderr)
+            return 2
+        config_path = os.path.join(args.output_dir, "config.yaml")
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    try:
+        cfg = load_config(config_path, overrides)
+    except (ConfigError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.output_dir and not any(o.startswith("output_dir=") for o in args.overrides):
+        cfg.output_dir = os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.head}-{cfg.model.backbone}")
+    from cssfe.engine.train import train  # torch and the models load only after the config is good
+
+    try:
+        train(cfg, resume=args.resume)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,47 @@
+"""Evaluation: scores of the whole evaluation set, then the long-tail metrics on fp32 scores."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cssfe.metrics import evaluate_scores, long_tail_map
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, progress: bool = False) -> Dict[str, np.ndarray]:
+    """Sigmoid scores of the final (``scores``) and first-pass (``scores0``) logits, and the targets."""
+    model.eval()
+    scores, scores0, targets = [], [], []
+    for images, labels, _ in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        out = model(images.to(device, non_blocking=True))
+        scores.append(torch.sigmoid(out["logits"].float()).cpu())
+        if "logits0" in out:
+            scores0.append(torch.sigmoid(out["logits0"].float()).cpu())
+        targets.append(labels)
+    result = {"scores": torch.cat(scores).numpy(), "targets": torch.cat(targets).numpy()}
+    if scores0:
+        result["scores0"] = torch.cat(scores0).numpy()
+    return result
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, groups: np.ndarray, device: torch.device, progress: bool = False) -> Dict:
+    """``{"mAP": {...}, "f1": {...}, "per_class_ap": [...]}``, plus ``first_pass_mAP`` for CSSFE heads."""
+    pred = predict(model, loader, device, progress)
+    metrics = evaluate_scores(pred["scores"], pred["targets"], groups)
+    if "scores0" in pred:
+        metrics["first_pass_mAP"] = long_tail_map(pred["scores0"], pred["targets"], groups)
+    return metrics
+
+
+def format_table(rows: Dict[str, Dict[str, float]]) -> str:
+    """A small text table: one row per name, columns total / head / medium / tail mAP."""
+    cols = ("total", "head", "medium", "tail")
+    width = max(12, *(len(name) for name in rows))
+    lines = [f"{'mAP (%)':<{width}} " + " ".join(f"{c:>7}" for c in cols)]
+    for name, values in rows.items():
+        lines.append(f"{name:<{width}} " + " ".join(f"{values[c]:7.2f}" for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Classification heads: the CSSFE head (SPEC section 1) and the GAP + linear baseline.
+
+Every head maps a feature map [B, D, h, w] to a dict with at least ``logits`` [B, C].
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cssfe import ops
+from cssfe.registry import Registry
+
+HEADS: Registry[nn.Module] = Registry("head")
+GATES = {
+    # Largest where the first pass is unsure (p near 0.5), zero where it is confident either way.
+    "uncertainty": lambda p: 1 - (2 * p - 1).abs(),
+    # The first reading: mostly feeds classes that are confidently absent.
+    "absence": lambda p: 1 - p,
+}
+
+
+class BaselineHead(nn.Module):
+    """Global average pooling + linear classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, **_unused):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, feats: torch.Tensor, return_maps: bool = False) -> Dict[str, torch.Tensor]:
+        return {"logits": self.fc(feats.mean(dim=(2, 3)))}
+
+
+class CSSFEHead(nn.Module):
+    """Label-dependent class activation maps, progressive enhancement, semantic fusion classifier.
+
+    Q = E W_q; K = W_k F, V = W_v F; A = softmax_N(Q K / sqrt(d)); Z0 = A V^T.
+    logit_c(Z) = <w_c, LayerNorm(z_c + q_c)> + b_c + <u_c, GAP(F)>   (last term: global branch).
+    First pass logits0 = logit(Z0); gate = g(sigmoid(logits0)) detached; Z' = progressive
+    enhancement of Z0 under the affinity R (masked or not); final logits = logit(Z').
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        embeddings: torch.Tensor,
+        groups,
+        dim: int = 256,
+        learnable_embeddings: bool = False,
+        enhance: bool = True,
+        mask: bool = True,
+        global_branch: bool = True,
+        gate: str = "uncertainty",
+        tau: float = 0.1,
+    ):
+        super().__init__()
+        if embeddings.shape[0] != num_classes:
+            raise ValueError(f"label embeddings have {embeddings.shape[0]} rows for {num_classes} classes")
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; choose one of {sorted(GATES)}")
+        emb = embeddings.detach().float().clone()
+        if learnable_embeddings:
+            self.embeddings = nn.Parameter(emb)
+        else:
+            self.register_buffer("embeddings", emb)
+        self.learnable_embeddings = learnable_embeddings
+        self.register_buffer("groups", torch.as_tensor(groups, dtype=torch.long).clone())
+        self.query = nn.Linear(emb.shape[1], dim)
+        self.key = nn.Conv2d(in_channels, dim, 1)
+        self.value = nn.Conv2d(in_channels, dim, 1)
+        self.norm = nn.LayerNorm(dim)
+        self.cls_weight = nn.Parameter(torch.empty(num_classes, dim).normal_(0, 1 / math.sqrt(dim)))
+        self.cls_bias = nn.Parameter(torch.zeros(num_classes))
+        self.global_fc = nn.Linear(in_channels, num_classes, bias=False) if global_branch else None
+        self.enhance, self.mask, self.gate, self.tau = enhance, mask, gate, tau
+        # lambda = softplus(raw) > 0, initialised to 1, so 1 + lambda * gate * sum(R) never reaches 0.
+        self.lam_raw = nn.Parameter(torch.tensor(math.log(math.e - 1)))
+        if not learnable_embeddings:
+            self.register_buffer("_affinity", ops.semantic_affinity(emb, self.groups, mask, tau), persistent=False)
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return F.softplus(self.lam_raw)
+
+    def affinity(self) -> torch.Tensor:
+        if self.learnable_embeddings:  # RIE: follow the embeddings as they learn
+            return ops.semantic_affinity(self.embeddings, self.groups, self.mask, self.tau)
+        return self._affinity
+
+    def classify(self, z: torch.Tensor, q: torch.Tensor, pooled: Optional[torch.Tensor]) -> torch.Tensor:
+        h = self.norm(z + q)
+        logits = (h * self.cls_weight).sum(-1) + self.cls_bias
+        return logits if pooled is None else logits + self.global_fc(pooled)
+
+    def forward(self, feats: torch.Tensor, return_maps: bool = False) -> Dict[str, torch.Tensor]:
+        q = self.query(self.embeddings.to(feats.dtype))  # [C, d]
+        k = self.key(feats).flatten(2)  # [B, d, N]
+        v = self.value(feats).flatten(2)
+        pooled = feats.mean(dim=(2, 3)) if self.global_fc is not None else None
+        if return_maps:
+            z0, maps = ops.class_attention(q, k, v, return_maps=True)
+        else:
+            z0, maps = ops.class_attention(q, k, v), None
+        logits0 = self.classify(z0, q, pooled)
+        out = {"logits0": logits0}
+        if not self.enhance:
+            out["logits"] = logits0
+            if return_maps:
+                out["maps"] = out["refined_maps"] = maps
+            return out
+        gate = GATES[self.gate](torch.sigmoid(logits0.detach().float())).to(z0.dtype)
+        affinity = self.affinity()
+        z1 = ops.progressive_enhance(z0, affinity, self.groups, gate, self.lam)
+        out["logits"] = self.classify(z1, q, pooled)
+        if return_maps:
+            out["maps"] = maps
+            out["refined_maps"] = ops.progressive_enhance(maps, affinity, self.groups, gate, self.lam)
+        return out
+
+
+@HEADS.register("cssfe")
+def _cssfe(in_channels: int, num_classes: int, embeddings: torch.Tensor, groups, **options) -> nn.Module:
+    return CSSFEHead(in_channels, num_classes, embeddings, groups, **options)
+
+
+@HEADS.register("baseline")
+def _baseline(in_channels: int, num_classes: int, embeddings=None, groups=None, **options) -> nn.Module:
+    return BaselineHead(in_channels, num_classes)

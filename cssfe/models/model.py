@@ -1,0 +1,42 @@
+"""The whole classifier: backbone + head, built from the model config."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+import torch.nn as nn
+
+from cssfe.models.backbones import build_backbone
+from cssfe.models.heads import HEADS
+from cssfe.models.text_encoders import is_learnable, label_embeddings
+
+
+class MultiLabelClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor, return_maps: bool = False) -> Dict[str, torch.Tensor]:
+        return self.head(self.backbone(images), return_maps=return_maps)
+
+
+def build_model(cfg, class_names: Sequence[str], groups, image_size: int, cache_dir: str) -> MultiLabelClassifier:
+    """``cfg`` is a :class:`cssfe.config.ModelConfig`."""
+    HEADS.check(cfg.head)
+    backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights_path, image_size=image_size)
+    embeddings = None
+    options = {}
+    if cfg.head == "cssfe":
+        embeddings = label_embeddings(cfg.embedding, class_names, prompt=cfg.prompt, cache_dir=cache_dir, **cfg.embedding_options)
+        options = dict(
+            dim=cfg.dim,
+            learnable_embeddings=is_learnable(cfg.embedding),
+            enhance=cfg.enhance,
+            mask=cfg.mask,
+            global_branch=cfg.global_branch,
+            gate=cfg.gate,
+            tau=cfg.tau,
+        )
+    head = HEADS.build(cfg.head, backbone.out_channels, len(class_names), embeddings, groups, **options)
+    return MultiLabelClassifier(backbone, head)

@@ -1,0 +1,31 @@
+"""Test session setup: offline model hubs, a fresh cache folder, small thread count."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Datasets and embeddings the tests generate go to a session folder, never the user's cache."""
+    path = tmp_path_factory.mktemp("cssfe-cache")
+    old = os.environ.get("CSSFE_CACHE")
+    os.environ["CSSFE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("CSSFE_CACHE", None)
+    else:
+        os.environ["CSSFE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def bundled_root(_cache_dir):
+    """The bundled dataset (seed 0), generated once per test session."""
+    from cssfe.data.bundled import ensure_bundled
+
+    return ensure_bundled(str(_cache_dir), seed=0, progress=False)
