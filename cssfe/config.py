@@ -30,7 +30,7 @@ class DataConfig:
     seed: int = 0  # the bundled dataset's generation seed (fixed: it defines the dataset)
     head_min: int = 100  # a class with at least this many training positives is head
     tail_max: int = 20  # a class with fewer than this many training positives is tail
-    augment: bool = False
+    augment: str = "digits"  # none | digits | natural (see cssfe/data/transforms.py)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 30
+    epochs: int = 40
     lr: float = 2e-3
     weight_decay: float = 1e-4
     pct_start: float = 0.2
@@ -208,6 +208,7 @@ def validate(cfg: TrainConfig) -> None:
     """Check values and registry names; raises ConfigError naming the key."""
     # Imported here: the registries import torch models, which the YAML layer does not need.
     from cssfe.data import DATASETS
+    from cssfe.data.transforms import AUGMENTATIONS
     from cssfe.losses import LOSSES
     from cssfe.models.backbones import BACKBONES
     from cssfe.models.heads import HEADS
@@ -222,6 +223,7 @@ def validate(cfg: TrainConfig) -> None:
     check_name("model.head", cfg.model.head, HEADS)
     check_name("model.embedding", cfg.model.embedding, TEXT_ENCODERS)
     check_name("loss.name", cfg.loss.name, LOSSES)
+    check_name("data.augment", cfg.data.augment, AUGMENTATIONS)
 
     def positive(key: str, value: float, strict: bool = True) -> None:
         if (value <= 0) if strict else (value < 0):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cssfe.data.split_files import write_split_folder
 
-VERSION = 1
+VERSION = 2
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SIZES = ["small", "large"]
 CLASS_NAMES = [f"{size} {digit}" for digit in DIGITS for size in SIZES]
@@ -123,11 +123,11 @@ def _render(rng: np.random.Generator, classes: List[int], mnist: np.ndarray, poo
     canvas = np.full((CANVAS, CANVAS, 3), rng.uniform(0.0, 0.25), dtype=np.float32)
     canvas += rng.normal(0.0, 0.06, size=canvas.shape).astype(np.float32)
     # Clutter: faint stroke fragments cut from random digits.
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(1, 5))):
         digit_pool = pool[int(rng.integers(10))]
         src = mnist[digit_pool[int(rng.integers(len(digit_pool)))]]
         y0, x0 = rng.integers(4, 16, size=2)
-        frag = src[y0: y0 + 10, x0: x0 + 10].astype(np.float32) / 255.0 * rng.uniform(0.4, 0.9)
+        frag = src[y0: y0 + 10, x0: x0 + 10].astype(np.float32) / 255.0 * rng.uniform(0.2, 0.5)
         fh, fw = frag.shape
         fx, fy = rng.integers(0, CANVAS - fw), rng.integers(0, CANVAS - fh)
         _paste(canvas, frag, _random_colour(rng), int(fx), int(fy))

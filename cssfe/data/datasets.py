@@ -79,7 +79,7 @@ def load_split_folder(root: str, cfg) -> LongTailData:
             boxes = json.load(f)["boxes"]
     return LongTailData(
         train=MultiLabelImages(train_paths, train_labels, build_transform(cfg.image_size, train=True, augment=cfg.augment)),
-        test=MultiLabelImages(test_paths, test_labels, build_transform(cfg.image_size, train=False, augment=False)),
+        test=MultiLabelImages(test_paths, test_labels, build_transform(cfg.image_size, train=False)),
         class_names=names,
         groups=groups,
         class_freq=train_labels.sum(0).astype(np.int64),

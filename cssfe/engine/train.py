@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
             "epoch_seconds": round(time.time() - t0, 3),
         }
         if hasattr(model.head, "lam"):
-            record["lambda"] = float(model.head.lam)
+            record["lambda"] = float(model.head.lam.detach())
         if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
             metrics = evaluate(ema.module, test_loader, data.groups, device, progress=cfg.progress)
             record.update({k: metrics[k] for k in ("mAP", "f1", "first_pass_mAP") if k in metrics})
