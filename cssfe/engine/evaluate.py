@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cssfe.metrics import evaluate_scores, long_tail_map
+from cssfe.metrics import evaluate_scores
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, groups: np.ndarray, dev
     pred = predict(model, loader, device, progress)
     metrics = evaluate_scores(pred["scores"], pred["targets"], groups)
     if "scores0" in pred:
-        metrics["first_pass_mAP"] = long_tail_map(pred["scores0"], pred["targets"], groups)
+        metrics["first_pass_mAP"] = evaluate_scores(pred["scores0"], pred["targets"], groups)["mAP"]
     return metrics
 
 
@@ -43,5 +43,5 @@ def format_table(rows: Dict[str, Dict[str, float]]) -> str:
     width = max(12, *(len(name) for name in rows))
     lines = [f"{'mAP (%)':<{width}} " + " ".join(f"{c:>7}" for c in cols)]
     for name, values in rows.items():
-        lines.append(f"{name:<{width}} " + " ".join(f"{values[c]:7.2f}" for c in cols))
+        lines.append(f"{name:<{width}} " + " ".join("    n/a" if values[c] is None else f"{values[c]:7.2f}" for c in cols))
     return "\n".join(lines)

@@ -94,3 +94,18 @@ def test_split_format_round_trip_and_errors(tmp_path):
         split_files.read_split(root, "train", 3)
     with pytest.raises(split_files.SplitFormatError, match="not found"):
         split_files.find_image(root, "a")
+
+
+def test_minilm_sees_which_classes_share_a_shape():
+    """Every class's nearest label under the packaged encoder is the other size of the same digit."""
+    import torch
+
+    from cssfe.models.text_encoders import label_embeddings
+
+    emb = label_embeddings("minilm", CLASS_NAMES)
+    sim = emb @ emb.t()
+    sim.fill_diagonal_(-2)
+    nearest = sim.argmax(1)
+    for i, j in enumerate(nearest.tolist()):
+        assert CLASS_NAMES[i].split()[1] == CLASS_NAMES[j].split()[1], (CLASS_NAMES[i], CLASS_NAMES[j])
+    assert torch.isfinite(emb).all()

@@ -1,0 +1,87 @@
+"""End-to-end training on the bundled data (tiny settings), outputs, resume and refusal to overwrite."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cssfe.config import load_config
+from cssfe.data.split_files import read_split
+from cssfe.engine import train as train_module
+from cssfe.engine.train import train
+
+
+def _cfg(out_dir, *overrides):
+    return load_config(None, [f"output_dir={out_dir}", "progress=false", *overrides])
+
+
+def test_training_beats_the_label_prior(tmp_path, bundled_root):
+    cfg = _cfg(tmp_path / "run", "optim.epochs=6", "optim.lr=0.004")
+    result = train(cfg)
+    # Chance level: a scorer that ranks at random gets, per class, AP ~ the class's prevalence.
+    _, test_labels = read_split(bundled_root, "test", 20)
+    chance = 100 * test_labels.mean(0).mean()
+    total = result["final"]["mAP"]["total"]
+    assert total > 1.5 * chance, (total, chance)
+    # The outputs a user and the later tools rely on.
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for which in ("final", "best"):
+        assert set(metrics[which]["mAP"]) == {"total", "head", "medium", "tail"}
+        assert set(metrics[which]["f1"]) == {"weighted", "micro", "macro"}
+        assert len(metrics[which]["per_class_ap"]) == 20
+    assert metrics["best"]["mAP"]["total"] >= total
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, 7))
+    assert all("lambda" in r and "first_pass_mAP" in r for r in log)
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+
+
+def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch):
+    small = ["optim.epochs=3", "data.image_size=32", "model.embedding=rie", "model.dim=32"]
+    whole = train(_cfg(tmp_path / "whole", *small))
+
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process dies after epoch 2's training, before its checkpoint
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "cut", *small))
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    resumed = train(_cfg(tmp_path / "cut", *small), resume=True)
+    assert resumed["final"]["mAP"] == whole["final"]["mAP"]
+    assert resumed["final"]["per_class_ap"] == whole["final"]["per_class_ap"]
+    assert resumed["best_epoch"] == whole["best_epoch"]
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_with_another_config(tmp_path):
+    small = ["optim.epochs=1", "data.image_size=32", "model.embedding=rie", "model.dim=16"]
+    train(_cfg(tmp_path / "run", *small))
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_cfg(tmp_path / "run", *small))
+    with pytest.raises(ValueError, match="model.dim"):
+        train(_cfg(tmp_path / "run", *small[:-1], "model.dim=8"), resume=True)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_cfg(tmp_path / "none", *small), resume=True)
+
+
+def test_weight_decay_spares_lambda_norms_and_embeddings():
+    import torch
+
+    from cssfe.models.heads import CSSFEHead
+
+    head = CSSFEHead(8, 4, torch.randn(4, 6), np.array([0, 1, 2, 2]), dim=8, learnable_embeddings=True)
+    decay, no_decay = train_module._param_groups(head, 0.1)
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(head.lam_raw) in no_decay_ids and id(head.embeddings) in no_decay_ids
+    assert id(head.norm.weight) in no_decay_ids and id(head.query.weight) not in no_decay_ids
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
