@@ -1,0 +1,163 @@
+"""Training-step throughput: images/s of forward + loss + backward + AdamW step, and the share of
+the CSSFE head + loss in it, per backbone x head. Appends one JSON row per case to
+``benchmarks/results/train_step.jsonl``.
+
+    python benchmarks/train_step.py                       # smallcnn at 64 px, both heads
+    python benchmarks/train_step.py --backbone resnet50 --image-size 224 --batch-size 8
+    python benchmarks/train_step.py --smoke               # tiny, for CI
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cssfe.losses import build_loss  # noqa: E402
+from cssfe.models.backbones import build_backbone  # noqa: E402
+from cssfe.models.heads import HEADS  # noqa: E402
+from cssfe.models.model import MultiLabelClassifier  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step.jsonl")
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return info
+
+
+def commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout
+        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn, device: torch.device, warmup: int, repeats: int) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, classes: int, device, warmup: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    groups = np.repeat([0, 1, 2], [classes // 3, classes // 3, classes - 2 * (classes // 3)])
+    backbone = build_backbone(backbone_name, image_size=image_size)
+    embeddings = torch.nn.functional.normalize(torch.randn(classes, 384), dim=1)
+    options = {"dim": 128} if head_name == "cssfe" else {}
+    head = HEADS.build(head_name, backbone.out_channels, classes, embeddings, groups, **options)
+    model = MultiLabelClassifier(backbone, head).to(device).train()
+    freq = np.maximum(1, (1000 * np.linspace(1, 0.01, classes)).astype(int))
+    loss_fn = build_loss("asl", freq, 2000)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = (torch.rand(batch, classes, device=device) < 0.1).float()
+
+    def step():
+        out = model(x)
+        loss = loss_fn(out["logits"], y)
+        if "logits0" in out and out["logits0"] is not out["logits"]:
+            loss = loss + 0.5 * loss_fn(out["logits0"], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.no_grad():
+        feats = backbone(x)
+
+    def head_step():
+        f = feats.detach().requires_grad_(True)
+        out = head(f)
+        loss = loss_fn(out["logits"], y)
+        if "logits0" in out and out["logits0"] is not out["logits"]:
+            loss = loss + 0.5 * loss_fn(out["logits0"], y)
+        loss.backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    full = time_it(step, device, warmup, repeats)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    part = time_it(head_step, device, warmup, repeats)
+    p20, p50, p80 = np.percentile(full, [20, 50, 80])
+    return {
+        "benchmark": "train_step",
+        "backbone": backbone_name,
+        "head": head_name,
+        "image_size": image_size,
+        "batch": batch,
+        "classes": classes,
+        "step_s_p50": p50,
+        "step_s_p20": p20,
+        "step_s_p80": p80,
+        "images_per_s": batch / p50,
+        "head_loss_s_p50": float(np.median(part)),
+        "head_loss_share": float(np.median(part) / p50),
+        "peak_memory_bytes": peak,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="smallcnn")
+    p.add_argument("--heads", default="baseline,cssfe")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, few repeats; results are not appended")
+    p.add_argument("--output", default=RESULTS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.image_size, args.batch_size, args.warmup, args.repeats = 32, 2, 1, 2
+    device = torch.device(args.device)
+    meta = {"machine": machine(), "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat()}
+    rows = []
+    for head in args.heads.split(","):
+        row = {**bench_case(args.backbone, head, args.image_size, args.batch_size, args.classes, device, args.warmup, args.repeats), **meta}
+        rows.append(row)
+        print(
+            f"{row['backbone']:>9} {row['head']:>8} {args.image_size}px b{args.batch_size}: "
+            f"{row['images_per_s']:8.1f} img/s (step p50 {row['step_s_p50'] * 1e3:.1f} ms, "
+            f"p20-p80 {row['step_s_p20'] * 1e3:.1f}-{row['step_s_p80'] * 1e3:.1f}), head+loss {100 * row['head_loss_share']:.1f} %"
+        )
+    if not args.smoke:
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
+        with open(args.output, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        print(f"appended {len(rows)} rows to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
