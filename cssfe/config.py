@@ -204,6 +204,14 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         raise
 
 
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """A new config: ``cfg`` with ``key=value`` overrides applied and validated."""
+    values = to_dict(cfg)
+    for item in overrides:
+        values = _merge(values, parse_override(item))
+    return from_dict(values)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check values and registry names; raises ConfigError naming the key."""
     # Imported here: the registries import torch models, which the YAML layer does not need.

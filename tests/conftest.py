@@ -29,3 +29,14 @@ def bundled_root(_cache_dir):
     from cssfe.data.bundled import ensure_bundled
 
     return ensure_bundled(str(_cache_dir), seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, bundled_root):
+    """A short CSSFE training on the bundled data, shared by the end-to-end and tooling tests."""
+    from cssfe.config import load_config
+    from cssfe.engine.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = load_config(None, [f"output_dir={out}", "progress=false", "optim.epochs=6", "optim.lr=0.004"])
+    return out, train(cfg)

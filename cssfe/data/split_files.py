@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-GROUP_NAMES = ("head", "medium", "tail")
+from cssfe.metrics import GROUP_NAMES  # noqa: F401  (re-exported: one definition of the group names)
 SPLIT_KEYS = ("head", "middle", "tail")  # the published pickle's keys
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 

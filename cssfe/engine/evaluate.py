@@ -37,11 +37,11 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, groups: np.ndarray, dev
     return metrics
 
 
-def format_table(rows: Dict[str, Dict[str, float]]) -> str:
+def format_table(rows: Dict[str, Dict[str, float]], title: str = "mAP (%)") -> str:
     """A small text table: one row per name, columns total / head / medium / tail mAP."""
     cols = ("total", "head", "medium", "tail")
-    width = max(12, *(len(name) for name in rows))
-    lines = [f"{'mAP (%)':<{width}} " + " ".join(f"{c:>7}" for c in cols)]
+    width = max(12, len(title), *(len(name) for name in rows))
+    lines = [f"{title:<{width}} " + " ".join(f"{c:>7}" for c in cols)]
     for name, values in rows.items():
         lines.append(f"{name:<{width}} " + " ".join("    n/a" if values[c] is None else f"{values[c]:7.2f}" for c in cols))
     return "\n".join(lines)

@@ -208,7 +208,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
             record.update({k: metrics[k] for k in ("mAP", "f1", "first_pass_mAP") if k in metrics})
             if metrics["mAP"]["total"] > best_total:
                 best_total, best_metrics, best_epoch = metrics["mAP"]["total"], metrics, epoch + 1
-                save_checkpoint({"model": ema.module.state_dict(), "config": to_dict(cfg), "epoch": epoch + 1, "metrics": metrics}, best_path)
+                save_checkpoint(
+                    {
+                        "model": ema.module.state_dict(),
+                        "config": to_dict(cfg),
+                        "epoch": epoch + 1,
+                        "metrics": metrics,
+                        "class_names": data.class_names,
+                        "groups": data.groups.tolist(),
+                        "class_freq": data.class_freq.tolist(),
+                    },
+                    best_path,
+                )
             if cfg.progress:
                 lam = f", lambda {record['lambda']:.3f}" if "lambda" in record else ""
                 tqdm.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.4f}{lam}\n" + format_table(_metric_rows(metrics, "EMA model")))
@@ -230,6 +241,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
                 "config": to_dict(cfg),
                 "class_names": data.class_names,
                 "groups": data.groups.tolist(),
+                "class_freq": data.class_freq.tolist(),
             },
             last_path,
         )

@@ -1,7 +1,7 @@
 """The whole classifier: backbone + head, built from the model config."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,14 +21,16 @@ class MultiLabelClassifier(nn.Module):
         return self.head(self.backbone(images), return_maps=return_maps)
 
 
-def build_model(cfg, class_names: Sequence[str], groups, image_size: int, cache_dir: str) -> MultiLabelClassifier:
-    """``cfg`` is a :class:`cssfe.config.ModelConfig`."""
+def build_model(
+    cfg, class_names: Sequence[str], groups, image_size: int, cache_dir: str, embeddings: Optional[torch.Tensor] = None
+) -> MultiLabelClassifier:
+    """``cfg`` is a :class:`cssfe.config.ModelConfig`. ``embeddings`` (e.g. from a checkpoint) skip the text encoder."""
     HEADS.check(cfg.head)
     backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights_path, image_size=image_size)
-    embeddings = None
     options = {}
-    if cfg.head == "cssfe":
+    if cfg.head == "cssfe" and embeddings is None:
         embeddings = label_embeddings(cfg.embedding, class_names, prompt=cfg.prompt, cache_dir=cache_dir, **cfg.embedding_options)
+    if cfg.head == "cssfe":
         options = dict(
             dim=cfg.dim,
             learnable_embeddings=is_learnable(cfg.embedding),

@@ -1,0 +1,60 @@
+"""Class activation maps of a CSSFE model, and Grad-CAM on the backbone's last stage.
+
+``class_maps`` gives the first-pass maps A and the refined maps A' (SPEC section 1) under the
+model's own mask setting and under the other one (same weights, only the enhancement's mask
+changes), all upsampled to the image size.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from cssfe import ops
+from cssfe.models.heads import GATES, CSSFEHead
+
+
+def _upsample(maps: torch.Tensor, h: int, w: int, size) -> torch.Tensor:
+    b, c, _ = maps.shape
+    return F.interpolate(maps.reshape(b, c, h, w), size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def class_maps(model: torch.nn.Module, images: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
+    """``{"maps", "refined_mask", "refined_nomask", "probs"}``: maps [B, C, H, W] upsampled to
+    ``size`` (default: the input size), probs [B, C]."""
+    head = model.head
+    if not isinstance(head, CSSFEHead):
+        raise TypeError("class activation maps need a CSSFE head; the baseline head has none (use gradcam)")
+    feats = model.backbone(images)
+    h, w = feats.shape[-2:]
+    out = head(feats, return_maps=True)
+    maps = out["maps"]
+    gate = GATES[head.gate](torch.sigmoid(out["logits0"].float())).to(maps.dtype)
+    refined = {}
+    for mask in (True, False):
+        affinity = ops.semantic_affinity(head.embeddings, head.groups, mask=mask, tau=head.tau)
+        refined[mask] = ops.progressive_enhance(maps, affinity, head.groups, gate, head.lam)
+    size = tuple(size or images.shape[-2:])
+    return {
+        "maps": _upsample(maps, h, w, size),
+        "refined_mask": _upsample(refined[True], h, w, size),
+        "refined_nomask": _upsample(refined[False], h, w, size),
+        "probs": torch.sigmoid(out["logits"].float()),
+    }
+
+
+def gradcam(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) of ``classes`` [B] on the backbone output; [B, H, W] in [0, 1]."""
+    with torch.no_grad():
+        feats = model.backbone(images)
+    feats = feats.detach().requires_grad_(True)
+    logits = model.head(feats)["logits"]
+    chosen = logits.gather(1, classes.view(-1, 1)).sum()
+    (grads,) = torch.autograd.grad(chosen, feats)
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * feats).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=tuple(size or images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12)
+    return (cam / peak[:, None, None]).detach()

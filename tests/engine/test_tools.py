@@ -1,0 +1,86 @@
+"""evaluate / predict / visualize / export on a checkpoint trained on the bundled data."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cssfe.engine.inference import load_trained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    out, result = trained_run
+    eval_dir = tmp_path_factory.mktemp("eval")
+    proc = _run("evaluate.py", "--checkpoint", out / "checkpoints" / "best.pt", "--output-dir", eval_dir)
+    assert proc.returncode == 0, proc.stderr
+    return eval_dir, proc.stdout, result
+
+
+def test_evaluate_reproduces_training_metrics_and_writes_reports(evaluated):
+    eval_dir, stdout, result = evaluated
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["mAP"] == pytest.approx(result["best"]["mAP"])
+    assert "total" in stdout and "tail" in stdout and "F1" in stdout
+    rows = (eval_dir / "per_class_ap.csv").read_text().splitlines()
+    assert rows[0] == "class,group,train_positives,ap" and len(rows) == 21
+    with Image.open(eval_dir / "per_class_ap.png") as img:
+        assert img.size[0] > 600 and img.size[1] >= 400
+
+
+def test_pointing_game_beats_random_maps(evaluated):
+    pg = json.loads((evaluated[0] / "metrics.json").read_text())["pointing_game"]
+    assert set(pg) == {"maps", "refined_mask", "refined_nomask", "random"}
+    assert pg["random"]["total"] < 15
+    assert pg["maps"]["total"] > 2 * pg["random"]["total"] + 10
+
+
+def test_predict_reports_and_skips_unreadable_files(trained_run, bundled_root, tmp_path):
+    out, _ = trained_run
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("test_00000.png", "test_00001.png"):
+        (images / name).write_bytes(open(os.path.join(bundled_root, "images", name), "rb").read())
+    (images / "broken.png").write_bytes(b"not an image")
+    proc = _run("predict.py", "--checkpoint", out / "checkpoints" / "last.pt", images)
+    assert proc.returncode == 1
+    assert "broken.png" in proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [os.path.basename(r["file"]) for r in lines] == ["test_00000.png", "test_00001.png"]
+    assert len(lines[0]["scores"]) == 20 and all(0 <= p <= 1 for p in lines[0]["scores"].values())
+    assert lines[0]["labels"] == [c for c, p in lines[0]["scores"].items() if p >= 0.5]
+    ok = _run("predict.py", "--checkpoint", out / "checkpoints" / "last.pt", images / "test_00000.png")
+    assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 1
+
+
+def test_visualize_writes_head_medium_tail_grids(trained_run, tmp_path):
+    out, _ = trained_run
+    proc = _run("visualize.py", "--checkpoint", out / "checkpoints" / "best.pt", "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for group in ("head", "medium", "tail"):
+        with Image.open(tmp_path / f"{group}_example_maps.png") as img:
+            assert img.size[0] >= 800  # five panels wide
+            assert np.asarray(img.convert("L")).std() > 10  # not blank
+
+
+def test_export_matches_the_model(trained_run, tmp_path):
+    out, _ = trained_run
+    path = tmp_path / "model.pt2"
+    proc = _run("export.py", "--checkpoint", out / "checkpoints" / "best.pt", "--output", path)
+    assert proc.returncode == 0, proc.stderr
+    trained = load_trained(str(out / "checkpoints" / "best.pt"))
+    exported = torch.export.load(str(path)).module()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.sigmoid(trained.model(x)["logits"])
+        assert torch.allclose(exported(x), want, atol=1e-5)
