@@ -11,8 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from cssfe import ops
-from cssfe.models.heads import GATES, CSSFEHead
+from cssfe.models.heads import CSSFEHead
 
 
 def _upsample(maps: torch.Tensor, h: int, w: int, size) -> torch.Tensor:
@@ -23,34 +22,32 @@ def _upsample(maps: torch.Tensor, h: int, w: int, size) -> torch.Tensor:
 @torch.no_grad()
 def class_maps(model: torch.nn.Module, images: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
     """``{"maps", "refined_mask", "refined_nomask", "probs"}``: maps [B, C, H, W] upsampled to
-    ``size`` (default: the input size), probs [B, C]."""
+    ``size`` (default: the input size), probs [B, C] of the model as trained."""
     head = model.head
     if not isinstance(head, CSSFEHead):
         raise TypeError("class activation maps need a CSSFE head; the baseline head has none (use gradcam)")
     feats = model.backbone(images)
     h, w = feats.shape[-2:]
-    out = head(feats, return_maps=True)
-    maps = out["maps"]
-    gate = GATES[head.gate](torch.sigmoid(out["logits0"].float())).to(maps.dtype)
-    refined = {}
-    for mask in (True, False):
-        affinity = ops.semantic_affinity(head.embeddings, head.groups, mask=mask, tau=head.tau)
-        refined[mask] = ops.progressive_enhance(maps, affinity, head.groups, gate, head.lam)
     size = tuple(size or images.shape[-2:])
-    return {
-        "maps": _upsample(maps, h, w, size),
-        "refined_mask": _upsample(refined[True], h, w, size),
-        "refined_nomask": _upsample(refined[False], h, w, size),
-        "probs": torch.sigmoid(out["logits"].float()),
-    }
+    out = {}
+    for mask in (True, False):
+        result = head(feats, return_maps=True, mask=mask)
+        out["maps"] = _upsample(result["maps"], h, w, size)
+        out["refined_mask" if mask else "refined_nomask"] = _upsample(result["refined_maps"], h, w, size)
+        if mask == head.mask:
+            out["probs"] = torch.sigmoid(result["logits"].float())
+    return out
 
 
-def gradcam(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al. 2017) of ``classes`` [B] on the backbone output; [B, H, W] in [0, 1]."""
+def gradcam(
+    model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, size: Optional[Tuple[int, int]] = None, mask: Optional[bool] = None
+) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) of ``classes`` [B] on the backbone output; [B, H, W] in [0, 1].
+    ``mask`` overrides a CSSFE head's mask setting for the logits explained."""
     with torch.no_grad():
         feats = model.backbone(images)
     feats = feats.detach().requires_grad_(True)
-    logits = model.head(feats)["logits"]
+    logits = model.head(feats, mask=mask)["logits"]
     chosen = logits.gather(1, classes.view(-1, 1)).sum()
     (grads,) = torch.autograd.grad(chosen, feats)
     weights = grads.mean(dim=(2, 3), keepdim=True)

@@ -2,7 +2,8 @@
 
 One PNG per image; one row per class shown (the image's labels when known, else the top
 predictions); columns: the image, the first-pass map A, the refined map A' with the
-distribution-aware mask, A' without it (same weights), and Grad-CAM on the backbone's last stage.
+distribution-aware mask and without it (same weights, only the enhancement's mask changes), and
+Grad-CAM on the backbone's last stage of the logits with and without the mask.
 """
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ from cssfe.engine.inference import TrainedModel
 from cssfe.explain.maps import class_maps, gradcam
 from cssfe.models.heads import CSSFEHead
 
-COLUMNS = {"maps": "map A (1st pass)", "refined_mask": "A' with mask", "refined_nomask": "A' without mask"}
+COLUMNS = {
+    "maps": "map A (1st pass)",
+    "refined_mask": "A' with mask",
+    "refined_nomask": "A' without mask",
+    "gradcam_mask": "Grad-CAM with mask",
+    "gradcam_nomask": "Grad-CAM without mask",
+}
 
 
 def pick_examples(labels: np.ndarray, groups: np.ndarray) -> Dict[str, int]:
@@ -56,7 +63,7 @@ def render_grid(
             probs = torch.sigmoid(model(x)["logits"].float())[0]
     if classes is None:
         classes = torch.argsort(probs, descending=True)[:top_k].tolist()
-    columns = (list(COLUMNS) if has_maps else []) + ["gradcam"]
+    columns = list(COLUMNS) if has_maps else ["gradcam"]
     fig, axes = plt.subplots(len(classes), len(columns) + 1, figsize=(2.1 * (len(columns) + 1), 2.2 * len(classes)), dpi=90, squeeze=False)
     image = np.asarray(rgb)
     for row, cls in enumerate(classes):
@@ -64,7 +71,11 @@ def render_grid(
         axes[row, 0].imshow(image)
         axes[row, 0].set_ylabel(f"{trained.class_names[cls]}\n({group}, p={probs[cls]:.2f})", fontsize=8)
         for col, key in enumerate(columns, start=1):
-            heat = gradcam(model, x, torch.tensor([cls]), size=size)[0] if key == "gradcam" else maps[key][0, cls]
+            if key.startswith("gradcam"):
+                mask = {"gradcam": None, "gradcam_mask": True, "gradcam_nomask": False}[key]
+                heat = gradcam(model, x, torch.tensor([cls]), size=size, mask=mask)[0]
+            else:
+                heat = maps[key][0, cls]
             axes[row, col].imshow(image)
             axes[row, col].imshow(heat.numpy(), cmap="jet", alpha=0.5)
             if row == 0:

@@ -30,7 +30,7 @@ class BaselineHead(nn.Module):
         super().__init__()
         self.fc = nn.Linear(in_channels, num_classes)
 
-    def forward(self, feats: torch.Tensor, return_maps: bool = False) -> Dict[str, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, return_maps: bool = False, mask: Optional[bool] = None) -> Dict[str, torch.Tensor]:
         return {"logits": self.fc(feats.mean(dim=(2, 3)))}
 
 
@@ -86,9 +86,11 @@ class CSSFEHead(nn.Module):
     def lam(self) -> torch.Tensor:
         return F.softplus(self.lam_raw)
 
-    def affinity(self) -> torch.Tensor:
-        if self.learnable_embeddings:  # RIE: follow the embeddings as they learn
-            return ops.semantic_affinity(self.embeddings, self.groups, self.mask, self.tau)
+    def affinity(self, mask: Optional[bool] = None) -> torch.Tensor:
+        """R under the model's mask setting, or under ``mask`` when given (for explanations)."""
+        if self.learnable_embeddings or (mask is not None and mask != self.mask):
+            # RIE: follow the embeddings as they learn
+            return ops.semantic_affinity(self.embeddings, self.groups, self.mask if mask is None else mask, self.tau)
         return self._affinity
 
     def classify(self, z: torch.Tensor, q: torch.Tensor, pooled: Optional[torch.Tensor]) -> torch.Tensor:
@@ -96,7 +98,8 @@ class CSSFEHead(nn.Module):
         logits = (h * self.cls_weight).sum(-1) + self.cls_bias
         return logits if pooled is None else logits + self.global_fc(pooled)
 
-    def forward(self, feats: torch.Tensor, return_maps: bool = False) -> Dict[str, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, return_maps: bool = False, mask: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+        """``mask`` overrides the model's mask setting for this call (explanations compare both)."""
         q = self.query(self.embeddings.to(feats.dtype))  # [C, d]
         k = self.key(feats).flatten(2)  # [B, d, N]
         v = self.value(feats).flatten(2)
@@ -113,7 +116,7 @@ class CSSFEHead(nn.Module):
                 out["maps"] = out["refined_maps"] = maps
             return out
         gate = GATES[self.gate](torch.sigmoid(logits0.detach().float())).to(z0.dtype)
-        affinity = self.affinity()
+        affinity = self.affinity(mask)
         z1 = ops.progressive_enhance(z0, affinity, self.groups, gate, self.lam)
         out["logits"] = self.classify(z1, q, pooled)
         if return_maps:

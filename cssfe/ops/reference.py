@@ -78,3 +78,48 @@ def progressive_enhance(
         new = (z.index_select(1, idx) + w[..., None] * message) / (1 + w * r_g.sum(1))[..., None]
         current = current.index_copy(1, idx, new)
     return current
+
+
+def asymmetric_loss_with_grad(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 4.0,
+    clip: float = 0.05,
+    eps: float = 1e-8,
+    focal_grad: bool = False,
+    reduction: str = "sum",
+):
+    """Closed-form ASL value and d loss / d x (what the fused kernels compute in one pass).
+
+    x: logits, y: targets in [0, 1] (same float dtype). Same numbers and gradients as
+    ``cssfe.losses.AsymmetricLoss(gamma_neg, gamma_pos, clip, eps, not focal_grad, reduction)``,
+    clamps included: ``max(., eps)`` and ``min(., 1)`` pass no gradient where they clamp (torch's
+    clamp passes it at equality, so do we). ``focal_grad=True`` differentiates the focusing weight too.
+    """
+    p = torch.sigmoid(x)
+    dp = p * (1 - p)
+    xn = 1 - p
+    dxn = -dp
+    if clip is not None and clip > 0:
+        c = xn + clip
+        dxn = torch.where(c <= 1, dxn, torch.zeros_like(dxn))
+        xn = c.clamp(max=1)
+    ok_p, ok_n = p >= eps, xn >= eps
+    base = y * torch.log(p.clamp(min=eps)) + (1 - y) * torch.log(xn.clamp(min=eps))
+    dbase = y * torch.where(ok_p, 1 - p, torch.zeros_like(p)) + (1 - y) * torch.where(ok_n, dxn / xn, torch.zeros_like(xn))
+    if gamma_neg > 0 or gamma_pos > 0:
+        pt = p * y + xn * (1 - y)
+        ge = gamma_pos * y + gamma_neg * (1 - y)
+        w = torch.pow(1 - pt, ge)
+        d = dbase * w
+        if focal_grad:
+            dpt = y * dp + (1 - y) * dxn
+            dw = torch.where(ge == 0, torch.zeros_like(w), ge * torch.pow(1 - pt, ge - 1) * (-dpt))
+            d = d + base * dw
+        loss, grad = -base * w, -d
+    else:
+        loss, grad = -base, -dbase
+    if reduction == "mean":
+        return loss.mean(), grad / max(loss.numel(), 1)
+    return loss.sum(), grad

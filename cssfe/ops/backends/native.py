@@ -1,0 +1,182 @@
+"""Loader of the C++/CUDA extension (``csrc/``) behind the ``cpu`` and ``cuda`` backends.
+
+How the extension is found (first that works):
+
+1. ``cssfe._C``, built by ``setup.py`` (``pip install -e .`` / ``pip install .``), used when its
+   ``source_hash`` matches the current ``csrc/`` sources (a stale build is ignored, with a warning);
+2. otherwise a just-in-time build with ``torch.utils.cpp_extension.load`` of the CPU sources (plus
+   the CUDA sources when torch sees a GPU and nvcc is found), cached in ``$CSSFE_EXT_DIR``, else
+   ``$CSSFE_CACHE/extensions``, else ``~/.cache/cssfe/extensions`` (one sub-folder per source hash
+   and torch version; the first build takes about a minute, later loads are instant).
+
+``CSSFE_NO_JIT=1`` disables step 2 (the ``cpu`` backend is then unavailable unless ``cssfe._C``
+was built). Loading registers the ``cssfe::native_*`` operators (``csrc/ops.cpp``).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import threading
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+CSRC = os.path.join(_ROOT, "csrc")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cpu_sources() -> list:
+    return [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+
+
+def cuda_sources() -> list:
+    return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+
+
+def source_hash() -> Optional[str]:
+    """Hash of every file under csrc/ (None when the source tree is not shipped)."""
+    files = sorted(glob.glob(os.path.join(CSRC, "**", "*.*"), recursive=True))
+    files = [f for f in files if f.endswith((".cpp", ".cu", ".h", ".cuh"))]
+    if not files:
+        return None
+    h = hashlib.sha1()
+    for f in files:
+        h.update(os.path.relpath(f, CSRC).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def extension_dir() -> str:
+    base = os.environ.get("CSSFE_EXT_DIR")
+    if not base:
+        cache = os.environ.get("CSSFE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cssfe")
+        base = os.path.join(cache, "extensions")
+    return base
+
+
+def cuda_home() -> Optional[str]:
+    """The CUDA toolkit root (the folder whose include/ holds cuda_runtime.h), or None.
+
+    The ``nvcc`` on PATH may be a wrapper script, so torch's guess can be wrong: check the headers.
+    """
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        cands.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a wrapper like `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+            with open(real, "r", errors="ignore") as fh:
+                text = fh.read(4096)
+            for tok in text.split():
+                if tok.endswith("/bin/nvcc"):
+                    cands.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    cands += ["/usr/local/cuda"]
+    for c in cands:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) and os.path.exists(
+            os.path.join(c, "bin", "nvcc")
+        ):
+            return c
+    return None
+
+
+def cuda_build_env() -> dict:
+    """Environment for building the CUDA sources (see /work/shared/MACHINE-NOTES.md)."""
+    env = {}
+    home = cuda_home()
+    if home:
+        env["CUDA_HOME"] = home
+    if not torch.cuda.is_available():
+        env.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
+    inc = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+    if os.path.isdir(inc):
+        env["CPATH"] = os.pathsep.join(p for p in (inc, os.environ.get("CPATH", "")) if p)
+    return env
+
+
+CXX_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def _try_prebuilt(want: Optional[str]) -> Tuple[Optional[object], str]:
+    try:
+        from cssfe import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"cssfe._C not built ({exc})"
+    have = getattr(_C, "source_hash", "unknown")
+    if want is not None and have != want:
+        warnings.warn(f"cssfe._C was built from other csrc/ sources ({have} != {want}); rebuilding it just in time")
+        return None, "cssfe._C is stale"
+    return _C, "prebuilt cssfe._C"
+
+
+def _jit_build(want: str):
+    from torch.utils import cpp_extension
+
+    with_cuda = torch.cuda.is_available() and cuda_home() is not None and bool(cuda_sources())
+    name = f"cssfe_ext_{want}" + ("_cuda" if with_cuda else "")
+    tag = f"torch{torch.__version__}".replace("+", "_")
+    build_dir = os.path.join(extension_dir(), tag, name)
+    os.makedirs(build_dir, exist_ok=True)
+    sources = cpu_sources() + (cuda_sources() if with_cuda else [])
+    defines = [f'-DCSSFE_SOURCE_HASH="{want}"'] + (["-DCSSFE_WITH_CUDA"] if with_cuda else [])
+    old = {k: os.environ.get(k) for k in ("MAX_JOBS", "CUDA_HOME", "CPATH", "TORCH_CUDA_ARCH_LIST")}
+    os.environ.setdefault("MAX_JOBS", "1")
+    if with_cuda:
+        os.environ.update(cuda_build_env())
+    try:
+        mod = cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=CXX_FLAGS + defines,
+            extra_cuda_cflags=NVCC_FLAGS + defines,
+            extra_ldflags=["-fopenmp"],
+            build_directory=build_dir,
+            verbose=os.environ.get("CSSFE_EXT_VERBOSE") == "1",
+        )
+    finally:
+        for k, val in old.items():
+            if val is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = val
+    return mod, f"built just in time in {build_dir}"
+
+
+def load() -> Tuple[Optional[object], str]:
+    """(module or None, reason). Builds at most once per process."""
+    with _lock:
+        if "result" in _state:
+            return _state["result"]
+        want = source_hash()
+        mod, reason = _try_prebuilt(want)
+        if mod is None and want is not None:
+            if os.environ.get("CSSFE_NO_JIT") == "1":
+                reason += "; CSSFE_NO_JIT=1 forbids a just-in-time build"
+            else:
+                try:
+                    mod, reason = _jit_build(want)
+                except Exception as exc:  # compiler missing, build error: report, do not crash
+                    mod, reason = None, f"just-in-time build failed: {type(exc).__name__}: {str(exc)[-2000:]}"
+        _state["result"] = (mod, reason)
+        return mod, reason
+
+
+def loaded_without_build() -> Tuple[bool, str]:
+    """Whether the extension is usable now, without triggering a build (for available_backends)."""
+    if "result" in _state:
+        mod, reason = _state["result"]
+        return mod is not None, reason
+    return False, "not loaded yet"
+
+
+def has_cuda_kernels() -> bool:
+    mod, _ = load()
+    return bool(mod is not None and getattr(mod, "with_cuda", False))
