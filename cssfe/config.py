@@ -31,6 +31,8 @@ class DataConfig:
     head_min: int = 100  # a class with at least this many training positives is head
     tail_max: int = 20  # a class with fewer than this many training positives is tail
     augment: str = "digits"  # none | digits | natural (see cssfe/data/transforms.py)
+    check_images: bool = True  # decode every image once before training
+    on_bad_image: str = "skip"  # skip: leave unreadable images out and say so | error: stop
 
 
 @dataclass
@@ -257,6 +259,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"config keys 'data.tail_max' ({cfg.data.tail_max}) must not exceed 'data.head_min' ({cfg.data.head_min})"
         )
+    if cfg.data.on_bad_image not in ("skip", "error"):
+        raise ConfigError(f"config key 'data.on_bad_image' must be 'skip' or 'error', got {cfg.data.on_bad_image!r}")
     if cfg.model.gate not in ("uncertainty", "absence"):
         raise ConfigError(f"config key 'model.gate' must be 'uncertainty' or 'absence', got {cfg.model.gate!r}")
     if cfg.optim.amp not in ("auto", "on", "off"):

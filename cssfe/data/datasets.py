@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from cssfe.data import split_files
 from cssfe.data.bundled import ensure_bundled
+from cssfe.data.images import find_unreadable, read_rgb
 from cssfe.data.transforms import build_transform
 from cssfe.registry import Registry
 
@@ -31,9 +32,12 @@ class MultiLabelImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        with Image.open(self.paths[index]) as img:
-            image = self.transform(img.convert("RGB"))
-        return image, self.labels[index], index
+        return self.transform(read_rgb(self.paths[index])), self.labels[index], index
+
+    def drop(self, indices: Sequence[int]) -> None:
+        keep = np.setdiff1d(np.arange(len(self.paths)), np.asarray(list(indices), dtype=np.int64))
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = self.labels[torch.as_tensor(keep)]
 
 
 @dataclass
@@ -48,6 +52,7 @@ class LongTailData:
     root: str
     boxes: Optional[Dict[str, list]] = None  # image id -> [[class, x0, y0, x1, y1], ...]
     test_ids: Optional[List[str]] = None
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (file, reason) of unreadable images left out
 
     @property
     def num_classes(self) -> int:
@@ -57,7 +62,7 @@ class LongTailData:
 DATASETS: Registry[LongTailData] = Registry("dataset")
 
 
-def load_split_folder(root: str, cfg) -> LongTailData:
+def load_split_folder(root: str, cfg, progress: bool = False) -> LongTailData:
     """Read a folder in the split format (see :mod:`cssfe.data.split_files`), checking it first."""
     if not os.path.isdir(root):
         raise split_files.SplitFormatError(f"dataset folder not found: {root}")
@@ -77,7 +82,7 @@ def load_split_folder(root: str, cfg) -> LongTailData:
     if os.path.isfile(boxes_path):
         with open(boxes_path) as f:
             boxes = json.load(f)["boxes"]
-    return LongTailData(
+    data = LongTailData(
         train=MultiLabelImages(train_paths, train_labels, build_transform(cfg.image_size, train=True, augment=cfg.augment)),
         test=MultiLabelImages(test_paths, test_labels, build_transform(cfg.image_size, train=False)),
         class_names=names,
@@ -87,19 +92,41 @@ def load_split_folder(root: str, cfg) -> LongTailData:
         boxes=boxes,
         test_ids=test_ids,
     )
+    if cfg.check_images:
+        _leave_out_unreadable(data, cfg.on_bad_image, progress)
+    return data
+
+
+def _leave_out_unreadable(data: LongTailData, policy: str, progress: bool) -> None:
+    """Scan every image once before training. Policy ``error``: stop, naming the files; ``skip``:
+    leave them out, count them and say so (group statistics stay those of the split files)."""
+    bad = {split: find_unreadable(getattr(data, split).paths, f"checking {split} images", progress) for split in ("train", "test")}
+    found = [(path, reason) for rows in bad.values() for _, path, reason in rows]
+    if not found:
+        return
+    listing = "; ".join(f"{p} ({r})" for p, r in found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+    if policy == "error":
+        raise split_files.SplitFormatError(f"{len(found)} unreadable image(s): {listing} (data.on_bad_image=skip leaves them out)")
+    for split, rows in bad.items():
+        getattr(data, split).drop([i for i, _, _ in rows])
+        if split == "test" and data.test_ids is not None:
+            gone = {i for i, _, _ in rows}
+            data.test_ids = [x for i, x in enumerate(data.test_ids) if i not in gone]
+    data.skipped = found
+    print(f"cssfe: left out {len(found)} unreadable image(s): {listing}", file=sys.stderr)
 
 
 @DATASETS.register("bundled")
 def _bundled(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
     root = cfg.root or ensure_bundled(cache_dir, seed=cfg.seed, progress=progress)
-    return load_split_folder(root, cfg)
+    return load_split_folder(root, cfg, progress)
 
 
 @DATASETS.register("split_folder")
 def _split_folder(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
     if not cfg.root:
         raise split_files.SplitFormatError("config key 'data.root' must name the split folder for data.name=split_folder")
-    return load_split_folder(cfg.root, cfg)
+    return load_split_folder(cfg.root, cfg, progress)
 
 
 def build_data(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
