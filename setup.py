@@ -1,9 +1,90 @@
 """Install the cssfe package.
 
-The C++/CUDA extensions under csrc/ are added by the kernels work; until then the package is
-pure Python.
+Extension ``cssfe._C`` (csrc/, the ``cpu`` and ``cuda`` kernel backends of ``cssfe.ops``):
+
+- always the C++/OpenMP CPU kernels (CppExtension), when torch is importable at build time
+  (``pip install -e . --no-build-isolation``; in an isolated build without torch the package
+  installs pure Python and ``cssfe.ops`` builds the extension just in time on first use);
+- plus the CUDA kernels (CUDAExtension, sm_80 and sm_90) when nvcc and a CUDA build of torch are
+  present, unless ``CSSFE_NO_CUDA=1``. ``CUDA_HOME`` is found from the real nvcc (the one on PATH
+  may be a wrapper); ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0".
+
+``CSSFE_NO_EXT=1`` skips the extension entirely. ``MAX_JOBS`` limits parallel compilation.
 """
+import glob
+import hashlib
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _source_hash():
+    """Same hash as cssfe/ops/backends/native.py:source_hash (a stale build is then detected)."""
+    csrc = os.path.join(HERE, "csrc")
+    files = sorted(f for f in glob.glob(os.path.join(csrc, "**", "*.*"), recursive=True)
+                   if f.endswith((".cpp", ".cu", ".h", ".cuh")))
+    h = hashlib.sha1()
+    for f in files:
+        h.update(os.path.relpath(f, csrc).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return "h" + h.hexdigest()[:16]
+
+
+def _cuda_home():
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        cands.append(os.path.dirname(os.path.dirname(real)))
+        try:
+            with open(real, "r", errors="ignore") as fh:
+                cands += [os.path.dirname(os.path.dirname(t)) for t in fh.read(4096).split() if t.endswith("/bin/nvcc")]
+        except OSError:
+            pass
+    cands.append("/usr/local/cuda")
+    for c in cands:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(c, "bin", "nvcc")):
+            return c
+    return None
+
+
+def _extensions():
+    if os.environ.get("CSSFE_NO_EXT") == "1" or not os.path.isdir(os.path.join(HERE, "csrc")):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return [], {}
+    rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
+    cpu = rel([os.path.join(HERE, "csrc", "ops.cpp")] + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))))
+    cu = rel(sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))))
+    defines = [f"-DCSSFE_SOURCE_HASH={_source_hash()}"]
+    cxx = ["-O3", "-fopenmp"] + defines
+    home = _cuda_home()
+    with_cuda = bool(cu) and home is not None and torch.version.cuda is not None and os.environ.get("CSSFE_NO_CUDA") != "1"
+    if with_cuda:
+        os.environ["CUDA_HOME"] = home
+        cpp_extension.CUDA_HOME = home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        inc = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+        if os.path.isdir(inc):  # ATen's CUDAContext includes cusparse.h
+            os.environ["CPATH"] = os.pathsep.join(p for p in (inc, os.environ.get("CPATH", "")) if p)
+        nvcc = ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
+                "-gencode=arch=compute_90,code=sm_90", "-DCSSFE_WITH_CUDA"] + defines
+        ext = cpp_extension.CUDAExtension(
+            "cssfe._C", cpu + cu, extra_compile_args={"cxx": cxx + ["-DCSSFE_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension("cssfe._C", cpu, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+EXT_MODULES, CMDCLASS = _extensions()
 
 INSTALL_REQUIRES = [
     "torch>=2.4",
@@ -36,4 +117,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["cssfe-train=cssfe.engine.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

@@ -74,8 +74,11 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    kernels: str = "auto"  # backend of the CSSFE ops: auto | reference | cpu | cuda | triton (see cssfe/ops)
     output_dir: str = "runs/default"
     eval_every: int = 1
+    checkpoint_every_steps: int = 0  # also checkpoint inside epochs (0: at epoch ends only)
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
     progress: bool = True
     cache_dir: Optional[str] = None  # datasets and embeddings cache (default $CSSFE_CACHE or ~/.cache/cssfe)
     data: DataConfig = field(default_factory=DataConfig)
@@ -251,6 +254,8 @@ def validate(cfg: TrainConfig) -> None:
     positive("optim.weight_decay", cfg.optim.weight_decay, strict=False)
     positive("optim.grad_clip", cfg.optim.grad_clip, strict=False)
     positive("eval_every", cfg.eval_every)
+    positive("checkpoint_every_steps", cfg.checkpoint_every_steps, strict=False)
+    positive("max_nonfinite_steps", cfg.max_nonfinite_steps)
     if not 0 < cfg.optim.pct_start < 1:
         raise ConfigError(f"config key 'optim.pct_start' must be in (0, 1), got {cfg.optim.pct_start}")
     if not 0 <= cfg.optim.ema_decay < 1:
@@ -259,6 +264,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"config keys 'data.tail_max' ({cfg.data.tail_max}) must not exceed 'data.head_min' ({cfg.data.head_min})"
         )
+    if cfg.kernels not in ("auto", "reference", "cpu", "cuda", "triton"):
+        raise ConfigError(f"config key 'kernels' must be auto, reference, cpu, cuda or triton, got {cfg.kernels!r}")
     if cfg.data.on_bad_image not in ("skip", "error"):
         raise ConfigError(f"config key 'data.on_bad_image' must be 'skip' or 'error', got {cfg.data.on_bad_image!r}")
     if cfg.model.gate not in ("uncertainty", "absence"):

@@ -3,6 +3,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The C++ extension is built once and kept across test sessions in the user's cache (the rest of
+# the session's cache is a fresh folder, see _cache_dir).
+if not os.environ.get("CSSFE_EXT_DIR"):
+    _cache = os.environ.get("CSSFE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cssfe")
+    os.environ["CSSFE_EXT_DIR"] = os.path.join(_cache, "extensions")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

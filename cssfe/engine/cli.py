@@ -41,11 +41,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if not args.output_dir and not any(o.startswith("output_dir=") for o in args.overrides):
         cfg.output_dir = os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.head}-{cfg.model.backbone}")
-    from cssfe.engine.train import train  # torch and the models load only after the config is good
+    # torch and the models load only after the config is good
+    from cssfe.engine.signals import TrainingInterrupted
+    from cssfe.engine.train import TrainingDiverged, train
 
     try:
         train(cfg, resume=args.resume)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + exc.signum
     return 0

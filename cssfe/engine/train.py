@@ -20,16 +20,22 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cssfe import ops
 from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
-from cssfe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cssfe.engine.checkpoint import load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
 from cssfe.engine.ema import ModelEMA
 from cssfe.engine.evaluate import evaluate, format_table
+from cssfe.engine.sampler import EpochShuffle
+from cssfe.engine.signals import StopRequest, TrainingInterrupted
 from cssfe.losses import build_loss
 from cssfe.models.model import build_model
 
 # Keys that may differ between a run and its resumption: they do not change the numbers.
-RESUMABLE_CHANGES = {"progress", "device", "eval_every", "output_dir", "cache_dir", "data.num_workers", "data.eval_batch_size"}
+RESUMABLE_CHANGES = {
+    "progress", "device", "eval_every", "output_dir", "cache_dir", "checkpoint_every_steps", "max_nonfinite_steps",
+    "data.num_workers", "data.eval_batch_size", "data.check_images", "data.on_bad_image",
+}
 
 
 def default_cache_dir() -> str:
@@ -97,16 +103,49 @@ def _metric_rows(metrics: Dict[str, Any], label: str) -> Dict[str, Dict[str, flo
     return rows
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def _run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, progress: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        **progress,
+        "config": to_dict(cfg),
+        "class_names": data.class_names,
+        "groups": data.groups.tolist(),
+        "class_freq": data.class_freq.tolist(),
+    }
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
+    """Train ``cfg``; see :func:`_train`. The CSSFE ops run on the ``cfg.kernels`` backend."""
+    validate(cfg)
+    if cfg.kernels not in ("auto", "reference"):
+        available, reason = ops.available_backends(build=cfg.kernels == "cpu")[cfg.kernels]
+        if not available:  # asked for and absent: say so before any work, never fall back
+            raise RuntimeError(f"config key 'kernels': backend {cfg.kernels!r} is not available here: {reason}")
+    with ops.use_backend(cfg.kernels):
+        return _train(cfg, resume)
+
+
+def _train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     """Train ``cfg`` and return ``{"final": metrics, "best": metrics, "best_epoch": int}``.
 
-    With ``resume``, continue the run in ``cfg.output_dir`` from its last checkpoint.
+    With ``resume``, continue the run in ``cfg.output_dir`` from its last checkpoint (which may be
+    in the middle of an epoch). SIGTERM / SIGINT save a checkpoint at the next step and raise
+    :class:`TrainingInterrupted`; ``cfg.max_nonfinite_steps`` consecutive non-finite steps raise
+    :class:`TrainingDiverged`, leaving the last good checkpoint as it was.
     """
-    validate(cfg)
     out_dir = cfg.output_dir
     last_path = os.path.join(out_dir, "checkpoints", "last.pt")
     best_path = os.path.join(out_dir, "checkpoints", "best.pt")
-    if resume and not os.path.isfile(last_path):
+    if resume and not (os.path.isfile(last_path) or os.path.isfile(previous_path(last_path))):
         raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
     if not resume and os.path.exists(last_path):
         raise FileExistsError(
@@ -121,27 +160,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     model = build_model(cfg.model, data.class_names, data.groups, cfg.data.image_size, cache_dir).to(device)
     ema = ModelEMA(model, cfg.optim.ema_decay)
 
-    generator = torch.Generator()
+    sampler = EpochShuffle(len(data.train), cfg.seed)
+    batch_size = cfg.data.batch_size
     train_loader = DataLoader(
         data.train,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        generator=generator,
-        drop_last=len(data.train) > cfg.data.batch_size,  # no size-1 batch for batch norm
+        batch_size=batch_size,
+        sampler=sampler,
+        generator=torch.Generator(),  # the loader's own seed draw stays off the global RNG
+        drop_last=len(data.train) > batch_size,  # no size-1 batch for batch norm
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
     )
     test_loader = DataLoader(data.test, batch_size=cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(data.train) // batch_size if len(data.train) > batch_size else 1
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.optim.lr, total_steps=cfg.optim.epochs * steps_per_epoch, pct_start=cfg.optim.pct_start
     )
     autocast, scaler = _amp_context(device, cfg.optim.amp)
 
-    start_epoch, best_total, best_metrics, best_epoch, skipped = 0, -math.inf, None, -1, 0
+    # Everything about where the run stands, saved with every checkpoint.
+    run = {"epoch": 0, "step": 0, "loss_sum": 0.0, "good_steps": 0, "skipped_steps": 0, "epoch_seconds": 0.0,
+           "best_total": -math.inf, "best_metrics": None, "best_epoch": -1}
     if resume:
-        state = load_checkpoint(last_path)
+        state = load_latest(last_path)
         _check_resume_config(state["config"], cfg, last_path)
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
@@ -150,104 +192,115 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        start_epoch, best_total, best_metrics, best_epoch = state["epoch"], state["best_total"], state["best_metrics"], state["best_epoch"]
-        skipped = state.get("skipped_steps", 0)
+        run.update({k: state[k] for k in run if k in state})
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    if data.skipped:
+        with open(os.path.join(out_dir, "skipped_images.txt"), "w") as f:
+            f.writelines(f"{path}\t{reason}\n" for path, reason in data.skipped)
+
+    def checkpoint() -> None:
+        save_checkpoint(_run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, run), last_path, keep_previous=True)
 
     has_aux = cfg.model.head == "cssfe" and cfg.model.enhance
     metrics: Optional[Dict[str, Any]] = None
     log_path = os.path.join(out_dir, "log.jsonl")
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        generator.manual_seed(cfg.seed * 100003 + epoch)  # the epoch's order depends on seed and epoch only
-        model.train()
-        t0, loss_sum, n_steps = time.time(), 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not cfg.progress, leave=False)
-        for images, labels, _ in bar:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast():
-                out = model(images)
-            loss = loss_fn(out["logits"].float(), labels)
-            if has_aux:
-                loss = loss + cfg.model.aux_weight * loss_fn(out["logits0"].float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
+    consecutive_bad = 0
+    with StopRequest() as stop:
+        for epoch in range(run["epoch"], cfg.optim.epochs):
+            sampler.set_epoch(epoch, start=run["step"] * batch_size)
+            model.train()
+            t0 = time.time() - run["epoch_seconds"]
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not cfg.progress, leave=False,
+                       initial=run["step"], total=steps_per_epoch)
+            for images, labels, _ in bar:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with autocast():
+                    out = model(images)
+                loss = loss_fn(out["logits"].float(), labels)
+                if has_aux:
+                    loss = loss + cfg.model.aux_weight * loss_fn(out["logits0"].float(), labels)
+                optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
-                    scaler.step(optimizer)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
                 else:
-                    optimizer.step()
-                ema.update(model)
-                loss_sum += loss.item()
-                n_steps += 1
-            else:  # never apply a non-finite update
-                skipped += 1
-            if scaler is not None:
-                scaler.update()
-            scheduler.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
-        last_epoch = epoch + 1 == cfg.optim.epochs
-        record: Dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(n_steps, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "skipped_steps": skipped,
-            "epoch_seconds": round(time.time() - t0, 3),
-        }
-        if hasattr(model.head, "lam"):
-            record["lambda"] = float(model.head.lam.detach())
-        if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
-            metrics = evaluate(ema.module, test_loader, data.groups, device, progress=cfg.progress)
-            record.update({k: metrics[k] for k in ("mAP", "f1", "first_pass_mAP") if k in metrics})
-            if metrics["mAP"]["total"] > best_total:
-                best_total, best_metrics, best_epoch = metrics["mAP"]["total"], metrics, epoch + 1
-                save_checkpoint(
-                    {
-                        "model": ema.module.state_dict(),
-                        "config": to_dict(cfg),
-                        "epoch": epoch + 1,
-                        "metrics": metrics,
-                        "class_names": data.class_names,
-                        "groups": data.groups.tolist(),
-                        "class_freq": data.class_freq.tolist(),
-                    },
-                    best_path,
-                )
-            if cfg.progress:
-                lam = f", lambda {record['lambda']:.3f}" if "lambda" in record else ""
-                tqdm.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.4f}{lam}\n" + format_table(_metric_rows(metrics, "EMA model")))
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "ema": ema.module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_state(),
+                    loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+                if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                    else:
+                        optimizer.step()
+                    ema.update(model)
+                    run["loss_sum"] += loss.item()
+                    run["good_steps"] += 1
+                    consecutive_bad = 0
+                else:  # never apply a non-finite update
+                    run["skipped_steps"] += 1
+                    consecutive_bad += 1
+                    if consecutive_bad >= cfg.max_nonfinite_steps:
+                        raise TrainingDiverged(
+                            f"{consecutive_bad} consecutive steps with a non-finite loss or gradient (epoch {epoch + 1}, "
+                            f"step {run['step'] + 1}); stopped. The last good checkpoint is {last_path}. "
+                            "Try a lower optim.lr, optim.amp=off or a smaller optim.grad_clip."
+                        )
+                if scaler is not None:
+                    scaler.update()
+                scheduler.step()
+                run["step"] += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                periodic = cfg.checkpoint_every_steps and run["step"] % cfg.checkpoint_every_steps == 0
+                if (stop.signum is not None or periodic) and run["step"] < steps_per_epoch:
+                    run["epoch_seconds"] = time.time() - t0
+                    checkpoint()
+                    if stop.signum is not None:
+                        bar.close()
+                        raise TrainingInterrupted(stop.signum, last_path)
+            bar.close()
+            record: Dict[str, Any] = {
                 "epoch": epoch + 1,
-                "best_total": best_total,
-                "best_metrics": best_metrics,
-                "best_epoch": best_epoch,
-                "skipped_steps": skipped,
-                "config": to_dict(cfg),
-                "class_names": data.class_names,
-                "groups": data.groups.tolist(),
-                "class_freq": data.class_freq.tolist(),
-            },
-            last_path,
-        )
+                "train_loss": run["loss_sum"] / max(run["good_steps"], 1),
+                "lr": scheduler.get_last_lr()[0],
+                "skipped_steps": run["skipped_steps"],
+                "epoch_seconds": round(time.time() - t0, 3),
+            }
+            if hasattr(model.head, "lam"):
+                record["lambda"] = float(model.head.lam.detach())
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+                metrics = evaluate(ema.module, test_loader, data.groups, device, progress=cfg.progress)
+                record.update({k: metrics[k] for k in ("mAP", "f1", "first_pass_mAP") if k in metrics})
+                if metrics["mAP"]["total"] > run["best_total"]:
+                    run.update(best_total=metrics["mAP"]["total"], best_metrics=metrics, best_epoch=epoch + 1)
+                    save_checkpoint(
+                        {
+                            "model": ema.module.state_dict(),
+                            "config": to_dict(cfg),
+                            "epoch": epoch + 1,
+                            "metrics": metrics,
+                            "class_names": data.class_names,
+                            "groups": data.groups.tolist(),
+                            "class_freq": data.class_freq.tolist(),
+                        },
+                        best_path,
+                    )
+                if cfg.progress:
+                    lam = f", lambda {record['lambda']:.3f}" if "lambda" in record else ""
+                    tqdm.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.4f}{lam}\n"
+                               + format_table(_metric_rows(metrics, "EMA model")))
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            run.update(epoch=epoch + 1, step=0, loss_sum=0.0, good_steps=0, epoch_seconds=0.0)
+            checkpoint()
+            if stop.signum is not None:
+                raise TrainingInterrupted(stop.signum, last_path)
     if metrics is None:  # resumed a finished run: evaluate its final weights
         metrics = evaluate(ema.module, test_loader, data.groups, device)
-    result = {"final": metrics, "best": best_metrics, "best_epoch": best_epoch, "groups": {n: int((data.groups == g).sum()) for g, n in enumerate(GROUP_NAMES)}}
+    best_metrics, best_epoch = run["best_metrics"], run["best_epoch"]
+    result = {"final": metrics, "best": best_metrics, "best_epoch": best_epoch,
+              "groups": {n: int((data.groups == g).sum()) for g, n in enumerate(GROUP_NAMES)},
+              "skipped_steps": run["skipped_steps"], "skipped_images": len(data.skipped)}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     if cfg.progress:

@@ -49,7 +49,7 @@ def source_hash() -> Optional[str]:
         h.update(os.path.relpath(f, CSRC).encode())
         with open(f, "rb") as fh:
             h.update(fh.read())
-    return h.hexdigest()[:16]
+    return "h" + h.hexdigest()[:16]
 
 
 def extension_dir() -> str:
@@ -126,7 +126,7 @@ def _jit_build(want: str):
     build_dir = os.path.join(extension_dir(), tag, name)
     os.makedirs(build_dir, exist_ok=True)
     sources = cpu_sources() + (cuda_sources() if with_cuda else [])
-    defines = [f'-DCSSFE_SOURCE_HASH="{want}"'] + (["-DCSSFE_WITH_CUDA"] if with_cuda else [])
+    defines = [f"-DCSSFE_SOURCE_HASH={want}"] + (["-DCSSFE_WITH_CUDA"] if with_cuda else [])
     old = {k: os.environ.get(k) for k in ("MAX_JOBS", "CUDA_HOME", "CPATH", "TORCH_CUDA_ARCH_LIST")}
     os.environ.setdefault("MAX_JOBS", "1")
     if with_cuda:
@@ -180,3 +180,20 @@ def loaded_without_build() -> Tuple[bool, str]:
 def has_cuda_kernels() -> bool:
     mod, _ = load()
     return bool(mod is not None and getattr(mod, "with_cuda", False))
+
+
+def can_load_without_build() -> bool:
+    """True when ``load()`` needs no compiler: a matching ``cssfe._C`` or a cached JIT build."""
+    want = source_hash()
+    try:
+        from cssfe import _C  # type: ignore[attr-defined]
+
+        if want is None or getattr(_C, "source_hash", None) == want:
+            return True
+    except ImportError:
+        pass
+    if want is None or os.environ.get("CSSFE_NO_JIT") == "1":
+        return False
+    tag = f"torch{torch.__version__}".replace("+", "_")
+    name = f"cssfe_ext_{want}"
+    return os.path.exists(os.path.join(extension_dir(), tag, name, name + ".so"))

@@ -32,7 +32,8 @@ def asl(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need
 
 def _scores(q: Tensor, k: Tensor) -> Tensor:
     ct = _opmath(k)
-    return torch.einsum("qcd,bdn->bcn", q.to(ct), k.to(ct)) / math.sqrt(k.shape[1])
+    q = q.to(ct).expand(k.shape[0], -1, -1)  # [1, C, d] is shared by the batch
+    return torch.einsum("bcd,bdn->bcn", q, k.to(ct)) / math.sqrt(k.shape[1])
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
@@ -55,7 +56,7 @@ def attention_bwd(grad_z, q, k, v, z, lse) -> Tuple[Tensor, Tensor, Tensor]:
     dq = torch.einsum("bcn,bdn->bcd", ds, k.to(ct))
     if q.shape[0] == 1:
         dq = dq.sum(0, keepdim=True)
-    dk = torch.einsum("bcn,qcd->bdn", ds, q.to(ct).expand(k.shape[0], -1, -1))
+    dk = torch.einsum("bcn,bcd->bdn", ds, q.to(ct).expand(k.shape[0], -1, -1))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -1,0 +1,51 @@
+// Declarations of the native (C++/CUDA) kernels behind the cssfe::native_* operators.
+// Semantics: see cssfe/ops/reference.py and cssfe/ops/backends/reference_impl.py.
+#pragma once
+#include <torch/extension.h>
+#include <tuple>
+
+namespace cssfe {
+
+// ASL: loss (0-d) and d loss / d logits in one pass. grad is empty when need_grad is false.
+std::tuple<at::Tensor, at::Tensor> asl_cpu(const at::Tensor& logits, const at::Tensor& targets, double gamma_pos,
+                                           double gamma_neg, double clip, double eps, bool focal_grad, bool mean,
+                                           bool need_grad);
+// Class attention: q [Bq, C, d] (Bq in {1, B}), k, v [B, d, N] -> z [B, C, d] (v's dtype), lse [B, C] fp32.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_z, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& z, const at::Tensor& lse);
+// Progressive enhancement: z [B, C, L], affinity [C, C] fp32, order [C] int64 (classes sorted by group),
+// bounds [4] int64 (group g occupies order[bounds[g]:bounds[g+1]]), w = lam * gate [B, C] fp32.
+at::Tensor enhance_fwd_cpu(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
+                           const at::Tensor& bounds, const at::Tensor& w);
+// -> dz [B, C, L] (z's dtype), dm [B, C, L] fp32 (grad of each class's message), dw [B, C] fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor& grad, const at::Tensor& z,
+                                                               const at::Tensor& affinity, const at::Tensor& order,
+                                                               const at::Tensor& bounds, const at::Tensor& w,
+                                                               const at::Tensor& out);
+
+inline void check_cpu_contig(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "cssfe native CPU kernel: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "cssfe native kernel: ", name, " must be contiguous");
+}
+
+}  // namespace cssfe
+
+#ifdef CSSFE_WITH_CUDA
+namespace cssfe {
+std::tuple<at::Tensor, at::Tensor> asl_cuda(const at::Tensor& logits, const at::Tensor& targets, double gamma_pos,
+                                            double gamma_neg, double clip, double eps, bool focal_grad, bool mean,
+                                            bool need_grad);
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& grad_z, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& z, const at::Tensor& lse);
+at::Tensor enhance_fwd_cuda(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
+                            const at::Tensor& bounds, const at::Tensor& w);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cuda(const at::Tensor& grad, const at::Tensor& z,
+                                                                const at::Tensor& affinity, const at::Tensor& order,
+                                                                const at::Tensor& bounds, const at::Tensor& w,
+                                                                const at::Tensor& out);
+}  // namespace cssfe
+#endif

@@ -1,0 +1,47 @@
+// Registers the native kernels of the cssfe operators with torch.library.
+//
+// The public operators (cssfe::asymmetric_loss, cssfe::class_attention, ...) are defined in Python
+// (cssfe/ops/library.py) with a backend argument; for backend "cpu" / "cuda" they call the
+// cssfe::native_* operators defined here. CPU kernels live in cpu/*.cpp, CUDA kernels in cuda/*.cu
+// (which add their own TORCH_LIBRARY_IMPL(cssfe, CUDA, ...) blocks when built).
+#include "cssfe.h"
+
+// The build passes -DCSSFE_SOURCE_HASH=h<hash of csrc/> (unquoted: quotes do not survive ninja).
+#define CSSFE_STR2(x) #x
+#define CSSFE_STR(x) CSSFE_STR2(x)
+#ifdef CSSFE_SOURCE_HASH
+#define CSSFE_SOURCE_HASH_STR CSSFE_STR(CSSFE_SOURCE_HASH)
+#else
+#define CSSFE_SOURCE_HASH_STR "unknown"
+#endif
+
+TORCH_LIBRARY_FRAGMENT(cssfe, m) {
+  m.def(
+      "native_asl(Tensor logits, Tensor targets, float gamma_pos, float gamma_neg, float clip, float eps, "
+      "bool focal_grad, bool mean, bool need_grad) -> (Tensor, Tensor)");
+  m.def("native_attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def(
+      "native_attention_bwd(Tensor grad_z, Tensor q, Tensor k, Tensor v, Tensor z, Tensor lse) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def("native_enhance_fwd(Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w) -> Tensor");
+  m.def(
+      "native_enhance_bwd(Tensor grad, Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w, "
+      "Tensor out) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cssfe, CPU, m) {
+  m.impl("native_asl", &cssfe::asl_cpu);
+  m.impl("native_attention_fwd", &cssfe::attention_fwd_cpu);
+  m.impl("native_attention_bwd", &cssfe::attention_bwd_cpu);
+  m.impl("native_enhance_fwd", &cssfe::enhance_fwd_cpu);
+  m.impl("native_enhance_bwd", &cssfe::enhance_bwd_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("source_hash") = CSSFE_SOURCE_HASH_STR;
+#ifdef CSSFE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

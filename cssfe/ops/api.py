@@ -1,0 +1,141 @@
+"""Public entry points of the cssfe operators: input checks, backend choice, autograd glue."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import library
+from .dispatch import resolve
+
+Tensor = torch.Tensor
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tensor(name: str, t, op: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _floating(name: str, t: Tensor, op: str) -> None:
+    _tensor(name, t, op)
+    if t.dtype not in _FLOAT:
+        raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _same_device(op: str, **tensors: Tensor) -> None:
+    devs = {name: t.device for name, t in tensors.items()}
+    if len(set(devs.values())) > 1:
+        raise ValueError(f"{op}: inputs must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devs.items()))
+
+
+def class_attention(q: Tensor, k: Tensor, v: Tensor, *, return_maps: bool = False, backend: Optional[str] = None):
+    """Label-dependent attention pooling (SPEC section 1 / 6.1).
+
+    q: [C, d] or [B, C, d]; k, v: [B, d, N]. Returns Z0 = softmax_N(q k / sqrt(d)) v^T [B, C, d]
+    (v's dtype; softmax and accumulation in fp32), or (Z0, maps [B, C, N]) with ``return_maps``.
+    Fused backends never store the maps for training (online softmax, recomputed in backward);
+    ``return_maps=True`` computes them in addition, differentiably, in plain PyTorch.
+    Non-contiguous inputs are accepted (copied to contiguous memory).
+    """
+    op = "class_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _floating(name, t, op)
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"{op}: k and v must both be [B, d, N], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dim() not in (2, 3) or q.shape[-1] != k.shape[1] or (q.dim() == 3 and q.shape[0] != k.shape[0]):
+        raise ValueError(f"{op}: q must be [C, d] or [B, C, d] with B={k.shape[0]}, d={k.shape[1]}, got {tuple(q.shape)}")
+    if k.shape[1] == 0 or k.shape[2] == 0:
+        raise ValueError(f"{op}: k and v need d >= 1 and N >= 1 positions, got {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _same_device(op, q=q, k=k, v=v)
+    name = resolve(backend, k.device, op, v.dtype)
+    q3 = q.unsqueeze(0) if q.dim() == 2 else q
+    if q3.shape[1] == 0 or k.shape[0] == 0:  # nothing to compute
+        z = v.new_zeros(k.shape[0], q3.shape[1], k.shape[1])
+        return (z, v.new_zeros(k.shape[0], q3.shape[1], k.shape[2])) if return_maps else z
+    z, _ = library.class_attention_op(q3.contiguous(), k.contiguous(), v.contiguous(), name)
+    if not return_maps:
+        return z
+    scores = torch.einsum("cd,bdn->bcn" if q.dim() == 2 else "bcd,bdn->bcn", q, k) / math.sqrt(k.shape[1])
+    maps = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
+    return z, maps
+
+
+def progressive_enhance(
+    z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam, *, backend: Optional[str] = None
+) -> Tensor:
+    """Head -> medium -> tail enhancement (SPEC section 1), all three stages in one kernel call.
+
+    z: [B, C, L] (features or maps); affinity R: [C, C]; groups: [C] integers in {0, 1, 2};
+    gate: [B, C]; lam: scalar tensor (or number). Differentiable w.r.t. z, affinity, gate and lam.
+    Output in z's dtype, computed in fp32 (fp64 for fp64 inputs on the reference backend).
+    """
+    op = "progressive_enhance"
+    _floating("z", z, op)
+    _floating("affinity", affinity, op)
+    _floating("gate", gate, op)
+    _tensor("groups", groups, op)
+    if not isinstance(lam, torch.Tensor):
+        lam = torch.tensor(float(lam), dtype=torch.float32, device=z.device)
+    _floating("lam", lam, op)
+    if z.dim() != 3 or affinity.shape != (z.shape[1], z.shape[1]) or gate.shape != z.shape[:2]:
+        raise ValueError(
+            f"{op}: expected z [B, C, L], affinity [C, C], gate [B, C]; got "
+            f"{tuple(z.shape)}, {tuple(affinity.shape)}, {tuple(gate.shape)}"
+        )
+    if groups.shape != (z.shape[1],):
+        raise ValueError(f"{op}: groups must be [C] with C={z.shape[1]}, got {tuple(groups.shape)}")
+    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+        raise TypeError(f"{op}: groups must be an integer tensor, got {groups.dtype}")
+    if lam.numel() != 1:
+        raise ValueError(f"{op}: lam must be a scalar, got shape {tuple(lam.shape)}")
+    _same_device(op, z=z, affinity=affinity, groups=groups, gate=gate, lam=lam)
+    name = resolve(backend, z.device, op, z.dtype)
+    if z.numel() == 0:
+        return z.clone()
+    return library.progressive_enhance_op(z.contiguous(), affinity.contiguous(), groups.contiguous(),
+                                          gate.contiguous(), lam.reshape(()), name)
+
+
+def asymmetric_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 4.0,
+    clip: float = 0.05,
+    eps: float = 1e-8,
+    disable_torch_grad_focal_loss: bool = True,
+    reduction: str = "sum",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Asymmetric loss with its gradient computed in the same pass (SPEC section 2 / 6.3).
+
+    Same numbers and gradients as ``cssfe.losses.AsymmetricLoss(gamma_neg, gamma_pos, clip, eps,
+    disable_torch_grad_focal_loss, reduction)``: logits [B, C] fp32/fp16/bf16/fp64 (half precision
+    computed in fp32; the loss is fp32 then), targets of the same shape, bool/uint8/float.
+    """
+    op = "asymmetric_loss"
+    _floating("logits", logits, op)
+    _tensor("targets", targets, op)
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be [B, C], got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape:
+        raise ValueError(f"{op}: targets shape {tuple(targets.shape)} does not match logits shape {tuple(logits.shape)}")
+    if targets.dtype not in (torch.bool, torch.uint8) + _FLOAT:
+        raise TypeError(f"{op}: targets must be bool, uint8 or floating, got {targets.dtype}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"{op}: reduction must be 'sum' or 'mean', got {reduction!r}")
+    if gamma_pos < 0 or gamma_neg < 0:
+        raise ValueError(f"{op}: gammas must be >= 0, got gamma_pos={gamma_pos}, gamma_neg={gamma_neg}")
+    _same_device(op, logits=logits, targets=targets)
+    name = resolve(backend, logits.device, op, logits.dtype)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = library.asymmetric_loss_op(
+        logits.contiguous(), targets.contiguous(), float(gamma_pos), float(gamma_neg), float(clip or 0.0), float(eps),
+        not disable_torch_grad_focal_loss, reduction == "mean", need_grad, name,
+    )
+    return loss

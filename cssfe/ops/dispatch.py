@@ -1,0 +1,160 @@
+"""Backend selection for the cssfe operators.
+
+Backends:
+
+- ``reference``: plain PyTorch (``cssfe/ops/backends/reference_impl.py``), any device, any dtype;
+- ``cpu``: the C++/OpenMP extension (``csrc/cpu``), CPU tensors;
+- ``cuda``: the CUDA extension (``csrc/cuda``), CUDA tensors, when it was built with nvcc;
+- ``triton``: Triton kernels (``cssfe/ops/triton``), CUDA tensors; CPU tensors only when
+  ``TRITON_INTERPRET=1`` was set before the first use (slow, for tests).
+
+Which backend a call uses, first match wins:
+
+1. the ``backend=`` argument of the op;
+2. :func:`use_backend` (context manager) / :func:`set_default_backend` (process-wide), e.g. from
+   the model config ``kernels: auto|reference|triton|cuda|cpu``;
+3. the environment variable ``CSSFE_KERNEL_BACKEND``;
+4. ``auto``: float64 inputs -> ``reference`` (the fused kernels compute in fp32); CPU tensors -> ``cpu`` if the extension is prebuilt (``cssfe._C``) or already built in
+   the extension cache, else ``reference``; CUDA tensors -> ``cuda`` if the prebuilt extension has
+   CUDA kernels, else ``triton`` if importable, else ``reference``. ``auto`` never starts a build.
+
+A backend that is asked for by name and cannot run the call raises ``RuntimeError`` naming the
+reason; there is no silent fallback. ``auto`` is the only name that falls back.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "CSSFE_KERNEL_BACKEND"
+
+_default: Optional[str] = None
+_override: contextvars.ContextVar = contextvars.ContextVar("cssfe_kernel_backend", default=None)
+
+
+def _check_name(name: Optional[str], what: str) -> Optional[str]:
+    if name is None:
+        return None
+    if not isinstance(name, str) or name.lower() not in CHOICES:
+        raise ValueError(f"{what}: unknown kernel backend {name!r}; choose one of {CHOICES}")
+    return name.lower()
+
+
+def set_default_backend(name: Optional[str]) -> None:
+    """Process-wide default backend (``None`` or ``"auto"``: automatic choice)."""
+    global _default
+    _default = _check_name(name, "set_default_backend")
+
+
+def get_default_backend() -> str:
+    """The name in force when an op gets no ``backend=``: context > default > env var > ``auto``."""
+    for name, what in ((_override.get(), "use_backend"), (_default, "set_default_backend"),
+                       (os.environ.get(ENV_VAR) or None, ENV_VAR)):
+        if name is not None:
+            return _check_name(name, what)
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """``with cssfe.ops.use_backend("triton"): ...`` -- backend for the ops called inside."""
+    token = _override.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_status() -> Tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if torch.cuda.is_available():
+        return True, "triton with a CUDA device"
+    if triton_interpreting():
+        return True, "triton interpreter (TRITON_INTERPRET=1), CPU tensors"
+    return False, "triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+
+
+def _native_status(build: bool) -> Tuple[bool, str, object]:
+    from .backends import native
+
+    if build:
+        mod, reason = native.load()
+        return mod is not None, reason, mod
+    ok, reason = native.loaded_without_build()
+    if ok:
+        return True, reason, native.load()[0]
+    if native.can_load_without_build():
+        mod, reason = native.load()
+        return mod is not None, reason, mod
+    return False, "extension neither prebuilt (cssfe._C) nor built in the cache; backend='cpu' builds it", None
+
+
+def available_backends(build: bool = False) -> Dict[str, Tuple[bool, str]]:
+    """name -> (available, reason). ``build=True`` builds the C++ extension if needed (~1 min)."""
+    out: Dict[str, Tuple[bool, str]] = {"reference": (True, "plain PyTorch, always available")}
+    ok, reason, mod = _native_status(build)
+    out["cpu"] = (ok, reason)
+    if not torch.cuda.is_available():
+        out["cuda"] = (False, "no CUDA device")
+    elif not ok:
+        out["cuda"] = (False, reason)
+    elif not getattr(mod, "with_cuda", False):
+        out["cuda"] = (False, "the extension was built without CUDA kernels (no nvcc or CSSFE_NO_CUDA=1)")
+    else:
+        out["cuda"] = (True, reason)
+    out["triton"] = _triton_status()
+    return out
+
+
+def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete backend an op call on ``device`` runs with; raises if a named one cannot."""
+    name = _check_name(backend, op) if backend is not None else get_default_backend()
+    dev = torch.device(device).type
+    if name == "auto":
+        if dtype == torch.float64:
+            return "reference"
+        if dev == "cpu":
+            return "cpu" if _native_status(False)[0] else "reference"
+        if dev == "cuda":
+            ok, _, mod = _native_status(False)
+            if ok and getattr(mod, "with_cuda", False):
+                return "cuda"
+            return "triton" if _triton_status()[0] else "reference"
+        return "reference"
+    if name == "reference":
+        return name
+    if name == "cpu":
+        if dev != "cpu":
+            raise RuntimeError(f"{op}: backend 'cpu' runs on CPU tensors, the inputs are on {dev}")
+        ok, reason, _ = _native_status(True)
+        if not ok:
+            raise RuntimeError(f"{op}: backend 'cpu' is not available: {reason}")
+        return name
+    if name == "cuda":
+        if dev != "cuda":
+            raise RuntimeError(f"{op}: backend 'cuda' runs on CUDA tensors, the inputs are on {dev}")
+        ok, reason = available_backends(build=True)["cuda"]
+        if not ok:
+            raise RuntimeError(f"{op}: backend 'cuda' is not available: {reason}")
+        return name
+    # triton
+    ok, reason = _triton_status()
+    if not ok:
+        raise RuntimeError(f"{op}: backend 'triton' is not available: {reason}")
+    if dev == "cpu" and not triton_interpreting():
+        raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)")
+    if dev not in ("cpu", "cuda"):
+        raise RuntimeError(f"{op}: backend 'triton' does not run on {dev} tensors")
+    return name

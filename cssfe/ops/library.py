@@ -1,0 +1,243 @@
+"""The cssfe operators, defined once with ``torch.library`` (namespace ``cssfe``).
+
+Each operator takes the concrete backend name as its last argument and calls that backend's
+kernel (``reference``, ``cpu``/``cuda`` via the extension's ``cssfe::native_*`` operators,
+``triton``). Every operator has a fake (meta) implementation, so ``torch.compile`` traces it as
+one opaque node, and its autograd formula is registered with ``register_autograd`` and calls the
+matching backward operator. The public functions (``cssfe.ops.class_attention`` ...) validate
+their inputs, pick the backend (``cssfe.ops.dispatch``) and call these operators.
+
+Operators:
+
+- ``cssfe::asymmetric_loss(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean,
+  need_grad, backend) -> (loss, grad)``: loss and d loss / d logits in one pass;
+- ``cssfe::class_attention(q[Bq,C,d], k[B,d,N], v[B,d,N], backend) -> (z[B,C,d], lse[B,C])``
+  and ``cssfe::class_attention_backward(grad_z, q, k, v, z, lse, backend) -> (dq, dk, dv)``;
+- ``cssfe::progressive_enhance(z, affinity, groups, gate, lam, backend) -> out`` and
+  ``cssfe::progressive_enhance_backward(grad, z, affinity, groups, gate, lam, out, backend)
+  -> (dz, dm, dw)`` (dm: gradient of each class's message, dw: of ``lam * gate``).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .backends import reference_impl
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- backend tables
+def _native():
+    from .backends import native
+
+    mod, reason = native.load()
+    if mod is None:
+        raise RuntimeError(f"cssfe C++ extension is not available: {reason}")
+    return torch.ops.cssfe
+
+
+def _triton():
+    from . import triton as triton_ops  # imported lazily: TRITON_INTERPRET must be set before
+
+    return triton_ops
+
+
+def _enhance_plan(groups: Tensor) -> Tuple[Tensor, Tensor]:
+    """(order, bounds): classes sorted by group (stable) and where each group starts and ends."""
+    g = groups.to(torch.long)
+    if g.numel() and (g.min() < 0 or g.max() > 2):
+        raise ValueError(f"progressive_enhance: groups must hold 0 (head), 1 (medium) or 2 (tail), got values "
+                         f"in [{int(g.min())}, {int(g.max())}]")
+    order = torch.sort(g, stable=True).indices.contiguous()
+    counts = torch.bincount(g, minlength=3).cpu()
+    bounds = torch.zeros(4, dtype=torch.long)
+    bounds[1:] = torch.cumsum(counts, 0)
+    return order, bounds  # bounds stays on the CPU: kernels read it as launch parameters
+
+
+def _w(gate: Tensor, lam: Tensor) -> Tensor:
+    ct = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    return (lam.to(ct) * gate.to(ct)).contiguous()
+
+
+def _aux_dtype(z: Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- ASL
+@torch.library.custom_op("cssfe::asymmetric_loss", mutates_args=())
+def asymmetric_loss_op(
+    logits: Tensor, targets: Tensor, gamma_pos: float, gamma_neg: float, clip: float, eps: float,
+    focal_grad: bool, mean: bool, need_grad: bool, backend: str,
+) -> Tuple[Tensor, Tensor]:
+    args = (gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need_grad)
+    if backend == "reference":
+        return reference_impl.asl(logits, targets, *args)
+    if backend in ("cpu", "cuda"):
+        return _native().native_asl(logits.contiguous(), targets.contiguous(), *args)
+    if backend == "triton":
+        return _triton().asl(logits, targets, *args)
+    raise ValueError(f"cssfe::asymmetric_loss: unknown backend {backend!r}")
+
+
+@asymmetric_loss_op.register_fake
+def _(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need_grad, backend):
+    loss = logits.new_empty((), dtype=_aux_dtype(logits))
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if need_grad else logits.new_empty(0)
+    return loss, grad
+
+
+def _asl_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _asl_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and ctx.needs_input_grad[0]:
+        raise RuntimeError("cssfe::asymmetric_loss was called with need_grad=False; cannot backpropagate")
+    dlogits = (grad * grad_loss.to(grad.dtype)) if ctx.needs_input_grad[0] else None
+    return (dlogits,) + (None,) * 9
+
+
+asymmetric_loss_op.register_autograd(_asl_backward, setup_context=_asl_setup)
+
+
+# ----------------------------------------------------------------------------- class attention
+@torch.library.custom_op("cssfe::class_attention", mutates_args=())
+def class_attention_op(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    if backend == "reference":
+        return reference_impl.attention_fwd(q, k, v)
+    if backend in ("cpu", "cuda"):
+        return _native().native_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous())
+    if backend == "triton":
+        return _triton().attention_fwd(q, k, v)
+    raise ValueError(f"cssfe::class_attention: unknown backend {backend!r}")
+
+
+@class_attention_op.register_fake
+def _(q, k, v, backend):
+    b, c, d = k.shape[0], q.shape[1], k.shape[1]
+    return v.new_empty((b, c, d)), v.new_empty((b, c), dtype=torch.float32)
+
+
+@torch.library.custom_op("cssfe::class_attention_backward", mutates_args=())
+def class_attention_backward_op(
+    grad_z: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor, lse: Tensor, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if backend == "reference":
+        return reference_impl.attention_bwd(grad_z, q, k, v, z, lse)
+    args = [t.contiguous() for t in (grad_z, q, k, v, z, lse)]
+    if backend in ("cpu", "cuda"):
+        return _native().native_attention_bwd(*args)
+    if backend == "triton":
+        return _triton().attention_bwd(*args)
+    raise ValueError(f"cssfe::class_attention_backward: unknown backend {backend!r}")
+
+
+@class_attention_backward_op.register_fake
+def _(grad_z, q, k, v, z, lse, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, backend = inputs
+    z, lse = output
+    ctx.backend = backend
+    ctx.save_for_backward(q, k, v, z, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attn_backward(ctx, grad_z, _grad_lse):
+    q, k, v, z, lse = ctx.saved_tensors
+    if grad_z is None:
+        return None, None, None, None
+    dq, dk, dv = class_attention_backward_op(grad_z, q, k, v, z, lse, ctx.backend)
+    return dq, dk, dv, None
+
+
+class_attention_op.register_autograd(_attn_backward, setup_context=_attn_setup)
+
+
+# ----------------------------------------------------------------------------- progressive enhance
+@torch.library.custom_op("cssfe::progressive_enhance", mutates_args=())
+def progressive_enhance_op(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, backend: str) -> Tensor:
+    w = _w(gate, lam)
+    order, bounds = _enhance_plan(groups)  # also checks the group values
+    if backend == "reference":
+        return reference_impl.enhance_fwd(z, affinity, groups, w)
+    r = affinity.to(torch.float32).contiguous()
+    if backend in ("cpu", "cuda"):
+        return _native().native_enhance_fwd(z.contiguous(), r, order, bounds, w.float())
+    if backend == "triton":
+        return _triton().enhance_fwd(z.contiguous(), r, order, bounds, w.float())
+    raise ValueError(f"cssfe::progressive_enhance: unknown backend {backend!r}")
+
+
+@progressive_enhance_op.register_fake
+def _(z, affinity, groups, gate, lam, backend):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("cssfe::progressive_enhance_backward", mutates_args=())
+def progressive_enhance_backward_op(
+    grad: Tensor, z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, out: Tensor, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    w = _w(gate, lam)
+    aux = _aux_dtype(z)
+    order, bounds = _enhance_plan(groups)
+    if backend == "reference":
+        dz, dm, dw = reference_impl.enhance_bwd(grad, z, affinity, groups, w, out)
+        return dz, dm.to(aux), dw.to(aux)
+    r = affinity.to(torch.float32).contiguous()
+    args = (grad.contiguous(), z.contiguous(), r, order, bounds, w.float(), out.contiguous())
+    if backend in ("cpu", "cuda"):
+        dz, dm, dw = _native().native_enhance_bwd(*args)
+    elif backend == "triton":
+        dz, dm, dw = _triton().enhance_bwd(*args)
+    else:
+        raise ValueError(f"cssfe::progressive_enhance_backward: unknown backend {backend!r}")
+    return dz, dm.to(aux), dw.to(aux)
+
+
+@progressive_enhance_backward_op.register_fake
+def _(grad, z, affinity, groups, gate, lam, out, backend):
+    aux = _aux_dtype(z)
+    return (torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape, dtype=aux),
+            z.new_empty(z.shape[:2], dtype=aux))
+
+
+def affinity_grad(dm: Tensor, z: Tensor, out: Tensor, groups: Tensor) -> Tensor:
+    """d loss / d R from the message gradients: dR_ij = sum_{b,l} dm_il (s_jl - out_il), where
+    s_j is class j's updated output if its group precedes i's, else its input."""
+    ct = dm.dtype
+    zf, of = z.to(ct), out.to(ct)
+    dr = torch.zeros(z.shape[1], z.shape[1], dtype=ct, device=z.device)
+    for g in range(3):
+        rows = (groups == g)[:, None]
+        s = torch.where((groups < g)[None, :, None], of, zf)
+        dr = dr + torch.where(rows, torch.einsum("bil,bjl->ij", dm, s), torch.zeros_like(dr))
+    return dr - torch.einsum("bil,bil->i", dm, of)[:, None]
+
+
+def _enh_setup(ctx, inputs, output):
+    z, affinity, groups, gate, lam, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(z, affinity, groups, gate, lam, output)
+
+
+def _enh_backward(ctx, grad):
+    z, affinity, groups, gate, lam, out = ctx.saved_tensors
+    dz, dm, dw = progressive_enhance_backward_op(grad, z, affinity, groups, gate, lam, out, ctx.backend)
+    need = ctx.needs_input_grad
+    daff = affinity_grad(dm, z, out, groups).to(affinity.dtype) if need[1] else None
+    dgate = (dw * lam.to(dw.dtype)).to(gate.dtype) if need[3] else None
+    dlam = (dw * gate.to(dw.dtype)).sum().to(lam.dtype).reshape(lam.shape) if need[4] else None
+    return (dz if need[0] else None), daff, None, dgate, dlam, None
+
+
+progressive_enhance_op.register_autograd(_enh_backward, setup_context=_enh_setup)

@@ -1,0 +1,148 @@
+"""Class attention, flash-style: Z0 = softmax_N(q k / sqrt(d)) v^T without storing the maps.
+
+Forward: one program per (batch, block of classes) streams over N with an online softmax and
+keeps the log-sum-exp. Backward: one kernel for dq (per class block, streaming over N) and one
+for dk, dv (per position block, streaming over classes), both recomputing the probabilities.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, pow2
+
+
+@triton.jit
+def _attn_fwd(q_ptr, k_ptr, v_ptr, z_ptr, lse_ptr, C, D, N, q_bstride, scale,
+              BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    cmask = offs_c < C
+    dmask = offs_d < D
+    q = tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :],
+                mask=cmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
+    m_i = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    kv = b * D * N
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        kt = tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :],
+                     mask=dmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, kt, input_precision="ieee")
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_ptr + kv + offs_n[:, None] + offs_d[None, :] * N,
+                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        m_i = m_new
+    z = acc / l_i[:, None]
+    tl.store(z_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], z.to(z_ptr.dtype.element_ty),
+             mask=cmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + b * C + offs_c, m_i + tl.log(l_i), mask=cmask)
+
+
+@triton.jit
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, C, D, N, q_bstride, scale,
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    cmask = offs_c < C
+    dmask = offs_d < D
+    cd_mask = cmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + b * C + offs_c, mask=cmask, other=0.0)
+    delta = tl.load(delta_ptr + b * C + offs_c, mask=cmask, other=0.0)
+    dq = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    kv = b * D * N
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        dn_mask = dmask[:, None] & nmask[None, :]
+        kt = tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+        s = tl.dot(q, kt, input_precision="ieee") * scale
+        p = tl.where(cmask[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(g, vt, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+    tl.store(dq_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], dq * scale, mask=cd_mask)
+
+
+@triton.jit
+def _attn_bwd_dkv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, C, D, N, q_bstride, scale,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = offs_n < N
+    dmask = offs_d < D
+    kv = b * D * N
+    dn_mask = dmask[:, None] & nmask[None, :]
+    kt = tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    vt = tl.load(v_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        cd_mask = cmask[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + b * C + offs_c, mask=cmask, other=0.0)
+        delta = tl.load(delta_ptr + b * C + offs_c, mask=cmask, other=0.0)
+        s = tl.dot(q, kt, input_precision="ieee") * scale
+        p = tl.where(cmask[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p), g, input_precision="ieee")
+        dp = tl.dot(g, vt, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+    out = kv + offs_n[:, None] + offs_d[None, :] * N
+    mask = nmask[:, None] & dmask[None, :]
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(c, d, n):
+    bd = pow2(d)
+    if INTERPRET:  # few, big programs: the interpreter's cost is per program
+        return pow2(c, hi=128), bd, pow2(n, hi=256)
+    return 16, bd, (64 if bd <= 128 else 32)
+
+
+def attention_fwd(q, k, v):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, D, N = k.shape
+    C = q.shape[1]
+    z = torch.empty(B, C, D, dtype=v.dtype, device=v.device)
+    lse = torch.empty(B, C, dtype=torch.float32, device=v.device)
+    bc, bd, bn = _blocks(C, D, N)
+    _attn_fwd[(B, triton.cdiv(C, bc))](q, k, v, z, lse, C, D, N, 0 if q.shape[0] == 1 else C * D, D ** -0.5,
+                                       BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn)
+    return z, lse
+
+
+def attention_bwd(grad_z, q, k, v, z, lse):
+    B, D, N = k.shape
+    C = q.shape[1]
+    g = grad_z.contiguous()
+    delta = (g.float() * z.float()).sum(-1).contiguous()
+    lse = lse.float().contiguous()
+    dq = torch.empty(B, C, D, dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    bc, bd, bn = _blocks(C, D, N)
+    qs = 0 if q.shape[0] == 1 else C * D
+    _attn_bwd_dq[(B, triton.cdiv(C, bc))](q, k, v, g, lse, delta, dq, C, D, N, qs, D ** -0.5,
+                                          BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn)
+    _attn_bwd_dkv[(B, triton.cdiv(N, bn))](q, k, v, g, lse, delta, dk, dv, C, D, N, qs, D ** -0.5,
+                                           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn)
+    if q.shape[0] == 1:
+        dq = dq.sum(0, keepdim=True)
+    return dq.to(q.dtype), dk, dv

@@ -1,0 +1,141 @@
+"""Shared cases for the kernel tests: float64 ground truth (autograd through cssfe.ops.reference and
+cssfe.losses.AsymmetricLoss), awkward shapes, tolerances per dtype. Used in-process for the
+reference and cpu backends and, in a TRITON_INTERPRET=1 subprocess, for triton."""
+import math
+
+import torch
+
+import cssfe.ops as ops
+from cssfe.losses import AsymmetricLoss
+from cssfe.ops import reference
+
+GROUPS = torch.tensor([2, 0, 1, 2, 0, 1, 1, 2, 0, 2, 1, 0, 2, 1, 0, 2, 2, 1, 0, 1])  # 20 classes
+
+# (B, C, d, N): awkward sizes, subsampled from C in {1,7,20,80}, N in {1,49,196,197}, d in {8,64,96}, B in {1,3}.
+ATTENTION_SHAPES = [(1, 1, 8, 1), (3, 7, 64, 49), (1, 20, 96, 197), (3, 80, 8, 196), (3, 20, 64, 1)]
+# (B, C, L)
+ENHANCE_SHAPES = [(1, 1, 8), (3, 7, 49), (3, 20, 197), (1, 80, 96)]
+# (B, C)
+ASL_SHAPES = [(1, 1), (3, 7), (37, 20), (5, 80)]
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2), torch.float64: (1e-7, 1e-7)}
+
+
+DEVICE = "cpu"  # triton_cases.py sets "cuda" on a GPU
+
+
+def tol_dtype(backend, dtype):
+    """The fused backends compute in fp32 (accumulation included), even for fp64 inputs."""
+    return torch.float32 if dtype == torch.float64 and backend != "reference" else dtype
+
+
+def close(got, want, dtype, what, scale=1.0):
+    rtol, atol = TOL[dtype]
+    got = got.detach().double().cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    bound = atol * scale + rtol * want.abs().max().item() if want.numel() else 0.0
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def groups_for(c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return GROUPS[torch.randint(len(GROUPS), (c,), generator=g)] if c > len(GROUPS) else GROUPS[:c].clone()
+
+
+# ------------------------------------------------------------------------- class attention
+def check_attention(backend, shape, dtype, batched_q=False, seed=0):
+    torch.manual_seed(seed)
+    b, c, d, n = shape
+    q64 = torch.randn(b, c, d, dtype=torch.float64) if batched_q else torch.randn(c, d, dtype=torch.float64)
+    k64 = torch.randn(b, d, n, dtype=torch.float64)
+    v64 = torch.randn(b, d, n, dtype=torch.float64)
+    gz = torch.randn(b, c, d, dtype=torch.float64)
+    # ground truth on the rounded inputs
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    z_ref = reference.class_attention(qr, kr, vr)
+    dq_ref, dk_ref, dv_ref = torch.autograd.grad(z_ref, (qr, kr, vr), gz)
+    qd, kd, vd = (t.detach().to(DEVICE).requires_grad_() for t in (q, k, v))
+    z = ops.class_attention(qd, kd, vd, backend=backend)
+    assert z.dtype == dtype
+    dq, dk, dv = torch.autograd.grad(z, (qd, kd, vd), gz.to(dtype).to(DEVICE))
+    dtype = tol_dtype(backend, dtype)
+    close(z, z_ref, dtype, f"{backend} class_attention z {shape} {dtype}")
+    scale = math.sqrt(c * n)
+    close(dq, dq_ref, dtype, f"{backend} class_attention dq", scale)
+    close(dk, dk_ref, dtype, f"{backend} class_attention dk", scale)
+    close(dv, dv_ref, dtype, f"{backend} class_attention dv", scale)
+
+
+# ------------------------------------------------------------------------- progressive enhance
+def check_enhance(backend, shape, dtype, mask=True, seed=0):
+    torch.manual_seed(seed)
+    b, c, length = shape
+    groups = groups_for(c, seed)
+    z64 = torch.randn(b, c, length, dtype=torch.float64)
+    r = reference.semantic_affinity(torch.randn(c, 8), groups, mask=mask, tau=0.2)
+    gate64 = torch.rand(b, c, dtype=torch.float64)
+    lam64 = torch.tensor(0.8, dtype=torch.float64)
+    gout = torch.randn(b, c, length, dtype=torch.float64)
+    z, gate = z64.to(dtype).requires_grad_(), gate64.to(dtype).requires_grad_()
+    aff = r.clone().requires_grad_()
+    lam = torch.tensor(0.8, dtype=torch.float32, requires_grad=True)
+    zr, gr, ar = z.detach().double().requires_grad_(), gate.detach().double().requires_grad_(), r.double().requires_grad_()
+    lr = lam64.clone().requires_grad_()
+    out_ref = reference.progressive_enhance(zr, ar, groups, gr, lr)
+    want = torch.autograd.grad(out_ref, (zr, ar, gr, lr), gout)
+    leaves = [t.detach().to(DEVICE).requires_grad_() for t in (z, aff, gate, lam)]
+    out = ops.progressive_enhance(leaves[0], leaves[1], groups.to(DEVICE), leaves[2], leaves[3], backend=backend)
+    assert out.dtype == dtype
+    got = torch.autograd.grad(out, leaves, gout.to(dtype).to(DEVICE))
+    dtype = tol_dtype(backend, dtype)
+    close(out, out_ref, dtype, f"{backend} progressive_enhance out {shape} {dtype}")
+    scale = math.sqrt(b * length * c)
+    for name, g, w in zip(("dz", "daffinity", "dgate", "dlam"), got, want):
+        close(g, w, dtype if name == "dz" else (torch.float32 if dtype == torch.float64 else dtype),
+              f"{backend} progressive_enhance {name}", scale)
+
+
+# ------------------------------------------------------------------------- ASL
+def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", focal_grad=False,
+              gammas=(0.0, 4.0), clip=0.05, seed=0):
+    torch.manual_seed(seed)
+    b, c = shape
+    x64 = torch.randn(b, c, dtype=torch.float64) * 4
+    x64.view(-1)[:3] = torch.tensor([30.0, -30.0, 0.0], dtype=torch.float64)[: x64.numel()]  # saturated sigmoids
+    y = torch.rand(b, c) > 0.7
+    targets = y.to(target_dtype)
+    x = x64.to(dtype).requires_grad_()
+    xr = x.detach().double().requires_grad_()
+    gp, gn = gammas
+    ref = AsymmetricLoss(gamma_neg=gn, gamma_pos=gp, clip=clip, eps=1e-8,
+                         disable_torch_grad_focal_loss=not focal_grad, reduction=reduction)
+    loss_ref = ref(xr, y.double())
+    (g_ref,) = torch.autograd.grad(loss_ref, xr)
+    x, targets = x.detach().to(DEVICE).requires_grad_(), targets.to(DEVICE)
+    loss = ops.asymmetric_loss(x, targets, gamma_pos=gp, gamma_neg=gn, clip=clip,
+                               disable_torch_grad_focal_loss=not focal_grad, reduction=reduction, backend=backend)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.dim() == 0
+    (g,) = torch.autograd.grad(loss * 1.5, x)
+    assert g.dtype == dtype
+    n = b * c
+    dtype = tol_dtype(backend, dtype)
+    close(loss, loss_ref, torch.float32 if dtype == torch.float64 else dtype,
+          f"{backend} asl loss {shape} {dtype}", math.sqrt(n))
+    close(g, 1.5 * g_ref, dtype, f"{backend} asl grad {shape} {dtype}")
+    # evaluation mode: no gradient requested, same value
+    with torch.no_grad():
+        loss2 = ops.asymmetric_loss(x, targets, gamma_pos=gp, gamma_neg=gn, clip=clip,
+                                    disable_torch_grad_focal_loss=not focal_grad, reduction=reduction, backend=backend)
+    close(loss2, loss_ref, torch.float32 if dtype == torch.float64 else dtype, f"{backend} asl no-grad loss", math.sqrt(n))
+
+
+ASL_VARIANTS = [
+    dict(),
+    dict(target_dtype=torch.uint8, reduction="mean"),
+    dict(target_dtype=torch.float32, focal_grad=True),
+    dict(gammas=(1.0, 2.0), clip=0.0),
+    dict(gammas=(0.0, 0.0)),
+]

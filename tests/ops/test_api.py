@@ -1,0 +1,231 @@
+"""Operator registration (opcheck, torch.compile), backend dispatch, and input errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cssfe.ops as ops
+from cssfe.ops import library
+from kernel_cases import GROUPS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _enhance_args(dtype=torch.float32):
+    c = len(GROUPS)
+    z = torch.randn(2, c, 5, dtype=dtype, requires_grad=True)
+    r = ops.semantic_affinity(torch.randn(c, 8), GROUPS).requires_grad_()
+    gate = torch.rand(2, c, dtype=dtype, requires_grad=True)
+    lam = torch.tensor(0.9, requires_grad=True)
+    return z, r, GROUPS, gate, lam
+
+
+def _samples(backend):
+    q, k, v = torch.randn(1, 7, 16), torch.randn(3, 16, 9), torch.randn(3, 16, 9)
+    z, lse = library.class_attention_op(q, k, v, backend)
+    e = _enhance_args()
+    out = library.progressive_enhance_op(*[t.detach() for t in e[:2]], GROUPS, e[3].detach(), e[4].detach(), backend)
+    x, y = torch.randn(5, 7, requires_grad=True), torch.rand(5, 7) > 0.5
+    return [
+        (library.asymmetric_loss_op, (x, y, 0.0, 4.0, 0.05, 1e-8, False, False, True, backend)),
+        (library.asymmetric_loss_op, (x.detach().half(), y.to(torch.uint8), 1.0, 2.0, 0.0, 1e-8, True, True, False, backend)),
+        (library.class_attention_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), backend)),
+        (library.class_attention_op, (torch.randn(3, 7, 16, requires_grad=True), k, v, backend)),
+        (library.class_attention_backward_op, (torch.randn_like(z), q.detach(), k.detach(), v.detach(), z.detach(), lse, backend)),
+        (library.progressive_enhance_op, (*e, backend)),
+        (library.progressive_enhance_backward_op, (torch.randn_like(out), *[t.detach() for t in e], out, backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck_every_op(backend, request):
+    if backend == "cpu":
+        request.getfixturevalue("native_backend")
+    for op, args in _samples(backend):
+        torch.library.opcheck(op, args)
+
+
+def test_native_ops_are_registered(native_backend):
+    for name in ("native_asl", "native_attention_fwd", "native_attention_bwd", "native_enhance_fwd", "native_enhance_bwd"):
+        assert hasattr(torch.ops.cssfe, name)
+
+
+def test_torch_compile_traces_ops():
+    """fullgraph: each op is one opaque node with a fake implementation (aot_eager: no C++ codegen)."""
+
+    def step(q, k, v, gate, lam, r, y):
+        z0 = ops.class_attention(q, k, v, backend="reference")
+        z1 = ops.progressive_enhance(z0, r, GROUPS, gate, lam, backend="reference")
+        logits = z1.sum(-1)
+        return ops.asymmetric_loss(logits, y, backend="reference")
+
+    c = len(GROUPS)
+    q = torch.randn(c, 8, requires_grad=True)
+    k, v = torch.randn(2, 8, 6, requires_grad=True), torch.randn(2, 8, 6)
+    gate, lam = torch.rand(2, c), torch.tensor(1.0, requires_grad=True)
+    r, y = ops.semantic_affinity(torch.randn(c, 4), GROUPS), torch.rand(2, c) > 0.5
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k, v, gate, lam, r, y)
+    want = step(q, k, v, gate, lam, r, y)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(got, (q, k, lam))
+    g2 = torch.autograd.grad(want, (q, k, lam))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- dispatch
+def test_available_backends_shape():
+    avail = ops.available_backends()
+    assert set(avail) == {"reference", "cpu", "cuda", "triton"}
+    assert avail["reference"][0] is True
+    for ok, reason in avail.values():
+        assert isinstance(ok, bool) and isinstance(reason, str) and reason
+    if not torch.cuda.is_available():
+        assert avail["cuda"][0] is False
+
+
+def test_backend_selection_order(monkeypatch):
+    monkeypatch.delenv("CSSFE_KERNEL_BACKEND", raising=False)
+    assert ops.get_default_backend() == "auto"
+    monkeypatch.setenv("CSSFE_KERNEL_BACKEND", "reference")
+    assert ops.get_default_backend() == "reference"
+    ops.set_default_backend("cpu")
+    try:
+        assert ops.get_default_backend() == "cpu"
+        with ops.use_backend("triton"):
+            assert ops.get_default_backend() == "triton"
+        assert ops.get_default_backend() == "cpu"
+    finally:
+        ops.set_default_backend(None)
+    assert ops.resolve("reference", torch.device("cpu"), "x") == "reference"
+    assert ops.resolve("auto", torch.device("cpu"), "x") in ("cpu", "reference")
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        ops.set_default_backend("fast")
+    monkeypatch.setenv("CSSFE_KERNEL_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="CSSFE_KERNEL_BACKEND"):
+        ops.asymmetric_loss(torch.randn(2, 3), torch.zeros(2, 3))
+
+
+def test_absent_backend_raises_instead_of_falling_back(monkeypatch):
+    x, y = torch.randn(2, 3), torch.zeros(2, 3)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda'"):
+            ops.asymmetric_loss(x, y, backend="cuda")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            with pytest.raises(RuntimeError, match="backend 'triton'"):
+                ops.asymmetric_loss(x, y, backend="triton")
+    with ops.use_backend("cuda"):
+        if not torch.cuda.is_available():
+            with pytest.raises(RuntimeError, match="cuda"):
+                ops.class_attention(torch.randn(3, 4), torch.randn(1, 4, 5), torch.randn(1, 4, 5))
+
+
+def test_cpu_backend_unavailable_is_an_error(monkeypatch):
+    from cssfe.ops.backends import native
+
+    monkeypatch.setattr(native, "_state", {"result": (None, "simulated: no compiler")})
+    with pytest.raises(RuntimeError, match="simulated: no compiler"):
+        ops.asymmetric_loss(torch.randn(2, 3), torch.zeros(2, 3), backend="cpu")
+    assert ops.resolve("auto", torch.device("cpu"), "x") == "reference"
+
+
+def test_env_var_selects_backend_in_fresh_process():
+    code = ("import torch, cssfe.ops as o\n"
+            "try:\n    o.asymmetric_loss(torch.randn(2,3), torch.zeros(2,3))\n"
+            "except RuntimeError as e:\n    print('ERR', e)\n")
+    env = dict(os.environ, CSSFE_KERNEL_BACKEND="cuda")
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if not torch.cuda.is_available():
+        assert "ERR" in out.stdout and "backend 'cuda'" in out.stdout, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------- input errors
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_inputs_raise_clear_errors(backend, request):
+    if backend == "cpu":
+        request.getfixturevalue("native_backend")
+    ca = lambda *a, **kw: ops.class_attention(*a, backend=backend, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"k and v.*\(2, 8, 5\)"):
+        ca(torch.randn(4, 8), torch.randn(2, 8, 5), torch.randn(2, 8, 6))
+    with pytest.raises(ValueError, match=r"q must be.*\(4, 7\)"):
+        ca(torch.randn(4, 7), torch.randn(2, 8, 5), torch.randn(2, 8, 5))
+    with pytest.raises(ValueError, match=r"q must be.*\(3, 4, 8\)"):
+        ca(torch.randn(3, 4, 8), torch.randn(2, 8, 5), torch.randn(2, 8, 5))
+    with pytest.raises(ValueError, match="N >= 1"):
+        ca(torch.randn(4, 8), torch.randn(2, 8, 0), torch.randn(2, 8, 0))
+    with pytest.raises(TypeError, match="share a dtype"):
+        ca(torch.randn(4, 8).double(), torch.randn(2, 8, 5), torch.randn(2, 8, 5))
+    with pytest.raises(TypeError, match="q must be"):
+        ca(torch.ones(4, 8, dtype=torch.long), torch.randn(2, 8, 5), torch.randn(2, 8, 5))
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        ca(torch.randn(4, 8), [1, 2], torch.randn(2, 8, 5))
+
+    pe = lambda *a: ops.progressive_enhance(*a, backend=backend)  # noqa: E731
+    z, r, g, gate, lam = (t.detach() for t in _enhance_args())
+    with pytest.raises(ValueError, match=r"affinity \[C, C\]"):
+        pe(z, r[:3], g, gate, lam)
+    with pytest.raises(ValueError, match=r"groups must be \[C\]"):
+        pe(z, r, g[:3], gate, lam)
+    with pytest.raises(TypeError, match="groups must be an integer"):
+        pe(z, r, g.float(), gate, lam)
+    with pytest.raises(ValueError, match="groups must hold 0"):
+        pe(z, r, g + 1, gate, lam)
+    with pytest.raises(ValueError, match="lam must be a scalar"):
+        pe(z, r, g, gate, torch.ones(2))
+    with pytest.raises(ValueError, match=r"gate \[B, C\]"):
+        pe(z, r, g, gate[:1], lam)
+
+    asl = lambda *a, **kw: ops.asymmetric_loss(*a, backend=backend, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"logits must be \[B, C\].*\(6,\)"):
+        asl(torch.randn(6), torch.zeros(6))
+    with pytest.raises(ValueError, match=r"targets shape \(2, 4\)"):
+        asl(torch.randn(2, 3), torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="logits must be"):
+        asl(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="targets must be"):
+        asl(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="reduction"):
+        asl(torch.randn(2, 3), torch.zeros(2, 3), reduction="none")
+    with pytest.raises(ValueError, match="gammas"):
+        asl(torch.randn(2, 3), torch.zeros(2, 3), gamma_neg=-1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_non_contiguous_inputs_match_contiguous(backend, request):
+    if backend == "cpu":
+        request.getfixturevalue("native_backend")
+    q = torch.randn(8, 5).t()  # [5, 8] non-contiguous
+    k = torch.randn(2, 9, 8).transpose(1, 2)
+    v = torch.randn(2, 9, 8).transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous())
+    assert torch.allclose(ops.class_attention(q, k, v, backend=backend),
+                          ops.class_attention(q.contiguous(), k.contiguous(), v.contiguous(), backend=backend), atol=1e-6)
+    x = torch.randn(7, 5).t()
+    y = (torch.rand(7, 5) > 0.5).t()
+    assert torch.allclose(ops.asymmetric_loss(x, y, backend=backend), ops.asymmetric_loss(x.contiguous(), y.contiguous(), backend=backend))
+    z, r, g, gate, lam = (t.detach() for t in _enhance_args())
+    zt = z.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.allclose(ops.progressive_enhance(zt, r, g, gate, lam, backend=backend),
+                          ops.progressive_enhance(z, r, g, gate, lam, backend=backend), atol=1e-6)
+
+
+def test_head_callers_keep_working():
+    """The call forms cssfe/models/heads.py uses, with grads through lam and a detached gate."""
+    c = len(GROUPS)
+    q, k, v = torch.randn(c, 8, requires_grad=True), torch.randn(2, 8, 6), torch.randn(2, 8, 6)
+    z0 = ops.class_attention(q, k, v)
+    z0b, maps = ops.class_attention(q, k, v, return_maps=True)
+    assert torch.allclose(z0, z0b, atol=1e-6) and maps.shape == (2, c, 6)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, c), atol=1e-5)
+    lam_raw = torch.tensor(0.5413, requires_grad=True)
+    lam = torch.nn.functional.softplus(lam_raw)
+    r = ops.semantic_affinity(torch.randn(c, 8), GROUPS, True, 0.1)
+    gate = torch.rand(2, c)
+    z1 = ops.progressive_enhance(z0, r, GROUPS, gate, lam)
+    refined = ops.progressive_enhance(maps, r, GROUPS, gate, lam)
+    (z1.sum() + refined.square().sum()).backward()
+    assert lam_raw.grad is not None and torch.isfinite(lam_raw.grad) and q.grad is not None

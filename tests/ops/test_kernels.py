@@ -1,0 +1,54 @@
+"""Every in-process backend (reference, cpu) against float64 autograd ground truth: forward and every
+gradient, awkward shapes, fp32 everywhere and half precision on a subset. Outputs are poisoned
+(NaN-filled allocations) so unwritten elements fail. Triton: test_triton.py; CUDA: test_cuda.py."""
+import pytest
+import torch
+
+from kernel_cases import (ASL_SHAPES, ASL_VARIANTS, ATTENTION_SHAPES, ENHANCE_SHAPES, check_asl, check_attention,
+                          check_enhance)
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=["reference", "cpu"])
+def backend(request):
+    if request.param == "cpu":
+        request.getfixturevalue("native_backend")
+    return request.param
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_class_attention_fp32(backend, shape, poison):
+    check_attention(backend, shape, torch.float32, batched_q=shape[0] == 3 and shape[1] == 7)
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float64])
+def test_class_attention_other_dtypes(backend, dtype, poison):
+    check_attention(backend, (3, 20, 64, 49), dtype, batched_q=True, seed=1)
+
+
+@pytest.mark.parametrize("shape", ENHANCE_SHAPES)
+@pytest.mark.parametrize("mask", [True, False])
+def test_progressive_enhance_fp32(backend, shape, mask, poison):
+    check_enhance(backend, shape, torch.float32, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float64])
+def test_progressive_enhance_other_dtypes(backend, dtype, poison):
+    check_enhance(backend, (3, 20, 49), dtype, seed=2)
+
+
+@pytest.mark.parametrize("shape", ASL_SHAPES)
+@pytest.mark.parametrize("variant", range(len(ASL_VARIANTS)))
+def test_asymmetric_loss_fp32(backend, shape, variant, poison):
+    check_asl(backend, shape, torch.float32, **ASL_VARIANTS[variant])
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float64])
+def test_asymmetric_loss_other_dtypes(backend, dtype, poison):
+    check_asl(backend, (37, 20), dtype, seed=3)
+
+
+def test_asl_large_parallel(backend):
+    """Big enough for the OpenMP path (> 16k elements)."""
+    check_asl(backend, (256, 100), torch.float32, seed=4)

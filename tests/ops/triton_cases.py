@@ -1,0 +1,59 @@
+"""Triton backend cases, run by test_triton.py in a subprocess: with TRITON_INTERPRET=1 on CPU
+tensors (fp32 only: bf16 is broken in the interpreter), or with ``--device cuda`` on a GPU (fp32,
+fp16, bf16). Prints ALL OK when every case passes."""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_cases as kc  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("set TRITON_INTERPRET=1 for CPU tensors")
+    kc.DEVICE = args.device
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # poison: unwritten outputs are NaN
+    dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if args.device == "cuda" else [])
+    t0 = time.time()
+    n = 0
+    for dtype in dtypes:
+        for i, shape in enumerate(kc.ATTENTION_SHAPES):
+            kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 1, seed=i)
+            n += 1
+        for i, shape in enumerate(kc.ENHANCE_SHAPES):
+            kc.check_enhance("triton", shape, dtype, mask=i % 2 == 0, seed=i)
+            n += 1
+        for i, shape in enumerate(kc.ASL_SHAPES):
+            kc.check_asl("triton", shape, dtype, **kc.ASL_VARIANTS[i % len(kc.ASL_VARIANTS)], seed=i)
+            n += 1
+        for variant in kc.ASL_VARIANTS:
+            kc.check_asl("triton", (37, 20), dtype, **variant)
+            n += 1
+    # opcheck on the triton backend too
+    from cssfe.ops import library
+
+    dev = args.device
+    q, k, v = (torch.randn(*s, device=dev, requires_grad=True) for s in ((1, 7, 16), (2, 16, 9), (2, 16, 9)))
+    torch.library.opcheck(library.class_attention_op, (q, k, v, "triton"))
+    x, y = torch.randn(5, 7, device=dev, requires_grad=True), torch.rand(5, 7, device=dev) > 0.5
+    torch.library.opcheck(library.asymmetric_loss_op, (x, y, 0.0, 4.0, 0.05, 1e-8, False, False, True, "triton"))
+    g = kc.GROUPS.to(dev)
+    z = torch.randn(2, len(g), 5, device=dev, requires_grad=True)
+    r = torch.rand(len(g), len(g), device=dev)
+    gate = torch.rand(2, len(g), device=dev, requires_grad=True)
+    lam = torch.tensor(0.7, device=dev, requires_grad=True)
+    torch.library.opcheck(library.progressive_enhance_op, (z, r, g, gate, lam, "triton"))
+    print(f"{n} cases + opcheck in {time.time() - t0:.1f}s")
+    print("ALL OK")
+
+
+if __name__ == "__main__":
+    main()
