@@ -28,6 +28,15 @@ def _cache_dir(tmp_path_factory):
         os.environ["CSSFE_CACHE"] = old
 
 
+@pytest.fixture
+def one_thread():
+    """CPU training is bitwise reproducible only with one thread (parallel reductions)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def bundled_root(_cache_dir):
     """The bundled dataset (seed 0), generated once per test session."""

@@ -36,7 +36,7 @@ def test_training_beats_the_label_prior(trained_run, bundled_root):
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
 
 
-def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch, one_thread):
     small = ["optim.epochs=3", "data.image_size=32", "model.embedding=rie", "model.dim=32"]
     whole = train(_cfg(tmp_path / "whole", *small))
 

@@ -6,10 +6,6 @@ import pytest
 import torch
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running (deselect with -m 'not slow')")
-
-
 @pytest.fixture(scope="session")
 def native_backend():
     """Builds (or loads the cached) C++ extension; skips only when there is no C++ compiler."""
@@ -33,13 +29,3 @@ def poison():
     yield
     torch.use_deterministic_algorithms(old)
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
-
-
-def pytest_collection_modifyitems(config, items):
-    """Slow tests (the ~2-5 min nvcc compile check) run only with -m / CSSFE_RUN_SLOW=1."""
-    if config.getoption("markexpr") or os.environ.get("CSSFE_RUN_SLOW") == "1":
-        return
-    slow = [it for it in items if it.get_closest_marker("slow") is not None]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [it for it in items if it.get_closest_marker("slow") is None]

@@ -22,14 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = ["optim.epochs=2", "data.image_size=32", "model.embedding=rie", "model.dim=16", "progress=false"]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _launch(out_dir, *extra, resume=False):
     args = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--output-dir", str(out_dir), *TINY, *extra]
     if resume:

@@ -1,0 +1,72 @@
+"""benchmarks/gpu_check.py end to end on CPU (--cpu-dry-run): the same orchestration, workers,
+parity and benchmark code as on a GPU, with tiny shapes and CPU timers. Two faults are injected
+(a worker crash and a hang) to check that they are recorded and the rest still runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
+
+
+def _num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def test_gpu_check_cpu_dry_run(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               GPU_CHECK_FAULT="sdpa_math:bfloat16=crash,sdpa_math:float32=hang")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, SCRIPT, "--cpu-dry-run", "--out", str(tmp_path), "--task-timeout-s", "15"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    out = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, out
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["status"] == "done" and data["mode"] == "cpu-dry-run", out
+    assert (tmp_path / "summary.md").read_text().startswith("# cssfe GPU check")
+
+    e = data["environment"]
+    assert e["torch"] and e["commit"] and e["date_utc"]
+    assert _num(e["copy_gbps"]) and e["copy_gbps"] > 0
+    assert _num(e["matmul_bf16_tflops"]) and e["matmul_bf16_tflops"] > 0
+
+    b = data["build"]
+    if not b.get("ok"):
+        pytest.skip(f"the C++ extension did not build here: {b.get('error')}")
+    assert _num(b["build_s"]) and b["loaded"] and not b["with_cuda"]
+
+    parity = data["parity"]
+    checks = parity["direct"]["checks"]
+    assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]][:3]
+    assert {c["op"] for c in checks} == {"attention", "enhance", "asl"}
+    assert parity["summary"]["cuda_direct"] == "passed"
+    tests = [t for run in parity["pytest"]["runs"] for t in run["tests"]]
+    assert [t["outcome"] for t in tests] == ["skipped"], parity["pytest"]  # the GPU test, on CPU
+
+    bench = data["benchmarks"]
+    asl = {(r["provider"], r["B"], r["C"], r["dtype"]): r for r in bench["asl"]}
+    for provider in ("eager", "eager_module", "compile", "compile_autograd", "cpu", "cpu_kernel"):
+        for dtype in ("float32", "bfloat16"):
+            r = asl[(provider, 64, 20, dtype)]
+            assert r["ok"] and r["check"]["agrees"], r
+            for key in ("median_ms", "p20_ms", "p80_ms", "gbps", "copy_fraction", "speedup_vs_eager"):
+                assert _num(r[key]) and r[key] > 0, (key, r)
+    attn = {(r["provider"], r["dtype"]): r for r in bench["attention"]}
+    for provider in ("eager", "compile", "cpu", "sdpa"):
+        for dtype in ("float32", "bfloat16"):
+            r = attn[(provider, dtype)]
+            assert r["ok"] and r["check"]["agrees"], r
+            assert _num(r["median_ms"]) and _num(r["tflops_fwd_bwd"]) and r["flop_fwd"] == 4 * 2 * 8 * 16 * 32
+    assert _num(attn[("cpu", "bfloat16")]["fwd_median_ms"])
+    # the injected faults: recorded, and every other task still ran
+    crash, hang = attn[("sdpa_math", "bfloat16")], attn[("sdpa_math", "float32")]
+    assert not crash["ok"] and "worker died" in crash["error"], crash
+    assert not hang["ok"] and "timeout" in hang["error"], hang
+    grid = bench["grid"]
+    assert grid and all(r["ok"] and _num(r["median_ms"]) for r in grid), grid
+    assert {r["provider"] for r in grid} == {"eager", "cpu", "sdpa"}
+    steps = {s["name"]: s for s in data["steps"]}
+    assert steps["bench"]["launches"] == 3  # first launch, after the crash, after the hang
