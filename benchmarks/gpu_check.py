@@ -50,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 TESTS_OPS = os.path.join(ROOT, "tests", "ops")
 SCHEMA = 1
 RESERVE_S = 8.0  # kept at the end of the budget to write the JSON and the summary
+IDLE_TIMEOUT_S = 120.0  # a worker that reports nothing this long outside a task is killed (start-up/exit hang)
 
 PYTEST_NODES = {
     "triton": "tests/ops/test_triton.py::test_triton_kernels_on_gpu",
@@ -487,9 +488,19 @@ def _asl_case(ctx, b, c, dtype_name):
     torch.manual_seed(0)
     x = (torch.randn(b, c, device=ctx.device) * 3).to(_dtype(ctx, dtype_name)).requires_grad_()
     y = torch.rand(b, c, device=ctx.device) < 0.1
-    loss = ops.asymmetric_loss(x, y, backend="reference")
-    (g,) = torch.autograd.grad(loss, x)
-    return {"x": x, "y": y, "ref": (loss.detach(), g)}
+
+    def ref():
+        loss = ops.asymmetric_loss(x, y, backend="reference")
+        (g,) = torch.autograd.grad(loss, x)
+        return loss.detach(), g
+    return {"x": x, "y": y, "make_ref": ref}
+
+
+def _ref(case):
+    """The eager result on the case's inputs, computed once (not for warm-up tasks)."""
+    if "ref" not in case:
+        case["ref"] = case["make_ref"]()
+    return case["ref"]
 
 
 def _asl_fn(provider, case, ctx):
@@ -548,7 +559,7 @@ def task_bench_asl(task, ctx, emit):
         fn()
         ctx.sync()
         return dict(rec, ok=True, prewarm=True)
-    rec["check"] = _compare(("loss", "grad"), out, case["ref"], dt)
+    rec["check"] = _compare(("loss", "grad"), out, _ref(case), dt)
     del out
     rec.update(ctx.measure(fn))
     rec.update(ctx.peak_memory(fn))
@@ -578,10 +589,12 @@ def _attn_case(ctx, b, c, n, d, dtype_name):
     gout = torch.randn(b, c, d, device=ctx.device, dtype=dtype)
     case = {"q": q, "k": k, "v": v, "R": affinity.to(ctx.device), "groups": groups, "gate": gate, "lam": lam,
             "gout": gout, "shape": (b, c, n, d)}
-    z0 = ops.class_attention(q, k, v, backend="reference")
-    z1 = ops.progressive_enhance(z0, case["R"], groups, gate, lam, backend="reference")
-    grads = torch.autograd.grad(z1, (q, k, v, lam), gout)
-    case["ref"] = (z1.detach(),) + tuple(grads)
+
+    def ref():
+        z0 = ops.class_attention(q, k, v, backend="reference")
+        z1 = ops.progressive_enhance(z0, case["R"], groups, gate, lam, backend="reference")
+        return (z1.detach(),) + tuple(torch.autograd.grad(z1, (q, k, v, lam), gout))
+    case["make_ref"] = ref
     return case
 
 
@@ -659,7 +672,7 @@ def task_bench_attention(task, ctx, emit):
         fn()
         ctx.sync()
         return dict(rec, ok=True, prewarm=True)
-    rec["check"] = _compare(("z", "dq", "dk", "dv", "dlam"), out, case["ref"], dt)
+    rec["check"] = _compare(("z", "dq", "dk", "dv", "dlam"), out, _ref(case), dt)
     del out
     rec.update(ctx.measure(fn))
     rec.update(ctx.peak_memory(fn))
@@ -942,9 +955,12 @@ class Orchestrator:
                                         start_new_session=True)
             self._register(proc)
             offset, current, current_start, killed, fatal, unhealthy = 0, None, None, None, None, None
+            last_event = time.time()
             while True:
                 rc = proc.poll()
                 offset, events = _read_events(res_path, offset)
+                if events:
+                    last_event = time.time()
                 for ev in events:
                     kind = ev.get("event")
                     if kind == "start":
@@ -965,6 +981,8 @@ class Orchestrator:
                 now = time.time()
                 if current is not None and now - current_start > by_id[current].get("timeout_s", 120):
                     killed = f"timeout: task ran over {by_id[current].get('timeout_s', 120)} s"
+                elif current is None and now - last_event > IDLE_TIMEOUT_S:
+                    killed = f"timeout: worker idle for {IDLE_TIMEOUT_S:.0f} s between tasks (start-up or exit hang)"
                 elif now > step_deadline:
                     killed = "step time budget ran out while running"
                 elif stop_event is not None and stop_event.is_set():
@@ -998,7 +1016,8 @@ class Orchestrator:
             pending = [t for t in pending if t["id"] not in records]
             for t in pending:
                 if crashes.get(key(t), 0) >= 2:
-                    records[t["id"]] = {"ok": False, "skipped": f"provider {key(t)} crashed/hung the worker twice"}
+                    records[t["id"]] = {"ok": False, "skipped": f"{key(t)} broke the worker twice (crash, hang "
+                                                                  "or unusable CUDA context)"}
             pending = [t for t in pending if t["id"] not in records]
             if killed and not killed.startswith("timeout"):
                 for t in pending:
@@ -1275,9 +1294,13 @@ class Orchestrator:
             summ = self.R["parity"].get("summary", {})
             for backend, ok in ((self.native, native_ok), ("triton", triton_ok)):
                 key = "cuda" if backend in ("cuda", "cpu") else backend
-                if ok and (self.dry or (pyt and summ.get(key) in ("failed", "error"))):
+                if ok and pyt and (self.dry or summ.get(key) in ("failed", "error")):
                     diag += self.parity_direct_tasks(backend)
         tasks = tier1 + diag + tier2 + grid
+        if not self.dry and not self.R["environment"].get("cuda_available"):
+            with self.lock:
+                self.R["benchmarks"]["skipped"] = "torch sees no CUDA device (see environment.errors)"
+            tasks = []
         if tasks:
             self.run_worker("bench", tasks, cap_s=self.time_left(), lane="main")
         if diag:
@@ -1331,6 +1354,12 @@ class Orchestrator:
 
     def finish(self, status="done"):
         with self.lock:
+            skipped = [r for fam in ("asl", "attention", "grid") for r in self.R["benchmarks"][fam]
+                       if "time budget" in str(r.get("skipped", ""))]
+            if skipped:
+                self.R["budget_exhausted"] = f"{len(skipped)} benchmark tasks skipped for time"
+                if status == "done":
+                    status = "done (time budget ran out: some tasks skipped)"
             self.R["status"] = status
             self.R["finished_utc"] = _now_utc()
             self.R["elapsed_s"] = round(time.time() - self.t_start, 2)
@@ -1431,7 +1460,7 @@ def summarize(R) -> str:
     env, b, lines = R.get("environment", {}), R.get("build", {}), []
     lines.append(f"# cssfe GPU check ({R.get('mode')}, {R.get('status')})")
     lines.append("")
-    lines.append(f"- device: {env.get('device_name')} (capability {env.get('capability')}, "
+    lines.append(f"- device: {env.get('device_name') or 'NO CUDA DEVICE'} (capability {env.get('capability')}, "
                  f"{_fmt((env.get('total_memory_bytes') or 0) / 2**30, 1)} GiB); date {env.get('date_utc')}; "
                  f"commit {env.get('commit')} ({env.get('commit_source')})")
     lines.append(f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
@@ -1454,6 +1483,8 @@ def summarize(R) -> str:
         if run.get("error") or run.get("skipped"):
             lines.append(f"  - pytest {run['name']}: {run.get('error') or run.get('skipped')}")
     lines.append(f"- elapsed {R.get('elapsed_s')} s of budget {R.get('budget_s')} s")
+    if R.get("benchmarks", {}).get("skipped"):
+        lines.append(f"- benchmarks skipped: {R['benchmarks']['skipped']}")
     bench = R.get("benchmarks", {})
 
     def err_of(r):

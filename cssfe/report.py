@@ -1,6 +1,7 @@
-"""Tables of runs: mean ± std over seeds of total / head / medium / tail mAP, as Markdown.
+"""Tables of runs: mean ± std over seeds of total / head / medium / tail mAP, as Markdown, and a
+grouped bar chart.
 
-    python -m cssfe.report NAME=RUN_DIR[,RUN_DIR...] ...
+    python -m cssfe.report [--png CHART.png] NAME=RUN_DIR[,RUN_DIR...] ...
 """
 from __future__ import annotations
 
@@ -36,8 +37,37 @@ def markdown_table(variants: Dict[str, np.ndarray]) -> str:
     return "\n".join(lines)
 
 
+def bar_chart(variants: Dict[str, np.ndarray], path: str, title: str = "mAP (%), mean ± std over seeds") -> None:
+    """Grouped bars: one group per column (total, head, medium, tail), one bar per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    width = 0.8 / len(variants)
+    for i, (name, values) in enumerate(variants.items()):
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
+        x = np.arange(len(COLUMNS)) + (i - (len(variants) - 1) / 2) * width
+        ax.bar(x, mean, width, yerr=std, capsize=3, label=name)
+    ax.set_xticks(np.arange(len(COLUMNS)))
+    ax.set_xticklabels([c.capitalize() for c in COLUMNS])
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=min(len(variants), 3))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: List[str] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    png = None
+    if "--png" in argv:
+        i = argv.index("--png")
+        png = argv[i + 1]
+        del argv[i: i + 2]
     if not argv:
         print(__doc__)
         return 2
@@ -46,6 +76,9 @@ def main(argv: List[str] = None) -> int:
         name, _, dirs = item.partition("=")
         variants[name] = load_runs(dirs.split(","))
     print(markdown_table(variants))
+    if png:
+        bar_chart(variants, png)
+        print(f"wrote {png}")
     return 0
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from cssfe.report import load_runs, markdown_table
+from cssfe.report import bar_chart, load_runs, markdown_table
 
 
 def test_table_mean_and_sample_std(tmp_path):
@@ -20,3 +20,9 @@ def test_table_mean_and_sample_std(tmp_path):
     assert "| cssfe | 60.00 ± 10.00 | 80.00 ± 0.00 | nan ± nan | 41.00 ± 1.00 | 3 |" in table
     with pytest.raises(FileNotFoundError):
         load_runs([str(tmp_path / "missing")])
+
+    bar_chart({"cssfe": values, "other": values - 5}, str(tmp_path / "chart.png"))
+    from PIL import Image
+
+    with Image.open(tmp_path / "chart.png") as img:
+        assert img.size == (800, 400)

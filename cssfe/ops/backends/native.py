@@ -117,13 +117,18 @@ def _try_prebuilt(want: Optional[str]) -> Tuple[Optional[object], str]:
     return _C, "prebuilt cssfe._C"
 
 
-def _jit_build(want: str):
-    from torch.utils import cpp_extension
-
+def _jit_target(want: str):
+    """(with_cuda, module name, build folder) of the just-in-time build for these sources."""
     with_cuda = torch.cuda.is_available() and cuda_home() is not None and bool(cuda_sources())
     name = f"cssfe_ext_{want}" + ("_cuda" if with_cuda else "")
     tag = f"torch{torch.__version__}".replace("+", "_")
-    build_dir = os.path.join(extension_dir(), tag, name)
+    return with_cuda, name, os.path.join(extension_dir(), tag, name)
+
+
+def _jit_build(want: str):
+    from torch.utils import cpp_extension
+
+    with_cuda, name, build_dir = _jit_target(want)
     os.makedirs(build_dir, exist_ok=True)
     sources = cpu_sources() + (cuda_sources() if with_cuda else [])
     defines = [f"-DCSSFE_SOURCE_HASH={want}"] + (["-DCSSFE_WITH_CUDA"] if with_cuda else [])
@@ -194,6 +199,5 @@ def can_load_without_build() -> bool:
         pass
     if want is None or os.environ.get("CSSFE_NO_JIT") == "1":
         return False
-    tag = f"torch{torch.__version__}".replace("+", "_")
-    name = f"cssfe_ext_{want}"
-    return os.path.exists(os.path.join(extension_dir(), tag, name, name + ".so"))
+    _, name, build_dir = _jit_target(want)
+    return os.path.exists(os.path.join(build_dir, name + ".so"))
