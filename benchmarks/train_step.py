@@ -9,11 +9,7 @@ the CSSFE head + loss in it, per backbone x head. Appends one JSON row per case 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -21,32 +17,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import append_rows, meta  # noqa: E402
 from cssfe.losses import build_loss  # noqa: E402
 from cssfe.models.backbones import build_backbone  # noqa: E402
 from cssfe.models.heads import HEADS  # noqa: E402
 from cssfe.models.model import MultiLabelClassifier  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step.jsonl")
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
-    return info
-
-
-def commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except Exception:
-        return "unknown"
 
 
 def _sync(device: torch.device) -> None:
@@ -135,15 +112,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, few repeats; results are not appended")
-    p.add_argument("--output", default=RESULTS)
     args = p.parse_args(argv)
     if args.smoke:
         args.image_size, args.batch_size, args.warmup, args.repeats = 32, 2, 1, 2
     device = torch.device(args.device)
-    meta = {"machine": machine(), "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat()}
+    info = meta()
     rows = []
     for head in args.heads.split(","):
-        row = {**bench_case(args.backbone, head, args.image_size, args.batch_size, args.classes, device, args.warmup, args.repeats), **meta}
+        row = {**bench_case(args.backbone, head, args.image_size, args.batch_size, args.classes, device, args.warmup, args.repeats), **info}
         rows.append(row)
         print(
             f"{row['backbone']:>9} {row['head']:>8} {args.image_size}px b{args.batch_size}: "
@@ -151,11 +127,7 @@ def main(argv=None) -> int:
             f"p20-p80 {row['step_s_p20'] * 1e3:.1f}-{row['step_s_p80'] * 1e3:.1f}), head+loss {100 * row['head_loss_share']:.1f} %"
         )
     if not args.smoke:
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-        with open(args.output, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"appended {len(rows)} rows to {args.output}")
+        print(f"appended {len(rows)} rows to {append_rows('train_step.jsonl', rows)}")
     return 0
 
 

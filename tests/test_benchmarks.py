@@ -13,3 +13,12 @@ def test_train_step_benchmark_smoke():
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if "img/s" in line]
     assert len(lines) == 2 and "cssfe" in lines[1]
+
+
+def test_kernels_benchmark_smoke():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--smoke"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if " p50 " in line]
+    assert any(line.startswith("asl") for line in lines) and any(line.startswith("class_attention") for line in lines)
