@@ -19,6 +19,7 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 import warnings
 from typing import Optional, Tuple
 
@@ -125,11 +126,32 @@ def _jit_target(want: str):
     return with_cuda, name, os.path.join(extension_dir(), tag, name)
 
 
+STALE_LOCK_SECONDS = 900  # a cold build takes a few minutes; an older lock was left by a killed process
+
+
+def _import_built(name: str, so_path: str):
+    """Import a finished build directly: torch's loader would take the build lock even to check
+    an up-to-date build, and a process killed then leaves a lock that blocks every later one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, so_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _jit_build(want: str):
     from torch.utils import cpp_extension
 
     with_cuda, name, build_dir = _jit_target(want)
+    so_path = os.path.join(build_dir, name + ".so")
+    if os.path.exists(so_path):  # the name carries the source hash: a finished build is current
+        return _import_built(name, so_path), f"built just in time in {build_dir}"
     os.makedirs(build_dir, exist_ok=True)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
+        warnings.warn(f"removing a stale build lock {lock} (left by an interrupted build)")
+        os.remove(lock)
     sources = cpu_sources() + (cuda_sources() if with_cuda else [])
     defines = [f"-DCSSFE_SOURCE_HASH={want}"] + (["-DCSSFE_WITH_CUDA"] if with_cuda else [])
     old = {k: os.environ.get(k) for k in ("MAX_JOBS", "CUDA_HOME", "CPATH", "TORCH_CUDA_ARCH_LIST")}
