@@ -32,6 +32,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+CPU_AUTO_OPS = ("asymmetric_loss",)  # ops for which auto picks the C++ kernel on CPU
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "CSSFE_KERNEL_BACKEND"
 
@@ -126,6 +127,10 @@ def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Option
         if dtype == torch.float64:
             return "reference"
         if dev == "cpu":
+            # Measured (docs/performance.md): the C++ ASL beats eager PyTorch on CPU, the C++
+            # attention and enhancement do not (MKL's batched GEMMs win), so auto keeps those eager.
+            if op not in CPU_AUTO_OPS:
+                return "reference"
             return "cpu" if _native_status(False)[0] else "reference"
         if dev == "cuda":
             ok, _, mod = _native_status(False)
