@@ -3,6 +3,7 @@ parity and benchmark code as on a GPU, with tiny shapes and CPU timers. Two faul
 (a worker crash and a hang) to check that they are recorded and the rest still runs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,8 +35,9 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert _num(e["matmul_bf16_tflops"]) and e["matmul_bf16_tflops"] > 0
 
     b = data["build"]
-    if not b.get("ok"):
-        pytest.skip(f"the C++ extension did not build here: {b.get('error')}")
+    if not b.get("ok") and shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build the extension")
+    assert b.get("ok"), f"the C++ extension did not build: {b.get('error')}"
     assert _num(b["build_s"]) and b["loaded"] and not b["with_cuda"]
 
     parity = data["parity"]
