@@ -89,7 +89,7 @@ def cuda_home() -> Optional[str]:
 
 
 def cuda_build_env() -> dict:
-    """Environment for building the CUDA sources (see /work/shared/MACHINE-NOTES.md)."""
+    """Environment for building the CUDA sources: the real CUDA_HOME (nvcc on PATH may be a wrapper), arch list, CPATH."""
     env = {}
     home = cuda_home()
     if home:
