@@ -14,11 +14,10 @@ from tqdm import tqdm
 
 from cssfe.config import apply_overrides
 from cssfe.data import GROUP_NAMES, build_data
-from cssfe.engine.evaluate import format_table, predict
+from cssfe.engine.evaluate import evaluate, format_table
 from cssfe.engine.inference import load_trained
 from cssfe.explain.maps import class_maps
 from cssfe.explain.pointing import pointing_game, pointing_hits
-from cssfe.metrics import evaluate_scores
 from cssfe.models.heads import CSSFEHead
 
 GROUP_COLOURS = {"head": "#1f77b4", "medium": "#ff7f0e", "tail": "#d62728"}
@@ -80,11 +79,8 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
     if data.class_names != trained.class_names:
         raise ValueError(f"{checkpoint}: the checkpoint's classes differ from the dataset's at {data.root}")
     loader = DataLoader(data.test, batch_size=cfg.data.eval_batch_size, shuffle=False)
-    pred = predict(trained.model, loader, torch.device(device), progress=True)
     groups = trained.groups
-    metrics = evaluate_scores(pred["scores"], pred["targets"], groups)
-    if "scores0" in pred:
-        metrics["first_pass_mAP"] = evaluate_scores(pred["scores0"], pred["targets"], groups)["mAP"]
+    metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=True)
     if data.boxes is not None and isinstance(trained.model.head, CSSFEHead):
         metrics["pointing_game"] = pointing_scores(trained.model, data.test, data.test_ids, data.boxes, groups)
     os.makedirs(output_dir, exist_ok=True)
