@@ -23,11 +23,15 @@ def machine() -> Dict[str, object]:
 
 
 def commit() -> str:
+    """Short hash (+dirty) from git; where .git did not travel, the hash written to results/COMMIT."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout
         return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
     except Exception:
+        path = os.path.join(RESULTS_DIR, "COMMIT")
+        if os.path.exists(path):
+            return open(path).read().strip()[:7] + "(COMMIT file)"
         return "unknown"
 
 
@@ -51,9 +55,10 @@ def percentiles_ms(fn: Callable[[], None], repeats: int, warmup: int = 3) -> Dic
     return {"p20_ms": float(p20), "p50_ms": float(p50), "p80_ms": float(p80)}
 
 
-def append_rows(name: str, rows) -> str:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, name)
+def append_rows(name: str, rows, folder: str = None) -> str:
+    folder = folder or RESULTS_DIR
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -5,10 +5,13 @@ the CSSFE head + loss in it, per backbone x head. Appends one JSON row per case 
     python benchmarks/train_step.py                       # smallcnn at 64 px, both heads
     python benchmarks/train_step.py --backbone resnet50 --image-size 224 --batch-size 8
     python benchmarks/train_step.py --smoke               # tiny, for CI
+    python benchmarks/train_step.py --backbone resnet50 --image-size 448 --precision bf16 \
+        --kernels auto,reference --out DIR                # on a GPU; rows go to DIR/train_step.jsonl
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import append_rows, meta  # noqa: E402
+from cssfe import ops  # noqa: E402
 from cssfe.losses import build_loss  # noqa: E402
 from cssfe.models.backbones import build_backbone  # noqa: E402
 from cssfe.models.heads import HEADS  # noqa: E402
@@ -44,7 +48,11 @@ def time_it(fn, device: torch.device, warmup: int, repeats: int) -> np.ndarray:
     return np.asarray(times)
 
 
-def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, classes: int, device, warmup: int, repeats: int) -> dict:
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, classes: int, device, warmup: int,
+               repeats: int, precision: str = "fp32", kernels: str = "auto") -> dict:
     torch.manual_seed(0)
     groups = np.repeat([0, 1, 2], [classes // 3, classes // 3, classes - 2 * (classes // 3)])
     backbone = build_backbone(backbone_name, image_size=image_size)
@@ -58,8 +66,16 @@ def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, 
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     y = (torch.rand(batch, classes, device=device) < 0.1).float()
 
+    dtype = PRECISIONS[precision]
+
+    def autocast():
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
     def step():
-        out = model(x)
+        with autocast():
+            out = model(x)
         loss = loss_fn(out["logits"], y)
         if "logits0" in out and out["logits0"] is not out["logits"]:
             loss = loss + 0.5 * loss_fn(out["logits0"], y)
@@ -72,22 +88,26 @@ def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, 
 
     def head_step():
         f = feats.detach().requires_grad_(True)
-        out = head(f)
+        with autocast():
+            out = head(f)
         loss = loss_fn(out["logits"], y)
         if "logits0" in out and out["logits0"] is not out["logits"]:
             loss = loss + 0.5 * loss_fn(out["logits0"], y)
         loss.backward()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    full = time_it(step, device, warmup, repeats)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    part = time_it(head_step, device, warmup, repeats)
+    with ops.use_backend(kernels):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        full = time_it(step, device, warmup, repeats)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        part = time_it(head_step, device, warmup, repeats)
     p20, p50, p80 = np.percentile(full, [20, 50, 80])
     return {
         "benchmark": "train_step",
         "backbone": backbone_name,
         "head": head_name,
+        "precision": precision,
+        "kernels": kernels,
         "image_size": image_size,
         "batch": batch,
         "classes": classes,
@@ -111,6 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast dtype of the step")
+    p.add_argument("--kernels", default="auto", help="comma-separated kernel backends to compare (auto, reference, cuda, triton, cpu)")
+    p.add_argument("--out", default=None, help="folder for train_step.jsonl (default benchmarks/results)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, few repeats; results are not appended")
     args = p.parse_args(argv)
     if args.smoke:
@@ -118,17 +141,30 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     info = meta()
     rows = []
-    for head in args.heads.split(","):
-        row = {**bench_case(args.backbone, head, args.image_size, args.batch_size, args.classes, device, args.warmup, args.repeats), **info}
+    failed = False
+    cases = [(h, k) for h in args.heads.split(",") for k in args.kernels.split(",")]
+    for kernels in {k for _, k in cases}:
+        if kernels not in ops.dispatch.CHOICES:
+            p.error(f"--kernels: unknown backend {kernels!r}; choose from {', '.join(ops.dispatch.CHOICES)}")
+    for head, kernels in cases:
+        if head != "cssfe" and kernels != cases[0][1]:
+            continue  # the baseline head uses no CSSFE op: one row is enough
+        try:
+            row = {**bench_case(args.backbone, head, args.image_size, args.batch_size, args.classes, device, args.warmup,
+                                args.repeats, args.precision, kernels), **info}
+        except Exception as exc:  # one broken backend must not hide the other rows
+            print(f"{args.backbone:>9} {head:>8} {kernels:>9}: FAILED {type(exc).__name__}: {exc}")
+            failed = True
+            continue
         rows.append(row)
         print(
-            f"{row['backbone']:>9} {row['head']:>8} {args.image_size}px b{args.batch_size}: "
+            f"{row['backbone']:>9} {row['head']:>8} {kernels:>9} {args.precision} {args.image_size}px b{args.batch_size}: "
             f"{row['images_per_s']:8.1f} img/s (step p50 {row['step_s_p50'] * 1e3:.1f} ms, "
             f"p20-p80 {row['step_s_p20'] * 1e3:.1f}-{row['step_s_p80'] * 1e3:.1f}), head+loss {100 * row['head_loss_share']:.1f} %"
         )
     if not args.smoke:
-        print(f"appended {len(rows)} rows to {append_rows('train_step.jsonl', rows)}")
-    return 0
+        print(f"appended {len(rows)} rows to {append_rows('train_step.jsonl', rows, args.out)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
