@@ -110,10 +110,18 @@ def _attn_bwd_dkv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 
 
 def _blocks(c, d, n):
+    """(BLOCK_C, BLOCK_D, BLOCK_N) and launch options. The whole feature dimension sits in one block,
+    so for wide features the position block shrinks and software pipelining is turned off: at
+    d = 512 in fp32, BLOCK_N = 32 with three pipeline stages asks for ~320 KB of shared memory,
+    more than an H100/H200 SM has (227 KB)."""
     bd = pow2(d)
     if INTERPRET:  # few, big programs: the interpreter's cost is per program
-        return pow2(c, hi=128), bd, pow2(n, hi=256)
-    return 16, bd, (64 if bd <= 128 else 32)
+        return pow2(c, hi=128), bd, pow2(n, hi=256), {}
+    if bd <= 128:
+        return 16, bd, 64, {}
+    if bd <= 256:
+        return 16, bd, 32, {"num_stages": 1, "num_warps": 4}
+    return 16, bd, 16, {"num_stages": 1, "num_warps": 8}
 
 
 def attention_fwd(q, k, v):
@@ -122,9 +130,9 @@ def attention_fwd(q, k, v):
     C = q.shape[1]
     z = torch.empty(B, C, D, dtype=v.dtype, device=v.device)
     lse = torch.empty(B, C, dtype=torch.float32, device=v.device)
-    bc, bd, bn = _blocks(C, D, N)
+    bc, bd, bn, launch = _blocks(C, D, N)
     _attn_fwd[(B, triton.cdiv(C, bc))](q, k, v, z, lse, C, D, N, 0 if q.shape[0] == 1 else C * D, D ** -0.5,
-                                       BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn)
+                                       BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, **launch)
     return z, lse
 
 
@@ -137,12 +145,12 @@ def attention_bwd(grad_z, q, k, v, z, lse):
     dq = torch.empty(B, C, D, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    bc, bd, bn = _blocks(C, D, N)
+    bc, bd, bn, launch = _blocks(C, D, N)
     qs = 0 if q.shape[0] == 1 else C * D
     _attn_bwd_dq[(B, triton.cdiv(C, bc))](q, k, v, g, lse, delta, dq, C, D, N, qs, D ** -0.5,
-                                          BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn)
+                                          BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, **launch)
     _attn_bwd_dkv[(B, triton.cdiv(N, bn))](q, k, v, g, lse, delta, dk, dv, C, D, N, qs, D ** -0.5,
-                                           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn)
+                                           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, **launch)
     if q.shape[0] == 1:
         dq = dq.sum(0, keepdim=True)
     return dq.to(q.dtype), dk, dv
