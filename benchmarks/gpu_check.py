@@ -1094,6 +1094,11 @@ class Orchestrator:
 
     # -------------------------------------------------------------- steps
     def step_build(self):
+        if not self.wants_native():
+            with self.lock:
+                self.R["build"] = {"ok": False, "skipped": f"--providers {self.args.providers} names no {self.native} provider"}
+            self.save()
+            return
         task = {"id": "build", "kind": "build", "timeout_s": int(self.args.build_timeout_s),
                 "setup_py_fallback": not self.dry}
         records, _ = self.run_worker("build", [task], cap_s=self.args.build_timeout_s + 15, lane="A",
@@ -1164,7 +1169,18 @@ class Orchestrator:
         self.save()
 
     # -------------------------------------------------------------- benchmark plans
+    def wants_native(self):
+        keep = self.args.providers
+        return not keep or any(p.split("_")[0] == self.native for p in keep.split(","))
+
     def providers(self, triton_ok, native_ok):
+        plist = self._providers(triton_ok, native_ok)
+        if self.args.providers:  # --providers eager,triton keeps those (and their *_kernel variants)
+            keep = set(self.args.providers.split(","))
+            plist = {f: [p for p in names if p in keep or p.rsplit("_kernel", 1)[0] in keep] for f, names in plist.items()}
+        return plist
+
+    def _providers(self, triton_ok, native_ok):
         a = self.args
         plist = {
             "asl": ["eager", "eager_module", "compile"] + ([] if a.quick else ["compile_autograd"])
@@ -1574,6 +1590,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 400 on GPU, 300 dry-run)")
     p.add_argument("--build-timeout-s", type=float, default=None, help="cap on the extension build (default 300)")
     p.add_argument("--families", default="asl,attention,grid", help="benchmark families to run")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated providers to benchmark (default all); without cuda/cpu the extension is not built")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager dry-run)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     p.add_argument("--no-pytest", action="store_true", help="direct kernel_cases checks instead of pytest")

@@ -25,7 +25,9 @@ def main():
     t0 = time.time()
     n = 0
     for dtype in dtypes:
-        for i, shape in enumerate(kc.ATTENTION_SHAPES):
+        # wide features take other block sizes and launch options (triton/attention.py _blocks)
+        wide = [(2, 20, 256, 197), (2, 7, 512, 49), (1, 5, 768, 196)] if args.device == "cuda" else []
+        for i, shape in enumerate(kc.ATTENTION_SHAPES + wide):
             kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 1, seed=i)
             n += 1
         for i, shape in enumerate(kc.ENHANCE_SHAPES):

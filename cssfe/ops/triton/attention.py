@@ -3,6 +3,10 @@
 Forward: one program per (batch, block of classes) streams over N with an online softmax and
 keeps the log-sum-exp. Backward: one kernel for dq (per class block, streaming over N) and one
 for dk, dv (per position block, streaming over classes), both recomputing the probabilities.
+
+LOWP: with fp16/bf16 inputs the matrix products take their operands in that dtype (tensor cores,
+fp32 accumulation), as FlashAttention does; softmax statistics stay fp32. fp32 inputs use exact
+fp32 products. The interpreter always runs fp32 (its bf16 products are wrong).
 """
 import torch
 import triton
@@ -12,15 +16,24 @@ from ._common import INTERPRET, pow2
 
 
 @triton.jit
+def _op(x, ref_ptr, LOWP: tl.constexpr):
+    """Operand of a matrix product: the input dtype under LOWP, else fp32."""
+    if LOWP:
+        return x.to(ref_ptr.dtype.element_ty)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, z_ptr, lse_ptr, C, D, N, q_bstride, scale,
-              BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     cmask = offs_c < C
     dmask = offs_d < D
-    q = tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :],
-                mask=cmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
+    q = _op(tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :],
+                    mask=cmask[:, None] & dmask[None, :], other=0.0), k_ptr, LOWP)
     m_i = tl.full([BLOCK_C], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_C], tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
@@ -28,17 +41,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, z_ptr, lse_ptr, C, D, N, q_bstride, scale,
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        kt = tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :],
-                     mask=dmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, kt, input_precision="ieee")
+        kt = _op(tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :],
+                         mask=dmask[:, None] & nmask[None, :], other=0.0), k_ptr, LOWP)
+        s = tl.dot(q, kt, input_precision="ieee") * scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_ptr + kv + offs_n[:, None] + offs_d[None, :] * N,
-                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        vt = _op(tl.load(v_ptr + kv + offs_n[:, None] + offs_d[None, :] * N,
+                         mask=nmask[:, None] & dmask[None, :], other=0.0), k_ptr, LOWP)
+        acc = acc * alpha[:, None] + tl.dot(_op(p, k_ptr, LOWP), vt, input_precision="ieee")
         m_i = m_new
     z = acc / l_i[:, None]
     tl.store(z_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], z.to(z_ptr.dtype.element_ty),
@@ -48,15 +61,15 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, z_ptr, lse_ptr, C, D, N, q_bstride, scale,
 
 @triton.jit
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, C, D, N, q_bstride, scale,
-                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     cmask = offs_c < C
     dmask = offs_d < D
     cd_mask = cmask[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0).to(tl.float32)
+    q = _op(tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0), k_ptr, LOWP)
+    g = _op(tl.load(g_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0), k_ptr, LOWP)
     lse = tl.load(lse_ptr + b * C + offs_c, mask=cmask, other=0.0)
     delta = tl.load(delta_ptr + b * C + offs_c, mask=cmask, other=0.0)
     dq = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
@@ -65,19 +78,19 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, C, D, N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         dn_mask = dmask[:, None] & nmask[None, :]
-        kt = tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+        kt = _op(tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0), k_ptr, LOWP)
+        vt = _op(tl.load(v_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0), k_ptr, LOWP)
         s = tl.dot(q, kt, input_precision="ieee") * scale
         p = tl.where(cmask[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(g, vt, input_precision="ieee")
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+        dq += tl.dot(_op(ds, k_ptr, LOWP), tl.trans(kt), input_precision="ieee")
     tl.store(dq_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], dq * scale, mask=cd_mask)
 
 
 @triton.jit
 def _attn_bwd_dkv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, C, D, N, q_bstride, scale,
-                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     b = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,24 +98,24 @@ def _attn_bwd_dkv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     dmask = offs_d < D
     kv = b * D * N
     dn_mask = dmask[:, None] & nmask[None, :]
-    kt = tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    vt = tl.load(v_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    kt = _op(tl.load(k_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0), k_ptr, LOWP)
+    vt = _op(tl.load(v_ptr + kv + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0), k_ptr, LOWP)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         cmask = offs_c < C
         cd_mask = cmask[:, None] & dmask[None, :]
-        q = tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0).to(tl.float32)
+        q = _op(tl.load(q_ptr + b * q_bstride + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0), k_ptr, LOWP)
+        g = _op(tl.load(g_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], mask=cd_mask, other=0.0), k_ptr, LOWP)
         lse = tl.load(lse_ptr + b * C + offs_c, mask=cmask, other=0.0)
         delta = tl.load(delta_ptr + b * C + offs_c, mask=cmask, other=0.0)
         s = tl.dot(q, kt, input_precision="ieee") * scale
         p = tl.where(cmask[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p), g, input_precision="ieee")
+        dv += tl.dot(tl.trans(_op(p, k_ptr, LOWP)), g, input_precision="ieee")
         dp = tl.dot(g, vt, input_precision="ieee")
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+        dk += tl.dot(tl.trans(_op(ds, k_ptr, LOWP)), q, input_precision="ieee")
     out = kv + offs_n[:, None] + offs_d[None, :] * N
     mask = nmask[:, None] & dmask[None, :]
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
@@ -124,6 +137,10 @@ def _blocks(c, d, n):
     return 16, bd, 16, {"num_stages": 1, "num_warps": 8}
 
 
+def _lowp(t):
+    return t.dtype in (torch.float16, torch.bfloat16) and not INTERPRET
+
+
 def attention_fwd(q, k, v):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, D, N = k.shape
@@ -132,7 +149,7 @@ def attention_fwd(q, k, v):
     lse = torch.empty(B, C, dtype=torch.float32, device=v.device)
     bc, bd, bn, launch = _blocks(C, D, N)
     _attn_fwd[(B, triton.cdiv(C, bc))](q, k, v, z, lse, C, D, N, 0 if q.shape[0] == 1 else C * D, D ** -0.5,
-                                       BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, **launch)
+                                       BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **launch)
     return z, lse
 
 
@@ -148,9 +165,9 @@ def attention_bwd(grad_z, q, k, v, z, lse):
     bc, bd, bn, launch = _blocks(C, D, N)
     qs = 0 if q.shape[0] == 1 else C * D
     _attn_bwd_dq[(B, triton.cdiv(C, bc))](q, k, v, g, lse, delta, dq, C, D, N, qs, D ** -0.5,
-                                          BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, **launch)
+                                          BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **launch)
     _attn_bwd_dkv[(B, triton.cdiv(N, bn))](q, k, v, g, lse, delta, dk, dv, C, D, N, qs, D ** -0.5,
-                                           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, **launch)
+                                           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **launch)
     if q.shape[0] == 1:
         dq = dq.sum(0, keepdim=True)
     return dq.to(q.dtype), dk, dv
