@@ -52,6 +52,10 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, *, return_maps: bool = Fals
         raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _same_device(op, q=q, k=k, v=v)
     name = resolve(backend, k.device, op, v.dtype)
+    if name == "triton":
+        from .triton.attention import check_supported  # before any launch, with the shape at fault
+
+        check_supported(k.shape[1], v.dtype)
     q3 = q.unsqueeze(0) if q.dim() == 2 else q
     if q3.shape[1] == 0 or k.shape[0] == 0:  # nothing to compute
         z = v.new_zeros(k.shape[0], q3.shape[1], k.shape[1])

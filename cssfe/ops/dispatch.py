@@ -133,10 +133,16 @@ def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Option
                 return "reference"
             return "cpu" if _native_status(False)[0] else "reference"
         if dev == "cuda":
+            # Measured on an H200 (docs/performance.md): for class attention the Triton kernel beats
+            # eager PyTorch in half precision only and the CUDA one never, so attention goes to
+            # Triton (fp16/bf16) or stays eager (fp32); the other ops prefer CUDA, then Triton.
+            triton_ok = _triton_status()[0]
+            if op == "class_attention":
+                return "triton" if triton_ok and dtype in (torch.float16, torch.bfloat16) else "reference"
             ok, _, mod = _native_status(False)
             if ok and getattr(mod, "with_cuda", False):
                 return "cuda"
-            return "triton" if _triton_status()[0] else "reference"
+            return "triton" if triton_ok else "reference"
         return "reference"
     if name == "reference":
         return name

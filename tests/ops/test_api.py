@@ -229,3 +229,36 @@ def test_head_callers_keep_working():
     refined = ops.progressive_enhance(maps, r, GROUPS, gate, lam)
     (z1.sum() + refined.square().sum()).backward()
     assert lam_raw.grad is not None and torch.isfinite(lam_raw.grad) and q.grad is not None
+
+
+@pytest.mark.parametrize("triton_ok, cuda_ok", [(True, True), (True, False), (False, True), (False, False)])
+def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
+    """Class attention: Triton in half precision, eager in fp32; other ops: CUDA, then Triton."""
+    from cssfe.ops import dispatch
+
+    class Ext:
+        with_cuda = cuda_ok
+
+    monkeypatch.setattr(dispatch, "_triton_status", lambda: (triton_ok, "simulated"))
+    monkeypatch.setattr(dispatch, "_native_status", lambda build: (True, "simulated", Ext()))
+    cuda = torch.device("cuda")
+    half = "triton" if triton_ok else "reference"
+    assert dispatch.resolve("auto", cuda, "class_attention", torch.bfloat16) == half
+    assert dispatch.resolve("auto", cuda, "class_attention", torch.float16) == half
+    assert dispatch.resolve("auto", cuda, "class_attention", torch.float32) == "reference"
+    other = "cuda" if cuda_ok else half
+    assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float32) == other
+    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16) == other
+    assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float64) == "reference"
+
+
+def test_triton_refuses_wide_fp32_features():
+    pytest.importorskip("triton")
+    from cssfe.ops.triton import attention
+
+    if attention.INTERPRET:
+        pytest.skip("the limit concerns on-chip memory, not the interpreter")
+    with pytest.raises(ValueError, match=r"d=768.*bfloat16"):
+        attention.check_supported(768, torch.float32)
+    attention.check_supported(512, torch.float32)
+    attention.check_supported(768, torch.bfloat16)

@@ -26,7 +26,9 @@ def main():
     n = 0
     for dtype in dtypes:
         # wide features take other block sizes and launch options (triton/attention.py _blocks)
-        wide = [(2, 20, 256, 197), (2, 7, 512, 49), (1, 5, 768, 196)] if args.device == "cuda" else []
+        wide = [(2, 20, 256, 197), (2, 7, 512, 49)] if args.device == "cuda" else []
+        if args.device == "cuda" and dtype != torch.float32:
+            wide.append((1, 5, 768, 196))  # fp32 at d > 512 is refused (triton/attention.py MAX_FP32_D)
         for i, shape in enumerate(kc.ATTENTION_SHAPES + wide):
             kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 1, seed=i)
             n += 1

@@ -141,9 +141,21 @@ def _lowp(t):
     return t.dtype in (torch.float16, torch.bfloat16) and not INTERPRET
 
 
+MAX_FP32_D = 512  # d = 768 in fp32 asked an H200 for 256 KB of shared memory in the backward (limit 227 KB)
+
+
+def check_supported(d: int, dtype: torch.dtype) -> None:
+    """The whole feature dimension sits in one block: wide fp32 features do not fit on chip."""
+    if dtype in (torch.float32, torch.float64) and not INTERPRET and d > MAX_FP32_D:
+        raise ValueError(
+            f"class_attention: backend 'triton' supports d <= {MAX_FP32_D} for {dtype} inputs (shared memory), got "
+            f"d={d}; use float16/bfloat16 inputs or backend 'reference'")
+
+
 def attention_fwd(q, k, v):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, D, N = k.shape
+    check_supported(D, v.dtype)
     C = q.shape[1]
     z = torch.empty(B, C, D, dtype=v.dtype, device=v.device)
     lse = torch.empty(B, C, dtype=torch.float32, device=v.device)
