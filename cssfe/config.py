@@ -21,8 +21,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "bundled"  # dataset registry name: bundled | split_folder
+    name: str = "bundled"  # dataset registry name: bundled | split_folder | lt_voc | lt_coco | odir5k | voc | coco
     root: Optional[str] = None  # dataset folder; for 'bundled', where it is generated (default: cache)
+    # Parts of an annotated dataset (lt_voc, lt_coco, odir5k, voc, coco), relative to root; null:
+    # the dataset's default place (docs/datasets.md).
+    train_images: Optional[str] = None  # image folder (VOC: the folder with JPEGImages and Annotations)
+    test_images: Optional[str] = None
+    train_annotations: Optional[str] = None  # COCO instances JSON; ODIR-5K table (.xlsx or .csv)
+    test_annotations: Optional[str] = None
+    train_list: Optional[str] = None  # image ids, one per line, or "path idx idx ..." lines
+    test_list: Optional[str] = None
+    split_dir: Optional[str] = None  # class_freq.pkl and class_split.pkl (default: beside train_list)
+    test_fraction: float = 0.2  # ODIR-5K without lists: share of patients held out for testing
     image_size: int = 64
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -266,14 +276,16 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.kernels not in ("auto", "reference", "cpu", "cuda", "triton"):
         raise ConfigError(f"config key 'kernels' must be auto, reference, cpu, cuda or triton, got {cfg.kernels!r}")
+    if not 0 < cfg.data.test_fraction < 1:
+        raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {cfg.data.test_fraction}")
     if cfg.data.on_bad_image not in ("skip", "error"):
         raise ConfigError(f"config key 'data.on_bad_image' must be 'skip' or 'error', got {cfg.data.on_bad_image!r}")
     if cfg.model.gate not in ("uncertainty", "absence"):
         raise ConfigError(f"config key 'model.gate' must be 'uncertainty' or 'absence', got {cfg.model.gate!r}")
     if cfg.optim.amp not in ("auto", "on", "off"):
         raise ConfigError(f"config key 'optim.amp' must be auto, on or off, got {cfg.optim.amp!r}")
-    if "{}" not in cfg.model.prompt:
-        raise ConfigError(f"config key 'model.prompt' must contain '{{}}' for the class name, got {cfg.model.prompt!r}")
+    if "{}" not in cfg.model.prompt and "{class}" not in cfg.model.prompt:
+        raise ConfigError(f"config key 'model.prompt' must contain '{{}}' or '{{class}}' for the class name, got {cfg.model.prompt!r}")
     if cfg.model.weights_path is not None and not os.path.isfile(cfg.model.weights_path):
         raise ConfigError(f"config key 'model.weights_path': file not found: {cfg.model.weights_path}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):

@@ -12,16 +12,18 @@ import torch
 from torch.utils.data import Dataset
 
 from cssfe.data import split_files
+from cssfe.data.annotated import Layout, read_annotated
 from cssfe.data.bundled import ensure_bundled
-from cssfe.data.images import find_unreadable, read_rgb
+from cssfe.data.images import ImageSource, find_unreadable, read_rgb
 from cssfe.data.transforms import build_transform
 from cssfe.registry import Registry
 
 
 class MultiLabelImages(Dataset):
-    """Images read from files, with a multi-hot label row each; items are (image, labels, index)."""
+    """Images read from files, with a multi-hot label row each; items are (image, labels, index).
+    A path may be a tuple of files, shown side by side as one image (ODIR-5K's two eyes)."""
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, transform: Callable):
+    def __init__(self, paths: Sequence[ImageSource], labels: np.ndarray, transform: Callable):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} image paths but {len(labels)} label rows")
         self.paths = list(paths)
@@ -127,6 +129,72 @@ def _split_folder(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
     if not cfg.root:
         raise split_files.SplitFormatError("config key 'data.root' must name the split folder for data.name=split_folder")
     return load_split_folder(cfg.root, cfg, progress)
+
+
+# Datasets read from their original annotations (see cssfe/data/annotated.py for the keys that
+# override each default place, all relative to data.root).
+LAYOUTS: Dict[str, Layout] = {
+    "lt_voc": Layout(
+        format="voc",
+        train_images=("VOCdevkit/VOC2012", "VOC2012"),
+        test_images=("VOCdevkit/VOC2007", "VOC2007"),
+        train_list=("longtail2012/img_id.txt", "appendix/VOCdevkit/longtail2012/img_id.txt"),
+        test_list=("VOCdevkit/VOC2007/ImageSets/Main/test.txt", "VOC2007/ImageSets/Main/test.txt"),
+        split_dir=("longtail2012", "appendix/VOCdevkit/longtail2012"),
+        published="lt_voc",
+    ),
+    "lt_coco": Layout(
+        format="coco",
+        train_images=("train2017", "images/train2017"),
+        test_images=("val2017", "images/val2017"),
+        train_annotations=("annotations/instances_train2017.json",),
+        test_annotations=("annotations/instances_val2017.json",),
+        # The published id file is img_id.pkl (plain text); a written one is img_id.txt.
+        train_list=("longtail2017/img_id.txt", "longtail2017/img_id.pkl", "appendix/coco/longtail2017/img_id.pkl"),
+        test_list=("longtail2017/test.txt",),
+        split_dir=("longtail2017", "appendix/coco/longtail2017"),
+        published="lt_coco",
+        test_list_optional=True,  # COCO val2017 whole
+    ),
+    "odir5k": Layout(
+        format="odir",
+        train_images=("ODIR-5K/Training Images", "Training Images", "images"),
+        train_annotations=("ODIR-5K/data.xlsx", "data.xlsx", "ODIR-5K_Training_Annotations(Updated)_V2.xlsx", "data.csv"),
+        test_list_optional=True,  # no lists: a seeded split of the patients, written as train.txt / test.txt
+    ),
+    "voc": Layout(format="voc", train_list=("train.txt", "ImageSets/Main/train.txt"), test_list=("test.txt", "ImageSets/Main/test.txt")),
+    "coco": Layout(format="coco", train_images=("images",), train_annotations=("annotations.json",)),
+}
+
+
+def load_annotated(cfg, layout: Layout, progress: bool = False, write_split_files: Optional[bool] = None) -> LongTailData:
+    """A dataset read from its annotations (``cfg``: a DataConfig), checked before any training."""
+    parts = read_annotated(cfg, layout, write_split_files)
+    for path in parts.written:
+        print(f"cssfe: wrote {path}", file=sys.stderr)
+    augment = cfg.augment
+    data = LongTailData(
+        train=MultiLabelImages(parts.train.sources, parts.train.labels, build_transform(cfg.image_size, train=True, augment=augment)),
+        test=MultiLabelImages(parts.test.sources, parts.test.labels, build_transform(cfg.image_size, train=False)),
+        class_names=parts.class_names,
+        groups=parts.groups,
+        class_freq=parts.train.labels.sum(0).astype(np.int64),
+        root=cfg.root,
+        test_ids=list(parts.test.ids),
+    )
+    if cfg.check_images:
+        _leave_out_unreadable(data, cfg.on_bad_image, progress)
+    return data
+
+
+def _register_annotated(name: str, layout: Layout) -> None:
+    @DATASETS.register(name)
+    def _build(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
+        return load_annotated(cfg, layout, progress)
+
+
+for _name, _layout in LAYOUTS.items():
+    _register_annotated(_name, _layout)
 
 
 def build_data(cfg, cache_dir: str, progress: bool = True) -> LongTailData:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -106,8 +106,9 @@ def write_split_folder(
     return groups
 
 
-def read_id_list(path: str) -> List[str]:
-    """Image ids, one per line. Files named .pkl that are plain text (LT-COCO's img_id.pkl) work too."""
+def _list_lines(path: str) -> List[str]:
+    """Non-empty lines of a list file; a pickled list (of ids) gives one line per item. Files named
+    .pkl that are plain text (LT-COCO's img_id.pkl) are read as text."""
     if not os.path.isfile(path):
         raise SplitFormatError(f"image id list not found: {path}")
     with open(path, "rb") as f:
@@ -122,7 +123,71 @@ def read_id_list(path: str) -> List[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise SplitFormatError(f"{path}: neither a pickle nor UTF-8 text") from None
-    return [line.split()[0] for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_id_list(path: str) -> List[str]:
+    """Image ids, one per line (the first word of each line)."""
+    return [line.split()[0] for line in _list_lines(path)]
+
+
+def read_image_list(path: str, num_classes: Optional[int] = None) -> List[Tuple[str, Optional[List[int]]]]:
+    """(image id or path, class indices or None) per line. A line is ``id`` (labels come from the
+    annotations) or ``path idx idx ...`` (the format of later LT-VOC/LT-COCO repositories; a path
+    followed by no index is an image without labels only when other lines carry indices)."""
+    rows: List[Tuple[str, Optional[List[int]]]] = []
+    for number, line in enumerate(_list_lines(path), 1):
+        words = line.split()
+        try:
+            indices = [int(w) for w in words[1:]]
+        except ValueError:
+            raise SplitFormatError(f"{path}, line {number}: expected 'image [class index ...]', got {line!r}") from None
+        if num_classes is not None:
+            bad = [c for c in indices if not 0 <= c < num_classes]
+            if bad:
+                raise SplitFormatError(
+                    f"{path}, line {number}: class index {bad[0]} is outside 0..{num_classes - 1} "
+                    f"(the dataset has {num_classes} classes)")
+        rows.append((words[0], indices))
+    with_labels = any(len(ix) > 0 for _, ix in rows)
+    return [(name, ix if with_labels else None) for name, ix in rows]
+
+
+def labels_matrix(label_sets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    return _labels_matrix(label_sets, num_classes)
+
+
+def write_class_files(folder: str, labels: np.ndarray, head_min: int = 100, tail_max: int = 20,
+                      groups: Optional[np.ndarray] = None) -> np.ndarray:
+    """``class_freq.pkl`` of the training labels and ``class_split.pkl`` (``groups``, or computed
+    from the frequencies with the thresholds) into ``folder``; returns the groups."""
+    os.makedirs(folder, exist_ok=True)
+    stats = class_statistics(labels)
+    _dump(stats, os.path.join(folder, "class_freq.pkl"))
+    if groups is None:
+        groups = groups_from_frequencies(stats["class_freq"], head_min, tail_max)
+    _dump(groups_to_class_split(groups), os.path.join(folder, "class_split.pkl"))
+    return groups
+
+
+def check_class_freq(path: str, ids: Sequence[str], labels: np.ndarray) -> None:
+    """A ``class_freq.pkl`` must describe exactly these training labels (same rows, same order)."""
+    stats = read_pickle(path)
+    if not isinstance(stats, dict) or "gt_labels" not in stats:
+        raise SplitFormatError(f"{path}: expected a dict with 'gt_labels'")
+    stored = np.asarray(stats["gt_labels"], dtype=np.uint8)
+    if stored.ndim != 2 or stored.shape[1] != labels.shape[1]:
+        raise SplitFormatError(f"{path}: gt_labels has shape {stored.shape}, expected [n, {labels.shape[1]}] (the dataset's class count)")
+    if len(stored) != len(labels):
+        raise SplitFormatError(f"{path}: {len(stored)} label rows but the training list has {len(labels)} images")
+    if "class_freq" in stats and not np.array_equal(np.asarray(stats["class_freq"]), stored.sum(0)):
+        raise SplitFormatError(f"{path}: class_freq disagrees with the column sums of gt_labels")
+    rows = np.flatnonzero((stored != labels).any(1))
+    if len(rows):
+        i = int(rows[0])
+        raise SplitFormatError(
+            f"{path}: labels of {len(rows)} training image(s) disagree with the annotations, first {ids[i]!r}: "
+            f"file {np.flatnonzero(stored[i]).tolist()} vs annotations {np.flatnonzero(labels[i]).tolist()}")
 
 
 def read_pickle(path: str):
