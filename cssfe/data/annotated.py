@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -67,8 +67,9 @@ class AnnotatedParts:
     test: Entries
     groups: np.ndarray
     split_dir: str
-    written: List[str]  # split files written by this call
     generated: Dict[str, str]  # split -> where its list came from when it was not read from a file
+    found_split: bool = False  # the groups came from an existing class_split.pkl
+    written: List[str] = field(default_factory=list)  # split files written by this call
 
 
 def _resolve(cfg, layout: Layout, part: str) -> Optional[str]:
@@ -151,22 +152,34 @@ def _check_published_labels(name: str, entries: Entries) -> None:
                 f"{name} labels {sorted(known[image_id])} (objects marked difficult must count as positive)")
 
 
-def _groups(cfg, layout: Layout, split_dir: str, train: Entries, names: Sequence[str], write: bool) -> Tuple[np.ndarray, List[str]]:
+def _groups(cfg, layout: Layout, split_dir: str, train: Entries, names: Sequence[str]) -> Tuple[np.ndarray, bool]:
+    """(groups, whether they came from a class_split.pkl); a class_freq.pkl found is checked."""
     freq_path = os.path.join(split_dir, "class_freq.pkl")
     split_path = os.path.join(split_dir, "class_split.pkl")
     if os.path.isfile(freq_path):
         split_files.check_class_freq(freq_path, train.ids, train.labels)
     if os.path.isfile(split_path):
-        return split_files.class_split_to_groups(split_files.read_pickle(split_path), len(names), split_path), []
-    if layout.published and not write:
-        return published_split(layout.published).groups.copy(), []
-    groups = published_split(layout.published).groups.copy() if layout.published else None
-    try:
-        groups = split_files.write_class_files(split_dir, train.labels, cfg.head_min, cfg.tail_max, groups)
-    except OSError as exc:  # a read-only dataset still trains; the split is computed in memory
-        print(f"cssfe: could not write split files to {split_dir}: {exc}", file=sys.stderr)
-        return split_files.groups_from_frequencies(train.labels.sum(0), cfg.head_min, cfg.tail_max), []
-    return groups, [freq_path, split_path]
+        return split_files.class_split_to_groups(split_files.read_pickle(split_path), len(names), split_path), True
+    if layout.published:
+        return published_split(layout.published).groups.copy(), False
+    return split_files.groups_from_frequencies(train.labels.sum(0), cfg.head_min, cfg.tail_max), False
+
+
+def save_split_files(cfg, layout: Layout, parts: "AnnotatedParts") -> List[str]:
+    """Write ``class_freq.pkl`` and ``class_split.pkl`` (the groups already chosen) into the split
+    folder, and the image lists that were not read from files where the layout looks for them next
+    time. Returns the files written."""
+    written = []
+    for split, entries in (("train", parts.train), ("test", parts.test)):
+        defaults = getattr(layout, f"{split}_list")
+        if split in parts.generated and defaults:
+            path = os.path.join(cfg.root, defaults[0])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write("\n".join(entries.ids) + "\n")
+            written.append(path)
+    split_files.write_class_files(parts.split_dir, parts.train.labels, groups=parts.groups)
+    return written + [os.path.join(parts.split_dir, n) for n in ("class_freq.pkl", "class_split.pkl")]
 
 
 def read_annotated(cfg, layout: Layout, write_split_files: Optional[bool] = None) -> AnnotatedParts:
@@ -224,16 +237,11 @@ def read_annotated(cfg, layout: Layout, write_split_files: Optional[bool] = None
     if layout.published:
         _check_published_labels(layout.published, train)
     split_dir = paths["split_dir"] or list_dir
-    groups, written = _groups(cfg, layout, split_dir, train, names, write)
-    if write and "train" in generated and written:
-        # Write the lists the split files belong to, where the layout looks for them next time.
-        for split, entries in (("train", train), ("test", test)):
-            if split in generated and getattr(layout, f"{split}_list"):
-                path = os.path.join(cfg.root, getattr(layout, f"{split}_list")[0])
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "w") as f:
-                    f.write("\n".join(entries.ids) + "\n")
-                written.insert(0, path)
-    return AnnotatedParts(names, train, test, groups, split_dir, written, generated)
-
-
+    groups, found = _groups(cfg, layout, split_dir, train, names)
+    parts = AnnotatedParts(names, train, test, groups, split_dir, generated, found)
+    if write and not found:
+        try:
+            parts.written = save_split_files(cfg, layout, parts)
+        except OSError as exc:  # a read-only dataset still trains: the split is then only in memory
+            print(f"cssfe: could not write split files to {split_dir}: {exc}", file=sys.stderr)
+    return parts

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from cssfe.config import ConfigError, load_config
-from cssfe.data.annotated import read_annotated
+from cssfe.data.annotated import read_annotated, save_split_files
 from cssfe.data.datasets import LAYOUTS
 from cssfe.data.images import find_unreadable
 from cssfe.data.published import EXPECTED
@@ -31,6 +31,7 @@ class DatasetReport:
     written: List[str]
     unreadable: List[Tuple[str, str]]
     generated: Dict[str, str]  # split -> where its list came from when not from a file
+    found_split: bool = False  # the split folder already held class_split.pkl (read and checked)
     problems: List[str] = field(default_factory=list)
 
     @property
@@ -44,12 +45,13 @@ def check_dataset(data_cfg, write_split_files: bool = True, progress: bool = Fal
     naming the file."""
     if data_cfg.name not in LAYOUTS:
         raise SplitFormatError(f"prepare_data checks annotated datasets ({', '.join(sorted(LAYOUTS))}), not {data_cfg.name!r}")
-    parts = read_annotated(data_cfg, LAYOUTS[data_cfg.name], write_split_files)
+    layout = LAYOUTS[data_cfg.name]
+    parts = read_annotated(data_cfg, layout, write_split_files=False)
     unreadable = [(path, reason) for split in (parts.train, parts.test)
                   for _, path, reason in find_unreadable(split.sources, "checking images", progress)]
     groups = tuple(int((parts.groups == g).sum()) for g in range(3))
     report = DatasetReport(data_cfg.name, data_cfg.root, len(parts.train.ids), len(parts.test.ids), len(parts.class_names),
-                           groups, parts.split_dir, parts.written, unreadable, dict(parts.generated))
+                           groups, parts.split_dir, [], unreadable, dict(parts.generated), parts.found_split)
     expected = EXPECTED.get(data_cfg.name)
     if expected is not None:
         for what, got, want in (("training images", report.train, expected.train), ("test images", report.test, expected.test),
@@ -59,6 +61,8 @@ def check_dataset(data_cfg, write_split_files: bool = True, progress: bool = Fal
     if unreadable:
         report.problems.append(f"{len(unreadable)} unreadable image file(s): " + "; ".join(f"{p} ({r})" for p, r in unreadable[:5])
                                + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""))
+    if report.ok and write_split_files and not parts.found_split:
+        report.written = save_split_files(data_cfg, layout, parts)  # only for a dataset that passed
     return report
 
 
@@ -83,8 +87,10 @@ def format_report(report: DatasetReport) -> str:
     lines += [f"  {split} list: {source}" for split, source in report.generated.items()]
     if report.written:
         lines += [f"  wrote {path}" for path in report.written]
-    else:
+    elif report.found_split:
         lines.append(f"  split files in {report.split_dir}: read and checked against the labels")
+    else:
+        lines.append(f"  split files: none written to {report.split_dir}" + (" (the check failed)" if report.problems else " (--no-write)"))
     lines += [f"PROBLEM: {p}" for p in report.problems]
     lines.append("OK: ready to train" if report.ok else "FAILED: see the problems above")
     return "\n".join(lines)

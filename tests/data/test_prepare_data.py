@@ -1,0 +1,77 @@
+"""``launch/prepare_data.py``: counts against the published ones, split files written or verified,
+a failing exit with the reason; and a user's own VOC folder that trains end to end."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+from format_builders import make_lt_voc, make_own_voc
+
+from cssfe.data.prepare import main
+from cssfe.data.published import published_split
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_complete_lt_voc_passes_and_gets_its_split_files(tmp_path):
+    # The published sizes: 1,142 training images (ids and labels from the published split) and
+    # 4,952 test images, as 8-pixel JPEGs.
+    make_lt_voc(tmp_path, n_train=1142, n_test=4952, size=8)
+    os.remove(tmp_path / "longtail2012" / "img_id.txt")  # only images and annotations: ids come from the package
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "prepare_data.py"), "--dataset", "lt-voc", "--root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "1,142   (published: 1,142)" in out and "4,952   (published: 4,952)" in out
+    assert "6/6/8   (published: 6/6/8)" in out and "OK: ready to train" in out
+    folder = tmp_path / "longtail2012"
+    pub = published_split("lt_voc")
+    assert (folder / "img_id.txt").read_text().split() == pub.train_ids
+    stats = pickle.load(open(folder / "class_freq.pkl", "rb"))
+    assert stats["gt_labels"].shape == (1142, 20)
+    assert stats["class_freq"].tolist() == json.load(open(os.path.join(ROOT, "cssfe", "data", "published", "lt_voc_split.json")))["class_freq"]
+    split = pickle.load(open(folder / "class_split.pkl", "rb"))
+    assert {k: sorted(v) for k, v in split.items()} == {k: np.flatnonzero(pub.groups == g).tolist() for g, k in enumerate(("head", "middle", "tail"))}
+    # A second run reads the files it wrote and checks them against the annotations.
+    assert main(["--dataset", "lt-voc", "--root", str(tmp_path)]) == 0
+
+
+def test_incomplete_or_broken_dataset_fails_naming_the_problem(tmp_path, capsys):
+    ids = make_lt_voc(tmp_path)
+    (tmp_path / "VOCdevkit" / "VOC2007" / "JPEGImages" / f"{ids['test'][0]}.jpg").write_bytes(b"\xff\xd8broken")
+    assert main(["--dataset", "lt-voc", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM: training images: 24, expected 1,142" in out
+    assert "PROBLEM: test images: 6, expected 4,952" in out
+    assert f"PROBLEM: 1 unreadable image file(s): {tmp_path}/VOCdevkit/VOC2007/JPEGImages/{ids['test'][0]}.jpg" in out
+    assert "FAILED" in out
+    os.remove(tmp_path / "VOCdevkit" / "VOC2007" / "Annotations" / f"{ids['test'][1]}.xml")
+    assert main(["--dataset", "lt-voc", "--root", str(tmp_path)]) == 1
+    assert f"error: no annotation for image '{ids['test'][1]}'" in capsys.readouterr().err
+    assert main(["--dataset", "lt-vok", "--root", str(tmp_path)]) == 2
+    assert "data.name" in capsys.readouterr().err
+
+
+def test_own_voc_folder_prepared_then_trained_end_to_end(tmp_path, capsys, one_thread):
+    data_root = tmp_path / "mydata"
+    make_own_voc(data_root)
+    assert main(["--dataset", "voc", "--root", str(data_root), "data.head_min=20", "data.tail_max=5"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {data_root}/class_freq.pkl" in out and "1/1/1" in out
+    assert pickle.load(open(data_root / "class_split.pkl", "rb")) == {"head": {0}, "middle": {1}, "tail": {2}}
+    assert main(["--dataset", "voc", "--root", str(data_root), "--no-write"]) == 0
+    assert "read and checked against the labels" in capsys.readouterr().out
+
+    from cssfe.config import load_config
+    from cssfe.engine.train import train
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "progress=false", "data.name=voc", f"data.root={data_root}",
+                             "data.image_size=32", "data.augment=none", "data.batch_size=8", "model.embedding=rie",
+                             "model.dim=16", "optim.epochs=2"])
+    result = train(cfg)
+    assert len(result["final"]["per_class_ap"]) == 3
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(saved["final"]["mAP"]) == {"total", "head", "medium", "tail"}
+    assert np.isfinite(saved["final"]["mAP"]["total"])
