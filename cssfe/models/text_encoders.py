@@ -17,6 +17,20 @@ become spaces) and encoded by one of the registered encoders:
     ``quick_gelu`` (None: taken from the pretrained tag, for a file from the tag whose file it
     recognisably is, else the model config's own setting), ``download`` (False: never touch the
     network; True lets open_clip download missing tag weights), ``device``, ``batch_size``.
+``bert``
+    A transformers BERT model, its last hidden states averaged over the prompt's tokens
+    (``pooling="mean"``, or ``"cls"``), L2-normalised. Options: ``model`` ("bert-base-uncased":
+    a local model folder, or a name looked up in the local Hugging Face cache only),
+    ``pooling``, ``device``, ``batch_size``.
+``glove``, ``word2vec``
+    The mean of the word vectors of the prompt's words, from gensim ``KeyedVectors`` loaded from
+    a local file. Options: ``path`` (required: GloVe text with or without a header line, word2vec
+    text or ``.bin``, or a gensim ``.kv`` file), ``binary`` (None: ``.bin`` files are binary),
+    ``lowercase`` (glove True: look words up lowercased; word2vec False: as written, then
+    lowercased). Words missing from the vocabulary are left out of the mean and named in a
+    warning; a prompt with no known word is an error naming it.
+
+The same prompt serves every encoder.
 
 :func:`label_embeddings` caches every result as ``<cache>/embeddings/<sha256>.pt``; the hash
 covers the encoder, the options that change the result, the prompt and the class names.
@@ -28,12 +42,14 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -424,3 +440,129 @@ def clip(
             tokens = tokenizer(list(prompts[i : i + batch_size])).to(device)
             out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# bert: a transformers BERT model, mean of the last hidden states over the prompt's tokens
+# --------------------------------------------------------------------------------------------
+BERT_OPTION_HINT = "set model.embedding_options.model to a local folder holding a BERT model (config.json, weights, vocab)"
+
+
+def _bert_key(model: str = "bert-base-uncased", pooling: str = "mean", device: str = "cpu", batch_size: int = 64) -> Dict[str, Any]:
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"bert option pooling must be 'mean' or 'cls', got {pooling!r}")
+    key: Dict[str, Any] = {"pooling": pooling}
+    folder = Path(str(model)).expanduser()
+    if folder.is_dir():
+        stamps = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+        key["model_folder"] = {"path": str(folder.resolve()), "files": stamps}
+    elif str(model).startswith(("/", "~", ".")) or os.sep + os.sep in str(model):  # a path, not a hub name like org/model
+        raise FileNotFoundError(f"BERT model folder not found: {str(folder)!r} (option model.embedding_options.model={model!r})")
+    else:
+        key["model_id"] = str(model)
+    return key
+
+
+@functools.lru_cache(maxsize=2)
+def _load_bert(model: str, device: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        with _hf_offline():
+            tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+            net = AutoModel.from_pretrained(model, local_files_only=True)
+    except OSError as exc:
+        raise RuntimeError(
+            f"BERT weights for model={model!r} are not available offline ({exc.__class__.__name__}). To supply them, "
+            f"{BERT_OPTION_HINT}, or put the model into the Hugging Face cache (it is looked up there by name)."
+        ) from None
+    return tokenizer, net.eval().to(device)
+
+
+@_encoder("bert", _bert_key)
+def bert(prompts: List[str], model: str = "bert-base-uncased", pooling: str = "mean", device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+    tokenizer, net = _load_bert(str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else str(model), str(device))
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[i : i + batch_size]), padding=True, truncation=True, return_tensors="pt").to(device)
+            hidden = net(**batch).last_hidden_state.float()
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            else:  # padding positions do not count
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+            out.append(F.normalize(pooled, dim=-1).cpu())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# glove, word2vec: mean of the word vectors of the prompt (gensim KeyedVectors from a local file)
+# --------------------------------------------------------------------------------------------
+_WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
+
+
+def _vectors_key(kind: str, path: Optional[str] = None, binary: Optional[bool] = None, lowercase: bool = True) -> Dict[str, Any]:
+    if not path:
+        raise ValueError(f"the {kind} encoder needs a local vectors file: set model.embedding_options.path")
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{kind} vectors file not found: {str(file)!r} (option model.embedding_options.path={path!r})")
+    st = file.stat()
+    return {"file": {"path": str(file.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns},
+            "binary": _is_binary(file, binary), "lowercase": bool(lowercase)}
+
+
+def _is_binary(file: Path, binary: Optional[bool]) -> bool:
+    return bool(binary) if binary is not None else file.suffix.lower() == ".bin"
+
+
+@functools.lru_cache(maxsize=2)
+def _load_vectors(path: str, binary: bool, glove: bool):
+    """gensim KeyedVectors: a gensim ``.kv`` file, word2vec text / binary, or GloVe text (no header)."""
+    try:
+        from gensim.models import KeyedVectors
+    except ImportError:
+        raise ImportError("GloVe / Word2Vec embeddings need gensim: pip install gensim (or cssfe[embeddings])") from None
+    if path.endswith(".kv"):
+        return KeyedVectors.load(path)
+    if glove and not binary:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().split()
+        has_header = len(first) == 2 and all(w.isdigit() for w in first)  # word2vec-style "count dim" line
+        return KeyedVectors.load_word2vec_format(path, binary=False, no_header=not has_header)
+    return KeyedVectors.load_word2vec_format(path, binary=binary)
+
+
+def _mean_word_vectors(kind: str, prompts: List[str], path: str, binary: Optional[bool], lowercase: bool) -> torch.Tensor:
+    file = Path(path).expanduser()
+    vectors = _load_vectors(str(file), _is_binary(file, binary), kind == "glove")
+    rows, missing = [], {}
+    for prompt in prompts:
+        found = []
+        for word in _WORD.findall(prompt):
+            for form in ((word.lower(),) if lowercase else (word, word.lower())):
+                if form in vectors.key_to_index:
+                    found.append(vectors[form])
+                    break
+            else:
+                missing.setdefault(word, prompt)
+        if not found:
+            raise ValueError(f"{kind}: no word of the prompt {prompt!r} is in the vocabulary of {str(file)!r}")
+        rows.append(torch.as_tensor(np.mean(found, axis=0), dtype=torch.float32))
+    if missing:
+        warnings.warn(f"{kind}: {len(missing)} word(s) not in the vocabulary of {file.name}, left out of the mean: "
+                      + ", ".join(sorted(missing)))
+    return torch.stack(rows)
+
+
+@_encoder("glove", functools.partial(_vectors_key, "glove"))
+def glove(prompts: List[str], path: Optional[str] = None, binary: Optional[bool] = None, lowercase: bool = True) -> torch.Tensor:
+    _vectors_key("glove", path, binary, lowercase)
+    return _mean_word_vectors("glove", prompts, path, binary, lowercase)
+
+
+@_encoder("word2vec", functools.partial(_vectors_key, "word2vec", lowercase=False))
+def word2vec(prompts: List[str], path: Optional[str] = None, binary: Optional[bool] = None, lowercase: bool = False) -> torch.Tensor:
+    _vectors_key("word2vec", path, binary, lowercase)
+    return _mean_word_vectors("word2vec", prompts, path, binary, lowercase)

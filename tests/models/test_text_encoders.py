@@ -19,13 +19,13 @@ def _raise(*args, **kwargs):
 
 
 def test_registry_and_learnable():
-    assert {"rie", "minilm", "clip"} <= set(TEXT_ENCODERS.names())
+    assert {"rie", "minilm", "clip", "bert", "glove", "word2vec"} <= set(TEXT_ENCODERS.names())
     assert is_learnable("rie")
     assert not is_learnable("minilm") and not is_learnable("clip")
     with pytest.raises(KeyError, match="rie"):
-        label_embeddings("bert", CLASSES, cache_dir="/nonexistent")
+        label_embeddings("bart", CLASSES, cache_dir="/nonexistent")
     with pytest.raises(KeyError):
-        is_learnable("bert")
+        is_learnable("bart")
 
 
 def test_prompt_formatting():
