@@ -101,7 +101,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=7", "hypothesis>=6"],
+    # Real datasets: LT-COCO / COCO-format annotations, the ODIR-5K table (.xlsx).
+    "datasets": ["pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0"],
+    # GloVe and Word2Vec label embeddings (BERT uses transformers, already required).
+    "embeddings": ["gensim>=4.0"],
+    "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0"],
     "dev": ["pytest>=7", "hypothesis>=6", "ruff"],
 }
 
@@ -112,7 +116,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cssfe", "cssfe.*"]),
-    package_data={"cssfe": ["configs/*.yaml"]},
+    package_data={"cssfe": ["configs/*.yaml", "data/published/*.json", "data/published/*.md"]},
     python_requires=">=3.9",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
