@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from format_builders import make_lt_voc, make_own_voc
 
 from cssfe.data.prepare import main
@@ -75,3 +76,16 @@ def test_own_voc_folder_prepared_then_trained_end_to_end(tmp_path, capsys, one_t
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved["final"]["mAP"]) == {"total", "head", "medium", "tail"}
     assert np.isfinite(saved["final"]["mAP"]["total"])
+
+
+@pytest.mark.parametrize("name", ["lt_voc", "lt_coco", "odir5k"])
+def test_dataset_configs_hold_the_reference_recipe(name):
+    from cssfe.config import load_config
+    from cssfe.losses import LOSSES
+
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    assert cfg.data.name == name and cfg.data.image_size == 448 and cfg.data.augment == "natural"
+    assert cfg.model.backbone == "resnet50" and cfg.model.pretrained and cfg.model.embedding == "clip"
+    assert cfg.model.prompt == "a photo of {}." and cfg.loss.name == "asl"
+    assert cfg.optim.epochs == 80 and cfg.optim.ema_decay == 0.998
+    LOSSES.build(cfg.loss.name, **cfg.loss.params)  # the loss accepts the recipe's parameters
