@@ -1,15 +1,27 @@
-"""Kernel micro-benchmarks on CPU: forward+backward time per provider, medians with p20/p80.
+"""Kernel micro-benchmarks on CPU: forward+backward time per provider, medians with p20/p80, peak memory.
 
-    python benchmarks/kernels.py [--threads 2] [--repeats 30] [--smoke]
+    python benchmarks/kernels.py [--threads 2] [--repeats 30] [--compile-backend inductor] [--out DIR]
+    python benchmarks/kernels.py --smoke          # tiny sizes, 2 repeats, nothing appended
 
 ASL at B x C = 4096 x 80 and 256 x 1000: eager ``cssfe.losses.AsymmetricLoss`` with autograd against
 the ``reference`` and fused ``cpu`` ops. Class attention at head-sized shapes: the eager plain
-PyTorch definition (``cssfe.ops.reference.class_attention``) against the ops. Appends one JSON row
-per measurement to ``benchmarks/results/kernels_cpu.jsonl`` (not in smoke mode). Nothing is asserted.
+PyTorch definition (``cssfe.ops.reference.class_attention``) against the ops. For both, ``compile``
+is ``torch.compile`` of the eager reference (``dynamic=False``); when it cannot compile here the row
+records the error instead of a time and the run goes on.
+
+Every row: p20/p50/p80 ms over the repeats after 3 warm-up calls, ``first_call_s`` (includes the
+compilation for ``compile``), ``peak_bytes`` measured in one more, untimed call, and how
+(``peak_method``: on CPU, torch's CPU allocations recorded by the profiler, above what was held
+before the call, inputs excluded and returned gradients included; the RSS high-water mark delta
+where the profiler cannot tell), plus machine, torch and triton versions, commit and UTC date.
+Rows are appended to ``DIR/kernels_cpu.jsonl`` (default ``benchmarks/results``); in smoke mode only
+when ``--out`` is given. Smoke mode compiles with ``aot_eager`` (the graph capture and autograd
+without inductor's C++ build, which takes tens of seconds on two cores). Nothing is asserted.
 """
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -17,54 +29,94 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cssfe.ops as ops  # noqa: E402
-from _common import append_rows, meta, percentiles_ms  # noqa: E402
+from _common import append_rows, meta, peak_memory, percentiles_ms  # noqa: E402
 from cssfe.losses import AsymmetricLoss  # noqa: E402
 from cssfe.ops import reference  # noqa: E402
+
+
+def measure(fn, repeats: int) -> dict:
+    """Timing and peak memory of ``fn``, or the error it raised (one broken provider must not stop the run)."""
+    try:
+        t0 = time.perf_counter()
+        fn()
+        first_call_s = time.perf_counter() - t0
+        timing = percentiles_ms(fn, repeats)
+        peak, method = peak_memory(fn)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+    return {**timing, "first_call_s": first_call_s, "peak_bytes": peak, "peak_method": method}
+
+
+def asl_providers(backends, compile_backend):
+    eager = AsymmetricLoss(gamma_neg=4, gamma_pos=0, clip=0.05)
+    compiled = torch.compile(eager, backend=compile_backend, dynamic=False)
+    providers = {"eager AsymmetricLoss": eager, "compile": compiled}
+    for name in backends:
+        providers[f"ops {name}"] = lambda x, y, name=name: ops.asymmetric_loss(x, y, backend=name)
+    return providers
+
+
+def attention_providers(backends, compile_backend):
+    providers = {"eager reference": reference.class_attention,
+                 "compile": torch.compile(reference.class_attention, backend=compile_backend, dynamic=False)}
+    for name in backends:
+        providers[f"ops {name}"] = lambda q, k, v, name=name: ops.class_attention(q, k, v, backend=name)
+    return providers
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats, nothing appended")
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; smoke: aot_eager)")
+    ap.add_argument("--out", default=None, help="folder for kernels_cpu.jsonl (default benchmarks/results)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats, nothing appended unless --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = 2 if args.smoke else args.repeats
+    compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
     avail = ops.available_backends(build=True)
     backends = [b for b in ("reference", "cpu") if avail[b][0]]
     info = meta()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {info['commit']}; backends: {backends}")
+    print(f"torch {info['torch']}, triton {info['triton']}, {torch.get_num_threads()} threads, commit {info['commit']}; "
+          f"backends: {backends}; compile backend: {compile_backend}")
     rows = []
 
-    def record(kernel, shape, provider, timing, base):
-        rows.append({"kernel": kernel, "mode": "forward+backward", "shape": shape, "provider": provider, **timing,
-                     "speedup_vs_eager": base / timing["p50_ms"], "threads": args.threads, **info})
-        print(f"{kernel:16s} {str(shape):22s} {provider:22s} p50 {timing['p50_ms']:9.3f} ms "
-              f"(p20 {timing['p20_ms']:.3f}, p80 {timing['p80_ms']:.3f})  {base / timing['p50_ms']:6.2f}x vs eager")
+    def run(kernel, shape, providers, call, reps):
+        base_ms = None
+        for provider, fn in providers.items():
+            result = measure(lambda: call(fn), reps)
+            base_ms = base_ms or result.get("p50_ms")  # the first provider is the eager baseline
+            row = {"benchmark": "kernels", "kernel": kernel, "mode": "forward+backward", "shape": list(shape),
+                   "dtype": "float32", "provider": provider, **result, "threads": args.threads, **info}
+            if provider == "compile":
+                row["compile_backend"] = compile_backend
+            if "p50_ms" in result:
+                row["speedup_vs_eager"] = base_ms / result["p50_ms"] if base_ms else None
+                peak = "-" if result["peak_bytes"] is None else f"{result['peak_bytes'] / 2**20:.2f} MiB"
+                print(f"{kernel:16s} {str(shape):22s} {provider:22s} p50 {result['p50_ms']:9.3f} ms "
+                      f"(p20 {result['p20_ms']:.3f}, p80 {result['p80_ms']:.3f})  "
+                      f"{row['speedup_vs_eager'] or float('nan'):6.2f}x vs eager  peak {peak}")
+            else:
+                print(f"{kernel:16s} {str(shape):22s} {provider:22s} FAILED {result['error'].splitlines()[0][:200]}")
+            rows.append(row)
 
-    eager_asl = AsymmetricLoss(gamma_neg=4, gamma_pos=0, clip=0.05)
+    asl = asl_providers(backends, compile_backend)
     for b, c in ([(64, 20)] if args.smoke else [(4096, 80), (256, 1000)]):
         x = torch.randn(b, c, requires_grad=True)
         y = torch.rand(b, c) > 0.9
-        base = percentiles_ms(lambda: torch.autograd.grad(eager_asl(x, y), x), repeats)
-        record("asl", [b, c], "eager AsymmetricLoss", base, base["p50_ms"])
-        for name in backends:
-            t = percentiles_ms(lambda name=name: torch.autograd.grad(ops.asymmetric_loss(x, y, backend=name), x), repeats)
-            record("asl", [b, c], f"ops {name}", t, base["p50_ms"])
+        run("asl", (b, c), asl, lambda fn: torch.autograd.grad(fn(x, y), x), repeats)
 
+    attention = attention_providers(backends, compile_backend)
     shapes = [(2, 20, 32, 49)] if args.smoke else [(32, 20, 128, 64), (8, 80, 256, 196), (4, 20, 768, 196)]
     for b, c, d, n in shapes:
         q = torch.randn(c, d, requires_grad=True)
         k = torch.randn(b, d, n, requires_grad=True)
         v = torch.randn(b, d, n, requires_grad=True)
-        reps = max(repeats // 3, 2)
-        base = percentiles_ms(lambda: torch.autograd.grad(reference.class_attention(q, k, v).sum(), (q, k, v)), reps)
-        record("class_attention", [b, c, d, n], "eager reference", base, base["p50_ms"])
-        for name in backends:
-            t = percentiles_ms(lambda name=name: torch.autograd.grad(ops.class_attention(q, k, v, backend=name).sum(), (q, k, v)), reps)
-            record("class_attention", [b, c, d, n], f"ops {name}", t, base["p50_ms"])
-    if not args.smoke:
-        print(f"appended {len(rows)} rows to {append_rows('kernels_cpu.jsonl', rows)}")
+        run("class_attention", (b, c, d, n), attention,
+            lambda fn: torch.autograd.grad(fn(q, k, v).sum(), (q, k, v)), max(repeats // 3, 2))
+    if not args.smoke or args.out:
+        print(f"appended {len(rows)} rows to {append_rows('kernels_cpu.jsonl', rows, args.out)}")
 
 
 if __name__ == "__main__":
