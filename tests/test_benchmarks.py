@@ -1,4 +1,6 @@
-"""The benchmarks run in smoke mode so they cannot rot; nothing here asserts a time."""
+"""The benchmarks run in smoke mode so they cannot rot; compare and plot run on small synthetic result
+sets and on the committed GPU results. Nothing here asserts a time."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -6,11 +8,36 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
+GPU_RUN = os.path.join(BENCH, "results", "gpu", "2026-11-26_h200_2612892", "gpu_check.json")
+LATER_GPU_RUN = os.path.join(BENCH, "results", "gpu", "2026-11-26_h200_f066e94", "gpu_check.json")
+
+
+def _load_common():
+    spec = importlib.util.spec_from_file_location("benchmarks_common", os.path.join(BENCH, "_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(script, *args, timeout=120):
     return subprocess.run([sys.executable, os.path.join(BENCH, script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _kernel_row(provider, p50, commit="aaaaaaa", date="2026-01-01T00:00:00+00:00", kernel="asl", shape=(8, 4), **extra):
+    return {"benchmark": "kernels", "kernel": kernel, "mode": "forward+backward", "shape": list(shape), "dtype": "float32",
+            "provider": provider, "p20_ms": 0.9 * p50, "p50_ms": p50, "p80_ms": 1.1 * p50, "peak_bytes": 1024,
+            "machine": {"device": "cpu (test)"}, "torch": "2.0", "triton": None, "commit": commit, "date": date, **extra}
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def _line(output, provider):
+    return next(line for line in output.splitlines() if f" {provider} " in line)
 
 
 def test_train_step_benchmark_smoke():
@@ -47,3 +74,55 @@ def test_kernels_benchmark_rows_carry_versions_percentiles_memory_and_compile(tm
         assert row["peak_method"] and (row["peak_bytes"] is None or row["peak_bytes"] >= 0)
     compiled = [row for row in rows if row["provider"] == "compile"]
     assert all(row["compile_backend"] == "aot_eager" for row in compiled)
+
+
+def test_compare_flags_a_regression_over_the_threshold_and_lists_unmatched_rows(tmp_path):
+    base = _write_jsonl(tmp_path / "base.jsonl", [_kernel_row("slower", 10.0), _kernel_row("steady", 10.0),
+                                                  _kernel_row("gone", 10.0)])
+    new = _write_jsonl(tmp_path / "new.jsonl", [_kernel_row("slower", 12.0, commit="bbbbbbb"),
+                                                _kernel_row("steady", 10.5, commit="bbbbbbb"),
+                                                _kernel_row("added", 1.0, commit="bbbbbbb")])
+    proc = _run("compare.py", base, new)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "REGRESSION" in _line(proc.stdout, "slower") and "1.2" in _line(proc.stdout, "slower")
+    assert "REGRESSION" not in _line(proc.stdout, "steady")
+    only_base, only_new = proc.stdout.index("only in base"), proc.stdout.index("only in new")
+    assert only_base < proc.stdout.index(" gone ") < only_new < proc.stdout.index(" added ")
+
+    assert _run("compare.py", base, new, "--no-fail").returncode == 0
+    assert _run("compare.py", base, new, "--threshold", "0.25").returncode == 0
+    assert _run("compare.py", base, new, "--filter", "provider=steady").returncode == 0
+
+
+def test_compare_uses_the_latest_of_repeated_runs_unless_told_which(tmp_path):
+    base = _write_jsonl(tmp_path / "base.jsonl", [
+        _kernel_row("fused", 5.0, commit="ccccccc", date="2026-01-02T00:00:00+00:00"),
+        _kernel_row("fused", 10.0, commit="aaaaaaa", date="2026-01-01T00:00:00+00:00"),  # older, though later in the file
+    ])
+    new = _write_jsonl(tmp_path / "new.jsonl", [_kernel_row("fused", 10.0, commit="ddddddd")])
+    assert _run("compare.py", base, new).returncode == 1  # against the latest base run (5 ms): 2x slower
+    assert _run("compare.py", base, new, "--base-select", "commit=aaaa").returncode == 0
+    within_one_file = _run("compare.py", base, base, "--base-select", "commit=aaaaaaa", "--new-select", "commit=ccccccc")
+    assert within_one_file.returncode == 0 and "faster" in _line(within_one_file.stdout, "fused")
+
+
+def test_compare_reads_gpu_check_json():
+    common = _load_common()
+    doc = json.load(open(GPU_RUN))
+    rows = common.load_rows([GPU_RUN])
+    timed = next(rec for rec in doc["benchmarks"]["asl"] if rec.get("ok"))
+    match = rows[(rows["op"] == "asl") & (rows["provider"] == timed["provider"]) & (rows["dtype"] == timed["dtype"])
+                 & (rows["shape"] == f"{timed['B']}x{timed['C']}")]
+    assert len(match) == 1 and match["median_ms"].iloc[0] == timed["median_ms"]
+    assert set(rows["commit"]) == {"2612892"}  # the run folder's name wins over the HEAD recorded inside
+    assert set(rows["device"]) == {doc["environment"]["device_name"]}
+    measured = sum(not rec.get("skipped") for family in ("asl", "attention", "grid") for rec in doc["benchmarks"][family])
+    forward_only = sum("fwd_median_ms" in rec for rec in doc["benchmarks"]["attention"])
+    assert len(rows) == measured + forward_only and (rows["mode"] == "forward").sum() == forward_only
+    assert rows["error"].notna().sum() == sum(not rec.get("ok") and not rec.get("skipped")
+                                              for family in ("asl", "attention", "grid") for rec in doc["benchmarks"][family])
+
+    same = _run("compare.py", GPU_RUN, GPU_RUN)
+    assert same.returncode == 0 and "0 regressions" in same.stdout, same.stdout + same.stderr
+    later = _run("compare.py", GPU_RUN, LATER_GPU_RUN, "--no-fail", "--filter", "provider=eager")
+    assert later.returncode == 0 and "attention" in later.stdout and "only in base" in later.stdout
