@@ -126,3 +126,27 @@ def test_compare_reads_gpu_check_json():
     assert same.returncode == 0 and "0 regressions" in same.stdout, same.stdout + same.stderr
     later = _run("compare.py", GPU_RUN, LATER_GPU_RUN, "--no-fail", "--filter", "provider=eager")
     assert later.returncode == 0 and "attention" in later.stdout and "only in base" in later.stdout
+
+
+def test_plot_writes_png_charts(tmp_path):
+    rows = [_kernel_row(provider, ms, commit=commit, date=date, shape=shape)
+            for commit, date, scale in (("aaaaaaa", "2026-01-01", 1.0), ("bbbbbbb", "2026-01-02", 0.8))
+            for provider, ms in (("eager", 4.0 * scale), ("ops cpu", 1.0 * scale))
+            for shape in ((8, 4), (16, 4))]
+    rows.append(_kernel_row("compile", 0.0, commit="bbbbbbb", error="BackendCompilerFailed: no compiler"))
+    rows[-1].pop("p50_ms")
+    rows += [{"benchmark": "train_step", "backbone": "smallcnn", "head": head, "image_size": 32, "batch": 2, "classes": 4,
+              "step_s_p50": 0.02, "step_s_p20": 0.018, "step_s_p80": 0.025, "images_per_s": 100.0, "peak_memory_bytes": None,
+              "machine": {"device": "cpu (test)"}, "torch": "2.0", "commit": "aaaaaaa", "date": "2026-01-01"}
+             for head in ("baseline", "cssfe")]
+    results = _write_jsonl(tmp_path / "results.jsonl", rows)
+    proc = _run("plot.py", results, "--out", tmp_path / "charts")
+    assert proc.returncode == 0, proc.stderr
+    written = proc.stdout.split()
+    names = {os.path.basename(path) for path in written}
+    assert names == {"kernels_asl_forward-backward_cpu-test.png", "train_step_cpu-test.png",
+                     "tracking_kernels_asl_cpu-test.png"}, names
+    for path in written:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(path) > 2000
