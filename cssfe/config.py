@@ -37,7 +37,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     num_workers: int = 0
-    seed: int = 0  # the bundled dataset's generation seed (fixed: it defines the dataset)
+    seed: int = 0  # the bundled dataset's generation seed (fixed: it defines the dataset); ODIR-5K's patient split
     head_min: int = 100  # a class with at least this many training positives is head
     tail_max: int = 20  # a class with fewer than this many training positives is tail
     augment: str = "digits"  # none | digits | natural (see cssfe/data/transforms.py)

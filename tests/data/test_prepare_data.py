@@ -76,6 +76,8 @@ def test_own_voc_folder_prepared_then_trained_end_to_end(tmp_path, capsys, one_t
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved["final"]["mAP"]) == {"total", "head", "medium", "tail"}
     assert np.isfinite(saved["final"]["mAP"]["total"])
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
 
 
 @pytest.mark.parametrize("name", ["lt_voc", "lt_coco", "odir5k"])

@@ -53,6 +53,8 @@ def test_bert_from_a_local_folder_matches_mean_pooling_and_caches(tiny_bert, tmp
     again = label_embeddings("bert", CLASSES, cache_dir=str(tmp_path), model=str(tiny_bert))
     torch.testing.assert_close(again, emb, rtol=0, atol=0)
     monkeypatch.undo()
+    fresh = label_embeddings("bert", CLASSES, cache_dir=str(tmp_path / "fresh"), model=str(tiny_bert))
+    torch.testing.assert_close(fresh, emb, rtol=0, atol=0)  # deterministic: recomputed, same numbers
     cls = label_embeddings("bert", CLASSES, cache_dir=str(tmp_path / "other"), model=str(tiny_bert), pooling="cls")
     assert not torch.allclose(cls, emb)
     assert not is_learnable("bert")
