@@ -27,6 +27,16 @@ def test_class_attention_other_dtypes(backend, dtype, poison):
     check_attention(backend, (3, 20, 64, 49), dtype, batched_q=True, seed=1)
 
 
+@pytest.mark.parametrize("block", [1, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_class_attention_in_position_blocks(native_backend, monkeypatch, poison, block, dtype):
+    """The C++ kernel's online softmax over blocks of positions (large inputs take it; forced here),
+    with a ragged last block (197 = 12 x 16 + 5) and shared or per-image queries."""
+    monkeypatch.setenv("CSSFE_CPU_ATTENTION_BLOCK", str(block))
+    check_attention("cpu", (3, 7, 64, 197), dtype, batched_q=False, seed=block)
+    check_attention("cpu", (2, 20, 96, 49), dtype, batched_q=True, seed=block + 1)
+
+
 @pytest.mark.parametrize("shape", ENHANCE_SHAPES)
 @pytest.mark.parametrize("mask", [True, False])
 def test_progressive_enhance_fp32(backend, shape, mask, poison):
