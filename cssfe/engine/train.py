@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -123,18 +123,24 @@ def _run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, progres
     }
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
-    """Train ``cfg``; see :func:`_train`. The CSSFE ops run on the ``cfg.kernels`` backend."""
+def train(cfg: TrainConfig, resume: bool = False,
+          on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Train ``cfg``; see :func:`_train`. The CSSFE ops run on the ``cfg.kernels`` backend.
+
+    ``on_epoch_end(record)``, if given, receives each epoch's log record (the ``log.jsonl`` line)
+    after that epoch's checkpoint is written, e.g. to report metrics to a scheduler.
+    """
     validate(cfg)
     if cfg.kernels not in ("auto", "reference"):
         available, reason = ops.available_backends(build=cfg.kernels == "cpu")[cfg.kernels]
         if not available:  # asked for and absent: say so before any work, never fall back
             raise RuntimeError(f"config key 'kernels': backend {cfg.kernels!r} is not available here: {reason}")
     with ops.use_backend(cfg.kernels):
-        return _train(cfg, resume)
+        return _train(cfg, resume, on_epoch_end)
 
 
-def _train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
+def _train(cfg: TrainConfig, resume: bool = False,
+           on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Train ``cfg`` and return ``{"final": metrics, "best": metrics, "best_epoch": int}``.
 
     With ``resume``, continue the run in ``cfg.output_dir`` from its last checkpoint (which may be
@@ -293,6 +299,8 @@ def _train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
                 f.write(json.dumps(record) + "\n")
             run.update(epoch=epoch + 1, step=0, loss_sum=0.0, good_steps=0, epoch_seconds=0.0)
             checkpoint()
+            if on_epoch_end is not None:  # after the checkpoint: a caller that stops the run here loses nothing
+                on_epoch_end(record)
             if stop.signum is not None:
                 raise TrainingInterrupted(stop.signum, last_path)
     if metrics is None:  # resumed a finished run: evaluate its final weights
