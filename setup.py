@@ -105,7 +105,9 @@ EXTRAS = {
     "datasets": ["pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0"],
     # GloVe and Word2Vec label embeddings (BERT uses transformers, already required).
     "embeddings": ["gensim>=4.0"],
-    "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0"],
+    # Ablation sweeps (launch/sweep.py): ray.tune.RunConfig / FailureConfig and ray.tune.report.
+    "sweep": ["ray[tune]>=2.40"],
+    "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0", "ray[tune]>=2.40"],
     "dev": ["pytest>=7", "hypothesis>=6", "ruff"],
 }
 

@@ -1,0 +1,71 @@
+"""``python launch/sweep.py --study NAME [options] [key=value ...]``: run an ablation study with
+Ray Tune, then print and write its table (Markdown, CSV) and chart (PNG).
+
+Studies: the files in configs/sweeps/ (losses, backbones, embeddings, mask, ...), or
+``--study custom --space FILE.yaml`` (or ``--study FILE.yaml``) for an own search space in the
+same format. ``key=value`` arguments override the config of every trial.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from cssfe.config import ConfigError
+from cssfe.sweep.runner import SweepOptions, experiment_dir, run_sweep
+from cssfe.sweep.studies import available_studies, load_study
+from cssfe.sweep.summary import summary_markdown, write_summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", required=True, help=f"one of {', '.join(available_studies())}, 'custom', or a study YAML file")
+    p.add_argument("--space", help="the study YAML file of --study custom")
+    p.add_argument("--seeds", help="comma-separated training seeds (default: the study's)")
+    p.add_argument("--variants", help="comma-separated variant labels to run (default: all)")
+    p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: start a local one)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="processes per trial; > 1 is a distributed trial (Ray Train + DeepSpeed, not implemented yet)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at a time (default: as resources allow)")
+    p.add_argument("--max-failures", type=int, default=1, help="retries of a trial that raises")
+    p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on total mAP)")
+    p.add_argument("--asha-grace-epochs", type=int, default=5)
+    p.add_argument("--storage", default="runs/sweeps", help="experiment folders go under this path (default: runs/sweeps)")
+    p.add_argument("--name", help="experiment folder name (default: the study's name)")
+    p.add_argument("--fresh", action="store_true", help="do not continue an interrupted sweep of the same name")
+    p.add_argument("--output", help="also write the table, CSVs and chart here (they always go to <experiment>/report)")
+    p.add_argument("overrides", nargs="*", help="key=value for every trial's config")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    source = args.study
+    if source == "custom":
+        if not args.space:
+            print("--study custom needs --space FILE.yaml", file=sys.stderr)
+            return 2
+        source = args.space
+    try:
+        study = load_study(source, seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+                           overrides=args.overrides, variants=args.variants.split(",") if args.variants else None)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = SweepOptions(
+        storage_path=args.storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
+        max_concurrent_trials=args.max_concurrent, max_failures=args.max_failures, asha=args.asha,
+        asha_grace_epochs=args.asha_grace_epochs, restore=not args.fresh,
+    )
+    outcome = run_sweep(study, options)
+    study, records = outcome["study"], outcome["records"]
+    print(summary_markdown(study, records))
+    for out_dir in filter(None, (os.path.join(experiment_dir(options, study), "report"), args.output)):
+        for kind, path in write_summary(study, records, out_dir).items():
+            print(f"wrote {kind}: {path}")
+    return 0 if all(r["status"] == "finished" for r in records) else 1

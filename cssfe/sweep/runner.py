@@ -1,0 +1,168 @@
+"""Run a study with Ray Tune: one trial per (variant, seed), resumable, with retries.
+
+``run_sweep(study, SweepOptions(...))`` starts a local Ray cluster (or joins one at ``address``),
+skips the variants that cannot be built here, and runs the rest as a grid of trials under
+``<storage_path>/<name>/``. If that folder already holds the same sweep, interrupted, it is
+restored with ``Tuner.restore``: finished trials are kept, unfinished and errored ones continue
+from their last epoch checkpoint. Returns the trial records that :mod:`cssfe.sweep.summary`
+turns into tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from cssfe.sweep.studies import Study
+from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
+
+PLAN_FILE = "sweep_plan.json"  # the study as the sweep first ran it: a restore reruns exactly this
+
+
+@dataclass
+class SweepOptions:
+    storage_path: str = "runs/sweeps"  # must be reachable from every node when joining a cluster
+    name: Optional[str] = None  # experiment folder name (default: the study's name)
+    address: Optional[str] = None  # None: start a local cluster; "auto" or "HOST:PORT": join one
+    num_cpus: Optional[int] = None  # CPUs of a local cluster (None: all)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1  # > 1: a distributed trial (TRIAL_RUNNERS["distributed"], not implemented)
+    max_concurrent_trials: int = 0  # 0: as many as resources allow
+    max_failures: int = 1  # retries of a trial that raises, each from its last epoch checkpoint
+    asha: bool = False  # stop weak trials early (ASHA on total mAP)
+    asha_grace_epochs: int = 5
+    restore: bool = True  # continue an interrupted sweep of the same name
+    verbose: int = 1  # Ray Tune's console output: 0 silent, 1 status, 2 every result
+
+
+def experiment_dir(options: SweepOptions, study: Study) -> str:
+    return os.path.join(os.path.abspath(options.storage_path), options.name or study.name)
+
+
+def make_plan(study: Study, options: SweepOptions, exp_dir: str) -> Dict[str, Any]:
+    """Everything a trial needs besides its (variant, seed): plain data, saved beside the experiment."""
+    from cssfe.engine.train import default_cache_dir
+
+    return {
+        "study": study.to_dict(),
+        # Beside the experiments, not inside one: studies that share a config share its run.
+        "trials_dir": os.path.join(os.path.dirname(exp_dir), "trials"),
+        "cache_dir": os.path.abspath(default_cache_dir()),
+        "workers_per_trial": options.workers_per_trial,
+        "fail_once_dir": os.environ.get(FAIL_ONCE_ENV),
+    }
+
+
+def _ensure_ray(options: SweepOptions) -> bool:
+    """Start or join a cluster unless this process is connected already; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if options.address:
+        ray.init(address=options.address)
+    else:
+        ray.init(num_cpus=options.num_cpus, include_dashboard=False)
+    return True
+
+
+def _trainable(plan: Dict[str, Any], options: SweepOptions):
+    from ray import tune
+
+    runner = TRIAL_RUNNERS["distributed" if plan["workers_per_trial"] > 1 else "single"]
+    resources = {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(runner, plan=plan), resources)
+
+
+def _records(study: Study, plan: Dict[str, Any], grid) -> List[Dict[str, Any]]:
+    """One record per trial: final metrics from its metrics.json, else its last report."""
+    records = []
+    for result in grid:
+        variant, seed = result.config["variant"], int(result.config["seed"])
+        run_dir = trial_dir(plan, study, variant, seed)
+        metrics = dict(result.metrics or {})
+        final = os.path.join(run_dir, "metrics.json")
+        status = "finished"
+        if os.path.isfile(final):
+            with open(final) as f:
+                block = json.load(f)["final"]
+            metrics.update({f"map_{k}": v for k, v in block["mAP"].items()})
+        elif result.error is not None:
+            status = "failed"
+        else:
+            status = "stopped early"  # by the scheduler (ASHA)
+        attempts = 0
+        if os.path.isfile(os.path.join(run_dir, "attempts.jsonl")):
+            with open(os.path.join(run_dir, "attempts.jsonl")) as f:
+                attempts = sum(1 for _ in f)
+        records.append({
+            "variant": variant, "seed": seed, "status": status, "epochs": metrics.get("epoch"),
+            **{g: metrics.get(f"map_{g}") for g in ("total", "head", "medium", "tail")},
+            "lambda": metrics.get("lambda"), "attempts": attempts,
+            "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}".splitlines()[0][:300],
+            "run_dir": run_dir,
+        })
+    order = {label: i for i, label in enumerate(study.variants)}
+    return sorted(records, key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
+
+
+def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
+    """Run (or continue) the sweep; returns {"study", "records", "experiment_dir"}."""
+    import ray
+    from ray import tune
+
+    from cssfe.sweep.preflight import check_variants
+
+    exp_dir = experiment_dir(options, study)
+    plan_path = os.path.join(exp_dir, PLAN_FILE)
+    # The experiment state is tiny: save it every second so that a trial that finished just before
+    # an interruption is known as finished (Ray's default waits up to 10 s).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    restoring = options.restore and os.path.isfile(plan_path) and tune.Tuner.can_restore(exp_dir)
+    if restoring:
+        with open(plan_path) as f:
+            plan = json.load(f)
+        study = Study.from_dict(plan["study"])
+        print(f"sweep: continuing the interrupted sweep in {exp_dir}", flush=True)
+    else:
+        check_variants(study)
+        for label, reason in study.skipped.items():
+            print(f"sweep: skipping variant {label!r}: {reason}", flush=True)
+        os.makedirs(exp_dir, exist_ok=True)
+        plan = make_plan(study, options, exp_dir)
+        with open(plan_path, "w") as f:
+            json.dump(plan, f, indent=1)
+    runnable = [label for label in study.variants if label not in study.skipped]
+    started = _ensure_ray(options)
+    try:
+        if not runnable:
+            return {"study": study, "records": [], "experiment_dir": exp_dir}
+        trainable = _trainable(plan, options)
+        if restoring:
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            scheduler = None
+            if options.asha:
+                from ray.tune.schedulers import ASHAScheduler
+
+                epochs = study.trial_config(runnable[0], study.seeds[0]).optim.epochs
+                scheduler = ASHAScheduler(time_attr="epoch", metric="map_total", mode="max", max_t=epochs,
+                                          grace_period=min(options.asha_grace_epochs, epochs))
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"variant": tune.grid_search(runnable), "seed": tune.grid_search(study.seeds)},
+                tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=options.max_concurrent_trials or None),
+                run_config=tune.RunConfig(
+                    name=os.path.basename(exp_dir),
+                    storage_path=os.path.dirname(exp_dir),
+                    failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                    verbose=options.verbose,
+                ),
+            )
+        grid = tuner.fit()
+        return {"study": study, "records": _records(study, plan, grid), "experiment_dir": exp_dir}
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,76 @@
+"""A finished sweep as the supplement shows its ablations: a table (rows = variants, columns =
+Total / Head / Medium / Tail mAP, mean ± std over seeds) in Markdown and CSV, the per-trial numbers
+in CSV, and a grouped bar chart (PNG). The table and the chart are those of :mod:`cssfe.report`."""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any, Dict, List
+
+import numpy as np
+
+from cssfe.report import COLUMNS, bar_chart, markdown_table
+from cssfe.sweep.studies import Study
+
+TRIAL_FIELDS = ("variant", "seed", "status", "epochs", *COLUMNS, "lambda", "attempts", "error")
+
+
+def finished_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
+    """{variant: [finished trials, 4]} in the study's order; variants without a finished trial left out."""
+    out = {}
+    for label in study.variants:
+        rows = [[r[c] for c in COLUMNS] for r in records if r["variant"] == label and r["status"] == "finished"]
+        if rows:
+            out[label] = np.asarray(rows, dtype=np.float64)
+    return out
+
+
+def summary_markdown(study: Study, records: List[Dict[str, Any]]) -> str:
+    variants = finished_by_variant(study, records)
+    lines = [f"### {study.title}", "", "mAP (%) of the final EMA model, mean ± sample std over seeds (n: finished trials).", ""]
+    lines.append(markdown_table(variants) if variants else "(no finished trial)")
+    notes = [f"- skipped **{label}**: {reason}" for label, reason in study.skipped.items()]
+    notes += [f"- {r['status']} **{r['variant']}** seed {r['seed']} after {r['attempts']} attempt(s)"
+              + (f": {r['error']}" if r["error"] else "") for r in records if r["status"] != "finished"]
+    retried = [r for r in records if r["status"] == "finished" and r["attempts"] > 1]
+    notes += [f"- retried **{r['variant']}** seed {r['seed']}: finished after {r['attempts']} starts" for r in retried]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: str, header, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> Dict[str, str]:
+    """Write ``<study>.md``, ``<study>.csv`` (one row per variant), ``trials.csv`` and ``<study>.png``
+    (when a trial finished); returns their paths by kind."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"markdown": os.path.join(out_dir, f"{study.name}.md"), "csv": os.path.join(out_dir, f"{study.name}.csv"),
+             "trials": os.path.join(out_dir, "trials.csv"), "png": os.path.join(out_dir, f"{study.name}.png")}
+    with open(paths["markdown"], "w") as f:
+        f.write(summary_markdown(study, records))
+    variants = finished_by_variant(study, records)
+    rows = []
+    for label in study.variants:
+        if label in study.skipped:
+            rows.append([label, 0, *[""] * (2 * len(COLUMNS)), "skipped: " + study.skipped[label]])
+            continue
+        values = variants.get(label)
+        if values is None:
+            rows.append([label, 0, *[""] * (2 * len(COLUMNS)), "no finished trial"])
+            continue
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
+        rows.append([label, len(values), *[f"{x:.4f}" for pair in zip(mean, std) for x in pair], ""])
+    _write_csv(paths["csv"], ["variant", "n", *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")], "note"], rows)
+    _write_csv(paths["trials"], TRIAL_FIELDS, [[r.get(k) for k in TRIAL_FIELDS] for r in records])
+    if variants:
+        bar_chart(variants, paths["png"], title=f"{study.title}: mAP (%), mean ± std over seeds")
+    else:
+        del paths["png"]
+    return paths

@@ -1,0 +1,118 @@
+"""One trial: ``train(cfg)`` for one (variant, seed) of a study, reporting mAP to Ray Tune each epoch.
+
+Each trial trains in a folder named by its seed and config digest, ``<storage>/trials/s<seed>-<hash>/``
+(the usual ``config.yaml``, ``log.jsonl``, ``checkpoints/``, ``metrics.json``), so a trial that is
+restarted (after a failure, or when an interrupted sweep is restored) continues from its last
+epoch checkpoint, and a trial whose ``metrics.json`` is already there, from this sweep or another
+study with the same config, is not trained again. A lock on the folder makes a second trial of
+the same config wait and reuse. ``attempts.jsonl`` gets one line per start: how often a trial ran.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from typing import Any, Dict
+
+from cssfe.sweep.studies import Study, config_hash, trial_key
+
+# Tests set this to a folder: a trial whose "<folder>/<trial>.fail" exists raises once after its
+# first epoch (leaving "<trial>.failed"), to exercise the retry path with a real failure.
+FAIL_ONCE_ENV = "CSSFE_SWEEP_FAIL_ONCE"
+
+
+class InjectedFailure(RuntimeError):
+    """The failure a test asked for (see FAIL_ONCE_ENV)."""
+
+
+def epoch_metrics(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A ``log.jsonl`` record flattened into the scalars a scheduler and a results table use."""
+    out: Dict[str, Any] = {"epoch": record["epoch"], "train_loss": record.get("train_loss")}
+    for block, prefix in (("mAP", "map_"), ("first_pass_mAP", "first_pass_map_")):
+        for group, value in (record.get(block) or {}).items():
+            out[prefix + group] = value
+    if "lambda" in record:
+        out["lambda"] = record["lambda"]
+    return out
+
+
+def _maybe_fail_once(plan: Dict[str, Any], key: str) -> None:
+    folder = plan.get("fail_once_dir")
+    if folder and os.path.isfile(os.path.join(folder, key + ".fail")) and not os.path.exists(os.path.join(folder, key + ".failed")):
+        open(os.path.join(folder, key + ".failed"), "w").close()
+        raise InjectedFailure(f"injected failure of trial {key} (test hook {FAIL_ONCE_ENV})")
+
+
+def trial_dir(plan: Dict[str, Any], study: Study, variant: str, seed: int) -> str:
+    cfg = study.trial_config(variant, seed)
+    return os.path.join(plan["trials_dir"], f"s{seed}-{config_hash(cfg)}")
+
+
+def run_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
+    """Ray Tune function trainable; ``config`` = {"variant", "seed"}, ``plan`` from :func:`cssfe.sweep.runner.make_plan`."""
+    import ray
+    import torch
+
+    variant, seed = config["variant"], int(config["seed"])
+    key = trial_key(variant, seed)
+    study = Study.from_dict(plan["study"])
+    run_dir = trial_dir(plan, study, variant, seed)
+    # As many threads as the trial was given CPUs: trials side by side must not oversubscribe cores.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+
+    cfg = study.trial_config(variant, seed, f"output_dir={run_dir}", "progress=false")
+    if cfg.cache_dir is None and plan.get("cache_dir"):
+        cfg.cache_dir = plan["cache_dir"]
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        _train_or_reuse(cfg, run_dir, plan, key)
+
+
+def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
+    from ray import tune
+
+    from cssfe.engine.train import train
+
+    done = os.path.join(run_dir, "metrics.json")
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    reuse = os.path.isfile(done)  # the folder is named by the config's digest
+    with open(os.path.join(run_dir, "attempts.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.time(), "action": "reuse" if reuse else "resume" if os.path.isfile(last) else "start"}) + "\n")
+
+    if reuse:  # trained by another study, or finished just before this sweep was interrupted
+        with open(done) as f:
+            final = json.load(f)["final"]
+        tune.report({"epoch": cfg.optim.epochs, **epoch_metrics({"epoch": cfg.optim.epochs, **final})})
+        return
+
+    reported = []
+
+    def report(record: Dict[str, Any]) -> None:
+        reported.append(record["epoch"])
+        tune.report(epoch_metrics(record))
+        _maybe_fail_once(plan, key)
+
+    result = train(cfg, resume=os.path.isfile(last), on_epoch_end=report)
+    if not reported:  # resumed a run whose last epoch was done: report its final metrics once
+        tune.report(epoch_metrics({"epoch": cfg.optim.epochs, **result["final"]}))
+
+
+def distributed_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
+    """Hook for trials that are themselves distributed (not implemented yet).
+
+    The plan: wrap the per-worker body of :func:`run_trial` in ``ray.train.torch.TorchTrainer``
+    (``ScalingConfig(num_workers=plan["workers_per_trial"], use_gpu=...)``), with the DeepSpeed
+    engine of ``cssfe.engine`` inside each worker, and give that trainer to the Tuner in place of
+    ``run_trial``; rank 0 reports the epoch metrics. It waits for DeepSpeed training in the engine.
+    """
+    raise NotImplementedError(
+        "distributed trials (workers_per_trial > 1: Ray Train TorchTrainer with DeepSpeed in each worker) "
+        "are not implemented yet; run one process per trial (workers_per_trial=1)"
+    )
+
+
+# How a trial runs, by the number of processes it spans.
+TRIAL_RUNNERS = {"single": run_trial, "distributed": distributed_trial}
