@@ -81,6 +81,17 @@ class OptimConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Used when a launcher (deepspeed, torchrun) started the process, or when deepspeed_config is set.
+    data.batch_size is then the global batch: micro-batch x grad_accum x world size."""
+
+    deepspeed_config: Optional[str] = None  # DeepSpeed JSON/YAML (configs/deepspeed/zero{1,2,3}.yaml); null: ZeRO stage 0
+    zero_stage: Optional[int] = None  # overrides the file's zero_optimization.stage: 0 | 1 | 2 | 3
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (DeepSpeed's mixed precision; optim.amp does not apply)
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -95,6 +106,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 Config = TrainConfig
@@ -288,5 +300,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'model.prompt' must contain '{{}}' or '{{class}}' for the class name, got {cfg.model.prompt!r}")
     if cfg.model.weights_path is not None and not os.path.isfile(cfg.model.weights_path):
         raise ConfigError(f"config key 'model.weights_path': file not found: {cfg.model.weights_path}")
+    if cfg.distributed.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"config key 'distributed.precision' must be fp32, bf16 or fp16, got {cfg.distributed.precision!r}")
+    if cfg.distributed.zero_stage is not None and cfg.distributed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'distributed.zero_stage' must be 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
+    positive("distributed.grad_accum", cfg.distributed.grad_accum)
+    if cfg.distributed.deepspeed_config is not None and not os.path.isfile(cfg.distributed.deepspeed_config):
+        raise ConfigError(f"config key 'distributed.deepspeed_config': file not found: {cfg.distributed.deepspeed_config}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

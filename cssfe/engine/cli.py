@@ -19,6 +19,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config file (default: built-in defaults, configs/default.yaml)")
     p.add_argument("--output-dir", help="where the run is written (default: runs/<time>-<head>-<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher; LOCAL_RANK is used
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
 

@@ -18,7 +18,7 @@ class ModelEMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if ema_v.dtype.is_floating_point:
-                ema_v.lerp_(v.detach(), 1 - self.decay)
+            if ema_v.dtype.is_floating_point:  # fp32 average even of a bf16/fp16 (DeepSpeed) model
+                ema_v.lerp_(v.detach().to(ema_v.dtype), 1 - self.decay)
             else:
                 ema_v.copy_(v)

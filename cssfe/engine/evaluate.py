@@ -1,7 +1,7 @@
 """Evaluation: scores of the whole evaluation set, then the long-tail metrics on fp32 scores."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -28,9 +28,13 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, pr
     return result
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader, groups: np.ndarray, device: torch.device, progress: bool = False) -> Dict:
-    """``{"mAP": {...}, "f1": {...}, "per_class_ap": [...]}``, plus ``first_pass_mAP`` for CSSFE heads."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, groups: np.ndarray, device: torch.device, progress: bool = False,
+             gather: Optional[Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]] = None) -> Dict:
+    """``{"mAP": {...}, "f1": {...}, "per_class_ap": [...]}``, plus ``first_pass_mAP`` for CSSFE heads.
+    ``gather`` joins the predictions of a shard of the evaluation set with the other ranks' shards."""
     pred = predict(model, loader, device, progress)
+    if gather is not None:
+        pred = gather(pred)
     metrics = evaluate_scores(pred["scores"], pred["targets"], groups)
     if "scores0" in pred:
         metrics["first_pass_mAP"] = evaluate_scores(pred["scores0"], pred["targets"], groups)["mAP"]

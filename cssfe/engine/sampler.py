@@ -9,10 +9,16 @@ from torch.utils.data import Sampler
 
 class EpochShuffle(Sampler[int]):
     """The order of epoch e depends only on (seed, e). ``set_epoch(e, start)`` skips the first
-    ``start`` indices, so a run resumed after k batches sees exactly the batches it had left."""
+    ``start`` indices, so a run resumed after k batches sees exactly the batches it had left.
 
-    def __init__(self, size: int, seed: int):
+    Over ``world_size`` ranks the one order is cut into blocks of ``micro_batch * world_size``
+    indices and rank r takes the r-th micro-batch of each block: together the ranks see exactly
+    the batches one process with the global batch would see (an incomplete last block is dropped).
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, micro_batch: int = 1):
         self.size, self.seed = size, seed
+        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -25,8 +31,19 @@ class EpochShuffle(Sampler[int]):
         torch.empty((), dtype=torch.int64).random_(generator=g)
         return torch.randperm(self.size, generator=g)
 
+    def _indices(self) -> torch.Tensor:
+        order = self.permutation()[self.start:]
+        if self.world_size == 1:
+            return order
+        block = self.micro_batch * self.world_size
+        blocks = len(order) // block
+        return order[: blocks * block].view(blocks, self.world_size, self.micro_batch)[:, self.rank].reshape(-1)
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation()[self.start:].tolist())
+        return iter(self._indices().tolist())
 
     def __len__(self) -> int:
-        return self.size - self.start
+        if self.world_size == 1:
+            return self.size - self.start
+        block = self.micro_batch * self.world_size
+        return (self.size - self.start) // block * self.micro_batch

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cssfe import ops
 from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
+from cssfe.engine import distributed
 from cssfe.engine.checkpoint import load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
 from cssfe.engine.ema import ModelEMA
 from cssfe.engine.evaluate import evaluate, format_table
@@ -123,6 +124,69 @@ def _run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, progres
     }
 
 
+# ----------------------------------------------------------------------------- DeepSpeed steps and checkpoints
+def _ds_step(engine, loss, loss_scale, run, signum, update_ema, consecutive_bad, device):
+    """One micro-batch under DeepSpeed. The ranks agree (one all-reduce) on the global batch's loss
+    and on whether any of them got a stop signal, so they all skip or all stop together.
+    Returns (consecutive non-finite steps, agreed signal number or 0, the global micro-batch loss)."""
+    import torch.distributed as dist
+
+    flags = torch.tensor([loss.item(), 1.0 if signum else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(flags)
+    total, stops = float(flags[0]), float(flags[1])
+    if math.isfinite(total):
+        engine.backward(loss * loss_scale)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()  # optimizer, clipping, zeroing and the LR schedule at accumulation boundaries
+        if boundary:
+            update_ema()
+        run["loss_sum"] += total
+        run["good_steps"] += 1
+        consecutive_bad = 0
+    else:  # never apply a non-finite update: every rank skips this micro-batch
+        run["skipped_steps"] += 1
+        consecutive_bad += 1
+    return consecutive_bad, (signum or 15) if stops else 0, total
+
+
+def _ds_client_path(ds_dir: str, tag: str, rank: int) -> str:
+    return os.path.join(ds_dir, tag, f"cssfe_rank{rank}.pt")
+
+
+def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
+    """Every rank writes its own state (EMA, RNG, position) into the tag folder first; DeepSpeed then
+    writes the model and optimizer shards and, last, ``latest``: a run killed half-way resumes from
+    the previous complete tag. Older tags than the previous one are removed."""
+    run = client["run"]
+    tag = f"epoch{run['epoch']:04d}-step{run['step']:06d}"
+    save_checkpoint(client, _ds_client_path(ds_dir, tag, ctx.rank))
+    engine.save_checkpoint(ds_dir, tag=tag, client_state={"world_size": ctx.world_size})
+    if ctx.main:
+        import shutil
+
+        tags = sorted(t for t in os.listdir(ds_dir) if t.startswith("epoch") and os.path.isdir(os.path.join(ds_dir, t)))
+        for old in tags[:-2]:
+            shutil.rmtree(os.path.join(ds_dir, old), ignore_errors=True)
+
+
+def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> str:
+    """Load the newest complete DeepSpeed checkpoint; returns its tag."""
+    with open(os.path.join(ds_dir, "latest")) as f:
+        tag = f.read().strip()
+    client_path = _ds_client_path(ds_dir, tag, ctx.rank)
+    if not os.path.isfile(client_path):
+        saved = torch.load(_ds_client_path(ds_dir, tag, 0), map_location="cpu", weights_only=False)
+        raise ValueError(
+            f"cannot resume {ds_dir} with {ctx.world_size} ranks: tag {tag} was written by {saved['world_size']}; "
+            "resume with the same world size, or convert it first (docs/distributed.md)")
+    saved = torch.load(client_path, map_location="cpu", weights_only=False)
+    _check_resume_config(saved["config"], cfg, ds_dir)
+    load_path, _ = engine.load_checkpoint(ds_dir, tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"--resume: DeepSpeed found no checkpoint {tag} in {ds_dir}")
+    return tag
+
+
 def train(cfg: TrainConfig, resume: bool = False,
           on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Train ``cfg``; see :func:`_train`. The CSSFE ops run on the ``cfg.kernels`` backend.
@@ -151,6 +215,12 @@ def _train(cfg: TrainConfig, resume: bool = False,
     out_dir = cfg.output_dir
     last_path = os.path.join(out_dir, "checkpoints", "last.pt")
     best_path = os.path.join(out_dir, "checkpoints", "best.pt")
+    ds_dir = os.path.join(out_dir, "checkpoints", "deepspeed")
+    use_ds = distributed.wanted(cfg)
+    ds_config = None
+    if use_ds:  # the batch arithmetic and the DeepSpeed file are checked before any work
+        ds_config = distributed.deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        last_path = os.path.join(ds_dir, "latest")  # DeepSpeed's pointer to the newest complete checkpoint
     if resume and not (os.path.isfile(last_path) or os.path.isfile(previous_path(last_path))):
         raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
     if not resume and os.path.exists(last_path):
@@ -158,37 +228,84 @@ def _train(cfg: TrainConfig, resume: bool = False,
             f"{out_dir} already holds a run ({last_path}); pass --resume to continue it or choose another --output-dir"
         )
     device = select_device(cfg.device)
+    ctx = distributed.Context()
+    if use_ds:
+        ctx = distributed.init(device.type)
+        if device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
+            torch.cuda.set_device(device)
+    show = cfg.progress and ctx.main  # rank 0 alone prints progress
     cache_dir = cfg.cache_dir or default_cache_dir()
     seed_everything(cfg.seed)
 
-    data = build_data(cfg.data, cache_dir, progress=cfg.progress)
+    # Rank 0 fills the dataset and embedding caches first; the others then read them.
+    if ctx.world_size > 1 and not ctx.main:
+        torch.distributed.barrier()
+    data = build_data(cfg.data, cache_dir, progress=show)
     loss_fn = build_loss(cfg.loss.name, data.class_freq, len(data.train), **cfg.loss.params)
     model = build_model(cfg.model, data.class_names, data.groups, cfg.data.image_size, cache_dir).to(device)
-    ema = ModelEMA(model, cfg.optim.ema_decay)
+    if ctx.world_size > 1 and ctx.main:
+        torch.distributed.barrier()
+    ema = ModelEMA(model, cfg.optim.ema_decay)  # before DeepSpeed: ZeRO-3 partitions the model's parameters
 
-    sampler = EpochShuffle(len(data.train), cfg.seed)
     batch_size = cfg.data.batch_size
+    micro = ds_config["train_micro_batch_size_per_gpu"] if use_ds else batch_size
+    accum = cfg.distributed.grad_accum if use_ds else 1
+    if use_ds and len(data.train) < batch_size:
+        raise ValueError(f"the training set has {len(data.train)} images, fewer than data.batch_size={batch_size}")
+    sampler = EpochShuffle(len(data.train), cfg.seed, ctx.rank, ctx.world_size, micro)
     train_loader = DataLoader(
         data.train,
-        batch_size=batch_size,
+        batch_size=micro,
         sampler=sampler,
         generator=torch.Generator(),  # the loader's own seed draw stays off the global RNG
         drop_last=len(data.train) > batch_size,  # no size-1 batch for batch norm
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
     )
-    test_loader = DataLoader(data.test, batch_size=cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-    steps_per_epoch = len(data.train) // batch_size if len(data.train) > batch_size else 1
+    test_set = data.test
+    if ctx.world_size > 1:  # each rank scores its own contiguous shard; no padded duplicates
+        test_set = torch.utils.data.Subset(data.test, distributed.shard_range(len(data.test), ctx.rank, ctx.world_size))
+    test_loader = DataLoader(test_set, batch_size=cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    gather = distributed.gather_predictions if ctx.world_size > 1 else None
+    optimizer_steps = len(data.train) // batch_size if len(data.train) > batch_size else 1
+    steps_per_epoch = optimizer_steps * accum  # loader iterations (micro-batches) per epoch
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.optim.lr, total_steps=cfg.optim.epochs * steps_per_epoch, pct_start=cfg.optim.pct_start
+        optimizer, max_lr=cfg.optim.lr, total_steps=cfg.optim.epochs * optimizer_steps, pct_start=cfg.optim.pct_start
     )
     autocast, scaler = _amp_context(device, cfg.optim.amp)
+    engine = None
+    if use_ds:
+        import deepspeed
+
+        autocast, scaler = contextlib.nullcontext, None  # DeepSpeed's own precision (distributed.precision)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        model = engine.module
+    input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.distributed.precision) if use_ds else None
+    # Sum-reduced losses: DeepSpeed averages gradients over ranks and accumulation steps, one
+    # process sums over the global batch; scaling the micro-batch loss makes the two agree.
+    loss_scale = float(ctx.world_size * accum) if use_ds and getattr(loss_fn, "reduction", "sum") == "sum" else 1.0
+    zero3 = use_ds and ds_config["zero_optimization"]["stage"] == 3
+
+    def update_ema() -> None:
+        if zero3:
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                ema.update(model)
+        else:
+            ema.update(model)
 
     # Everything about where the run stands, saved with every checkpoint.
     run = {"epoch": 0, "step": 0, "loss_sum": 0.0, "good_steps": 0, "skipped_steps": 0, "epoch_seconds": 0.0,
            "best_total": -math.inf, "best_metrics": None, "best_epoch": -1}
-    if resume:
+    if resume and use_ds:
+        tag = _ds_resume(engine, ds_dir, cfg, ctx)
+        state = torch.load(_ds_client_path(ds_dir, tag, ctx.rank), map_location="cpu", weights_only=False)
+        ema.module.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        run.update({k: state["run"][k] for k in run if k in state["run"]})
+    elif resume:
         state = load_latest(last_path)
         _check_resume_config(state["config"], cfg, last_path)
         model.load_state_dict(state["model"])
@@ -200,33 +317,66 @@ def _train(cfg: TrainConfig, resume: bool = False,
         set_rng_state(state["rng"])
         run.update({k: state[k] for k in run if k in state})
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    if data.skipped:
+    if ctx.main:
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    if data.skipped and ctx.main:
         with open(os.path.join(out_dir, "skipped_images.txt"), "w") as f:
             f.writelines(f"{path}\t{reason}\n" for path, reason in data.skipped)
 
     def checkpoint() -> None:
-        save_checkpoint(_run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, run), last_path, keep_previous=True)
+        if engine is None:
+            save_checkpoint(_run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, run), last_path, keep_previous=True)
+        else:
+            _ds_checkpoint(engine, ds_dir, ctx, {"run": dict(run), "ema": ema.module.state_dict(), "rng": rng_state(),
+                                                 "config": to_dict(cfg), "world_size": ctx.world_size})
+
+    rank_log = None
+    if use_ds:  # every rank logs to its own file
+        os.makedirs(os.path.join(out_dir, "ranks"), exist_ok=True)
+        rank_log = os.path.join(out_dir, "ranks", f"rank{ctx.rank}.log")
 
     has_aux = cfg.model.head == "cssfe" and cfg.model.enhance
     metrics: Optional[Dict[str, Any]] = None
     log_path = os.path.join(out_dir, "log.jsonl")
     consecutive_bad = 0
+    stop_signum = 0  # under DeepSpeed: a signal any rank received, agreed on by all at each step
     with StopRequest() as stop:
         for epoch in range(run["epoch"], cfg.optim.epochs):
-            sampler.set_epoch(epoch, start=run["step"] * batch_size)
             model.train()
             t0 = time.time() - run["epoch_seconds"]
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not cfg.progress, leave=False,
+            sampler.set_epoch(epoch, start=run["step"] * micro * ctx.world_size)
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not show, leave=False,
                        initial=run["step"], total=steps_per_epoch)
             for images, labels, _ in bar:
+                if run["step"] >= steps_per_epoch:  # whole optimizer steps only (grad_accum)
+                    break
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if input_dtype is not None:
+                    images = images.to(input_dtype)
                 with autocast():
-                    out = model(images)
+                    out = (engine or model)(images)
                 loss = loss_fn(out["logits"].float(), labels)
                 if has_aux:
                     loss = loss + cfg.model.aux_weight * loss_fn(out["logits0"].float(), labels)
+                if engine is not None:
+                    consecutive_bad, stop_signum, step_loss = _ds_step(
+                        engine, loss, loss_scale, run, stop.signum, update_ema, consecutive_bad, device)
+                    if consecutive_bad >= cfg.max_nonfinite_steps:
+                        raise TrainingDiverged(
+                            f"{consecutive_bad} consecutive steps with a non-finite loss (epoch {epoch + 1}, step "
+                            f"{run['step'] + 1}); stopped. The last good checkpoint is {last_path}. "
+                            "Try a lower optim.lr, distributed.precision=fp32 or a smaller optim.grad_clip.")
+                    run["step"] += 1
+                    bar.set_postfix(loss=f"{step_loss:.3f}")
+                    periodic = cfg.checkpoint_every_steps and run["step"] % cfg.checkpoint_every_steps == 0
+                    if (stop_signum or periodic) and run["step"] < steps_per_epoch:
+                        run["epoch_seconds"] = time.time() - t0
+                        checkpoint()
+                        if stop_signum:
+                            bar.close()
+                            raise TrainingInterrupted(stop_signum, last_path)
+                    continue
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -273,45 +423,58 @@ def _train(cfg: TrainConfig, resume: bool = False,
                 "epoch_seconds": round(time.time() - t0, 3),
             }
             if hasattr(model.head, "lam"):
-                record["lambda"] = float(model.head.lam.detach())
+                record["lambda"] = float(model.head.lam.detach().float())
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
-                metrics = evaluate(ema.module, test_loader, data.groups, device, progress=cfg.progress)
+                if ctx.world_size > 1:
+                    distributed.broadcast_buffers(ema.module)
+                metrics = evaluate(ema.module, test_loader, data.groups, device, progress=show, gather=gather)
                 record.update({k: metrics[k] for k in ("mAP", "f1", "first_pass_mAP") if k in metrics})
                 if metrics["mAP"]["total"] > run["best_total"]:
                     run.update(best_total=metrics["mAP"]["total"], best_metrics=metrics, best_epoch=epoch + 1)
-                    save_checkpoint(
-                        {
-                            "model": ema.module.state_dict(),
-                            "config": to_dict(cfg),
-                            "epoch": epoch + 1,
-                            "metrics": metrics,
-                            "class_names": data.class_names,
-                            "groups": data.groups.tolist(),
-                            "class_freq": data.class_freq.tolist(),
-                        },
-                        best_path,
-                    )
-                if cfg.progress:
+                    if ctx.main:
+                        save_checkpoint(
+                            {
+                                "model": ema.module.state_dict(),
+                                "config": to_dict(cfg),
+                                "epoch": epoch + 1,
+                                "metrics": metrics,
+                                "class_names": data.class_names,
+                                "groups": data.groups.tolist(),
+                                "class_freq": data.class_freq.tolist(),
+                            },
+                            best_path,
+                        )
+                if show:
                     lam = f", lambda {record['lambda']:.3f}" if "lambda" in record else ""
                     tqdm.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.4f}{lam}\n"
                                + format_table(_metric_rows(metrics, "EMA model")))
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if ctx.main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if rank_log is not None:
+                with open(rank_log, "a") as f:
+                    f.write(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "epoch": epoch + 1,
+                                        "train_loss": record["train_loss"], "epoch_seconds": record["epoch_seconds"],
+                                        "micro_batches": run["step"], "micro_batch": micro}) + "\n")
             run.update(epoch=epoch + 1, step=0, loss_sum=0.0, good_steps=0, epoch_seconds=0.0)
             checkpoint()
             if on_epoch_end is not None:  # after the checkpoint: a caller that stops the run here loses nothing
                 on_epoch_end(record)
-            if stop.signum is not None:
-                raise TrainingInterrupted(stop.signum, last_path)
+            signum = stop_signum if engine is not None else stop.signum
+            if signum:
+                raise TrainingInterrupted(signum, last_path)
     if metrics is None:  # resumed a finished run: evaluate its final weights
-        metrics = evaluate(ema.module, test_loader, data.groups, device)
+        if ctx.world_size > 1:
+            distributed.broadcast_buffers(ema.module)
+        metrics = evaluate(ema.module, test_loader, data.groups, device, gather=gather)
     best_metrics, best_epoch = run["best_metrics"], run["best_epoch"]
     result = {"final": metrics, "best": best_metrics, "best_epoch": best_epoch,
               "groups": {n: int((data.groups == g).sum()) for g, n in enumerate(GROUP_NAMES)},
               "skipped_steps": run["skipped_steps"], "skipped_images": len(data.skipped)}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    if cfg.progress:
+    if ctx.main:
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    if show:
         rows = {**_metric_rows(metrics, "final"), f"best (epoch {best_epoch})": best_metrics["mAP"]}
         print(format_table(rows))
         print(f"F1 (final): weighted {metrics['f1']['weighted']:.3f}, micro {metrics['f1']['micro']:.3f}, macro {metrics['f1']['macro']:.3f}")

@@ -20,11 +20,16 @@ BACKBONES: Registry[nn.Module] = Registry("backbone")
 class SmallCNN(nn.Module):
     """A CPU-friendly conv net for the bundled 64x64 digits: stride 8, 128 channels."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, norm: str = "batch"):
         super().__init__()
 
+        def normalization(channels: int) -> nn.Module:
+            # group norm: each image normalised on its own, so the result does not depend on how a
+            # batch is split over processes (batch norm's statistics are per rank without SyncBN)
+            return nn.BatchNorm2d(channels) if norm == "batch" else nn.GroupNorm(8, channels)
+
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), normalization(cout), nn.ReLU(inplace=True))
 
         self.body = nn.Sequential(
             block(3, width, 2),
@@ -106,14 +111,24 @@ def _load_weights(model: nn.Module, name: str, weights, pretrained: bool, weight
         raise RuntimeError(f"weights for backbone {name!r} lack {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-@BACKBONES.register("smallcnn")
-def _smallcnn(pretrained: bool = False, weights_path: Optional[str] = None, image_size: int = 64) -> nn.Module:
+def _small(norm: str, name: str, pretrained: bool, weights_path: Optional[str]) -> nn.Module:
     if pretrained:
-        raise ValueError("backbone 'smallcnn' has no pretrained weights; set model.pretrained=false")
-    net = SmallCNN()
+        raise ValueError(f"backbone {name!r} has no pretrained weights; set model.pretrained=false")
+    net = SmallCNN(norm=norm)
     if weights_path is not None:
         net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return net
+
+
+@BACKBONES.register("smallcnn")
+def _smallcnn(pretrained: bool = False, weights_path: Optional[str] = None, image_size: int = 64) -> nn.Module:
+    return _small("batch", "smallcnn", pretrained, weights_path)
+
+
+@BACKBONES.register("smallcnn_gn")
+def _smallcnn_gn(pretrained: bool = False, weights_path: Optional[str] = None, image_size: int = 64) -> nn.Module:
+    """smallcnn with group norm: batch-size independent (exact comparisons across world sizes)."""
+    return _small("group", "smallcnn_gn", pretrained, weights_path)
 
 
 @BACKBONES.register("resnet50")

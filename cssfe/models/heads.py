@@ -34,6 +34,13 @@ class BaselineHead(nn.Module):
         return {"logits": self.fc(feats.mean(dim=(2, 3)))}
 
 
+def _lam_raw_from_scalar(state_dict, prefix, *args) -> None:
+    """Checkpoints written before lam_raw had shape [1] hold it as a 0-d tensor."""
+    key = prefix + "lam_raw"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class CSSFEHead(nn.Module):
     """Label-dependent class activation maps, progressive enhancement, semantic fusion classifier.
 
@@ -78,13 +85,15 @@ class CSSFEHead(nn.Module):
         self.global_fc = nn.Linear(in_channels, num_classes, bias=False) if global_branch else None
         self.enhance, self.mask, self.gate, self.tau = enhance, mask, gate, tau
         # lambda = softplus(raw) > 0, initialised to 1, so 1 + lambda * gate * sum(R) never reaches 0.
-        self.lam_raw = nn.Parameter(torch.tensor(math.log(math.e - 1)))
+        # Shape [1], not 0-d: DeepSpeed's parameter broadcast and flattening reject 0-d tensors.
+        self.lam_raw = nn.Parameter(torch.full((1,), math.log(math.e - 1)))
+        self._register_load_state_dict_pre_hook(_lam_raw_from_scalar)
         if not learnable_embeddings:
             self.register_buffer("_affinity", ops.semantic_affinity(emb, self.groups, mask, tau), persistent=False)
 
     @property
     def lam(self) -> torch.Tensor:
-        return F.softplus(self.lam_raw)
+        return F.softplus(self.lam_raw).reshape(())
 
     def affinity(self, mask: Optional[bool] = None) -> torch.Tensor:
         """R under the model's mask setting, or under ``mask`` when given (for explanations)."""

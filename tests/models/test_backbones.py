@@ -4,7 +4,7 @@ import torch
 
 from cssfe.models.backbones import BACKBONES, build_backbone
 
-SHAPES = {"smallcnn": (64, 128, 8), "resnet50": (64, 2048, 2), "vgg16": (64, 512, 2), "vit_b_16": (32, 768, 2)}
+SHAPES = {"smallcnn": (64, 128, 8), "smallcnn_gn": (64, 128, 8), "resnet50": (64, 2048, 2), "vgg16": (64, 512, 2), "vit_b_16": (32, 768, 2)}
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())

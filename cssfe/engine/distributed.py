@@ -1,0 +1,151 @@
+"""Multi-process training with DeepSpeed: who launched us, the DeepSpeed config, gathered evaluation.
+
+``deepspeed launch/train.py``, ``torchrun`` and multi-node launchers set RANK and WORLD_SIZE; a
+config with ``distributed.deepspeed_config`` asks for DeepSpeed in a single process too. CPU ranks
+use DeepSpeed's CPU accelerator with the gloo backend; GPU ranks use NCCL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from cssfe.config import ConfigError, TrainConfig
+
+PRECISION_SECTIONS = {
+    "fp32": {},
+    "bf16": {"bf16": {"enabled": True}},
+    "fp16": {"fp16": {"enabled": True, "initial_scale_power": 16}},
+}
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def launched() -> bool:
+    """True when a launcher (deepspeed, torchrun, a scheduler) started this process as one rank."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def wanted(cfg: TrainConfig) -> bool:
+    return launched() or cfg.distributed.deepspeed_config is not None
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(device_type: str) -> Context:
+    """Join the process group (a group of one without a launcher, so DeepSpeed skips MPI discovery)."""
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    if not launched():
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _read_file(path: str) -> Dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config key 'distributed.deepspeed_config': cannot read {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key 'distributed.deepspeed_config': {path} must hold a mapping")
+    return data
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed config of this run, with the batch arithmetic checked before any work:
+    data.batch_size (global) = micro-batch x distributed.grad_accum x world size."""
+    d = cfg.distributed
+    path = d.deepspeed_config
+    base = _read_file(path) if path else {}
+    where = f"{path}: " if path else ""
+    zero = dict(base.get("zero_optimization") or {})
+    stage = d.zero_stage if d.zero_stage is not None else zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    zero["stage"] = stage
+    accum = d.grad_accum
+    micro, rest = divmod(cfg.data.batch_size, accum * world_size)
+    if rest or micro == 0:
+        raise ConfigError(
+            f"config key 'data.batch_size' ({cfg.data.batch_size}, the global batch) must be a multiple of "
+            f"distributed.grad_accum ({accum}) x world size ({world_size}) = {accum * world_size}: "
+            f"global = micro-batch x accumulation x world size")
+    batch = {"train_batch_size": cfg.data.batch_size, "train_micro_batch_size_per_gpu": micro,
+             "gradient_accumulation_steps": accum}
+    for key, value in batch.items():
+        if key in base and base[key] != value:
+            raise ConfigError(f"{where}{key} is {base[key]}, but the cssfe config gives {value} "
+                              f"(data.batch_size={cfg.data.batch_size}, distributed.grad_accum={accum}, world size {world_size})")
+    for name in ("bf16", "fp16"):
+        enabled = bool((base.get(name) or {}).get("enabled", False))
+        if enabled and d.precision != name:
+            raise ConfigError(f"{where}{name} is enabled, but distributed.precision is {d.precision!r}; set one of them")
+    out = {k: v for k, v in base.items() if k not in ("bf16", "fp16")}
+    out.update(batch)
+    out.update(PRECISION_SECTIONS[d.precision])
+    out["zero_optimization"] = zero
+    out["gradient_clipping"] = cfg.optim.grad_clip
+    out.setdefault("steps_per_print", 1 << 30)  # our own progress bar and log report the steps
+    out.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW, with our parameter groups
+    return out
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Make every rank hold rank 0's buffers (batch-norm statistics are per rank: no SyncBN on CPU)."""
+    import torch.distributed as dist
+
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def shard_range(size: int, rank: int, world_size: int) -> range:
+    """Contiguous, disjoint, covering: each test image is evaluated by exactly one rank."""
+    return range(size * rank // world_size, size * (rank + 1) // world_size)
+
+
+def gather_predictions(local: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Every rank's predictions, concatenated in rank order (= the test set's order)."""
+    import torch.distributed as dist
+
+    parts: List[Optional[Dict[str, np.ndarray]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {k: np.concatenate([p[k] for p in parts]) for k in local}
