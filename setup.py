@@ -107,7 +107,10 @@ EXTRAS = {
     "embeddings": ["gensim>=4.0"],
     # Ablation sweeps (launch/sweep.py): ray.tune.RunConfig / FailureConfig and ray.tune.report.
     "sweep": ["ray[tune]>=2.40"],
-    "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0", "ray[tune]>=2.40"],
+    # Multi-process / multi-node training (deepspeed launch/train.py), CPU ranks included.
+    "distributed": ["deepspeed>=0.16"],
+    "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0", "ray[tune]>=2.40",
+             "deepspeed>=0.16"],
     "dev": ["pytest>=7", "hypothesis>=6", "ruff"],
 }
 
