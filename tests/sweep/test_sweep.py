@@ -1,0 +1,126 @@
+"""Ray Tune sweeps end to end on the bundled data with tiny trials, on one shared 2-CPU Ray cluster:
+the table / CSV / chart of a small grid, a skipped variant, a retried failure, and an interrupted
+sweep that resumes without training its finished trials again."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from cssfe.sweep import SweepOptions, load_study, run_sweep  # noqa: E402
+from cssfe.sweep.cli import main as sweep_main  # noqa: E402
+from cssfe.sweep.trainable import FAIL_ONCE_ENV, trial_dir  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# One epoch at 32 px with learnable random label embeddings: a trial takes a few seconds.
+TINY = {"optim.epochs": 1, "data.image_size": 32, "model.embedding": "rie", "model.dim": 16}
+
+
+@pytest.fixture(scope="module")
+def cluster(bundled_root):
+    """One local Ray cluster for the module (starting one costs seconds); the dataset exists first."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _study_file(tmp_path, variants, seeds=(0, 1), **overrides):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"title": "Tiny", "overrides": {**TINY, **overrides}, "seeds": list(seeds),
+                                    "variants": variants}, sort_keys=False))
+    return str(path)
+
+
+def _attempts(run_dir):
+    with open(os.path.join(run_dir, "attempts.jsonl")) as f:
+        return [json.loads(line)["action"] for line in f]
+
+
+def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
+    study = _study_file(tmp_path, {
+        "mask": {},
+        "no mask": {"model.mask": False},
+        "GloVe": {"model.embedding": "glove", "model.embedding_options": {"path": str(tmp_path / "absent.txt")}},
+    })
+    out = tmp_path / "report"
+    rc = sweep_main(["--study", "custom", "--space", study, "--storage", str(tmp_path / "sweeps"), "--output", str(out)])
+    assert rc == 0
+
+    rows = {r["variant"]: r for r in csv.DictReader(open(out / "tiny.csv"))}
+    assert list(rows) == ["mask", "no mask", "GloVe"]
+    assert rows["mask"]["n"] == rows["no mask"]["n"] == "2"
+    assert rows["GloVe"]["n"] == "0" and "skipped" in rows["GloVe"]["note"] and "absent.txt" in rows["GloVe"]["note"]
+    # The table's mean is the mean of the trials' own metrics.json (final EMA model).
+    trials = list(csv.DictReader(open(out / "trials.csv")))
+    assert len(trials) == 4 and all(t["status"] == "finished" and t["epochs"] == "1" for t in trials)
+    loaded = load_study(study)
+    plan = {"trials_dir": str(tmp_path / "sweeps" / "trials")}
+    finals = [json.load(open(os.path.join(trial_dir(plan, loaded, "mask", s), "metrics.json")))["final"]["mAP"]["tail"]
+              for s in (0, 1)]
+    assert float(rows["mask"]["tail_mean"]) == pytest.approx(sum(finals) / 2, abs=1e-3)
+    assert finals[0] != finals[1]  # the seeds are really different runs
+
+    table = (out / "tiny.md").read_text()
+    assert "| mask | " in table and "| no mask | " in table and "skipped **GloVe**" in table
+    assert (out / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Also written beside the experiment.
+    assert (tmp_path / "sweeps" / "tiny" / "report" / "tiny.md").read_text() == table
+
+
+def test_a_trial_that_raises_is_retried_from_its_checkpoint(cluster, tmp_path, monkeypatch):
+    fail_dir = tmp_path / "fail"
+    fail_dir.mkdir()
+    (fail_dir / "mask_s0.fail").touch()  # only this trial fails, once, after its first epoch
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(fail_dir))
+    study = load_study(_study_file(tmp_path, {"mask": {}}, **{"optim.epochs": 2}))
+    outcome = run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), max_failures=1, verbose=0))
+
+    records = {r["seed"]: r for r in outcome["records"]}
+    assert (fail_dir / "mask_s0.failed").exists()
+    assert all(r["status"] == "finished" and r["epochs"] == 2 for r in records.values())
+    assert _attempts(records[0]["run_dir"]) == ["start", "resume"]  # continued after epoch 1, not from scratch
+    assert _attempts(records[1]["run_dir"]) == ["start"]
+    log = [json.loads(line)["epoch"] for line in open(os.path.join(records[0]["run_dir"], "log.jsonl"))]
+    assert log == [1, 2]
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, tmp_path):
+    study_path = _study_file(tmp_path, {"mask": {}}, seeds=(0, 1, 2))
+    storage = tmp_path / "sweeps"
+    study = load_study(study_path)
+    plan = {"trials_dir": str(storage / "trials")}
+    dirs = [trial_dir(plan, study, "mask", s) for s in (0, 1, 2)]
+    # A driver of its own, on the same cluster (--address), one trial at a time, killed after the first.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "launch", "sweep.py"), "--study", study_path, "--storage", str(storage),
+         "--address", cluster, "--max-concurrent", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not any(os.path.isfile(os.path.join(d, "metrics.json")) for d in dirs):
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+        time.sleep(2.5)  # the experiment state is saved every second
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    done_before = [d for d in dirs if os.path.isfile(os.path.join(d, "metrics.json"))]
+    assert 1 <= len(done_before) < 3
+    stamps = {d: os.path.getmtime(os.path.join(d, "metrics.json")) for d in done_before}
+
+    outcome = run_sweep(study, SweepOptions(storage_path=str(storage), verbose=0))
+    assert sorted(r["seed"] for r in outcome["records"]) == [0, 1, 2]
+    assert all(r["status"] == "finished" for r in outcome["records"])
+    for d in done_before:  # neither trained nor evaluated again
+        assert _attempts(d) == ["start"]
+        assert os.path.getmtime(os.path.join(d, "metrics.json")) == stamps[d]
