@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from cssfe.sweep.studies import Study
-from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
+from cssfe.sweep.trainable import DISTRIBUTED_NOT_READY, FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
 
 PLAN_FILE = "sweep_plan.json"  # the study as the sweep first ran it: a restore reruns exactly this
 
@@ -115,6 +115,8 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
 
     from cssfe.sweep.preflight import check_variants
 
+    if options.workers_per_trial > 1:  # say so before any work, not once per trial
+        raise NotImplementedError(DISTRIBUTED_NOT_READY)
     exp_dir = experiment_dir(options, study)
     plan_path = os.path.join(exp_dir, PLAN_FILE)
     # The experiment state is tiny: save it every second so that a trial that finished just before

@@ -108,10 +108,13 @@ def distributed_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
     engine of ``cssfe.engine`` inside each worker, and give that trainer to the Tuner in place of
     ``run_trial``; rank 0 reports the epoch metrics. It waits for DeepSpeed training in the engine.
     """
-    raise NotImplementedError(
-        "distributed trials (workers_per_trial > 1: Ray Train TorchTrainer with DeepSpeed in each worker) "
-        "are not implemented yet; run one process per trial (workers_per_trial=1)"
-    )
+    raise NotImplementedError(DISTRIBUTED_NOT_READY)
+
+
+DISTRIBUTED_NOT_READY = (
+    "distributed trials (workers_per_trial > 1: Ray Train TorchTrainer with DeepSpeed in each worker) "
+    "are not implemented yet; run one process per trial (workers_per_trial=1)"
+)
 
 
 # How a trial runs, by the number of processes it spans.
