@@ -1,0 +1,249 @@
+"""DeepSpeed training on CPU ranks (gloo): equivalence with one process, sharded evaluation, resume
+after SIGKILL, a two-node run simulated on one machine, bad DeepSpeed configs.
+
+Every run uses one thread per rank (CPU training with more threads is not bitwise reproducible).
+"""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cssfe.config import ConfigError, load_config, validate
+from cssfe.data.split_files import read_classes, read_split, write_split_folder
+from cssfe.engine import distributed
+from cssfe.engine.sampler import EpochShuffle
+from cssfe.engine.train import train
+
+pytest.importorskip("deepspeed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
+ZERO2 = os.path.join(ROOT, "configs", "deepspeed", "zero2.yaml")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT}
+
+
+@pytest.fixture(autouse=True)
+def _remove_shared_memory_buffers():
+    """DeepSpeed's CPU all-reduce leaves a /dev/shm buffer per rank behind."""
+    before = set(glob.glob("/dev/shm/deepspeed_*"))
+    yield
+    for path in set(glob.glob("/dev/shm/deepspeed_*")) - before:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def tiny_root(bundled_root, tmp_path_factory):
+    """96 training and 45 test images of the bundled data (45: not divisible by 2 ranks)."""
+    out = tmp_path_factory.mktemp("tiny_split")
+    names = read_classes(bundled_root)
+    ids, labels = {}, {}
+    for split, n in (("train", 96), ("test", 45)):
+        split_ids, split_labels = read_split(bundled_root, split, len(names))
+        ids[split] = split_ids[:n]
+        labels[split] = [list(map(int, np.flatnonzero(row))) for row in split_labels[:n]]
+    write_split_folder(str(out), names, ids, labels, head_min=10, tail_max=3)
+    os.symlink(os.path.join(bundled_root, "images"), out / "images")
+    return str(out)
+
+
+def _tiny(root):
+    # group norm and no augmentation: the numbers cannot depend on how a batch is split over ranks
+    return ["data.name=split_folder", f"data.root={root}", "model.backbone=smallcnn_gn", "model.embedding=rie",
+            "model.dim=16", "data.augment=none", "data.batch_size=16", "optim.epochs=2", "progress=false"]
+
+
+def _deepspeed(out, args, ranks=2, resume=False, extra_launcher=(), wait=True):
+    cmd = [*DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_port()), *extra_launcher, TRAIN,
+           "--output-dir", str(out), *(["--resume"] if resume else []), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True, cwd=ROOT)
+    if not wait:
+        return proc
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def _log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _ds_weights(out):
+    with open(os.path.join(out, "checkpoints", "deepspeed", "latest")) as f:
+        tag = f.read().strip()
+    state = torch.load(os.path.join(out, "checkpoints", "deepspeed", tag, "mp_rank_00_model_states.pt"),
+                       map_location="cpu", weights_only=False)
+    return state["module"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_root, tmp_path_factory, one_thread_module):
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(load_config(None, [*_tiny(tiny_root), f"output_dir={out}"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks") / "run"
+    _deepspeed(out, [*_tiny(tiny_root), f"distributed.deepspeed_config={ZERO2}"])
+    return out
+
+
+def test_two_ranks_with_micro_batch_b_match_one_process_with_2b(one_process, two_ranks):
+    """Global batch 16: two ranks of micro-batch 8 against one process of 16. The 45 test images
+    are scored in two shards (22 + 23) and gathered: the metrics are the single-process ones."""
+    single, double = _metrics(one_process), _metrics(two_ranks)
+    for which in ("final", "best"):
+        for group, value in single[which]["mAP"].items():
+            assert double[which]["mAP"][group] == pytest.approx(value, abs=1e-6), (which, group)
+    for a, b in zip(_log(one_process), _log(two_ranks)):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    plain = torch.load(os.path.join(one_process, "checkpoints", "last.pt"), map_location="cpu", weights_only=False)["model"]
+    ds = _ds_weights(two_ranks)
+    assert plain.keys() == ds.keys()
+    # The key projection's bias shifts every score of a class by the same q.b, which the softmax
+    # over positions cancels: its true gradient is 0, and Adam turns the rounding noise left in it
+    # into full-size steps of either sign. Every other parameter must agree.
+    gradient_free = {"head.key.bias"}
+    for name, value in plain.items():
+        if name not in gradient_free:
+            torch.testing.assert_close(ds[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    ranks = sorted(os.listdir(os.path.join(two_ranks, "ranks")))
+    assert ranks == ["rank0.log", "rank1.log"]
+
+
+def test_test_shards_cover_each_image_once():
+    for size in (1, 2, 45, 1000):
+        for world in (1, 2, 3, 8):
+            shards = [distributed.shard_range(size, r, world) for r in range(world)]
+            assert [i for s in shards for i in s] == list(range(size))
+
+
+def test_rank_shards_of_the_sampler_make_up_the_global_batches():
+    whole = EpochShuffle(100, seed=3)
+    whole.set_epoch(2, start=16)
+    ranks = [EpochShuffle(100, seed=3, rank=r, world_size=2, micro_batch=8) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(2, start=16)
+    order = list(whole)
+    rank_orders = [list(s) for s in ranks]
+    assert all(len(r) == len(s) for r, s in zip(rank_orders, ranks))
+    for step in range(len(rank_orders[0]) // 8):
+        batch = order[16 * step:16 * (step + 1)]
+        assert rank_orders[0][8 * step:8 * (step + 1)] + rank_orders[1][8 * step:8 * (step + 1)] == batch
+
+
+def test_two_node_run_on_one_machine_matches_two_local_ranks(tiny_root, two_ranks, tmp_path):
+    """Two launcher invocations, one CPU rank each, joined through a two-host hostfile."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out, port = tmp_path / "run", _port()
+    args = [*_tiny(tiny_root), f"distributed.deepspeed_config={ZERO2}"]
+    procs = []
+    for node in (0, 1):
+        cmd = [*DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), TRAIN, "--output-dir", str(out), *args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                                      start_new_session=True, cwd=ROOT))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    assert _metrics(out)["final"]["mAP"] == _metrics(two_ranks)["final"]["mAP"]
+
+
+# ------------------------------------------------------------------------------------ resume after SIGKILL
+def _killable(out, extra=()):
+    # the whole bundled training set (35 steps an epoch), so there is time to kill it mid-epoch
+    return ["data.image_size=32", "model.embedding=rie", "model.dim=16", "optim.epochs=2", "progress=false",
+            f"distributed.deepspeed_config={ZERO2}", *extra]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    whole = tmp_path / "whole"
+    _deepspeed(whole, _killable(whole))
+    out = tmp_path / "killed"
+    proc = _deepspeed(out, _killable(out, ["checkpoint_every_steps=5"]), wait=False)
+    latest = out / "checkpoints" / "deepspeed" / "latest"
+    start = time.time()
+    while not (latest.exists() and latest.read_text().strip().startswith("epoch0001-step")):
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()[0][-3000:]}")
+        assert time.time() - start < 600, "no mid-epoch checkpoint in the second epoch"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.communicate(timeout=60)
+    assert not (out / "metrics.json").exists()
+    _deepspeed(out, _killable(out, ["checkpoint_every_steps=5"]), resume=True)
+    assert _metrics(out)["final"] == _metrics(whole)["final"]
+
+
+# ------------------------------------------------------------------------------------ bad configs
+def test_impossible_batch_arithmetic_fails_before_any_work(tmp_path):
+    cfg = load_config(None, ["data.batch_size=10", "distributed.grad_accum=4", f"distributed.deepspeed_config={ZERO2}",
+                             "data.name=split_folder", f"data.root={tmp_path / 'missing'}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"data.batch_size.*\(10.*grad_accum \(4\)"):
+        train(cfg)  # the data root does not exist: reaching it would raise something else
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_zero_stage_fails_before_any_work(tmp_path):
+    bad = tmp_path / "zero9.yaml"
+    bad.write_text("zero_optimization:\n  stage: 9\n")
+    cfg = load_config(None, [f"distributed.deepspeed_config={bad}", "data.name=split_folder",
+                             f"data.root={tmp_path / 'missing'}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"zero9.yaml.*stage must be 0, 1, 2 or 3, got 9"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="distributed.zero_stage"):
+        validate(load_config(None, ["distributed.zero_stage=4"]))
+
+
+def test_deepspeed_file_that_contradicts_the_config_is_refused(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 1}}))
+    cfg = load_config(None, [f"distributed.deepspeed_config={bad}", "data.batch_size=32"])
+    with pytest.raises(ConfigError, match=r"ds.json: train_batch_size is 64, but the cssfe config gives 32"):
+        distributed.deepspeed_config(cfg, world_size=2)
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text("bf16:\n  enabled: true\n")
+    cfg = load_config(None, [f"distributed.deepspeed_config={bf16}"])
+    with pytest.raises(ConfigError, match="bf16 is enabled, but distributed.precision is 'fp32'"):
+        distributed.deepspeed_config(cfg, world_size=1)
+    good = distributed.deepspeed_config(load_config(None, ["data.batch_size=32", "distributed.grad_accum=2",
+                                                           "distributed.precision=bf16", "distributed.zero_stage=3"]), 4)
+    assert (good["train_micro_batch_size_per_gpu"], good["gradient_accumulation_steps"], good["train_batch_size"]) == (4, 2, 32)
+    assert good["bf16"] == {"enabled": True} and good["zero_optimization"]["stage"] == 3
