@@ -149,6 +149,14 @@ def _ds_step(engine, loss, loss_scale, run, signum, update_ema, consecutive_bad,
     return consecutive_bad, (signum or 15) if stops else 0, total
 
 
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def _read_tag(ds_dir: str) -> str:
+    with open(os.path.join(ds_dir, "latest")) as f:
+        return f.read().strip()
+
+
 def _ds_client_path(ds_dir: str, tag: str, rank: int) -> str:
     return os.path.join(ds_dir, tag, f"cssfe_rank{rank}.pt")
 
@@ -160,7 +168,9 @@ def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
     run = client["run"]
     tag = f"epoch{run['epoch']:04d}-step{run['step']:06d}"
     save_checkpoint(client, _ds_client_path(ds_dir, tag, ctx.rank))
-    engine.save_checkpoint(ds_dir, tag=tag, client_state={"world_size": ctx.world_size})
+    # universal_checkpoint_info lets DeepSpeed's ds_to_universal convert the tag (resume at another world size)
+    engine.save_checkpoint(ds_dir, tag=tag, client_state={"world_size": ctx.world_size,
+                                                          "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
     if ctx.main:
         import shutil
 
@@ -171,15 +181,15 @@ def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
 
 def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> str:
     """Load the newest complete DeepSpeed checkpoint; returns its tag."""
-    with open(os.path.join(ds_dir, "latest")) as f:
-        tag = f.read().strip()
-    client_path = _ds_client_path(ds_dir, tag, ctx.rank)
-    if not os.path.isfile(client_path):
-        saved = torch.load(_ds_client_path(ds_dir, tag, 0), map_location="cpu", weights_only=False)
+    tag = _read_tag(ds_dir)
+    saved = torch.load(_ds_client_path(ds_dir, tag, 0), map_location="cpu", weights_only=False)
+    if saved["world_size"] != ctx.world_size and not tag.endswith(UNIVERSAL_SUFFIX):
         raise ValueError(
-            f"cannot resume {ds_dir} with {ctx.world_size} ranks: tag {tag} was written by {saved['world_size']}; "
-            "resume with the same world size, or convert it first (docs/distributed.md)")
-    saved = torch.load(client_path, map_location="cpu", weights_only=False)
+            f"cannot resume {ds_dir} with {ctx.world_size} ranks: checkpoint {tag} was written by {saved['world_size']}. "
+            f"Resume with {saved['world_size']} ranks, or convert it first: python -m cssfe.engine.reshard {os.path.dirname(os.path.dirname(ds_dir))}")
+    client_path = _ds_client_path(ds_dir, tag, ctx.rank)
+    if os.path.isfile(client_path):  # this rank's own EMA, RNG state and position
+        saved = torch.load(client_path, map_location="cpu", weights_only=False)
     _check_resume_config(saved["config"], cfg, ds_dir)
     load_path, _ = engine.load_checkpoint(ds_dir, tag=tag)
     if load_path is None:
@@ -221,6 +231,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
     if use_ds:  # the batch arithmetic and the DeepSpeed file are checked before any work
         ds_config = distributed.deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         last_path = os.path.join(ds_dir, "latest")  # DeepSpeed's pointer to the newest complete checkpoint
+        if resume and os.path.isfile(last_path) and _read_tag(ds_dir).endswith(UNIVERSAL_SUFFIX):
+            ds_config["checkpoint"] = {"load_universal": True}  # converted by cssfe.engine.reshard
     if resume and not (os.path.isfile(last_path) or os.path.isfile(previous_path(last_path))):
         raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
     if not resume and os.path.exists(last_path):

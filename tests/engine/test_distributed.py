@@ -247,3 +247,30 @@ def test_deepspeed_file_that_contradicts_the_config_is_refused(tmp_path):
                                                            "distributed.precision=bf16", "distributed.zero_stage=3"]), 4)
     assert (good["train_micro_batch_size_per_gpu"], good["gradient_accumulation_steps"], good["train_batch_size"]) == (4, 2, 32)
     assert good["bf16"] == {"enabled": True} and good["zero_optimization"]["stage"] == 3
+
+
+# ------------------------------------------------------------------------------------ another world size
+def test_resume_at_another_world_size_after_conversion(tiny_root, tmp_path):
+    """A two-rank run's mid-epoch checkpoint, resumed by one process: refused as it is, accepted
+    after ``python -m cssfe.engine.reshard``, and it ends where the two-rank run ended."""
+    args = [*_tiny(tiny_root), f"distributed.deepspeed_config={ZERO2}", "checkpoint_every_steps=3"]
+    whole = tmp_path / "two"
+    _deepspeed(whole, args)
+    ds_dir = whole / "checkpoints" / "deepspeed"
+    assert sorted(t for t in os.listdir(ds_dir) if t.startswith("epoch")) == ["epoch0001-step000003", "epoch0002-step000000"]
+    expected = _metrics(whole)["final"]
+    (ds_dir / "latest").write_text("epoch0001-step000003")  # as if killed right after that checkpoint
+    os.remove(whole / "metrics.json")
+    resume = [sys.executable, TRAIN, "--resume", "--output-dir", str(whole), *args]
+    proc = subprocess.run(resume, capture_output=True, text=True, env=_env(), cwd=ROOT)
+    assert proc.returncode == 2 and "written by 2" in proc.stderr and "cssfe.engine.reshard" in proc.stderr, proc.stderr[-3000:]
+    conv = subprocess.run([sys.executable, "-m", "cssfe.engine.reshard", str(whole)], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    assert (ds_dir / "latest").read_text() == "epoch0001-step000003_universal"
+    lines_before = len(_log(whole))
+    proc = subprocess.run(resume, capture_output=True, text=True, env=_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["epoch"] for r in _log(whole)[lines_before:]] == [2]  # continued inside epoch 2, not restarted
+    for group, value in expected["mAP"].items():
+        assert _metrics(whole)["final"]["mAP"][group] == pytest.approx(value, abs=1e-6)
