@@ -150,7 +150,9 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
                 from ray.tune.schedulers import ASHAScheduler
 
                 epochs = study.trial_config(runnable[0], study.seeds[0]).optim.epochs
-                scheduler = ASHAScheduler(time_attr="epoch", metric="map_total", mode="max", max_t=epochs,
+                # max_t one past the last epoch: at max_t ASHA stops a trial, which would cut the
+                # trial off between its last report and the metrics.json that train() writes after it.
+                scheduler = ASHAScheduler(time_attr="epoch", metric="map_total", mode="max", max_t=epochs + 1,
                                           grace_period=min(options.asha_grace_epochs, epochs))
             tuner = tune.Tuner(
                 trainable,
