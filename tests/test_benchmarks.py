@@ -150,3 +150,20 @@ def test_plot_writes_png_charts(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert os.path.getsize(path) > 2000
+
+
+def test_distributed_benchmark_smoke_writes_rows(tmp_path):
+    """Two CPU ranks on the bundled data through the real launcher; rows go to --out, not results/."""
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    results = os.path.join(BENCH, "results", "distributed.jsonl")
+    before = os.path.getsize(results) if os.path.exists(results) else None
+    proc = _run("distributed.py", "--smoke", "--ranks", "2", "--out", tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if "2 rank(s)" in l)
+    assert "img/s" in line and "peak RSS per rank" in line
+    row = json.loads((tmp_path / "distributed.jsonl").read_text().splitlines()[0])
+    assert row["ranks"] == 2 and row["global_batch"] == 32 and row["images_per_s"] > 0
+    assert all(r > 0 for r in row["peak_rss_bytes_per_rank"]) and {"machine", "torch", "commit", "date"} <= set(row)
+    assert (os.path.getsize(results) if os.path.exists(results) else None) == before

@@ -152,6 +152,12 @@ def _ds_step(engine, loss, loss_scale, run, signum, update_ema, consecutive_bad,
 UNIVERSAL_SUFFIX = "_universal"
 
 
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _read_tag(ds_dir: str) -> str:
     with open(os.path.join(ds_dir, "latest")) as f:
         return f.read().strip()
@@ -467,7 +473,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
                 with open(rank_log, "a") as f:
                     f.write(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "epoch": epoch + 1,
                                         "train_loss": record["train_loss"], "epoch_seconds": record["epoch_seconds"],
-                                        "micro_batches": run["step"], "micro_batch": micro}) + "\n")
+                                        "micro_batches": run["step"], "micro_batch": micro,
+                                        "peak_rss_bytes": _peak_rss_bytes()}) + "\n")
             run.update(epoch=epoch + 1, step=0, loss_sum=0.0, good_steps=0, epoch_seconds=0.0)
             checkpoint()
             if on_epoch_end is not None:  # after the checkpoint: a caller that stops the run here loses nothing
