@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from cssfe.config import ConfigError
-from cssfe.sweep.runner import SweepOptions, experiment_dir, run_sweep
+from cssfe.sweep.runner import SweepOptions, current_records, experiment_dir, run_sweep
 from cssfe.sweep.studies import available_studies, load_study
 from cssfe.sweep.summary import summary_markdown, write_summary
 
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="runs/sweeps", help="experiment folders go under this path (default: runs/sweeps)")
     p.add_argument("--name", help="experiment folder name (default: the study's name)")
     p.add_argument("--fresh", action="store_true", help="do not continue an interrupted sweep of the same name")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: the table of the trials finished so far (e.g. while the sweep runs elsewhere)")
     p.add_argument("--output", help="also write the table, CSVs and chart here (they always go to <experiment>/report)")
     p.add_argument("overrides", nargs="*", help="key=value for every trial's config")
     return p
@@ -62,10 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         max_concurrent_trials=args.max_concurrent, max_failures=args.max_failures, asha=args.asha,
         asha_grace_epochs=args.asha_grace_epochs, restore=not args.fresh,
     )
-    outcome = run_sweep(study, options)
+    outcome = current_records(options, study) if args.report_only else run_sweep(study, options)
     study, records = outcome["study"], outcome["records"]
     print(summary_markdown(study, records))
     for out_dir in filter(None, (os.path.join(experiment_dir(options, study), "report"), args.output)):
         for kind, path in write_summary(study, records, out_dir).items():
             print(f"wrote {kind}: {path}")
-    return 0 if all(r["status"] == "finished" for r in records) else 1
+    return 0 if all(r["status"] == "finished" for r in records) else 1  # also while unfinished (--report-only)

@@ -76,36 +76,57 @@ def _trainable(plan: Dict[str, Any], options: SweepOptions):
     return tune.with_resources(tune.with_parameters(runner, plan=plan), resources)
 
 
-def _records(study: Study, plan: Dict[str, Any], grid) -> List[Dict[str, Any]]:
-    """One record per trial: final metrics from its metrics.json, else its last report."""
-    records = []
-    for result in grid:
-        variant, seed = result.config["variant"], int(result.config["seed"])
-        run_dir = trial_dir(plan, study, variant, seed)
-        metrics = dict(result.metrics or {})
-        final = os.path.join(run_dir, "metrics.json")
-        status = "finished"
-        if os.path.isfile(final):
-            with open(final) as f:
-                block = json.load(f)["final"]
-            metrics.update({f"map_{k}": v for k, v in block["mAP"].items()})
-        elif result.error is not None:
-            status = "failed"
-        else:
-            status = "stopped early"  # by the scheduler (ASHA)
-        attempts = 0
-        if os.path.isfile(os.path.join(run_dir, "attempts.jsonl")):
-            with open(os.path.join(run_dir, "attempts.jsonl")) as f:
-                attempts = sum(1 for _ in f)
-        records.append({
-            "variant": variant, "seed": seed, "status": status, "epochs": metrics.get("epoch"),
-            **{g: metrics.get(f"map_{g}") for g in ("total", "head", "medium", "tail")},
-            "lambda": metrics.get("lambda"), "attempts": attempts,
-            "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}".splitlines()[0][:300],
-            "run_dir": run_dir,
-        })
+def trial_record(study: Study, plan: Dict[str, Any], variant: str, seed: int, tune_status: Optional[str] = None,
+                 error: Optional[BaseException] = None) -> Dict[str, Any]:
+    """One trial as its run folder shows it: final metrics from metrics.json when it finished, else
+    those of its last logged epoch. ``tune_status`` (from Ray's results) tells a trial the scheduler
+    stopped (ASHA) from one that has not ended yet."""
+    run_dir = trial_dir(plan, study, variant, seed)
+    log_path, final_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "metrics.json")
+    record: Dict[str, Any] = {"variant": variant, "seed": seed, "epochs": 0, "lambda": None, "error": None, "run_dir": run_dir,
+                              **{g: None for g in ("total", "head", "medium", "tail")}}
+    if os.path.isfile(log_path):
+        with open(log_path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        if lines:
+            last = lines[-1]
+            record.update(epochs=last["epoch"], **{"lambda": last.get("lambda")}, **(last.get("mAP") or {}))
+    if os.path.isfile(final_path):
+        with open(final_path) as f:
+            record.update(json.load(f)["final"]["mAP"])
+        record["status"] = "finished"
+    elif error is not None:
+        record["status"] = "failed"
+        record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    else:
+        record["status"] = "stopped early" if tune_status == "done" else "unfinished"
+    attempts = os.path.join(run_dir, "attempts.jsonl")
+    record["attempts"] = sum(1 for _ in open(attempts)) if os.path.isfile(attempts) else 0
+    return record
+
+
+def _order(study: Study, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     order = {label: i for i, label in enumerate(study.variants)}
     return sorted(records, key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
+
+
+def _records(study: Study, plan: Dict[str, Any], grid) -> List[Dict[str, Any]]:
+    return _order(study, [trial_record(study, plan, r.config["trial"]["variant"], int(r.config["trial"]["seed"]),
+                                       tune_status="done", error=r.error) for r in grid])
+
+
+def current_records(options: SweepOptions, study: Study) -> Dict[str, Any]:
+    """The sweep as its folders show it now, without Ray: for a table of a sweep still running
+    (unfinished trials are listed, not averaged). Returns what :func:`run_sweep` returns."""
+    exp_dir = experiment_dir(options, study)
+    plan_path = os.path.join(exp_dir, PLAN_FILE)
+    if not os.path.isfile(plan_path):
+        raise FileNotFoundError(f"no sweep in {exp_dir} (no {PLAN_FILE})")
+    with open(plan_path) as f:
+        plan = json.load(f)
+    study = Study.from_dict(plan["study"])
+    records = [trial_record(study, plan, v, s) for v in study.variants if v not in study.skipped for s in study.seeds]
+    return {"study": study, "records": _order(study, records), "experiment_dir": exp_dir}
 
 
 def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
@@ -156,7 +177,9 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
                                           grace_period=min(options.asha_grace_epochs, epochs))
             tuner = tune.Tuner(
                 trainable,
-                param_space={"variant": tune.grid_search(runnable), "seed": tune.grid_search(study.seeds)},
+                # One grid dimension in an explicit order, seed by seed: a sweep cut short has every
+                # variant at the same number of seeds.
+                param_space={"trial": tune.grid_search([{"variant": v, "seed": s} for s in study.seeds for v in runnable])},
                 tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=options.max_concurrent_trials or None),
                 run_config=tune.RunConfig(
                     name=os.path.basename(exp_dir),

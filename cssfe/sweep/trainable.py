@@ -50,11 +50,12 @@ def trial_dir(plan: Dict[str, Any], study: Study, variant: str, seed: int) -> st
 
 
 def run_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
-    """Ray Tune function trainable; ``config`` = {"variant", "seed"}, ``plan`` from :func:`cssfe.sweep.runner.make_plan`."""
+    """Ray Tune function trainable; ``config`` = {"trial": {"variant", "seed"}}, ``plan`` from
+    :func:`cssfe.sweep.runner.make_plan`."""
     import ray
     import torch
 
-    variant, seed = config["variant"], int(config["seed"])
+    variant, seed = config["trial"]["variant"], int(config["trial"]["seed"])
     key = trial_key(variant, seed)
     study = Study.from_dict(plan["study"])
     run_dir = trial_dir(plan, study, variant, seed)
