@@ -14,16 +14,19 @@ class TrainingInterrupted(Exception):
 
 class StopRequest:
     """Context manager: while active, the first SIGTERM / SIGINT sets ``signum`` instead of killing
-    the process (a second one acts as usual). Only the main thread can install handlers."""
+    the process (a second one acts as usual, unless ``second_signal_kills`` is false: launchers such
+    as DeepSpeed's forward the signal a rank may already have had from its process group).
+    Only the main thread can install handlers."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, second_signal_kills: bool = True):
         self.signum: Optional[int] = None
+        self.second_signal_kills = second_signal_kills
         self._previous = {}
 
     def _handler(self, signum, frame):
-        if self.signum is not None:  # second signal: give up waiting for the step boundary
+        if self.signum is not None and self.second_signal_kills:  # give up waiting for the step boundary
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
             return

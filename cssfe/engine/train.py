@@ -359,7 +359,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
     log_path = os.path.join(out_dir, "log.jsonl")
     consecutive_bad = 0
     stop_signum = 0  # under DeepSpeed: a signal any rank received, agreed on by all at each step
-    with StopRequest() as stop:
+    with StopRequest(second_signal_kills=not use_ds) as stop:
         for epoch in range(run["epoch"], cfg.optim.epochs):
             model.train()
             t0 = time.time() - run["epoch_seconds"]

@@ -212,6 +212,28 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert _metrics(out)["final"] == _metrics(whole)["final"]
 
 
+def test_sigterm_to_every_process_checkpoints_all_ranks_at_one_step(tmp_path):
+    """The whole process group gets SIGTERM (each rank then also gets the launcher's forwarded
+    copy): the ranks agree on a step, save one checkpoint there and exit cleanly."""
+    out = tmp_path / "run"
+    proc = _deepspeed(out, _killable(out), wait=False)
+    start = time.time()
+    while not (out / "log.jsonl").exists():  # inside the second epoch from here
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()[0][-3000:]}")
+        assert time.time() - start < 600
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert output.count("stopped by SIGTERM") == 2, output[-3000:]
+    tag = (out / "checkpoints" / "deepspeed" / "latest").read_text().strip()
+    assert tag.startswith("epoch0001-step") and not tag.endswith("step000000")
+    client = [torch.load(out / "checkpoints" / "deepspeed" / tag / f"cssfe_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert client[0]["run"]["step"] == client[1]["run"]["step"] > 0
+    assert not (out / "metrics.json").exists()
+
+
 # ------------------------------------------------------------------------------------ bad configs
 def test_impossible_batch_arithmetic_fails_before_any_work(tmp_path):
     cfg = load_config(None, ["data.batch_size=10", "distributed.grad_accum=4", f"distributed.deepspeed_config={ZERO2}",
