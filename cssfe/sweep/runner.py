@@ -45,7 +45,7 @@ def make_plan(study: Study, options: SweepOptions, exp_dir: str) -> Dict[str, An
     """Everything a trial needs besides its (variant, seed): plain data, saved beside the experiment."""
     from cssfe.engine.train import default_cache_dir
 
-    return {
+    plan = {
         "study": study.to_dict(),
         # Beside the experiments, not inside one: studies that share a config share its run.
         "trials_dir": os.path.join(os.path.dirname(exp_dir), "trials"),
@@ -53,6 +53,9 @@ def make_plan(study: Study, options: SweepOptions, exp_dir: str) -> Dict[str, An
         "workers_per_trial": options.workers_per_trial,
         "fail_once_dir": os.environ.get(FAIL_ONCE_ENV),
     }
+    plan["trial_dirs"] = {f"{v}|{s}": trial_dir(plan, study, v, s) for v in study.variants if v not in study.skipped
+                          for s in study.seeds}
+    return plan
 
 
 def _ensure_ray(options: SweepOptions) -> bool:

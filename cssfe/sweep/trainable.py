@@ -45,6 +45,11 @@ def _maybe_fail_once(plan: Dict[str, Any], key: str) -> None:
 
 
 def trial_dir(plan: Dict[str, Any], study: Study, variant: str, seed: int) -> str:
+    """The run folder of a trial: as the plan recorded it when the sweep started (a later change to
+    the config schema must not move a half-finished sweep's trials), else from its config digest."""
+    recorded = plan.get("trial_dirs", {}).get(f"{variant}|{seed}")
+    if recorded:
+        return recorded
     cfg = study.trial_config(variant, seed)
     return os.path.join(plan["trials_dir"], f"s{seed}-{config_hash(cfg)}")
 
