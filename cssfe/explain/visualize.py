@@ -12,9 +12,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cssfe.data import GROUP_NAMES
+from cssfe.data.images import ImageSource, read_rgb, source_files
 from cssfe.data.transforms import build_transform
 from cssfe.engine.inference import TrainedModel
 from cssfe.explain.maps import class_maps, gradcam
@@ -42,7 +42,7 @@ def pick_examples(labels: np.ndarray, groups: np.ndarray) -> Dict[str, int]:
 
 
 def render_grid(
-    trained: TrainedModel, path: str, image_path: str, classes: Optional[Sequence[int]] = None, top_k: int = 3, title: str = ""
+    trained: TrainedModel, path: str, image_path: ImageSource, classes: Optional[Sequence[int]] = None, top_k: int = 3, title: str = ""
 ) -> str:
     import matplotlib
 
@@ -50,8 +50,7 @@ def render_grid(
     import matplotlib.pyplot as plt
 
     model = trained.model
-    with Image.open(image_path) as img:
-        rgb = img.convert("RGB")
+    rgb = read_rgb(image_path)  # a file, or ODIR-5K's two eyes side by side (what the model saw)
     size = (rgb.height, rgb.width)
     x = build_transform(trained.cfg.data.image_size, train=False)(rgb)[None]
     has_maps = isinstance(model.head, CSSFEHead)
@@ -106,5 +105,6 @@ def visualize(trained: TrainedModel, output_dir: str, images: Optional[Sequence[
     for group, index in pick_examples(labels, trained.groups).items():
         classes = np.flatnonzero(labels[index]).tolist()
         path = os.path.join(output_dir, f"{group}_example_maps.png")
-        written.append(render_grid(trained, path, dataset.paths[index], classes, title=f"{group} example: {os.path.basename(dataset.paths[index])}"))
+        shown = " + ".join(os.path.basename(f) for f in source_files(dataset.paths[index]))
+        written.append(render_grid(trained, path, dataset.paths[index], classes, title=f"{group} example: {shown}"))
     return written

@@ -84,3 +84,19 @@ def test_export_matches_the_model(trained_run, tmp_path):
     with torch.no_grad():
         want = torch.sigmoid(trained.model(x)["logits"])
         assert torch.allclose(exported(x), want, atol=1e-5)
+
+
+def test_visualize_a_sample_of_two_files_shows_them_side_by_side(trained_run, bundled_root, tmp_path):
+    """ODIR-5K samples are two fundus images of one patient; the grid shows what the model saw."""
+    from cssfe.explain.visualize import render_grid
+
+    out, _ = trained_run
+    trained = load_trained(str(out / "checkpoints" / "best.pt"))
+    images = os.path.join(bundled_root, "images")
+    pair = tuple(os.path.join(images, name) for name in sorted(os.listdir(images))[:2])
+    single = render_grid(trained, str(tmp_path / "one.png"), pair[0], classes=[0])
+    double = render_grid(trained, str(tmp_path / "two.png"), pair, classes=[0])
+    with Image.open(single) as a, Image.open(double) as b:
+        one, two = np.asarray(a.convert("L"), dtype=float), np.asarray(b.convert("L"), dtype=float)
+    assert one.shape == two.shape and two.std() > 10
+    assert np.abs(one - two).mean() > 1  # the panels show the pair, not the first file alone
