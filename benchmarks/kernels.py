@@ -9,6 +9,11 @@ PyTorch definition (``cssfe.ops.reference.class_attention``) against the ops. Fo
 is ``torch.compile`` of the eager reference (``dynamic=False``); when it cannot compile here the row
 records the error instead of a time and the run goes on.
 
+Each op runs in two modes: ``forward`` (under no_grad) and ``forward+backward`` (the gradients of
+every differentiable input); the progressive enhancement is timed too. The run first measures the
+CPU's copy bandwidth and fp32 matmul throughput; each row carries them with its own GB/s (bytes the
+op must move) and TFLOP/s (attention and enhancement), so every time sits beside its roof.
+
 Every row: p20/p50/p80 ms over the repeats after 3 warm-up calls, ``first_call_s`` (includes the
 compilation for ``compile``), ``peak_bytes`` measured in one more, untimed call, and how
 (``peak_method``: on CPU, torch's CPU allocations recorded by the profiler, above what was held
@@ -64,6 +69,51 @@ def attention_providers(backends, compile_backend):
     return providers
 
 
+def device_peaks(smoke: bool) -> dict:
+    """What this CPU reaches, measured in the same run: copy bandwidth (read + write of a buffer
+    larger than the caches) and fp32 matmul throughput, the roofs for GB/s and TFLOP/s."""
+    n = (1 << 20) if smoke else (1 << 26)  # 256 MiB of fp32 outside smoke mode
+    src, dst = torch.randn(n), torch.empty(n)
+    copy = percentiles_ms(lambda: dst.copy_(src), 3 if smoke else 10)
+    m = 256 if smoke else 2048
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    mm = percentiles_ms(lambda: torch.mm(a, b), 3 if smoke else 10)
+    return {"copy_gb_per_s": 2 * 4 * n / copy["p50_ms"] / 1e6, "matmul_tflop_per_s": 2 * m ** 3 / mm["p50_ms"] / 1e9,
+            "peaks_how": f"dst.copy_(src) of {4 * n >> 20} MiB fp32 (bytes read + written); {m}^3 fp32 torch.mm"}
+
+
+# Bytes a kernel must move and FLOPs it must do (forward; "full" = forward + backward, where the
+# backward of attention recomputes the scores: 3.5x the forward FLOPs, FlashAttention's convention).
+def asl_cost(shape, mode):
+    b, c = shape
+    elems = b * c
+    return {"bytes": elems * (4 + 1) + (elems * 4 if mode == "full" else 0), "flop": None}
+
+
+def attention_cost(shape, mode):
+    b, c, d, n = shape
+    io = 4 * (c * d + 2 * b * d * n + b * c * d)
+    flop = 4 * b * c * n * d
+    return {"bytes": io * (2 if mode == "full" else 1), "flop": flop * (3.5 if mode == "full" else 1)}
+
+
+def enhance_cost(shape, mode):
+    b, c, l = shape
+    io = 4 * (2 * b * c * l + c * c + b * c)
+    flop = 2 * b * c * c * l
+    return {"bytes": io * (2 if mode == "full" else 1), "flop": flop * (3 if mode == "full" else 1)}
+
+
+def enhance_providers(backends, compile_backend):
+    def eager(z, affinity, groups, gate, lam):
+        return reference.progressive_enhance(z, affinity, groups, gate, lam)
+
+    providers = {"eager reference": eager, "compile": torch.compile(eager, backend=compile_backend, dynamic=False)}
+    for name in backends:
+        providers[f"ops {name}"] = lambda z, r, g, w, lam, name=name: ops.progressive_enhance(z, r, g, w, lam, backend=name)
+    return providers
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -81,31 +131,51 @@ def main(argv=None):
     print(f"torch {info['torch']}, triton {info['triton']}, {torch.get_num_threads()} threads, commit {info['commit']}; "
           f"backends: {backends}; compile backend: {compile_backend}")
     rows = []
+    peaks = device_peaks(args.smoke)
+    print(f"measured peaks: copy {peaks['copy_gb_per_s']:.1f} GB/s, fp32 matmul {peaks['matmul_tflop_per_s']:.3f} TFLOP/s")
 
-    def run(kernel, shape, providers, call, reps):
-        base_ms = None
-        for provider, fn in providers.items():
-            result = measure(lambda: call(fn), reps)
-            base_ms = base_ms or result.get("p50_ms")  # the first provider is the eager baseline
-            row = {"benchmark": "kernels", "kernel": kernel, "mode": "forward+backward", "shape": list(shape),
-                   "dtype": "float32", "provider": provider, **result, "threads": args.threads, **info}
-            if provider == "compile":
-                row["compile_backend"] = compile_backend
-            if "p50_ms" in result:
-                row["speedup_vs_eager"] = base_ms / result["p50_ms"] if base_ms else None
-                peak = "-" if result["peak_bytes"] is None else f"{result['peak_bytes'] / 2**20:.2f} MiB"
-                print(f"{kernel:16s} {str(shape):22s} {provider:22s} p50 {result['p50_ms']:9.3f} ms "
-                      f"(p20 {result['p20_ms']:.3f}, p80 {result['p80_ms']:.3f})  "
-                      f"{row['speedup_vs_eager'] or float('nan'):6.2f}x vs eager  peak {peak}")
-            else:
-                print(f"{kernel:16s} {str(shape):22s} {provider:22s} FAILED {result['error'].splitlines()[0][:200]}")
-            rows.append(row)
+    def run(kernel, shape, providers, call, reps, cost):
+        for mode in ("forward", "full"):
+            base_ms = None
+            for provider, fn in providers.items():
+                result = measure(lambda: call(fn, mode), reps)
+                base_ms = base_ms or result.get("p50_ms")  # the first provider is the eager baseline
+                # "full" keeps the name the result files have always used for forward + backward
+                row = {"benchmark": "kernels", "kernel": kernel, "mode": "forward+backward" if mode == "full" else mode,
+                       "shape": list(shape), "dtype": "float32", "provider": provider, **result, "threads": args.threads,
+                       **info, **peaks}
+                if provider == "compile":
+                    row["compile_backend"] = compile_backend
+                if "p50_ms" in result:
+                    work = cost(shape, mode)
+                    row["gb_per_s"] = work["bytes"] / result["p50_ms"] / 1e6
+                    row["bandwidth_fraction"] = row["gb_per_s"] / peaks["copy_gb_per_s"]
+                    if work["flop"]:
+                        row["tflop_per_s"] = work["flop"] / result["p50_ms"] / 1e9
+                        row["matmul_fraction"] = row["tflop_per_s"] / peaks["matmul_tflop_per_s"]
+                    row["speedup_vs_eager"] = base_ms / result["p50_ms"] if base_ms else None
+                    peak = "-" if result["peak_bytes"] is None else f"{result['peak_bytes'] / 2**20:.2f} MiB"
+                    roof = f"{row['gb_per_s']:7.2f} GB/s" + (f" {row['tflop_per_s']:.3f} TFLOP/s" if work["flop"] else "")
+                    print(f"{kernel:18s} {mode:8s} {str(shape):20s} {provider:20s} p50 {result['p50_ms']:9.3f} ms "
+                          f"(p20 {result['p20_ms']:.3f}, p80 {result['p80_ms']:.3f})  "
+                          f"{row['speedup_vs_eager'] or float('nan'):6.2f}x vs eager  {roof}  peak {peak}")
+                else:
+                    print(f"{kernel:18s} {mode:8s} {str(shape):20s} {provider:20s} FAILED {result['error'].splitlines()[0][:200]}")
+                rows.append(row)
+
+    def forward_or_full(out_fn, inputs):
+        def call(fn, mode):
+            if mode == "forward":
+                with torch.no_grad():
+                    return out_fn(fn)
+            return torch.autograd.grad(out_fn(fn).sum(), inputs)
+        return call
 
     asl = asl_providers(backends, compile_backend)
     for b, c in ([(64, 20)] if args.smoke else [(4096, 80), (256, 1000)]):
         x = torch.randn(b, c, requires_grad=True)
         y = torch.rand(b, c) > 0.9
-        run("asl", (b, c), asl, lambda fn: torch.autograd.grad(fn(x, y), x), repeats)
+        run("asl", (b, c), asl, forward_or_full(lambda fn: fn(x, y), x), repeats, asl_cost)
 
     attention = attention_providers(backends, compile_backend)
     shapes = [(2, 20, 32, 49)] if args.smoke else [(32, 20, 128, 64), (8, 80, 256, 196), (4, 20, 768, 196)]
@@ -113,8 +183,19 @@ def main(argv=None):
         q = torch.randn(c, d, requires_grad=True)
         k = torch.randn(b, d, n, requires_grad=True)
         v = torch.randn(b, d, n, requires_grad=True)
-        run("class_attention", (b, c, d, n), attention,
-            lambda fn: torch.autograd.grad(fn(q, k, v).sum(), (q, k, v)), max(repeats // 3, 2))
+        run("class_attention", (b, c, d, n), attention, forward_or_full(lambda fn: fn(q, k, v), (q, k, v)),
+            max(repeats // 3, 2), attention_cost)
+
+    enhance = enhance_providers(backends, compile_backend)
+    for b, c, l in ([(2, 20, 16)] if args.smoke else [(32, 20, 128), (8, 80, 256), (32, 1000, 128)]):
+        torch.manual_seed(0)
+        groups = torch.arange(c) * 3 // c  # head, medium, tail thirds
+        z = torch.randn(b, c, l, requires_grad=True)
+        affinity = torch.rand(c, c) / c
+        gate = torch.rand(b, c, requires_grad=True)
+        lam = torch.tensor(0.7, requires_grad=True)
+        run("progressive_enhance", (b, c, l), enhance,
+            forward_or_full(lambda fn: fn(z, affinity, groups, gate, lam), (z, gate, lam)), max(repeats // 3, 2), enhance_cost)
     if not args.smoke or args.out:
         print(f"appended {len(rows)} rows to {append_rows('kernels_cpu.jsonl', rows, args.out)}")
 

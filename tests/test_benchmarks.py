@@ -61,10 +61,12 @@ def test_kernels_benchmark_rows_carry_versions_percentiles_memory_and_compile(tm
     proc = _run("kernels.py", "--smoke", "--out", tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in open(tmp_path / "kernels_cpu.jsonl")]
-    for kernel in ("asl", "class_attention"):
+    for kernel in ("asl", "class_attention", "progressive_enhance"):
         providers = {row["provider"] for row in rows if row["kernel"] == kernel}
         assert {"compile", "ops reference"} <= providers, providers
+        assert {row["mode"] for row in rows if row["kernel"] == kernel} == {"forward", "forward+backward"}
     for row in rows:
+        assert row["copy_gb_per_s"] > 0 and row["matmul_tflop_per_s"] > 0  # the roofs, measured in the run
         assert row["machine"]["device"] and row["torch"] and row["commit"] and row["date"]
         assert "triton" in row  # None when triton is not installed
         if "error" in row:  # a provider may fail on a machine, but only with its error recorded
@@ -72,6 +74,8 @@ def test_kernels_benchmark_rows_carry_versions_percentiles_memory_and_compile(tm
             continue
         assert row["p20_ms"] <= row["p50_ms"] <= row["p80_ms"]
         assert row["peak_method"] and (row["peak_bytes"] is None or row["peak_bytes"] >= 0)
+        assert row["gb_per_s"] > 0 and 0 < row["bandwidth_fraction"]
+        assert (row["kernel"] == "asl") == ("tflop_per_s" not in row)
     compiled = [row for row in rows if row["provider"] == "compile"]
     assert all(row["compile_backend"] == "aot_eager" for row in compiled)
 
