@@ -30,10 +30,11 @@ def summary_markdown(study: Study, records: List[Dict[str, Any]]) -> str:
     lines = [f"### {study.title}", "", "mAP (%) of the final EMA model, mean ± sample std over seeds (n: finished trials).", ""]
     lines.append(markdown_table(variants) if variants else "(no finished trial)")
     notes = [f"- skipped **{label}**: {reason}" for label, reason in study.skipped.items()]
-    notes += [f"- {r['status']} **{r['variant']}** seed {r['seed']} at epoch {r['epochs']}, after {r['attempts']} attempt(s)"
+    notes += [f"- {r['status']} **{r['variant']}** seed {r['seed']} at epoch {r['epochs']}, after {r['attempts']} start(s)"
               + (f": {r['error']}" if r["error"] else "") for r in records if r["status"] != "finished"]
     retried = [r for r in records if r["status"] == "finished" and r["attempts"] > 1]
-    notes += [f"- retried **{r['variant']}** seed {r['seed']}: finished after {r['attempts']} starts" for r in retried]
+    notes += [f"- restarted **{r['variant']}** seed {r['seed']}: finished after {r['attempts']} starts, each continuing "
+              "from the last epoch checkpoint (after a failure or an interrupted sweep)" for r in retried]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"

@@ -67,8 +67,8 @@ def test_summary_lists_skipped_failed_and_retried_trials(tmp_path):
     assert "| a | 51.00 ± 1.41 |" in text
     assert "| b |" not in text
     assert "skipped **c**: RuntimeError: no weights" in text
-    assert "failed **b** seed 0 at epoch 40, after 2 attempt(s): ValueError: boom" in text
-    assert "retried **a** seed 1" in text
+    assert "failed **b** seed 0 at epoch 40, after 2 start(s): ValueError: boom" in text
+    assert "restarted **a** seed 1: finished after 2 starts" in text
     paths = write_summary(study, records, str(tmp_path / "out"))
     assert set(paths) == {"markdown", "csv", "trials", "png"}
     csv_text = open(paths["csv"]).read()
