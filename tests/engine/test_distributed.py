@@ -104,18 +104,15 @@ def _ds_weights(out):
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_root, tmp_path_factory, one_thread_module):
+def one_process(tiny_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    train(load_config(None, [*_tiny(tiny_root), f"output_dir={out}"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each rank: the comparison must not depend on thread count
+    try:
+        train(load_config(None, [*_tiny(tiny_root), f"output_dir={out}"]))
+    finally:
+        torch.set_num_threads(threads)
     return out
-
-
-@pytest.fixture(scope="module")
-def one_thread_module():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
