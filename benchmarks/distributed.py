@@ -15,6 +15,7 @@ job on the same cores makes the scaling meaningless.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import socket
@@ -43,7 +44,10 @@ def run_case(ranks: int, zero: int, precision: str, micro: int, epochs: int, thr
            "progress=false", f"eval_every={epochs}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "PYTHONPATH": ROOT}
+    port = cmd[cmd.index("--master_port") + 1]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):  # CPU all-reduce leaves one per rank
+        os.remove(path)
     row = {"benchmark": "distributed", "ranks": ranks, "zero_stage": zero, "precision": precision, "micro_batch": micro,
            "global_batch": micro * ranks, "threads_per_rank": threads, "epochs": epochs, "args": list(extra)}
     if proc.returncode != 0:
