@@ -2,6 +2,7 @@
 which images exist, which classes, the labels of given images, and the file(s) of an image."""
 from __future__ import annotations
 
+import abc
 import glob
 import os
 from typing import List, Optional, Sequence
@@ -16,7 +17,7 @@ from cssfe.registry import Registry
 ANNOTATION_FORMATS: Registry = Registry("annotation format")
 
 
-class AnnotationReader:
+class AnnotationReader(abc.ABC):
     """``images``: the image folder (VOC: the year folder holding JPEGImages and Annotations);
     ``annotations``: the annotation file where the format has one."""
 
@@ -24,17 +25,21 @@ class AnnotationReader:
         self.images = images
         self.annotations = annotations
 
+    @abc.abstractmethod
     def image_ids(self) -> List[str]:
-        raise NotImplementedError
+        """Every annotated image id, in the format's order."""
 
+    @abc.abstractmethod
     def class_names(self, image_ids: Sequence[str]) -> List[str]:
-        raise NotImplementedError
+        """The class list, in the order the published split files use."""
 
+    @abc.abstractmethod
     def label_sets(self, image_ids: Sequence[str], class_names: Sequence[str]) -> List[List[int]]:
-        raise NotImplementedError
+        """For each image id, the indices of its classes."""
 
+    @abc.abstractmethod
     def source(self, image_id: str) -> ImageSource:
-        raise NotImplementedError
+        """The file (or files) to read for one image id."""
 
 
 @ANNOTATION_FORMATS.register("voc")

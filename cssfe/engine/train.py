@@ -185,8 +185,9 @@ def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
             shutil.rmtree(os.path.join(ds_dir, old), ignore_errors=True)
 
 
-def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> str:
-    """Load the newest complete DeepSpeed checkpoint; returns its tag."""
+def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> Dict[str, Any]:
+    """Load the newest complete DeepSpeed checkpoint; returns this rank's cssfe state (a rank that
+    did not exist when it was written gets rank 0's, without its random state)."""
     tag = _read_tag(ds_dir)
     saved = torch.load(_ds_client_path(ds_dir, tag, 0), map_location="cpu", weights_only=False)
     if saved["world_size"] != ctx.world_size and not tag.endswith(UNIVERSAL_SUFFIX):
@@ -194,13 +195,16 @@ def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> str:
             f"cannot resume {ds_dir} with {ctx.world_size} ranks: checkpoint {tag} was written by {saved['world_size']}. "
             f"Resume with {saved['world_size']} ranks, or convert it first: python -m cssfe.engine.reshard {os.path.dirname(os.path.dirname(ds_dir))}")
     client_path = _ds_client_path(ds_dir, tag, ctx.rank)
-    if os.path.isfile(client_path):  # this rank's own EMA, RNG state and position
-        saved = torch.load(client_path, map_location="cpu", weights_only=False)
+    if ctx.rank > 0:  # rank 0's own state is read above
+        if os.path.isfile(client_path):  # this rank's own EMA, RNG state and position
+            saved = torch.load(client_path, map_location="cpu", weights_only=False)
+        else:  # a rank added by resharding: rank 0's EMA and position, the seeded random state
+            saved = {**saved, "rng": None}
     _check_resume_config(saved["config"], cfg, ds_dir)
     load_path, _ = engine.load_checkpoint(ds_dir, tag=tag)
     if load_path is None:
         raise FileNotFoundError(f"--resume: DeepSpeed found no checkpoint {tag} in {ds_dir}")
-    return tag
+    return saved
 
 
 def train(cfg: TrainConfig, resume: bool = False,
@@ -318,10 +322,10 @@ def _train(cfg: TrainConfig, resume: bool = False,
     run = {"epoch": 0, "step": 0, "loss_sum": 0.0, "good_steps": 0, "skipped_steps": 0, "epoch_seconds": 0.0,
            "best_total": -math.inf, "best_metrics": None, "best_epoch": -1}
     if resume and use_ds:
-        tag = _ds_resume(engine, ds_dir, cfg, ctx)
-        state = torch.load(_ds_client_path(ds_dir, tag, ctx.rank), map_location="cpu", weights_only=False)
+        state = _ds_resume(engine, ds_dir, cfg, ctx)
         ema.module.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
         run.update({k: state["run"][k] for k in run if k in state["run"]})
     elif resume:
         state = load_latest(last_path)
