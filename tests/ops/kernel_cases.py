@@ -100,19 +100,25 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0):
 
 # ------------------------------------------------------------------------- ASL
 def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", focal_grad=False,
-              gammas=(0.0, 4.0), clip=0.05, seed=0):
+              gammas=(0.0, 4.0), clip=0.05, soft_from=None, seed=0):
+    """soft_from: flat index from which targets are soft (in (0, 1)); the elements before stay 0/1,
+    so kernels with a binary fast path are checked on both sides of the switch."""
     torch.manual_seed(seed)
     b, c = shape
     x64 = torch.randn(b, c, dtype=torch.float64) * 4
     x64.view(-1)[:3] = torch.tensor([30.0, -30.0, 0.0], dtype=torch.float64)[: x64.numel()]  # saturated sigmoids
-    y = torch.rand(b, c) > 0.7
+    y = (torch.rand(b, c) > 0.7).double()
+    if soft_from is not None:
+        y.view(-1)[soft_from:] = torch.rand(y.numel() - min(soft_from, y.numel()), dtype=torch.float64)
+    else:
+        y = y.bool()
     targets = y.to(target_dtype)
     x = x64.to(dtype).requires_grad_()
     xr = x.detach().double().requires_grad_()
     gp, gn = gammas
     ref = AsymmetricLoss(gamma_neg=gn, gamma_pos=gp, clip=clip, eps=1e-8,
                          disable_torch_grad_focal_loss=not focal_grad, reduction=reduction)
-    loss_ref = ref(xr, y.double())
+    loss_ref = ref(xr, targets.double())
     (g_ref,) = torch.autograd.grad(loss_ref, xr)
     x, targets = x.detach().to(DEVICE).requires_grad_(), targets.to(DEVICE)
     loss = ops.asymmetric_loss(x, targets, gamma_pos=gp, gamma_neg=gn, clip=clip,
@@ -138,4 +144,6 @@ ASL_VARIANTS = [
     dict(target_dtype=torch.float32, focal_grad=True),
     dict(gammas=(1.0, 2.0), clip=0.0),
     dict(gammas=(0.0, 0.0)),
+    dict(gammas=(1.0, 3.0), focal_grad=True),
+    dict(gammas=(1.5, 2.5), target_dtype=torch.float32, soft_from=2, focal_grad=True),
 ]

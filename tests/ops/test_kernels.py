@@ -62,3 +62,10 @@ def test_asymmetric_loss_other_dtypes(backend, dtype, poison):
 def test_asl_large_parallel(backend):
     """Big enough for the OpenMP path (> 16k elements)."""
     check_asl(backend, (256, 100), torch.float32, seed=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_asl_soft_targets_in_some_blocks(backend, dtype, poison):
+    """Soft targets from the middle of a large input on: blocks of 0/1 targets and blocks of soft
+    ones (the C++ kernel vectorizes the former and goes element by element in the latter)."""
+    check_asl(backend, (61, 100), dtype, target_dtype=dtype, soft_from=3000, gammas=(1.0, 4.0), seed=5)
