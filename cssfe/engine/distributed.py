@@ -121,6 +121,21 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
     return out
 
 
+def release_cpu_buffers(ctx: Context) -> None:
+    """Unlink this rank's CPU all-reduce buffer, which DeepSpeed leaves in /dev/shm
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, one per rank and launch). After a
+    barrier, so no rank still has to open it; mapped buffers stay valid until the process ends."""
+    import torch.distributed as dist
+
+    if ctx.world_size > 1:
+        dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{ctx.rank}"
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # DeepSpeed did not need one (one rank, or GPU collectives)
+        pass
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Make every rank hold rank 0's buffers (batch-norm statistics are per rank: no SyncBN on CPU)."""
     import torch.distributed as dist

@@ -497,6 +497,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
     if ctx.main:
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
+    if use_ds and device.type == "cpu":
+        distributed.release_cpu_buffers(ctx)
     if show:
         rows = {**_metric_rows(metrics, "final"), f"best (epoch {best_epoch})": best_metrics["mAP"]}
         print(format_table(rows))

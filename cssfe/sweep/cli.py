@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--workers-per-trial", type=int, default=1,
-                   help="processes per trial; > 1 is a distributed trial (Ray Train + DeepSpeed, not implemented yet)")
+                   help="processes per trial; > 1 is a distributed trial: Ray Train workers running DeepSpeed, sharing the trial's CPUs and GPUs")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at a time (default: as resources allow)")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a trial that raises")
     p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on total mAP)")
@@ -64,7 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         max_concurrent_trials=args.max_concurrent, max_failures=args.max_failures, asha=args.asha,
         asha_grace_epochs=args.asha_grace_epochs, restore=not args.fresh,
     )
-    outcome = current_records(options, study) if args.report_only else run_sweep(study, options)
+    try:
+        outcome = current_records(options, study) if args.report_only else run_sweep(study, options)
+    except ConfigError as exc:  # found before any trial was scheduled
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     study, records = outcome["study"], outcome["records"]
     print(summary_markdown(study, records))
     for out_dir in filter(None, (os.path.join(experiment_dir(options, study), "report"), args.output)):

@@ -13,6 +13,19 @@ from typing import Dict, Optional
 from cssfe.sweep.studies import Study
 
 
+def check_distributed(study: Study, workers: int) -> None:
+    """A distributed trial's batch arithmetic (global batch = micro-batch x accumulation x workers)
+    and DeepSpeed config file, checked for every variant before anything is scheduled."""
+    from cssfe.engine.distributed import deepspeed_config
+
+    for label in study.variants:
+        cfg = study.trial_config(label, study.seeds[0])
+        try:
+            deepspeed_config(cfg, workers)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the variant named
+            raise type(exc)(f"variant {label!r} with {workers} workers per trial: {exc}") from exc
+
+
 def check_variants(study: Study, cache_dir: Optional[str] = None) -> Dict[str, str]:
     """``{label: reason}`` of the variants that cannot be built; also stored in ``study.skipped``."""
     from cssfe.data import build_data

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from cssfe.sweep.studies import Study
-from cssfe.sweep.trainable import DISTRIBUTED_NOT_READY, FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
+from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
 
 PLAN_FILE = "sweep_plan.json"  # the study as the sweep first ran it: a restore reruns exactly this
 
@@ -26,9 +26,9 @@ class SweepOptions:
     name: Optional[str] = None  # experiment folder name (default: the study's name)
     address: Optional[str] = None  # None: start a local cluster; "auto" or "HOST:PORT": join one
     num_cpus: Optional[int] = None  # CPUs of a local cluster (None: all)
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float = 1.0  # of a distributed trial: of all its workers together, split evenly
     gpus_per_trial: float = 0.0
-    workers_per_trial: int = 1  # > 1: a distributed trial (TRIAL_RUNNERS["distributed"], not implemented)
+    workers_per_trial: int = 1  # > 1: a distributed trial (Ray Train workers running DeepSpeed)
     max_concurrent_trials: int = 0  # 0: as many as resources allow
     max_failures: int = 1  # retries of a trial that raises, each from its last epoch checkpoint
     asha: bool = False  # stop weak trials early (ASHA on total mAP)
@@ -51,6 +51,8 @@ def make_plan(study: Study, options: SweepOptions, exp_dir: str) -> Dict[str, An
         "trials_dir": os.path.join(os.path.dirname(exp_dir), "trials"),
         "cache_dir": os.path.abspath(default_cache_dir()),
         "workers_per_trial": options.workers_per_trial,
+        "cpus_per_trial": options.cpus_per_trial,
+        "gpus_per_trial": options.gpus_per_trial,
         "fail_once_dir": os.environ.get(FAIL_ONCE_ENV),
     }
     plan["trial_dirs"] = {f"{v}|{s}": trial_dir(plan, study, v, s) for v in study.variants if v not in study.skipped
@@ -74,9 +76,28 @@ def _ensure_ray(options: SweepOptions) -> bool:
 def _trainable(plan: Dict[str, Any], options: SweepOptions):
     from ray import tune
 
-    runner = TRIAL_RUNNERS["distributed" if plan["workers_per_trial"] > 1 else "single"]
-    resources = {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
+    distributed = plan.get("workers_per_trial", 1) > 1
+    runner = TRIAL_RUNNERS["distributed" if distributed else "single"]
+    # A distributed trial's own process only waits for its Ray Train workers, which hold the CPUs and
+    # GPUs; Tune needs some request, so it asks for a byte of memory.
+    resources = {"cpu": 0, "gpu": 0, "memory": 1} if distributed else {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(runner, plan=plan), resources)
+
+
+def _max_concurrent(options: SweepOptions, plan: Dict[str, Any]) -> Optional[int]:
+    """Trials at a time. Distributed trials hold no resources of their own, so Tune would start every
+    one of them at once, each waiting for its workers: cap them at what the cluster can run."""
+    if options.max_concurrent_trials:
+        return options.max_concurrent_trials
+    if plan.get("workers_per_trial", 1) <= 1:
+        return None
+    import ray
+
+    cluster = ray.cluster_resources()
+    fits = [cluster.get("CPU", 0) // options.cpus_per_trial if options.cpus_per_trial else float("inf")]
+    if options.gpus_per_trial:
+        fits.append(cluster.get("GPU", 0) // options.gpus_per_trial)
+    return max(1, int(min(fits)))
 
 
 def trial_record(study: Study, plan: Dict[str, Any], variant: str, seed: int, tune_status: Optional[str] = None,
@@ -137,10 +158,10 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
     import ray
     from ray import tune
 
-    from cssfe.sweep.preflight import check_variants
+    from cssfe.sweep.preflight import check_distributed, check_variants
 
-    if options.workers_per_trial > 1:  # say so before any work, not once per trial
-        raise NotImplementedError(DISTRIBUTED_NOT_READY)
+    if options.workers_per_trial < 1:
+        raise ValueError(f"workers_per_trial must be >= 1, got {options.workers_per_trial}")
     exp_dir = experiment_dir(options, study)
     plan_path = os.path.join(exp_dir, PLAN_FILE)
     # The experiment state is tiny: save it every second so that a trial that finished just before
@@ -153,6 +174,8 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
         study = Study.from_dict(plan["study"])
         print(f"sweep: continuing the interrupted sweep in {exp_dir}", flush=True)
     else:
+        if options.workers_per_trial > 1:
+            check_distributed(study, options.workers_per_trial)
         check_variants(study)
         for label, reason in study.skipped.items():
             print(f"sweep: skipping variant {label!r}: {reason}", flush=True)
@@ -183,7 +206,7 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
                 # One grid dimension in an explicit order, seed by seed: a sweep cut short has every
                 # variant at the same number of seeds.
                 param_space={"trial": tune.grid_search([{"variant": v, "seed": s} for s in study.seeds for v in runnable])},
-                tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=options.max_concurrent_trials or None),
+                tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=_max_concurrent(options, plan)),
                 run_config=tune.RunConfig(
                     name=os.path.basename(exp_dir),
                     storage_path=os.path.dirname(exp_dir),

@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from cssfe.sweep.studies import Study, config_hash, trial_key
 
@@ -77,20 +77,30 @@ def run_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
         _train_or_reuse(cfg, run_dir, plan, key)
 
 
+def _begin(run_dir: str) -> Optional[Dict[str, Any]]:
+    """Log this start in ``attempts.jsonl``; returns the final metrics when the trial is done already."""
+    done = os.path.join(run_dir, "metrics.json")
+    reuse = os.path.isfile(done)  # the folder is named by the config's digest
+    with open(os.path.join(run_dir, "attempts.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.time(), "action": "reuse" if reuse else "resume" if _resumable(run_dir) else "start"}) + "\n")
+    if not reuse:
+        return None
+    with open(done) as f:
+        return json.load(f)["final"]
+
+
+def _resumable(run_dir: str) -> bool:
+    """A checkpoint to continue from: one process's, or DeepSpeed's pointer to its newest one."""
+    return any(os.path.isfile(os.path.join(run_dir, "checkpoints", *p)) for p in (("last.pt",), ("deepspeed", "latest")))
+
+
 def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
     from ray import tune
 
     from cssfe.engine.train import train
 
-    done = os.path.join(run_dir, "metrics.json")
-    last = os.path.join(run_dir, "checkpoints", "last.pt")
-    reuse = os.path.isfile(done)  # the folder is named by the config's digest
-    with open(os.path.join(run_dir, "attempts.jsonl"), "a") as f:
-        f.write(json.dumps({"time": time.time(), "action": "reuse" if reuse else "resume" if os.path.isfile(last) else "start"}) + "\n")
-
-    if reuse:  # trained by another study, or finished just before this sweep was interrupted
-        with open(done) as f:
-            final = json.load(f)["final"]
+    final = _begin(run_dir)
+    if final is not None:  # trained by another study, or finished just before this sweep was interrupted
         tune.report({"epoch": cfg.optim.epochs, **epoch_metrics({"epoch": cfg.optim.epochs, **final})})
         return
 
@@ -101,26 +111,94 @@ def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
         tune.report(epoch_metrics(record))
         _maybe_fail_once(plan, key)
 
-    result = train(cfg, resume=os.path.isfile(last), on_epoch_end=report)
+    result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report)
     if not reported:  # resumed a run whose last epoch was done: report its final metrics once
         tune.report(epoch_metrics({"epoch": cfg.optim.epochs, **result["final"]}))
 
 
+def worker_resources(plan: Dict[str, Any]) -> Dict[str, float]:
+    """What each process of a distributed trial gets: the trial's CPUs and GPUs split evenly."""
+    n = plan["workers_per_trial"]
+    res = {"CPU": plan["cpus_per_trial"] / n}
+    if plan.get("gpus_per_trial"):
+        res["GPU"] = plan["gpus_per_trial"] / n
+    return res
+
+
 def distributed_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
-    """Hook for trials that are themselves distributed (not implemented yet).
+    """Ray Tune function trainable of a trial that spans ``plan["workers_per_trial"]`` processes.
 
-    The plan: wrap the per-worker body of :func:`run_trial` in ``ray.train.torch.TorchTrainer``
-    (``ScalingConfig(num_workers=plan["workers_per_trial"], use_gpu=...)``), with the DeepSpeed
-    engine of ``cssfe.engine`` inside each worker, and give that trainer to the Tuner in place of
-    ``run_trial``; rank 0 reports the epoch metrics. It waits for DeepSpeed training in the engine.
+    Ray Train's ``TorchTrainer`` starts the workers (on any nodes of the cluster) with a process
+    group, gloo on CPUs or NCCL on GPUs; ``train(cfg)`` sees the launcher's ``RANK`` /
+    ``WORLD_SIZE`` and runs DeepSpeed in each worker, so the trial is the same run as
+    ``deepspeed launch/train.py`` with that many ranks. Rank 0's epoch metrics reach Tune through
+    ``TuneReportCallback``. This function itself only waits: it holds no CPU of its own.
     """
-    raise NotImplementedError(DISTRIBUTED_NOT_READY)
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    variant, seed = config["trial"]["variant"], int(config["trial"]["seed"])
+    study = Study.from_dict(plan["study"])
+    run_dir = trial_dir(plan, study, variant, seed)
+    cfg = study.trial_config(variant, seed)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        final = _begin(run_dir)
+        if final is not None:
+            from ray import tune
+
+            tune.report({"epoch": cfg.optim.epochs, **epoch_metrics({"epoch": cfg.optim.epochs, **final})})
+            return
+        resources = worker_resources(plan)
+        gpu = resources.get("GPU", 0) > 0
+        trainer = TorchTrainer(
+            _distributed_worker,
+            train_loop_config={"trial": config["trial"], "plan": plan, "resume": _resumable(run_dir)},
+            scaling_config=ray.train.ScalingConfig(num_workers=plan["workers_per_trial"], use_gpu=gpu,
+                                                   resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            run_config=ray.train.RunConfig(
+                name=f"{trial_key(variant, seed)}-{int(time.time())}",
+                storage_path=os.path.join(run_dir, "ray_train"),
+                # A failed worker fails the Tune trial, and Tune's max_failures retries it from the
+                # last epoch checkpoint: one retry policy for single and distributed trials.
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                callbacks=[TuneReportCallback()],
+            ),
+        )
+        trainer.fit()
 
 
-DISTRIBUTED_NOT_READY = (
-    "distributed trials (workers_per_trial > 1: Ray Train TorchTrainer with DeepSpeed in each worker) "
-    "are not implemented yet; run one process per trial (workers_per_trial=1)"
-)
+def _distributed_worker(loop_config: Dict[str, Any]) -> None:
+    """One process of a distributed trial (inside a Ray Train worker, process group set up)."""
+    import ray.train
+    import torch
+
+    from cssfe.engine.train import train
+
+    plan = loop_config["plan"]
+    variant, seed = loop_config["trial"]["variant"], int(loop_config["trial"]["seed"])
+    key = trial_key(variant, seed)
+    study = Study.from_dict(plan["study"])
+    run_dir = trial_dir(plan, study, variant, seed)
+    torch.set_num_threads(max(1, int(worker_resources(plan)["CPU"])))
+    cfg = study.trial_config(variant, seed, f"output_dir={run_dir}", "progress=false")
+    if cfg.cache_dir is None and plan.get("cache_dir"):
+        cfg.cache_dir = plan["cache_dir"]
+    rank = ray.train.get_context().get_world_rank()
+    reported = []
+
+    def report(record: Dict[str, Any]) -> None:  # every rank reports (a collective); Tune gets rank 0's
+        reported.append(record["epoch"])
+        ray.train.report(epoch_metrics(record))
+        if rank == 0:
+            _maybe_fail_once(plan, key)
+
+    result = train(cfg, resume=loop_config["resume"], on_epoch_end=report)
+    if not reported:
+        ray.train.report(epoch_metrics({"epoch": cfg.optim.epochs, **result["final"]}))
 
 
 # How a trial runs, by the number of processes it spans.

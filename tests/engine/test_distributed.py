@@ -73,8 +73,8 @@ def _tiny(root):
             "model.dim=16", "data.augment=none", "data.batch_size=16", "optim.epochs=2", "progress=false"]
 
 
-def _deepspeed(out, args, ranks=2, resume=False, extra_launcher=(), wait=True):
-    cmd = [*DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_port()), *extra_launcher, TRAIN,
+def _deepspeed(out, args, ranks=2, resume=False, extra_launcher=(), wait=True, port=None):
+    cmd = [*DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port or _port()), *extra_launcher, TRAIN,
            "--output-dir", str(out), *(["--resume"] if resume else []), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True, cwd=ROOT)
@@ -118,8 +118,17 @@ def one_process(tiny_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(tiny_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks") / "run"
-    _deepspeed(out, [*_tiny(tiny_root), f"distributed.deepspeed_config={ZERO2}"])
+    port = _port()
+    _deepspeed(out, [*_tiny(tiny_root), f"distributed.deepspeed_config={ZERO2}"], port=port)
+    (out.parent / "master_port").write_text(str(port))
     return out
+
+
+def test_ranks_unlink_their_cpu_allreduce_buffers(two_ranks):
+    """DeepSpeed's CPU all-reduce puts one shared-memory buffer per rank in /dev/shm and leaves it;
+    each rank removes its own when training ends."""
+    port = (two_ranks.parent / "master_port").read_text()
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in f]
 
 
 def test_two_ranks_with_micro_batch_b_match_one_process_with_2b(one_process, two_ranks):

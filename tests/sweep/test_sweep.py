@@ -124,3 +124,37 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster,
     for d in done_before:  # neither trained nor evaluated again
         assert _attempts(d) == ["start"]
         assert os.path.getmtime(os.path.join(d, "metrics.json")) == stamps[d]
+
+
+def test_a_distributed_trial_runs_deepspeed_in_ray_train_workers_and_is_retried(cluster, tmp_path, monkeypatch):
+    """workers_per_trial=2: one trial is two Ray Train workers running DeepSpeed on CPU (gloo). It
+    fails once after its first epoch (rank 0 raises), is retried by Tune, and resumes from the
+    DeepSpeed checkpoint of that epoch."""
+    fail_dir = tmp_path / "fail"
+    fail_dir.mkdir()
+    (fail_dir / "mask_s0.fail").touch()
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(fail_dir))
+    study = load_study(_study_file(tmp_path, {"mask": {}}, seeds=(0,), **{"optim.epochs": 2}))
+    outcome = run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2,
+                                            cpus_per_trial=2, max_failures=1, verbose=0))
+
+    (record,) = outcome["records"]
+    assert record["status"] == "finished" and record["epochs"] == 2
+    assert (fail_dir / "mask_s0.failed").exists()
+    run_dir = record["run_dir"]
+    assert _attempts(run_dir) == ["start", "resume"]
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(run_dir, "log.jsonl"))] == [1, 2]
+    for rank in (0, 1):  # both processes trained, as ranks of one world of two
+        lines = [json.loads(line) for line in open(os.path.join(run_dir, "ranks", f"rank{rank}.log"))]
+        assert {(r["rank"], r["world_size"]) for r in lines} == {(rank, 2)}
+        assert lines[-1]["epoch"] == 2
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "deepspeed"))
+    final = json.load(open(os.path.join(run_dir, "metrics.json")))["final"]["mAP"]
+    assert record["total"] == pytest.approx(final["total"])
+
+
+def test_distributed_batch_arithmetic_is_checked_before_any_trial(tmp_path):
+    study = load_study(_study_file(tmp_path, {"mask": {}, "odd batch": {"data.batch_size": 33}}))
+    with pytest.raises(ValueError, match=r"variant 'odd batch' with 2 workers.*data\.batch_size.*33"):
+        run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2, verbose=0))
+    assert not (tmp_path / "sweeps").exists()
