@@ -125,7 +125,9 @@ def trial_record(study: Study, plan: Dict[str, Any], variant: str, seed: int, tu
     else:
         record["status"] = "stopped early" if tune_status == "done" else "unfinished"
     attempts = os.path.join(run_dir, "attempts.jsonl")
-    record["attempts"] = sum(1 for _ in open(attempts)) if os.path.isfile(attempts) else 0
+    actions = [json.loads(line)["action"] for line in open(attempts) if line.strip()] if os.path.isfile(attempts) else []
+    record["attempts"] = sum(a != "reuse" for a in actions)  # training starts; "reuse" trains nothing
+    record["reused"] = "reuse" in actions
     return record
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from cssfe.report import COLUMNS, bar_chart, markdown_table
 from cssfe.sweep.studies import Study
 
-TRIAL_FIELDS = ("variant", "seed", "status", "epochs", *COLUMNS, "lambda", "attempts", "error")
+TRIAL_FIELDS = ("variant", "seed", "status", "epochs", *COLUMNS, "lambda", "attempts", "reused", "error")
 
 
 def finished_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
@@ -35,6 +35,9 @@ def summary_markdown(study: Study, records: List[Dict[str, Any]]) -> str:
     retried = [r for r in records if r["status"] == "finished" and r["attempts"] > 1]
     notes += [f"- restarted **{r['variant']}** seed {r['seed']}: finished after {r['attempts']} starts, each continuing "
               "from the last epoch checkpoint (after a failure or an interrupted sweep)" for r in retried]
+    reused = [f"{r['variant']} seed {r['seed']}" for r in records if r.get("reused")]
+    if reused:
+        notes.append(f"- reused (trained once with the same config, for this or another study): {', '.join(reused)}")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"

@@ -61,14 +61,17 @@ def test_summary_lists_skipped_failed_and_retried_trials(tmp_path):
     records = [
         {**row, "variant": "a", "seed": 0, "status": "finished"},
         {**row, "variant": "a", "seed": 1, "status": "finished", "total": 52.0, "attempts": 2},
+        {**row, "variant": "a", "seed": 2, "status": "finished", "total": 51.0, "attempts": 0, "reused": True},
         {**row, "variant": "b", "seed": 0, "status": "failed", "error": "ValueError: boom", "attempts": 2},
     ]
     text = summary_markdown(study, records)
-    assert "| a | 51.00 ± 1.41 |" in text
+    assert "| a | 51.00 ± 1.00 |" in text
     assert "| b |" not in text
     assert "skipped **c**: RuntimeError: no weights" in text
     assert "failed **b** seed 0 at epoch 40, after 2 start(s): ValueError: boom" in text
     assert "restarted **a** seed 1: finished after 2 starts" in text
+    assert "reused (trained once with the same config, for this or another study): a seed 2" in text
+    assert "restarted **a** seed 2" not in text
     paths = write_summary(study, records, str(tmp_path / "out"))
     assert set(paths) == {"markdown", "csv", "trials", "png"}
     csv_text = open(paths["csv"]).read()
