@@ -92,25 +92,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   const int64_t B = k.size(0), d = k.size(1), N = k.size(2), C = q.size(1);
   const at::ScalarType ct = compute_type(v);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  const at::Tensor qb = batched_queries(q, B, ct);
-  const at::Tensor qs = qb.mul(scale);
+  const at::Tensor qs = batched_queries(q, B, ct).mul(scale);
+  const at::Tensor qst = qs.transpose(1, 2);                         // [B, d, C]
   const at::Tensor kc = k.to(ct), vc = v.to(ct);
   const at::Tensor g = grad_z.to(ct);
   const at::Tensor gt = g.transpose(1, 2);                           // [B, d, C]
   const at::Tensor delta = (g * z.to(ct)).sum(-1).unsqueeze(-1);     // [B, C, 1]
   const at::Tensor lse_c = lse.to(ct).unsqueeze(-1);                 // [B, C, 1]
-  at::Tensor dq = at::zeros({B, C, d}, qs.options());
-  at::Tensor dk = at::empty({B, d, N}, qs.options());
-  at::Tensor dv = at::empty({B, d, N}, qs.options());
   const int64_t T = block_positions(B, C, N);
-  for (int64_t n0 = 0; n0 < N; n0 += T) {
-    const int64_t t = std::min(T, N - n0);
-    const at::Tensor kb = kc.narrow(2, n0, t), vb = vc.narrow(2, n0, t);
-    at::Tensor p = at::bmm(qs, kb).sub_(lse_c).exp_();                // [B, C, t]
-    dv.narrow(2, n0, t).copy_(at::bmm(gt, p));                         // dV = g^T P
-    at::Tensor ds = at::bmm(g, vb).sub_(delta).mul_(p);                // dS = P * (g V - delta)
-    dq.baddbmm_(ds, kb.transpose(1, 2));                               // dQ += dS K^T
-    dk.narrow(2, n0, t).copy_(at::bmm(qb.transpose(1, 2), ds).mul_(scale));  // dK = Q^T dS
+  at::Tensor dq, dk, dv;
+  if (T >= N) {  // one block: the gradients come straight out of the GEMMs, no block copies
+    at::Tensor p = at::bmm(qs, kc).sub_(lse_c).exp_();                // P [B, C, N]
+    dv = at::bmm(gt, p);                                               // dV = g^T P
+    at::Tensor ds = at::bmm(g, vc).sub_(delta).mul_(p);                // dS = P * (g V - delta)
+    dq = at::bmm(ds, kc.transpose(1, 2));                              // dQ = dS K^T (scaled below)
+    dk = at::bmm(qst, ds);                                             // dK = (scale Q)^T dS
+  } else {
+    dq = at::zeros({B, C, d}, qs.options());
+    dk = at::empty({B, d, N}, qs.options());
+    dv = at::empty({B, d, N}, qs.options());
+    for (int64_t n0 = 0; n0 < N; n0 += T) {
+      const int64_t t = std::min(T, N - n0);
+      const at::Tensor kb = kc.narrow(2, n0, t), vb = vc.narrow(2, n0, t);
+      at::Tensor p = at::bmm(qs, kb).sub_(lse_c).exp_();
+      dv.narrow(2, n0, t).copy_(at::bmm(gt, p));
+      at::Tensor ds = at::bmm(g, vb).sub_(delta).mul_(p);
+      dq.baddbmm_(ds, kb.transpose(1, 2));
+      dk.narrow(2, n0, t).copy_(at::bmm(qst, ds));
+    }
   }
   dq.mul_(scale);
   if (q.size(0) == 1 && B != 1) dq = dq.sum(0, true);
