@@ -138,8 +138,7 @@ def asymmetric_loss(
     _same_device(op, logits=logits, targets=targets)
     name = resolve(backend, logits.device, op, logits.dtype)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = library.asymmetric_loss_op(
+    return library.asymmetric_loss(
         logits.contiguous(), targets.contiguous(), float(gamma_pos), float(gamma_neg), float(clip or 0.0), float(eps),
         not disable_torch_grad_focal_loss, reduction == "mean", need_grad, name,
     )
-    return loss

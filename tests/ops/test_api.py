@@ -262,3 +262,21 @@ def test_triton_refuses_wide_fp32_features():
         attention.check_supported(768, torch.float32)
     attention.check_supported(512, torch.float32)
     attention.check_supported(768, torch.bfloat16)
+
+
+def test_eager_asl_path_matches_the_registered_operator():
+    """Eager calls skip the Python custom-op layer (host time); the numbers and the gradient must be
+    those of the registered operator, which torch.compile uses."""
+    from cssfe.ops import library
+
+    x = torch.randn(13, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(13, 7) > 0.6
+    args = (1.0, 3.0, 0.05, 1e-8, True, True, True, "reference")
+    eager = ops.asymmetric_loss(x, y, gamma_pos=1.0, gamma_neg=3.0, disable_torch_grad_focal_loss=False,
+                                reduction="mean", backend="reference")
+    (g_eager,) = torch.autograd.grad(eager * 2.5, x)
+    registered, _ = library.asymmetric_loss_op(x, y, *args)
+    (g_op,) = torch.autograd.grad(registered * 2.5, x)
+    assert torch.equal(eager, registered) and torch.equal(g_eager, g_op)
+    with pytest.raises(RuntimeError, match="need_grad=False"):  # a loss computed without its gradient
+        torch.autograd.grad(library.asymmetric_loss_op(x, y, *args[:-2], False, "reference")[0], x)
