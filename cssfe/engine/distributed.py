@@ -123,12 +123,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
 
 def release_cpu_buffers(ctx: Context) -> None:
     """Unlink this rank's CPU all-reduce buffer, which DeepSpeed leaves in /dev/shm
-    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, one per rank and launch). After a
-    barrier, so no rank still has to open it; mapped buffers stay valid until the process ends."""
-    import torch.distributed as dist
-
-    if ctx.world_size > 1:
-        dist.barrier()
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, one per rank and launch). Every rank
+    opened every buffer when DeepSpeed set them up, and mappings outlive the name, so no barrier."""
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{ctx.rank}"
     try:
         os.unlink(os.path.join("/dev/shm", name))

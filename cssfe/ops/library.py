@@ -133,8 +133,8 @@ def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_pos: float, gamma_neg
     args = (gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need_grad, backend)
     if torch.compiler.is_compiling():
         return asymmetric_loss_op(logits, targets, *args)[0]
-    if not need_grad:
-        return _asl_kernel(logits, targets, *args)[0]
+    if not need_grad and not (torch.is_grad_enabled() and logits.requires_grad):
+        return _asl_kernel(logits, targets, *args)[0]  # no graph; else the Function says why backward fails
     return _EagerASL.apply(logits, targets, *args)[0]
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from cssfe.sweep.studies import Study
-from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
+from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, experiment_name, trial_dir
 
 PLAN_FILE = "sweep_plan.json"  # the study as the sweep first ran it: a restore reruns exactly this
 
@@ -50,6 +50,7 @@ def make_plan(study: Study, options: SweepOptions, exp_dir: str) -> Dict[str, An
         # Beside the experiments, not inside one: studies that share a config share its run.
         "trials_dir": os.path.join(os.path.dirname(exp_dir), "trials"),
         "cache_dir": os.path.abspath(default_cache_dir()),
+        "experiment": os.path.basename(exp_dir),
         "workers_per_trial": options.workers_per_trial,
         "cpus_per_trial": options.cpus_per_trial,
         "gpus_per_trial": options.gpus_per_trial,
@@ -94,10 +95,9 @@ def _max_concurrent(options: SweepOptions, plan: Dict[str, Any]) -> Optional[int
     import ray
 
     cluster = ray.cluster_resources()
-    fits = [cluster.get("CPU", 0) // options.cpus_per_trial if options.cpus_per_trial else float("inf")]
-    if options.gpus_per_trial:
-        fits.append(cluster.get("GPU", 0) // options.gpus_per_trial)
-    return max(1, int(min(fits)))
+    fits = [cluster.get(kind, 0) // amount for kind, amount in (("CPU", options.cpus_per_trial), ("GPU", options.gpus_per_trial))
+            if amount]
+    return max(1, int(min(fits))) if fits else None
 
 
 def trial_record(study: Study, plan: Dict[str, Any], variant: str, seed: int, tune_status: Optional[str] = None,
@@ -125,9 +125,11 @@ def trial_record(study: Study, plan: Dict[str, Any], variant: str, seed: int, tu
     else:
         record["status"] = "stopped early" if tune_status == "done" else "unfinished"
     attempts = os.path.join(run_dir, "attempts.jsonl")
-    actions = [json.loads(line)["action"] for line in open(attempts) if line.strip()] if os.path.isfile(attempts) else []
+    lines = [json.loads(line) for line in open(attempts) if line.strip()] if os.path.isfile(attempts) else []
+    # The folder may serve several studies with this config: count only this sweep's starts.
+    actions = [a["action"] for a in lines if a.get("experiment") == experiment_name(plan)]
     record["attempts"] = sum(a != "reuse" for a in actions)  # training starts; "reuse" trains nothing
-    record["reused"] = "reuse" in actions
+    record["reused"] = bool(actions) and all(a == "reuse" for a in actions)  # trained by another sweep
     return record
 
 
@@ -177,7 +179,7 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
         print(f"sweep: continuing the interrupted sweep in {exp_dir}", flush=True)
     else:
         if options.workers_per_trial > 1:
-            check_distributed(study, options.workers_per_trial)
+            check_distributed(study, options.workers_per_trial, options.gpus_per_trial)
         check_variants(study)
         for label, reason in study.skipped.items():
             print(f"sweep: skipping variant {label!r}: {reason}", flush=True)

@@ -51,7 +51,15 @@ def trial_dir(plan: Dict[str, Any], study: Study, variant: str, seed: int) -> st
     if recorded:
         return recorded
     cfg = study.trial_config(variant, seed)
-    return os.path.join(plan["trials_dir"], f"s{seed}-{config_hash(cfg)}")
+    workers = plan.get("workers_per_trial", 1)
+    # DeepSpeed checkpoints of N ranks are not a one-process run's: their own folder per world size.
+    suffix = f"-w{workers}" if workers > 1 else ""
+    return os.path.join(plan["trials_dir"], f"s{seed}-{config_hash(cfg)}{suffix}")
+
+
+def experiment_name(plan: Dict[str, Any]) -> str:
+    """The sweep a start belongs to: trial folders are shared by studies with the same config."""
+    return plan.get("experiment") or plan["study"]["name"]
 
 
 def run_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
@@ -77,12 +85,14 @@ def run_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
         _train_or_reuse(cfg, run_dir, plan, key)
 
 
-def _begin(run_dir: str) -> Optional[Dict[str, Any]]:
-    """Log this start in ``attempts.jsonl``; returns the final metrics when the trial is done already."""
+def _begin(run_dir: str, plan: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Log this start in ``attempts.jsonl`` (with the sweep it belongs to); returns the final
+    metrics when the trial is done already."""
     done = os.path.join(run_dir, "metrics.json")
     reuse = os.path.isfile(done)  # the folder is named by the config's digest
+    action = "reuse" if reuse else "resume" if _resumable(run_dir) else "start"
     with open(os.path.join(run_dir, "attempts.jsonl"), "a") as f:
-        f.write(json.dumps({"time": time.time(), "action": "reuse" if reuse else "resume" if _resumable(run_dir) else "start"}) + "\n")
+        f.write(json.dumps({"time": time.time(), "action": action, "experiment": experiment_name(plan)}) + "\n")
     if not reuse:
         return None
     with open(done) as f:
@@ -99,7 +109,7 @@ def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
 
     from cssfe.engine.train import train
 
-    final = _begin(run_dir)
+    final = _begin(run_dir, plan)
     if final is not None:  # trained by another study, or finished just before this sweep was interrupted
         tune.report({"epoch": cfg.optim.epochs, **epoch_metrics({"epoch": cfg.optim.epochs, **final})})
         return
@@ -145,7 +155,7 @@ def distributed_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        final = _begin(run_dir)
+        final = _begin(run_dir, plan)
         if final is not None:
             from ray import tune
 
@@ -155,7 +165,7 @@ def distributed_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
         gpu = resources.get("GPU", 0) > 0
         trainer = TorchTrainer(
             _distributed_worker,
-            train_loop_config={"trial": config["trial"], "plan": plan, "resume": _resumable(run_dir)},
+            train_loop_config={"trial": config["trial"], "plan": plan},
             scaling_config=ray.train.ScalingConfig(num_workers=plan["workers_per_trial"], use_gpu=gpu,
                                                    resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -196,7 +206,9 @@ def _distributed_worker(loop_config: Dict[str, Any]) -> None:
         if rank == 0:
             _maybe_fail_once(plan, key)
 
-    result = train(cfg, resume=loop_config["resume"], on_epoch_end=report)
+    # Decided here, not by the driver: Ray Train may rerun this function (node preemption) after
+    # the first run wrote checkpoints. No rank can checkpoint before all have joined.
+    result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report)
     if not reported:
         ray.train.report(epoch_metrics({"epoch": cfg.optim.epochs, **result["final"]}))
 

@@ -15,6 +15,7 @@ import yaml
 ray = pytest.importorskip("ray")
 
 from cssfe.sweep import SweepOptions, load_study, run_sweep  # noqa: E402
+from cssfe.sweep.runner import current_records  # noqa: E402
 from cssfe.sweep.cli import main as sweep_main  # noqa: E402
 from cssfe.sweep.trainable import FAIL_ONCE_ENV, trial_dir  # noqa: E402
 
@@ -73,6 +74,13 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
     # Also written beside the experiment.
     assert (tmp_path / "sweeps" / "tiny" / "report" / "tiny.md").read_text() == table
 
+    # Another sweep with the same trial configs reuses the runs; each sweep accounts for its own starts.
+    options = SweepOptions(storage_path=str(tmp_path / "sweeps"), name="again", verbose=0)
+    again = run_sweep(load_study(study, variants=["mask"]), options)["records"]
+    assert [(r["reused"], r["attempts"]) for r in again] == [(True, 0), (True, 0)]
+    first = current_records(SweepOptions(storage_path=str(tmp_path / "sweeps")), loaded)["records"]
+    assert {(r["reused"], r["attempts"]) for r in first if r["variant"] == "mask"} == {(False, 1)}
+
 
 def test_a_trial_that_raises_is_retried_from_its_checkpoint(cluster, tmp_path, monkeypatch):
     fail_dir = tmp_path / "fail"
@@ -120,6 +128,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster,
 
     outcome = run_sweep(study, SweepOptions(storage_path=str(storage), verbose=0))
     assert sorted(r["seed"] for r in outcome["records"]) == [0, 1, 2]
+    assert all(r["attempts"] == 1 and not r["reused"] for r in outcome["records"])
     assert all(r["status"] == "finished" for r in outcome["records"])
     for d in done_before:  # neither trained nor evaluated again
         assert _attempts(d) == ["start"]
@@ -142,6 +151,7 @@ def test_a_distributed_trial_runs_deepspeed_in_ray_train_workers_and_is_retried(
     assert record["status"] == "finished" and record["epochs"] == 2
     assert (fail_dir / "mask_s0.failed").exists()
     run_dir = record["run_dir"]
+    assert run_dir.endswith("-w2")  # not the folder of a one-process trial of the same config
     assert _attempts(run_dir) == ["start", "resume"]
     assert [json.loads(line)["epoch"] for line in open(os.path.join(run_dir, "log.jsonl"))] == [1, 2]
     for rank in (0, 1):  # both processes trained, as ranks of one world of two
@@ -157,4 +167,8 @@ def test_distributed_batch_arithmetic_is_checked_before_any_trial(tmp_path):
     study = load_study(_study_file(tmp_path, {"mask": {}, "odd batch": {"data.batch_size": 33}}))
     with pytest.raises(ValueError, match=r"variant 'odd batch' with 2 workers.*data\.batch_size.*33"):
         run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2, verbose=0))
+    assert not (tmp_path / "sweeps").exists()
+    with pytest.raises(ValueError, match=r"gpus_per_trial=1 over 2 workers gives 0.5 GPU each"):
+        run_sweep(load_study(_study_file(tmp_path, {"mask": {}})),
+                  SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2, gpus_per_trial=1, verbose=0))
     assert not (tmp_path / "sweeps").exists()
