@@ -37,7 +37,7 @@ def summary_markdown(study: Study, records: List[Dict[str, Any]]) -> str:
               "from the last epoch checkpoint (after a failure or an interrupted sweep)" for r in retried]
     reused = [f"{r['variant']} seed {r['seed']}" for r in records if r.get("reused")]
     if reused:
-        notes.append(f"- reused (trained once with the same config, for this or another study): {', '.join(reused)}")
+        notes.append(f"- reused, trained by another sweep with the same trial config: {', '.join(reused)}")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"

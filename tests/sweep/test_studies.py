@@ -70,7 +70,7 @@ def test_summary_lists_skipped_failed_and_retried_trials(tmp_path):
     assert "skipped **c**: RuntimeError: no weights" in text
     assert "failed **b** seed 0 at epoch 40, after 2 start(s): ValueError: boom" in text
     assert "restarted **a** seed 1: finished after 2 starts" in text
-    assert "reused (trained once with the same config, for this or another study): a seed 2" in text
+    assert "reused, trained by another sweep with the same trial config: a seed 2" in text
     assert "restarted **a** seed 2" not in text
     paths = write_summary(study, records, str(tmp_path / "out"))
     assert set(paths) == {"markdown", "csv", "trials", "png"}
