@@ -60,7 +60,7 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, *, return_maps: bool = Fals
     if q3.shape[1] == 0 or k.shape[0] == 0:  # nothing to compute
         z = v.new_zeros(k.shape[0], q3.shape[1], k.shape[1])
         return (z, v.new_zeros(k.shape[0], q3.shape[1], k.shape[2])) if return_maps else z
-    z, _ = library.class_attention_op(q3.contiguous(), k.contiguous(), v.contiguous(), name)
+    z, _ = library.class_attention(q3.contiguous(), k.contiguous(), v.contiguous(), name)
     if not return_maps:
         return z
     scores = torch.einsum("cd,bdn->bcn" if q.dim() == 2 else "bcd,bdn->bcn", q, k) / math.sqrt(k.shape[1])
@@ -100,7 +100,7 @@ def progressive_enhance(
     name = resolve(backend, z.device, op, z.dtype)
     if z.numel() == 0:
         return z.clone()
-    return library.progressive_enhance_op(z.contiguous(), affinity.contiguous(), groups.contiguous(),
+    return library.progressive_enhance(z.contiguous(), affinity.contiguous(), groups.contiguous(),
                                           gate.contiguous(), lam.reshape(()), name)
 
 

@@ -5,7 +5,11 @@ kernel (``reference``, ``cpu``/``cuda`` via the extension's ``cssfe::native_*`` 
 ``triton``). Every operator has a fake (meta) implementation, so ``torch.compile`` traces it as
 one opaque node, and its autograd formula is registered with ``register_autograd`` and calls the
 matching backward operator. The public functions (``cssfe.ops.class_attention`` ...) validate
-their inputs, pick the backend (``cssfe.ops.dispatch``) and call these operators.
+their inputs, pick the backend (``cssfe.ops.dispatch``) and call ``asymmetric_loss``,
+``class_attention`` and ``progressive_enhance`` here: under ``torch.compile`` these go through the
+registered operators; in eager mode through ``autograd.Function`` wrappers of the same kernel and
+gradient functions, because the Python custom-op layer costs about 0.1 ms of host time per forward
++ backward, more than the kernel itself at typical loss sizes.
 
 Operators:
 
@@ -139,8 +143,7 @@ def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_pos: float, gamma_neg
 
 
 # ----------------------------------------------------------------------------- class attention
-@torch.library.custom_op("cssfe::class_attention", mutates_args=())
-def class_attention_op(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def _attn_kernel(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     if backend == "reference":
         return reference_impl.attention_fwd(q, k, v)
     if backend in ("cpu", "cuda"):
@@ -150,16 +153,19 @@ def class_attention_op(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[T
     raise ValueError(f"cssfe::class_attention: unknown backend {backend!r}")
 
 
+@torch.library.custom_op("cssfe::class_attention", mutates_args=())
+def class_attention_op(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    return _attn_kernel(q, k, v, backend)
+
+
 @class_attention_op.register_fake
 def _(q, k, v, backend):
     b, c, d = k.shape[0], q.shape[1], k.shape[1]
     return v.new_empty((b, c, d)), v.new_empty((b, c), dtype=torch.float32)
 
 
-@torch.library.custom_op("cssfe::class_attention_backward", mutates_args=())
-def class_attention_backward_op(
-    grad_z: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor, lse: Tensor, backend: str
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _attn_backward_kernel(grad_z: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor, lse: Tensor,
+                          backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     if backend == "reference":
         return reference_impl.attention_bwd(grad_z, q, k, v, z, lse)
     args = [t.contiguous() for t in (grad_z, q, k, v, z, lse)]
@@ -168,6 +174,13 @@ def class_attention_backward_op(
     if backend == "triton":
         return _triton().attention_bwd(*args)
     raise ValueError(f"cssfe::class_attention_backward: unknown backend {backend!r}")
+
+
+@torch.library.custom_op("cssfe::class_attention_backward", mutates_args=())
+def class_attention_backward_op(
+    grad_z: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor, lse: Tensor, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return _attn_backward_kernel(grad_z, q, k, v, z, lse, backend)
 
 
 @class_attention_backward_op.register_fake
@@ -196,9 +209,35 @@ def _attn_backward(ctx, grad_z, _grad_lse):
 class_attention_op.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """Eager path of ``cssfe::class_attention``: the same kernels without the Python custom-op layer
+    (its host time is a few percent of a CPU call at the benchmarked shapes; see _EagerASL)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, backend):
+        z, lse = _attn_kernel(q, k, v, backend)
+        _attn_setup(ctx, (q, k, v, backend), (z, lse))
+        return z, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z, _grad_lse):
+        q, k, v, z, lse = ctx.saved_tensors
+        dq, dk, dv = _attn_backward_kernel(grad_z, q, k, v, z, lse, ctx.backend)
+        return dq, dk, dv, None
+
+
+def class_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """(z, lse) through the registered operator when compiling, else through the eager path."""
+    if torch.compiler.is_compiling():
+        return class_attention_op(q, k, v, backend)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _attn_kernel(q, k, v, backend)
+    return _EagerAttention.apply(q, k, v, backend)
+
+
 # ----------------------------------------------------------------------------- progressive enhance
-@torch.library.custom_op("cssfe::progressive_enhance", mutates_args=())
-def progressive_enhance_op(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, backend: str) -> Tensor:
+def _enh_kernel(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, backend: str) -> Tensor:
     w = _w(gate, lam)
     order, bounds = _enhance_plan(groups)  # also checks the group values
     if backend == "reference":
@@ -211,15 +250,18 @@ def progressive_enhance_op(z: Tensor, affinity: Tensor, groups: Tensor, gate: Te
     raise ValueError(f"cssfe::progressive_enhance: unknown backend {backend!r}")
 
 
+@torch.library.custom_op("cssfe::progressive_enhance", mutates_args=())
+def progressive_enhance_op(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, backend: str) -> Tensor:
+    return _enh_kernel(z, affinity, groups, gate, lam, backend)
+
+
 @progressive_enhance_op.register_fake
 def _(z, affinity, groups, gate, lam, backend):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("cssfe::progressive_enhance_backward", mutates_args=())
-def progressive_enhance_backward_op(
-    grad: Tensor, z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, out: Tensor, backend: str
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _enh_backward_kernel(grad: Tensor, z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor,
+                         out: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     w = _w(gate, lam)
     aux = _aux_dtype(z)
     order, bounds = _enhance_plan(groups)
@@ -235,6 +277,13 @@ def progressive_enhance_backward_op(
     else:
         raise ValueError(f"cssfe::progressive_enhance_backward: unknown backend {backend!r}")
     return dz, dm.to(aux), dw.to(aux)
+
+
+@torch.library.custom_op("cssfe::progressive_enhance_backward", mutates_args=())
+def progressive_enhance_backward_op(
+    grad: Tensor, z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, out: Tensor, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return _enh_backward_kernel(grad, z, affinity, groups, gate, lam, out, backend)
 
 
 @progressive_enhance_backward_op.register_fake
@@ -263,9 +312,9 @@ def _enh_setup(ctx, inputs, output):
     ctx.save_for_backward(z, affinity, groups, gate, lam, output)
 
 
-def _enh_backward(ctx, grad):
+def _enh_grads(ctx, grad, backward_kernel):
     z, affinity, groups, gate, lam, out = ctx.saved_tensors
-    dz, dm, dw = progressive_enhance_backward_op(grad, z, affinity, groups, gate, lam, out, ctx.backend)
+    dz, dm, dw = backward_kernel(grad, z, affinity, groups, gate, lam, out, ctx.backend)
     need = ctx.needs_input_grad
     daff = affinity_grad(dm, z, out, groups).to(affinity.dtype) if need[1] else None
     dgate = (dw * lam.to(dw.dtype)).to(gate.dtype) if need[3] else None
@@ -273,4 +322,33 @@ def _enh_backward(ctx, grad):
     return (dz if need[0] else None), daff, None, dgate, dlam, None
 
 
+def _enh_backward(ctx, grad):
+    return _enh_grads(ctx, grad, progressive_enhance_backward_op)
+
+
 progressive_enhance_op.register_autograd(_enh_backward, setup_context=_enh_setup)
+
+
+class _EagerEnhance(torch.autograd.Function):
+    """Eager path of ``cssfe::progressive_enhance``: the same kernels and gradient formulas without
+    the Python custom-op layer (see _EagerASL)."""
+
+    @staticmethod
+    def forward(ctx, z, affinity, groups, gate, lam, backend):
+        out = _enh_kernel(z, affinity, groups, gate, lam, backend)
+        _enh_setup(ctx, (z, affinity, groups, gate, lam, backend), out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return _enh_grads(ctx, grad, _enh_backward_kernel)
+
+
+def progressive_enhance(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, backend: str) -> Tensor:
+    """The enhanced features through the registered operator when compiling, else the eager path."""
+    if torch.compiler.is_compiling():
+        return progressive_enhance_op(z, affinity, groups, gate, lam, backend)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (z, affinity, gate, lam))):
+        return _enh_kernel(z, affinity, groups, gate, lam, backend)
+    return _EagerEnhance.apply(z, affinity, groups, gate, lam, backend)

@@ -280,3 +280,37 @@ def test_eager_asl_path_matches_the_registered_operator():
     assert torch.equal(eager, registered) and torch.equal(g_eager, g_op)
     with pytest.raises(RuntimeError, match="need_grad=False"):  # a loss computed without its gradient
         torch.autograd.grad(library.asymmetric_loss_op(x, y, *args[:-2], False, "reference")[0], x)
+
+
+def test_eager_attention_path_matches_the_registered_operator():
+    from cssfe.ops import library
+
+    q = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)  # shared queries
+    k = torch.randn(3, 16, 11, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 16, 11, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 7, 16, dtype=torch.float64)
+    z_eager = ops.class_attention(q, k, v, backend="reference")
+    g_eager = torch.autograd.grad((z_eager * w).sum(), (q, k, v))
+    z_op, _ = library.class_attention_op(q.unsqueeze(0), k, v, "reference")
+    g_op = torch.autograd.grad((z_op * w).sum(), (q, k, v))
+    assert torch.equal(z_eager, z_op)
+    for a, b in zip(g_eager, g_op):
+        assert torch.equal(a, b)
+
+
+def test_eager_enhance_path_matches_the_registered_operator():
+    from cssfe.ops import library
+
+    c = len(GROUPS)
+    z = torch.randn(2, c, 5, dtype=torch.float64, requires_grad=True)
+    r = ops.semantic_affinity(torch.randn(c, 4, dtype=torch.float64), GROUPS).requires_grad_()
+    gate = torch.rand(2, c, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, c, 5, dtype=torch.float64)
+    out_eager = ops.progressive_enhance(z, r, GROUPS, gate, lam, backend="reference")
+    g_eager = torch.autograd.grad((out_eager * w).sum(), (z, r, gate, lam))
+    out_op = library.progressive_enhance_op(z, r, GROUPS, gate, lam, "reference")
+    g_op = torch.autograd.grad((out_op * w).sum(), (z, r, gate, lam))
+    assert torch.equal(out_eager, out_op)
+    for a, b in zip(g_eager, g_op):
+        assert torch.equal(a, b)
