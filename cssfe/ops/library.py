@@ -198,12 +198,16 @@ def _attn_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _attn_backward(ctx, grad_z, _grad_lse):
+def _attn_grads(ctx, grad_z, backward_kernel):
     q, k, v, z, lse = ctx.saved_tensors
     if grad_z is None:
         return None, None, None, None
-    dq, dk, dv = class_attention_backward_op(grad_z, q, k, v, z, lse, ctx.backend)
+    dq, dk, dv = backward_kernel(grad_z, q, k, v, z, lse, ctx.backend)
     return dq, dk, dv, None
+
+
+def _attn_backward(ctx, grad_z, _grad_lse):
+    return _attn_grads(ctx, grad_z, class_attention_backward_op)
 
 
 class_attention_op.register_autograd(_attn_backward, setup_context=_attn_setup)
@@ -222,9 +226,7 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z, _grad_lse):
-        q, k, v, z, lse = ctx.saved_tensors
-        dq, dk, dv = _attn_backward_kernel(grad_z, q, k, v, z, lse, ctx.backend)
-        return dq, dk, dv, None
+        return _attn_grads(ctx, grad_z, _attn_backward_kernel)
 
 
 def class_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[Tensor, Tensor]:

@@ -37,6 +37,11 @@ def epoch_metrics(record: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def final_metrics(cfg, final: Dict[str, Any]) -> Dict[str, Any]:
+    """A finished run's final metrics (``metrics.json``'s "final") as one last epoch report."""
+    return epoch_metrics({"epoch": cfg.optim.epochs, **final})
+
+
 def _maybe_fail_once(plan: Dict[str, Any], key: str) -> None:
     folder = plan.get("fail_once_dir")
     if folder and os.path.isfile(os.path.join(folder, key + ".fail")) and not os.path.exists(os.path.join(folder, key + ".failed")):
@@ -111,7 +116,7 @@ def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
 
     final = _begin(run_dir, plan)
     if final is not None:  # trained by another study, or finished just before this sweep was interrupted
-        tune.report({"epoch": cfg.optim.epochs, **epoch_metrics({"epoch": cfg.optim.epochs, **final})})
+        tune.report(final_metrics(cfg, final))
         return
 
     reported = []
@@ -123,7 +128,7 @@ def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
 
     result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report)
     if not reported:  # resumed a run whose last epoch was done: report its final metrics once
-        tune.report(epoch_metrics({"epoch": cfg.optim.epochs, **result["final"]}))
+        tune.report(final_metrics(cfg, result["final"]))
 
 
 def worker_resources(plan: Dict[str, Any]) -> Dict[str, float]:
@@ -159,7 +164,7 @@ def distributed_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
         if final is not None:
             from ray import tune
 
-            tune.report({"epoch": cfg.optim.epochs, **epoch_metrics({"epoch": cfg.optim.epochs, **final})})
+            tune.report(final_metrics(cfg, final))
             return
         resources = worker_resources(plan)
         gpu = resources.get("GPU", 0) > 0
@@ -210,7 +215,7 @@ def _distributed_worker(loop_config: Dict[str, Any]) -> None:
     # the first run wrote checkpoints. No rank can checkpoint before all have joined.
     result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report)
     if not reported:
-        ray.train.report(epoch_metrics({"epoch": cfg.optim.epochs, **result["final"]}))
+        ray.train.report(final_metrics(cfg, result["final"]))
 
 
 # How a trial runs, by the number of processes it spans.
