@@ -264,7 +264,9 @@ def _train(cfg: TrainConfig, resume: bool = False,
     if ctx.world_size > 1 and not ctx.main:
         torch.distributed.barrier()
     data = build_data(cfg.data, cache_dir, progress=show)
-    loss_fn = build_loss(cfg.loss.name, data.class_freq, len(data.train), **cfg.loss.params)
+    # kernels other than "reference": the loss goes through the fused op too, where it has one (ASL)
+    loss_fn = build_loss(cfg.loss.name, data.class_freq, len(data.train), fused=cfg.kernels != "reference",
+                         **cfg.loss.params)
     model = build_model(cfg.model, data.class_names, data.groups, cfg.data.image_size, cache_dir).to(device)
     if ctx.world_size > 1 and ctx.main:
         torch.distributed.barrier()

@@ -14,7 +14,7 @@ from torch import nn
 
 from cssfe.registry import Registry
 
-from .asl import AsymmetricLoss
+from .asl import AsymmetricLoss, FusedAsymmetricLoss
 from .basic import BCELoss, FocalLoss
 from .db import ClassBalancedFocalLoss, DistributionBalancedLoss
 from .pg import ProbabilityGuidedLoss
@@ -23,6 +23,7 @@ __all__ = [
     "LOSSES",
     "build_loss",
     "AsymmetricLoss",
+    "FusedAsymmetricLoss",
     "BCELoss",
     "FocalLoss",
     "DistributionBalancedLoss",
@@ -59,8 +60,9 @@ def loss_params(name: str) -> FrozenSet[str]:
     return _signature(LOSSES.get(name))[0]
 
 
-def build_loss(name: str, class_freq: Sequence[int], num_train: int, **params) -> nn.Module:
-    """Build the loss registered as ``name``.
+def build_loss(name: str, class_freq: Sequence[int], num_train: int, fused: bool = False, **params) -> nn.Module:
+    """Build the loss registered as ``name``; with ``fused``, its fused-kernel form where it has one
+    (a ``fused`` attribute of the class: ``asl``), the class itself otherwise.
 
     Raises ``KeyError`` (listing the choices) for an unknown name before anything else, and
     ``TypeError`` naming the keyword and the loss for a parameter the loss does not take.
@@ -68,6 +70,8 @@ def build_loss(name: str, class_freq: Sequence[int], num_train: int, **params) -
     that need them (``db``, ``db_focal``, ``cb_focal``, ``pg``) and ignored by the others.
     """
     factory = LOSSES.get(name)
+    if fused:
+        factory = getattr(factory, "fused", factory)
     accepted, needs_stats = _signature(factory)
     unknown = sorted(set(params) - accepted)
     if unknown:

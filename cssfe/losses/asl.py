@@ -6,6 +6,8 @@ import contextlib
 import torch
 from torch import nn
 
+from cssfe import ops
+
 from .basic import check_reduction, prepare_inputs, reduce_loss
 
 
@@ -72,3 +74,18 @@ class AsymmetricLoss(nn.Module):
             loss = loss * one_sided_w
 
         return -reduce_loss(loss, self.reduction)
+
+
+class FusedAsymmetricLoss(AsymmetricLoss):
+    """The same loss through the fused kernel op :func:`cssfe.ops.asymmetric_loss` (value and
+    gradient in one pass), on the backend in force (``cssfe.ops.use_backend``, e.g. from the
+    ``kernels`` config key, else ``auto``). Logits must be ``[B, C]``."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return ops.asymmetric_loss(
+            logits, targets, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, clip=self.clip or 0.0,
+            eps=self.eps, disable_torch_grad_focal_loss=self.disable_torch_grad_focal_loss, reduction=self.reduction,
+        )
+
+
+AsymmetricLoss.fused = FusedAsymmetricLoss

@@ -135,18 +135,33 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, one_th
     assert resumed["final"]["mAP"] == whole["final"]["mAP"]
 
 
-def test_cpu_kernels_train_like_the_reference(tmp_path, one_thread):
-    """The C++ CPU backend of the CSSFE ops and the plain-PyTorch reference give the same run."""
+def test_cpu_kernels_train_like_the_reference(tmp_path, one_thread, monkeypatch):
+    """The C++ CPU backend of the CSSFE ops and the plain-PyTorch reference give the same run; with
+    ``kernels: cpu`` the loss (ASL) goes through the fused C++ kernel too."""
+    from cssfe.ops import library
+
+    loss_backends = []
+    real_kernel = library._asl_kernel
+
+    def recording_kernel(*args):
+        loss_backends.append(args[-1])
+        return real_kernel(*args)
+
+    monkeypatch.setattr(library, "_asl_kernel", recording_kernel)
     results = {}
     for kernels in ("reference", "cpu"):
+        loss_backends.clear()
         cfg = load_config(None, [f"output_dir={tmp_path / kernels}", f"kernels={kernels}", *TINY])
         results[kernels] = train(cfg)["final"]
+        assert set(loss_backends) == ({"cpu"} if kernels == "cpu" else set()), kernels
     for group, value in results["reference"]["mAP"].items():
         assert results["cpu"]["mAP"][group] == pytest.approx(value, abs=0.25), group
     assert results["cpu"]["per_class_ap"] == pytest.approx(results["reference"]["per_class_ap"], abs=1.5)
     logs = {k: [json.loads(line) for line in (tmp_path / k / "log.jsonl").read_text().splitlines()] for k in results}
-    # fp32 reassociation only (the C++ attention sums its GEMM blocks in another order than eager
-    # einsum), amplified a little by training: the curves agree to 0.1 %
-    for ref, cpu in zip(logs["reference"], logs["cpu"]):
-        assert cpu["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-3)
+    # fp32 rounding only (the C++ attention sums its GEMM blocks in another order than eager einsum;
+    # the C++ loss has its own exp / log), amplified by training: the first epoch's mean loss agrees
+    # to 1e-4, the second (measured 0.13 % apart) to 0.3 %
+    assert len(logs["cpu"]) == len(logs["reference"]) == 2
+    for ref, cpu, rel in zip(logs["reference"], logs["cpu"], (1e-4, 3e-3)):
+        assert cpu["train_loss"] == pytest.approx(ref["train_loss"], rel=rel)
         assert cpu["lambda"] == pytest.approx(ref["lambda"], abs=1e-3)

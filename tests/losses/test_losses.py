@@ -5,11 +5,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cssfe import ops
+
 from cssfe.losses import (
     LOSSES,
     AsymmetricLoss,
     ClassBalancedFocalLoss,
     DistributionBalancedLoss,
+    FusedAsymmetricLoss,
     build_loss,
 )
 
@@ -551,3 +554,33 @@ def test_half_precision_logits_computed_in_float32(name):
     assert torch.isfinite(v) and torch.isfinite(g.float()).all()
     v_ref = build_loss(name, FREQ, N_TRAIN)(z16.detach().float(), y)
     torch.testing.assert_close(v, v_ref.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# fused form (what training uses when the kernels config is not "reference")
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_build_gives_the_fused_form_only_where_one_exists(name):
+    plain, fused = build_loss(name, FREQ, N_TRAIN), build_loss(name, FREQ, N_TRAIN, fused=True)
+    if name == "asl":
+        assert type(fused) is FusedAsymmetricLoss
+    else:
+        assert type(fused) is type(plain)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("params", [dict(), dict(gamma_neg=2, gamma_pos=1, clip=0.1, reduction="mean"),
+                                    dict(disable_torch_grad_focal_loss=False)])
+def test_fused_asl_matches_the_module(backend, params):
+    if backend == "cpu":
+        from cssfe.ops.backends import native
+
+        if native.load()[0] is None:
+            pytest.skip("no C++ compiler to build the extension")
+    z, y = make_batch(5, dtype=torch.float32, b=37, c=11)
+    plain, fused = AsymmetricLoss(**params), build_loss("asl", FREQ, N_TRAIN, fused=True, **params)
+    v_ref, g_ref = value_and_grad(lambda t: plain(t, y), z.double().detach().requires_grad_())
+    with ops.use_backend(backend):
+        v, g = value_and_grad(lambda t: fused(t, y), z.detach().requires_grad_())
+    torch.testing.assert_close(v.double(), v_ref, rtol=2e-5, atol=1e-4)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-5, atol=1e-5)
