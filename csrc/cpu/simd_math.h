@@ -67,15 +67,12 @@ inline float log_positive(float x) {
   return m + y + e * 0.693359375f;
 }
 
-// base^k for an integer 0 <= k < 16 by its bits (0^0 = 1, like torch.pow).
-inline float pow_small_int(float base, int32_t k) {
-  const float b2 = base * base, b4 = b2 * b2, b8 = b4 * b4;
-  float r = (k & 1) ? base : 1.0f;
-  r *= (k & 2) ? b2 : 1.0f;
-  r *= (k & 4) ? b4 : 1.0f;
-  r *= (k & 8) ? b8 : 1.0f;
-  return r;
-}
+// The Math policy of asl_binary_element (csrc/asl_element.h) on CPU.
+struct SimdMath {
+  static inline float exp_nonpositive(float x) { return simd::exp_nonpositive(x); }
+  static inline float log_positive(float x) { return simd::log_positive(x); }
+  static inline float divide(float a, float b) { return a / b; }
+};
 
 }  // namespace simd
 }  // namespace cssfe

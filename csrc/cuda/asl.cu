@@ -1,48 +1,132 @@
-// Asymmetric loss on CUDA: loss and gradient in one pass; per-block partial sums (deterministic).
+// Asymmetric loss on CUDA: loss and gradient in one pass over memory, in one launch.
+//
+// - Bytes in flight: each thread moves 16-byte packs of logits (and the matching targets and
+//   gradient), so a resident block set keeps enough loads outstanding to reach the memory
+//   bandwidth; scalar 2-byte loads cannot (inputs not aligned to a pack take the scalar loop).
+// - Math: csrc/asl_element.h, the same per-element functions as the CPU kernel. 0/1 targets with
+//   integer gammas take the branch-free form (one exp, one log, one division, powers by
+//   multiplication); other elements the general one.
+// - Reduction: each block writes its partial sum; the last block to finish adds them in a fixed
+//   order (deterministic) and writes the loss, so no second kernel or host-side sum is needed.
 #include <ATen/Dispatch.h>
 
+#include <type_traits>
+
+#include "../asl_element.h"
 #include "../cssfe.h"
 #include "common.cuh"
 
 namespace cssfe {
 namespace cuda {
 
-template <typename scalar_t, typename target_t>
-__global__ void asl_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ t, scalar_t* __restrict__ grad,
-                           float* __restrict__ partial, int64_t n, float gp, float gn, float clip, float eps,
-                           bool focal, bool focal_grad, float scale) {
-  __shared__ float red[32];
-  float local = 0.f;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const float xi = static_cast<float>(x[i]);
-    const float y = static_cast<float>(t[i]);
-    const float p = 1.f / (1.f + __expf(-xi));
-    const float dp = p * (1.f - p);
-    float xn = 1.f - p, dxn = -dp;
-    if (clip > 0.f) {
-      const float c = xn + clip;
-      if (c > 1.f) { xn = 1.f; dxn = 0.f; } else { xn = c; }
+// The Math policy of asl_binary_element on the GPU: hardware approximations (a few ulp).
+struct FastMath {
+  static __device__ __forceinline__ float exp_nonpositive(float x) { return __expf(x); }
+  static __device__ __forceinline__ float log_positive(float x) { return __logf(x); }
+  static __device__ __forceinline__ float divide(float a, float b) { return __fdividef(a, b); }
+};
+
+struct AslArgs {
+  AslBinaryParams binary;
+  float gamma_pos, gamma_neg, clip, eps;
+  float grad_scale;  // 1 for sum, 1 / numel for mean
+  bool focal, focal_grad, binary_ok;
+};
+
+__device__ __forceinline__ AslValue asl_one(float x, float y, const AslArgs& A) {
+  if (A.binary_ok && (y == 0.0f || y == 1.0f)) return asl_binary_element<FastMath>(x, y != 0.0f, A.binary);
+  float g;
+  const float l = asl_element<float>(x, y, A.gamma_pos, A.gamma_neg, A.clip, A.eps, A.focal, A.focal_grad, &g);
+  return {l, g};
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t, typename target_t, typename loss_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    asl_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ t, scalar_t* __restrict__ grad,
+               float* __restrict__ partial, unsigned int* __restrict__ arrived, loss_t* __restrict__ loss, int64_t n,
+               AslArgs A, double loss_scale) {
+  using XPack = Pack<scalar_t, VEC>;
+  using TPack = Pack<target_t, VEC>;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t packs = n / VEC;
+  float local = 0.0f;
+  for (int64_t p = first; p < packs; p += stride) {
+    const XPack xp = reinterpret_cast<const XPack*>(x)[p];
+    const TPack tp = reinterpret_cast<const TPack*>(t)[p];
+    XPack gp;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const AslValue r = asl_one(static_cast<float>(xp.v[j]), static_cast<float>(tp.v[j]), A);
+      local += r.loss;
+      gp.v[j] = static_cast<scalar_t>(r.grad * A.grad_scale);
     }
-    const float base = y * logf(fmaxf(p, eps)) + (1.f - y) * logf(fmaxf(xn, eps));
-    const float dbase = y * (p >= eps ? 1.f - p : 0.f) + (1.f - y) * (xn >= eps ? dxn / xn : 0.f);
-    float l, g;
-    if (focal) {
-      const float pt = p * y + xn * (1.f - y);
-      const float ge = gp * y + gn * (1.f - y);
-      const float w = ge == 0.f ? 1.f : powf(1.f - pt, ge);
-      float d = dbase * w;
-      if (focal_grad && ge != 0.f) d += base * ge * powf(1.f - pt, ge - 1.f) * -(y * dp + (1.f - y) * dxn);
-      l = -base * w;
-      g = -d;
-    } else {
-      l = -base;
-      g = -dbase;
-    }
-    local += l;
-    if (grad) grad[i] = static_cast<scalar_t>(g * scale);
+    if (grad != nullptr) reinterpret_cast<XPack*>(grad)[p] = gp;
   }
-  const float s = block_sum(local, red);
-  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+  for (int64_t i = packs * VEC + first; i < n; i += stride) {  // the n % VEC elements after the last pack
+    const AslValue r = asl_one(static_cast<float>(x[i]), static_cast<float>(t[i]), A);
+    local += r.loss;
+    if (grad != nullptr) grad[i] = static_cast<scalar_t>(r.grad * A.grad_scale);
+  }
+
+  __shared__ float red[32];
+  __shared__ double red64[32];
+  __shared__ bool last;
+  const float block_total = block_sum(local, red);
+  if (threadIdx.x == 0) {
+    partial[blockIdx.x] = block_total;
+    __threadfence();  // the partial is visible to every block before this block counts as arrived
+    last = atomicAdd(arrived, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < static_cast<int>(gridDim.x); i += blockDim.x)
+    acc += static_cast<double>(__ldcg(partial + i));  // from L2: other blocks wrote them
+  acc = block_sum(acc, red64);
+  if (threadIdx.x == 0) *loss = static_cast<loss_t>(acc * loss_scale);
+}
+
+template <typename T>
+bool aligned_to(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(T) == 0;
+}
+
+template <typename scalar_t, typename target_t>
+void launch_asl(const at::Tensor& logits, const at::Tensor& targets, at::Tensor& grad, bool need_grad,
+                at::Tensor& loss, const AslArgs& A, double loss_scale) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  using loss_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+  const int64_t n = logits.numel();
+  const scalar_t* x = logits.data_ptr<scalar_t>();
+  const target_t* t = targets.data_ptr<target_t>();
+  scalar_t* g = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
+  const bool packed = aligned_to<Pack<scalar_t, VEC>>(x) && aligned_to<Pack<target_t, VEC>>(t) &&
+                      (g == nullptr || aligned_to<Pack<scalar_t, VEC>>(g));
+  const int64_t items = packed ? (n + VEC - 1) / VEC : n;  // packs, or elements
+  const int resident = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * (2048 / kThreads);
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, resident)));
+  // [arrival counter, partial sums of the blocks]: one memset
+  at::Tensor work = at::zeros({blocks + 1}, logits.options().dtype(at::kInt));
+  auto* arrived = reinterpret_cast<unsigned int*>(work.data_ptr<int>());
+  auto* partial = reinterpret_cast<float*>(work.data_ptr<int>() + 1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  loss_t* out = loss.data_ptr<loss_t>();
+  if (packed)
+    asl_kernel<scalar_t, target_t, loss_t, VEC><<<blocks, kThreads, 0, stream>>>(x, t, g, partial, arrived, out, n, A,
+                                                                               loss_scale);
+  else
+    asl_kernel<scalar_t, target_t, loss_t, 1><<<blocks, kThreads, 0, stream>>>(x, t, g, partial, arrived, out, n, A,
+                                                                             loss_scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda
@@ -55,27 +139,32 @@ std::tuple<at::Tensor, at::Tensor> asl_cuda(const at::Tensor& logits, const at::
   TORCH_CHECK(logits.sizes() == targets.sizes(), "native_asl: logits and targets shapes differ");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.numel();
-  const int threads = 256;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 1024)));
-  at::Tensor partial = at::zeros({blocks}, logits.options().dtype(at::kFloat));
+  const double scale = mean ? (n > 0 ? 1.0 / static_cast<double>(n) : std::nan("")) : 1.0;
+  cuda::AslArgs A;
+  A.binary = AslBinaryParams{static_cast<float>(clip), static_cast<float>(eps), static_cast<int32_t>(gamma_pos),
+                             static_cast<int32_t>(gamma_neg), focal_grad ? 1.0f : 0.0f};
+  A.gamma_pos = static_cast<float>(gamma_pos);
+  A.gamma_neg = static_cast<float>(gamma_neg);
+  A.clip = static_cast<float>(clip);
+  A.eps = static_cast<float>(eps);
+  A.grad_scale = static_cast<float>(scale);
+  A.focal = gamma_pos > 0 || gamma_neg > 0;
+  A.focal_grad = focal_grad;
+  A.binary_ok = asl_binary_supported(gamma_pos, gamma_neg, clip, eps);
   at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
-  const double scale = mean ? 1.0 / static_cast<double>(std::max<int64_t>(n, 1)) : 1.0;
-  at::Tensor tgt = targets.scalar_type() == at::kBool ? targets.view(at::kByte) : targets;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const bool focal = gamma_pos > 0 || gamma_neg > 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cssfe_asl_cuda", [&] {
-    using logit_t = scalar_t;
-    logit_t* g = need_grad ? grad.data_ptr<logit_t>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, tgt.scalar_type(), "cssfe_asl_cuda_t", [&] {
-      if (n > 0)
-        cuda::asl_kernel<logit_t, scalar_t><<<blocks, threads, 0, stream>>>(
-            logits.data_ptr<logit_t>(), tgt.data_ptr<scalar_t>(), g, partial.data_ptr<float>(), n, (float)gamma_pos,
-            (float)gamma_neg, (float)clip, (float)eps, focal, focal_grad, (float)scale);
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto loss_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = (partial.to(at::kDouble).sum() * scale).to(loss_dtype);
+  at::Tensor loss = at::empty({}, logits.options().dtype(loss_dtype));
+  // Kernels for bool/uint8 and fp32 targets; the rarer fp16/bf16/fp64 targets are widened (or
+  // narrowed) to fp32 first, which keeps the number of kernels to compile down.
+  const at::Tensor tgt = targets.scalar_type() == at::kBool   ? targets.view(at::kByte)
+                         : targets.scalar_type() == at::kByte ? targets
+                                                              : targets.to(at::kFloat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cssfe_asl_cuda", [&] {
+    if (tgt.scalar_type() == at::kByte)
+      cuda::launch_asl<scalar_t, uint8_t>(logits, tgt, grad, need_grad, loss, A, scale);
+    else
+      cuda::launch_asl<scalar_t, float>(logits, tgt, grad, need_grad, loss, A, scale);
+  });
   return {loss, grad};
 }
 

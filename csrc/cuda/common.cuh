@@ -11,13 +11,15 @@
 namespace cssfe {
 namespace cuda {
 
-__device__ __forceinline__ float block_sum(float v, float* shared) {
+// Sum over the block (every thread gets it); shared holds 32 values of T.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* shared) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   const int nw = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nw ? shared[threadIdx.x] : 0.f;
+  v = threadIdx.x < nw ? shared[threadIdx.x] : T(0);
   if (warp == 0)
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   if (threadIdx.x == 0) shared[0] = v;

@@ -107,7 +107,8 @@ def _asl_backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and ctx.needs_input_grad[0]:
         raise RuntimeError("cssfe::asymmetric_loss was called with need_grad=False; cannot backpropagate")
-    dlogits = (grad * grad_loss.to(grad.dtype)) if ctx.needs_input_grad[0] else None
+    # one multiply in grad's dtype (computed in fp32): no separate cast of grad_loss to launch
+    dlogits = (grad * grad_loss) if ctx.needs_input_grad[0] else None
     return (dlogits,) + (None,) * 9
 
 

@@ -146,4 +146,5 @@ ASL_VARIANTS = [
     dict(gammas=(0.0, 0.0)),
     dict(gammas=(1.0, 3.0), focal_grad=True),
     dict(gammas=(1.5, 2.5), target_dtype=torch.float32, soft_from=2, focal_grad=True),
+    dict(gammas=(1.0, 4.0), target_dtype=torch.float32, soft_from=7, focal_grad=True),  # binary form + soft ones
 ]

@@ -1,5 +1,12 @@
 """Asymmetric loss: each program reads a block of logits and targets once and writes the block's
-gradient and partial loss sum (the partial sums are added on the host, deterministically)."""
+gradient and partial loss sum; a one-program kernel adds the partial sums in a fixed order
+(deterministic) and writes the loss.
+
+The math follows ``csrc/asl_element.h``: with integer gammas (compile-time constants here), a
+block whose targets are all 0/1 takes the branch-free form (one exp, one log, one division,
+powers by multiplication); a block holding any other target value also computes the general
+form and uses it for those elements.
+"""
 import torch
 import triton
 import triton.language as tl
@@ -8,14 +15,47 @@ from ._common import INTERPRET
 
 
 @triton.jit
-def _asl_kernel(x_ptr, t_ptr, g_ptr, part_ptr, n, gamma_pos, gamma_neg, clip, eps, scale,
-                FOCAL: tl.constexpr, FOCAL_GRAD: tl.constexpr, CLIP: tl.constexpr, NEED_GRAD: tl.constexpr,
-                BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(t_ptr + offs, mask=mask, other=0).to(tl.float32)
+def _pow_const(base, K: tl.constexpr):
+    """base ** K for a compile-time integer K >= 0, by multiplication (0 ** 0 = 1)."""
+    r = base * 0.0 + 1.0
+    for _ in tl.static_range(K):
+        r = r * base
+    return r
+
+
+@triton.jit
+def _binary_form(x, pos, clip, eps, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, FOCAL_GRAD: tl.constexpr):
+    """asl_binary_element: (loss, d loss / d x) of 0/1 targets (pos: target is 1)."""
+    e = tl.exp(-tl.abs(x))  # no overflow
+    inv = 1.0 / (1.0 + e)
+    p = tl.where(x >= 0.0, inv, e * inv)  # sigmoid(x)
+    q = tl.where(x >= 0.0, e * inv, inv)  # 1 - sigmoid(x), without cancellation
+    dp = p * q
+    c = q + clip  # shifted negative probability, clamped at 1 (no gradient past it)
+    xn = tl.minimum(c, 1.0)
+    dxn = tl.where(c > 1.0, 0.0, -dp)
+    a = tl.where(pos, p, xn)  # the probability whose log this element adds
+    ok = a >= eps
+    base = tl.log(tl.where(ok, a, eps))
+    dbase = tl.where(ok, tl.where(pos, q, dxn / tl.where(ok, a, 1.0)), 0.0)
+    w = tl.where(pos, _pow_const(q, GAMMA_POS), _pow_const(1.0 - xn, GAMMA_NEG))
+    g = -dbase * w
+    if FOCAL_GRAD:
+        da = tl.where(pos, dp, dxn)
+        dw_pos = q * 0.0
+        dw_neg = q * 0.0
+        if GAMMA_POS > 0:
+            dw_pos = GAMMA_POS * _pow_const(q, GAMMA_POS - 1)
+        if GAMMA_NEG > 0:
+            dw_neg = GAMMA_NEG * _pow_const(1.0 - xn, GAMMA_NEG - 1)
+        g = g + base * tl.where(pos, dw_pos, dw_neg) * da
+    return -base * w, g
+
+
+@triton.jit
+def _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL: tl.constexpr, FOCAL_GRAD: tl.constexpr,
+                  CLIP: tl.constexpr):
+    """asl_element: (loss, d loss / d x) for any target in [0, 1] and any gammas."""
     p = 1.0 / (1.0 + tl.exp(-x))
     dp = p * (1.0 - p)
     xn = 1.0 - p
@@ -41,10 +81,45 @@ def _asl_kernel(x_ptr, t_ptr, g_ptr, part_ptr, n, gamma_pos, gamma_neg, clip, ep
     else:
         loss = -base
         g = -dbase
+    return loss, g
+
+
+@triton.jit
+def _asl_kernel(x_ptr, t_ptr, g_ptr, part_ptr, n, gamma_pos, gamma_neg, clip, eps, scale,
+                FOCAL: tl.constexpr, FOCAL_GRAD: tl.constexpr, CLIP: tl.constexpr, NEED_GRAD: tl.constexpr,
+                BINARY: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(t_ptr + offs, mask=mask, other=0).to(tl.float32)
+    if BINARY:
+        loss, g = _binary_form(x, y != 0.0, clip, eps, GAMMA_POS, GAMMA_NEG, FOCAL_GRAD)
+        soft = (y != 0.0) & (y != 1.0)
+        if tl.max(soft.to(tl.int32), axis=0) > 0:  # rare: a block with soft targets
+            loss_s, g_s = _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL, FOCAL_GRAD, CLIP)
+            loss = tl.where(soft, loss_s, loss)
+            g = tl.where(soft, g_s, g)
+    else:
+        loss, g = _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL, FOCAL_GRAD, CLIP)
     loss = tl.where(mask, loss, 0.0)
     tl.store(part_ptr + pid, tl.sum(loss, axis=0))
     if NEED_GRAD:
         tl.store(g_ptr + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_kernel(part_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    """out = scale * sum(part) in float64, the same order every time."""
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + offs, mask=offs < n, other=0.0).to(tl.float64)
+    tl.store(out_ptr, (tl.sum(acc, axis=0) * scale).to(out_ptr.dtype.element_ty))
+
+
+def _small_int(v: float) -> bool:
+    return 0 <= v < 16 and float(v) == int(v)
 
 
 def asl(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need_grad):
@@ -55,13 +130,18 @@ def asl(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need
     n = x.numel()
     block = 4096 if INTERPRET else 1024
     grid = (max(triton.cdiv(n, block), 1),)
-    part = torch.zeros(grid[0], dtype=torch.float32, device=x.device)
+    part = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     grad = torch.empty_like(x) if need_grad else x.new_empty(0)
     scale = (1.0 / n if n else float("nan")) if mean else 1.0
+    binary = _small_int(gamma_pos) and _small_int(gamma_neg) and 1.1754943508222875e-38 <= eps <= 1.0 and 0 <= clip < 1e30
+    loss = torch.empty((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     if n:
         _asl_kernel[grid](x, t, grad if need_grad else x, part, n, float(gamma_pos), float(gamma_neg), float(clip),
                           float(eps), scale, FOCAL=bool(gamma_pos > 0 or gamma_neg > 0), FOCAL_GRAD=bool(focal_grad),
-                          CLIP=bool(clip > 0), NEED_GRAD=bool(need_grad), BLOCK=block)
-    loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    loss = (part.to(torch.float64).sum() * scale).to(loss_dtype)
+                          CLIP=bool(clip > 0), NEED_GRAD=bool(need_grad), BINARY=binary,
+                          GAMMA_POS=int(gamma_pos) if binary else 0, GAMMA_NEG=int(gamma_neg) if binary else 0,
+                          BLOCK=block)
+    else:
+        part.zero_()
+    _sum_kernel[(1,)](part, loss, grid[0], scale, BLOCK=1024)
     return loss, grad
