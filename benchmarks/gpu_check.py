@@ -731,8 +731,31 @@ def task_bench_attention(task, ctx, emit):
     return rec
 
 
+# Triton attention blocks tried at the main attention shape: (BLOCK_C, BLOCK_N, num_warps, num_stages).
+# The first is the default for d = 512 (cssfe/ops/triton/attention.py _blocks); a config that does
+# not fit on chip records the compiler's error.
+BLOCK_SWEEP = [(16, 16, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1), (16, 32, 4, 1), (32, 16, 8, 1), (32, 32, 8, 1),
+               (64, 16, 8, 1), (16, 32, 8, 2), (32, 32, 8, 2), (64, 32, 8, 1)]
+BLOCK_SWEEP_DRY = [(8, 8, 4, 1), (16, 16, 4, 1)]
+
+
+def task_bench_blocks(task, ctx, emit):
+    """The fused Triton attention + enhancement at one block configuration (checked against eager)."""
+    from cssfe.ops.triton import attention as triton_attention
+
+    b, c, n, d, dt = task["B"], task["C"], task["N"], task["d"], task["dtype"]
+    case = ctx.case(("attn", b, c, n, d, dt), lambda: _attn_case(ctx, b, c, n, d, dt))
+    with triton_attention.block_config(task["block_c"], task["block_n"], num_warps=task["num_warps"],
+                                       num_stages=task["num_stages"]):
+        fn, _ = _attn_fns("triton", case, ctx)
+        rec = _run_checked(task, ctx, fn, ("z", "dq", "dk", "dv", "dlam"), case, dt)
+    rec["tflops_fwd_bwd"] = 3.5 * 4.0 * b * c * n * d / (rec["median_ms"] * 1e-3) / 1e12
+    rec["ok"] = True
+    return rec
+
+
 HANDLERS = {"env": task_env, "build": task_build, "parity": task_parity, "asl": task_bench_asl,
-            "attention": task_bench_attention, "grid": task_bench_attention}
+            "attention": task_bench_attention, "grid": task_bench_attention, "blocks": task_bench_blocks}
 
 
 def _inject_fault(task):
@@ -854,7 +877,8 @@ class Orchestrator:
             "schema": SCHEMA, "mode": "cpu-dry-run" if self.dry else "gpu", "status": "running",
             "started_utc": _now_utc(), "args": vars(args), "budget_s": args.budget_s,
             "environment": {}, "build": {}, "parity": {"pytest": {"runs": []}, "direct": {"checks": []}},
-            "benchmarks": {"definitions": DEFINITIONS, "providers": {}, "asl": [], "attention": [], "grid": []},
+            "benchmarks": {"definitions": DEFINITIONS, "providers": {}, "asl": [], "attention": [], "grid": [],
+                           "blocks": []},
             "steps": [], "errors": [],
         }
         self._counter = 0
@@ -1081,7 +1105,7 @@ class Orchestrator:
         if task is None:
             return
         with self.lock:
-            if task["kind"] in ("asl", "attention", "grid") and not task.get("prewarm"):
+            if task["kind"] in ("asl", "attention", "grid", "blocks") and not task.get("prewarm"):
                 self.R["benchmarks"][task["kind"]].append(dict(_task_fields(task), **record))
             elif task["kind"] == "parity":
                 self.R["parity"]["direct"]["suites"] = self.R["parity"]["direct"].get("suites", [])
@@ -1282,6 +1306,13 @@ class Orchestrator:
                         grid_tasks.append({"id": self._next_id("grid:"), "kind": "grid", "provider": p, "B": grid_b,
                                            "C": c, "N": n, "d": d, "dtype": grid_dt, "fwd": False,
                                            "prewarm": prewarm, "timeout_s": to(p)})
+        if "blocks" in fams and not prewarm and "triton" in plist["attention"]:
+            b, c, n, d = attn
+            dt = "float32" if self.dry else "bfloat16"
+            for bc, bn, warps, stages in (BLOCK_SWEEP_DRY if self.dry else BLOCK_SWEEP):
+                grid_tasks.insert(0, {"id": self._next_id("blocks:"), "kind": "blocks", "provider": "triton", "B": b,
+                                      "C": c, "N": n, "d": d, "dtype": dt, "block_c": bc, "block_n": bn,
+                                      "num_warps": warps, "num_stages": stages, "timeout_s": to("triton")})
         return tier1, tier2, grid_tasks
 
     # -------------------------------------------------------------- phases
@@ -1414,7 +1445,7 @@ class Orchestrator:
 
     def finish(self, status="done"):
         with self.lock:
-            skipped = [r for fam in ("asl", "attention", "grid") for r in self.R["benchmarks"][fam]
+            skipped = [r for fam in ("asl", "attention", "blocks", "grid") for r in self.R["benchmarks"][fam]
                        if "time budget" in str(r.get("skipped", ""))]
             if skipped:
                 self.R["budget_exhausted"] = f"{len(skipped)} benchmark tasks skipped for time"
@@ -1590,6 +1621,25 @@ def summarize(R) -> str:
                          f"{_fmt(r.get('tflops_fwd_bwd'), 2)} | {_fmt(peak / 2**20, 1) if peak is not None else '-'} | "
                          f"{_fmt(r.get('speedup_vs_eager'), 2)} | {_fmt(r.get('speedup_vs_sdpa'), 2)} | "
                          f"{'ok' if chk.get('agrees') else 'MISMATCH ' + str(chk.get('max_rel_err'))[:80]} |")
+    rows = bench.get("blocks", [])
+    if rows:
+        eager = {r.get("dtype"): r for r in bench.get("attention", []) if r.get("provider") == "eager" and r.get("ok")}
+        r0 = rows[0]
+        lines += ["", f"## Triton attention + enhancement block sweep, fwd+bwd (B={r0.get('B')} C={r0.get('C')} "
+                  f"N={r0.get('N')} d={r0.get('d')})", "",
+                  "| dtype | BLOCK_C | BLOCK_N | warps | stages | median ms | TFLOP/s | x eager | check |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            head = (f"| {r.get('dtype')} | {r.get('block_c')} | {r.get('block_n')} | {r.get('num_warps')} | "
+                    f"{r.get('num_stages')} | ")
+            if not r.get("ok"):
+                lines.append(head + f"{err_of(r)} | | | |")
+                continue
+            e = eager.get(r.get("dtype"))
+            ratio = e["median_ms"] / r["median_ms"] if e and e.get("median_ms") else None
+            chk = r.get("check", {})
+            lines.append(head + f"{_fmt(r.get('median_ms'))} | {_fmt(r.get('tflops_fwd_bwd'), 2)} | {_fmt(ratio, 2)} | "
+                         f"{'ok' if chk.get('agrees') else 'MISMATCH ' + str(chk.get('max_rel_err'))[:80]} |")
     rows = bench.get("grid", [])
     if rows:
         provs = []
@@ -1614,7 +1664,7 @@ def summarize(R) -> str:
                     cells.append(_fmt(r.get("median_ms")) + ("" if r.get("check", {}).get("agrees") else "*"))
             lines.append(f"| {c} | {n} | {d} | " + " | ".join(cells) + " |")
     errs = []
-    for fam in ("asl", "attention", "grid"):
+    for fam in ("asl", "attention", "blocks", "grid"):
         for r in bench.get(fam, []):
             if not r.get("ok") and not r.get("skipped"):
                 errs.append(f"{fam} {r.get('provider')} {_case_key(r)[1:]}: {err_of(r)}")
@@ -1639,7 +1689,8 @@ def main(argv=None) -> int:
                    help="same code path on CPU: tiny shapes, backends reference + cpu (+ triton with TRITON_INTERPRET=1)")
     p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 400 on GPU, 300 dry-run)")
     p.add_argument("--build-timeout-s", type=float, default=None, help="cap on the extension build (default 300)")
-    p.add_argument("--families", default="asl,attention,grid", help="benchmark families to run")
+    p.add_argument("--families", default="asl,attention,blocks,grid",
+                   help="benchmark families to run (blocks: Triton attention block-size sweep)")
     p.add_argument("--providers", default=None,
                    help="comma-separated providers to benchmark (default all); without cuda/cpu the extension is not built")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager dry-run)")

@@ -8,6 +8,8 @@ LOWP: with fp16/bf16 inputs the matrix products take their operands in that dtyp
 fp32 accumulation), as FlashAttention does; softmax statistics stay fp32. fp32 inputs use exact
 fp32 products. The interpreter always runs fp32 (its bf16 products are wrong).
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -122,12 +124,31 @@ def _attn_bwd_dkv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
+_block_override = None  # (BLOCK_C, BLOCK_N, launch options) while block_config is active
+
+
+@contextlib.contextmanager
+def block_config(block_c: int, block_n: int, **launch):
+    """Run the attention kernels with these class / position blocks and launch options
+    (``num_warps``, ``num_stages``) inside the block, for the block-size sweep of
+    ``benchmarks/gpu_check.py``; the feature block stays the whole width."""
+    global _block_override
+    previous, _block_override = _block_override, (int(block_c), int(block_n), dict(launch))
+    try:
+        yield
+    finally:
+        _block_override = previous
+
+
 def _blocks(c, d, n):
     """(BLOCK_C, BLOCK_D, BLOCK_N) and launch options. The whole feature dimension sits in one block,
     so for wide features the position block shrinks and software pipelining is turned off: at
     d = 512 in fp32, BLOCK_N = 32 with three pipeline stages asks for ~320 KB of shared memory,
     more than an H100/H200 SM has (227 KB)."""
     bd = pow2(d)
+    if _block_override is not None:
+        bc, bn, launch = _block_override
+        return bc, bd, bn, launch
     if INTERPRET:  # few, big programs: the interpreter's cost is per program
         return pow2(c, hi=128), bd, pow2(n, hi=256), {}
     if bd <= 128:
