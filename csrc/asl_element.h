@@ -33,6 +33,15 @@ inline bool asl_binary_supported(double gamma_pos, double gamma_neg, double clip
          clip < 1e30;
 }
 
+// The binary form's parameters. The gammas become integers only where the form applies (small
+// integers then): a NaN or huge gamma never reaches an int conversion.
+inline AslBinaryParams asl_binary_params(double gamma_pos, double gamma_neg, double clip, double eps,
+                                         bool focal_grad) {
+  const bool ok = asl_binary_supported(gamma_pos, gamma_neg, clip, eps);
+  return {static_cast<float>(clip), static_cast<float>(eps), ok ? static_cast<int32_t>(gamma_pos) : 0,
+          ok ? static_cast<int32_t>(gamma_neg) : 0, focal_grad ? 1.0f : 0.0f};
+}
+
 // base^k for an integer 0 <= k < 16 by its bits (0^0 = 1, like torch.pow).
 CSSFE_HOST_DEVICE float pow_small_int(float base, int32_t k) {
   const float b2 = base * base, b4 = b2 * b2, b8 = b4 * b4;

@@ -40,8 +40,7 @@ void asl_kernel(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n,
   const acc_t gp_ = gamma_pos, gn_ = gamma_neg, clip_ = clip, eps_ = eps, scale_ = scale;
   // Soft targets, fractional gammas, fp64 and tiny eps take the per-element path below.
   const bool binary_ok = std::is_same<acc_t, float>::value && asl_binary_supported(gamma_pos, gamma_neg, clip, eps);
-  const AslBinaryParams P{static_cast<float>(clip), static_cast<float>(eps), static_cast<int32_t>(gamma_pos),
-                          static_cast<int32_t>(gamma_neg), focal_grad ? 1.0f : 0.0f};
+  const AslBinaryParams P = asl_binary_params(gamma_pos, gamma_neg, clip, eps, focal_grad);
   const float scale_f = static_cast<float>(scale);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   double total = 0;

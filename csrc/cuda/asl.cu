@@ -137,12 +137,13 @@ std::tuple<at::Tensor, at::Tensor> asl_cuda(const at::Tensor& logits, const at::
   CSSFE_CHECK_CUDA(logits, "logits");
   CSSFE_CHECK_CUDA(targets, "targets");
   TORCH_CHECK(logits.sizes() == targets.sizes(), "native_asl: logits and targets shapes differ");
+  TORCH_CHECK(logits.device() == targets.device(), "native_asl: logits are on ", logits.device(), ", targets on ",
+              targets.device());
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.numel();
   const double scale = mean ? (n > 0 ? 1.0 / static_cast<double>(n) : std::nan("")) : 1.0;
   cuda::AslArgs A;
-  A.binary = AslBinaryParams{static_cast<float>(clip), static_cast<float>(eps), static_cast<int32_t>(gamma_pos),
-                             static_cast<int32_t>(gamma_neg), focal_grad ? 1.0f : 0.0f};
+  A.binary = asl_binary_params(gamma_pos, gamma_neg, clip, eps, focal_grad);
   A.gamma_pos = static_cast<float>(gamma_pos);
   A.gamma_neg = static_cast<float>(gamma_neg);
   A.clip = static_cast<float>(clip);

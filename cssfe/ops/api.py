@@ -133,8 +133,8 @@ def asymmetric_loss(
         raise TypeError(f"{op}: targets must be bool, uint8 or floating, got {targets.dtype}")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"{op}: reduction must be 'sum' or 'mean', got {reduction!r}")
-    if gamma_pos < 0 or gamma_neg < 0:
-        raise ValueError(f"{op}: gammas must be >= 0, got gamma_pos={gamma_pos}, gamma_neg={gamma_neg}")
+    if not (math.isfinite(gamma_pos) and math.isfinite(gamma_neg)) or gamma_pos < 0 or gamma_neg < 0:
+        raise ValueError(f"{op}: gammas must be finite and >= 0, got gamma_pos={gamma_pos}, gamma_neg={gamma_neg}")
     _same_device(op, logits=logits, targets=targets)
     name = resolve(backend, logits.device, op, logits.dtype)
     need_grad = torch.is_grad_enabled() and logits.requires_grad

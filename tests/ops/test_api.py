@@ -192,6 +192,9 @@ def test_bad_inputs_raise_clear_errors(backend, request):
         asl(torch.randn(2, 3), torch.zeros(2, 3), reduction="none")
     with pytest.raises(ValueError, match="gammas"):
         asl(torch.randn(2, 3), torch.zeros(2, 3), gamma_neg=-1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            asl(torch.randn(2, 3), torch.zeros(2, 3), gamma_pos=bad)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
