@@ -65,6 +65,11 @@ DEFINITIONS = {
     "asl_bytes": "B*C*(2*sizeof(logits) + 1): read logits and bool targets, write the gradient (the minimum a "
                  "one-pass loss+grad moves). The op as called through autograd also multiplies the saved "
                  "gradient by d loss in backward (one more read + write of B*C*sizeof(logits)), not counted.",
+    "graph_timing": "ASL rows, graph_*: the call captured once in a CUDA graph, each replay timed with CUDA events "
+                    "after the L2 flush: device time without the host's per-call work (graph_error says why a "
+                    "call could not be captured).",
+    "blocks": "Triton attention + enhancement at the main attention shape with the block configuration of the "
+              "row (BLOCK_SWEEP); speedup_vs_eager against the attention family's eager row of the same case.",
     "copy_bandwidth": "dst.copy_(src) of a large device buffer; GB/s = 2*bytes/time (read + write), 1e9 bytes.",
     "attention_flop": "4*B*C*N*d for the forward (QK^T and AV); forward+backward = 3.5x forward (FlashAttention "
                       "benchmark convention: backward recomputes QK^T). The progressive enhancement (C x C mixing) "
@@ -233,17 +238,7 @@ class Ctx:
         est = (time.perf_counter() - t) / max(1, warmup)
         n = int(max(3, min(reps, max_s / max(est, 1e-6))))
         if self.cuda:
-            if flush and self._flush is None and self.opts.get("flush_bytes"):
-                self._flush = torch.empty(self.opts["flush_bytes"] // 4, dtype=torch.int32, device=self.device)
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-            for start, end in events:
-                if flush and self._flush is not None:
-                    self._flush.zero_()
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize()
-            times = [s.elapsed_time(e) for s, e in events]
+            times = self._event_times(fn, n, flush)
         else:
             times = []
             for _ in range(n):
@@ -258,6 +253,21 @@ class Ctx:
         b2b = (time.perf_counter() - t) * 1e3 / n
         return {"median_ms": _quantile(times, 0.5), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8),
                 "min_ms": min(times), "reps": n, "back_to_back_ms": b2b, "timer": "cuda_events" if self.cuda else "perf_counter"}
+
+    def _event_times(self, fn, n, flush) -> list:
+        """n CUDA-event timings (ms) of fn, each after the L2 flush when asked."""
+        torch = self.torch
+        if flush and self._flush is None and self.opts.get("flush_bytes"):
+            self._flush = torch.empty(self.opts["flush_bytes"] // 4, dtype=torch.int32, device=self.device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            if flush and self._flush is not None:
+                self._flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in events]
 
     def measure_graph(self, fn, reps=None) -> dict:
         """Device time alone: ``fn`` captured once in a CUDA graph, each replay timed with CUDA
@@ -280,17 +290,7 @@ class Ctx:
         except Exception as exc:  # noqa: BLE001
             torch.cuda.synchronize()
             return {"graph_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
-        if self._flush is None and self.opts.get("flush_bytes"):
-            self._flush = torch.empty(self.opts["flush_bytes"] // 4, dtype=torch.int32, device=self.device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            if self._flush is not None:
-                self._flush.zero_()
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        times = [a.elapsed_time(b) for a, b in events]
+        times = self._event_times(graph.replay, reps, flush=True)
         del graph
         return {"graph_median_ms": _quantile(times, 0.5), "graph_p20_ms": _quantile(times, 0.2),
                 "graph_p80_ms": _quantile(times, 0.8)}
@@ -1309,10 +1309,10 @@ class Orchestrator:
         if "blocks" in fams and not prewarm and "triton" in plist["attention"]:
             b, c, n, d = attn
             dt = "float32" if self.dry else "bfloat16"
-            for bc, bn, warps, stages in (BLOCK_SWEEP_DRY if self.dry else BLOCK_SWEEP):
-                grid_tasks.insert(0, {"id": self._next_id("blocks:"), "kind": "blocks", "provider": "triton", "B": b,
-                                      "C": c, "N": n, "d": d, "dtype": dt, "block_c": bc, "block_n": bn,
-                                      "num_warps": warps, "num_stages": stages, "timeout_s": to("triton")})
+            grid_tasks[:0] = [{"id": self._next_id("blocks:"), "kind": "blocks", "provider": "triton", "B": b, "C": c,
+                               "N": n, "d": d, "dtype": dt, "block_c": bc, "block_n": bn, "num_warps": warps,
+                               "num_stages": stages, "timeout_s": to("triton")}
+                              for bc, bn, warps, stages in (BLOCK_SWEEP_DRY if self.dry else BLOCK_SWEEP)]
         return tier1, tier2, grid_tasks
 
     # -------------------------------------------------------------- phases
@@ -1413,15 +1413,16 @@ class Orchestrator:
             env = self.R["environment"]
             copy = env.get("copy_gbps")
             b = self.R["benchmarks"]
+            order = {}  # case -> provider -> row; a block-sweep row's peers are the attention rows of its case
             for fam in ("asl", "attention", "grid"):
-                order = {}
-                rows = b[fam]
-                for r in rows:
+                for r in b[fam]:
                     order.setdefault(_case_key(r), {})[r["provider"]] = r
+            for fam in ("asl", "attention", "blocks", "grid"):
+                rows = b[fam]
                 for r in rows:
                     if not r.get("ok") or not r.get("median_ms"):
                         continue
-                    peers = order.get(_case_key(r), {})
+                    peers = order.get(_case_key(dict(r, kind="attention") if fam == "blocks" else r), {})
                     for base in ("eager", "sdpa"):
                         e = peers.get(base)
                         if e and e.get("ok") and e.get("median_ms"):
@@ -1504,6 +1505,12 @@ class Orchestrator:
 
 def _task_fields(task):
     return {k: v for k, v in task.items() if k not in ("timeout_s", "prewarm", "fwd", "limit")}
+
+
+def _check_cell(r):
+    """A summary table's check column: ok, or the mismatch against eager."""
+    chk = r.get("check", {})
+    return "ok" if chk.get("agrees") else "MISMATCH " + str(chk.get("max_rel_err"))[:80]
 
 
 def _case_key(r):
@@ -1594,7 +1601,6 @@ def summarize(R) -> str:
             if not r.get("ok"):
                 lines.append(f"| {shape} | {r.get('dtype')} | {r.get('provider')} | {err_of(r)} | | | | | | | | |")
                 continue
-            chk = r.get("check", {})
             frac, gfrac = r.get("copy_fraction"), r.get("graph_copy_fraction")
             graph = _fmt(r.get("graph_median_ms")) if r.get("graph_median_ms") else (r.get("graph_error") or "-")[:40]
             lines.append(f"| {shape} | {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} | "
@@ -1602,7 +1608,7 @@ def summarize(R) -> str:
                          f"{_fmt(100 * frac, 1) if frac else '-'} | {_fmt(r.get('speedup_vs_eager'), 2)} | "
                          f"{graph} | {_fmt(100 * gfrac, 1) if gfrac else '-'} | "
                          f"{_fmt(r.get('graph_speedup_vs_eager'), 2)} | "
-                         f"{'ok' if chk.get('agrees') else 'MISMATCH ' + str(chk.get('max_rel_err'))[:80]} |")
+                         f"{_check_cell(r)} |")
     rows = bench.get("attention", [])
     if rows:
         r0 = rows[0]
@@ -1614,16 +1620,14 @@ def summarize(R) -> str:
             if not r.get("ok"):
                 lines.append(f"| {r.get('dtype')} | {r.get('provider')} | {err_of(r)} | | | | | | | |")
                 continue
-            chk = r.get("check", {})
             peak = r.get("peak_above_base_bytes")
             lines.append(f"| {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} | "
                          f"{_fmt(r.get('p20_ms'))}-{_fmt(r.get('p80_ms'))} | {_fmt(r.get('fwd_median_ms'))} | "
                          f"{_fmt(r.get('tflops_fwd_bwd'), 2)} | {_fmt(peak / 2**20, 1) if peak is not None else '-'} | "
                          f"{_fmt(r.get('speedup_vs_eager'), 2)} | {_fmt(r.get('speedup_vs_sdpa'), 2)} | "
-                         f"{'ok' if chk.get('agrees') else 'MISMATCH ' + str(chk.get('max_rel_err'))[:80]} |")
+                         f"{_check_cell(r)} |")
     rows = bench.get("blocks", [])
     if rows:
-        eager = {r.get("dtype"): r for r in bench.get("attention", []) if r.get("provider") == "eager" and r.get("ok")}
         r0 = rows[0]
         lines += ["", f"## Triton attention + enhancement block sweep, fwd+bwd (B={r0.get('B')} C={r0.get('C')} "
                   f"N={r0.get('N')} d={r0.get('d')})", "",
@@ -1635,11 +1639,9 @@ def summarize(R) -> str:
             if not r.get("ok"):
                 lines.append(head + f"{err_of(r)} | | | |")
                 continue
-            e = eager.get(r.get("dtype"))
-            ratio = e["median_ms"] / r["median_ms"] if e and e.get("median_ms") else None
-            chk = r.get("check", {})
-            lines.append(head + f"{_fmt(r.get('median_ms'))} | {_fmt(r.get('tflops_fwd_bwd'), 2)} | {_fmt(ratio, 2)} | "
-                         f"{'ok' if chk.get('agrees') else 'MISMATCH ' + str(chk.get('max_rel_err'))[:80]} |")
+            lines.append(head + f"{_fmt(r.get('median_ms'))} | {_fmt(r.get('tflops_fwd_bwd'), 2)} | "
+                         f"{_fmt(r.get('speedup_vs_eager'), 2)} | "
+                         f"{_check_cell(r)} |")
     rows = bench.get("grid", [])
     if rows:
         provs = []
