@@ -1,15 +1,34 @@
-// Class attention on CPU, flash-style over blocks of positions: each block's scores come from one
-// batched GEMM (ATen's bmm, i.e. MKL/oneDNN), the softmax is kept online (running max and sum), and
-// the B x C x N maps are never stored whole; backward recomputes each block from the saved
-// log-sum-exp. Plain per-element loops lost 5-13x to eager PyTorch's GEMMs (docs/performance.md).
+// Class attention on CPU, one image per task: the image's C x N scores go from one GEMM into a
+// per-thread scratch, the softmax runs on them in place (vectorized exp), and a second GEMM pools
+// the values; backward recomputes the maps from the saved log-sum-exp (the B x C x N maps are never
+// stored). Images are spread over the threads and each GEMM runs on its thread, so an image's
+// scores, values and gradients stay in that core's cache; eager PyTorch instead runs each step over
+// the whole batch. Measured against eager and the earlier batched-GEMM kernel in docs/performance.md.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "../cssfe.h"
+#include "simd_math.h"
+
+// The Fortran BLAS that torch links (MKL on x86-64 wheels) is called directly: ATen's matmul costs
+// a few microseconds of dispatch per call, comparable to one image's GEMM at these sizes. Weak, so
+// a torch without these symbols still loads the extension and the kernel goes through ATen instead.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
 
 namespace cssfe {
 namespace {
@@ -20,7 +39,158 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_cpu_contig(v, "v");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "native_attention: bad shapes");
   TORCH_CHECK(q.size(2) == k.size(1) && (q.size(0) == 1 || q.size(0) == k.size(0)), "native_attention: bad q shape");
+  TORCH_CHECK(k.size(1) > 0 && k.size(2) > 0, "native_attention: d and N must be positive");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "native_attention: dtypes differ");
+}
+
+// CSSFE_CPU_ATTENTION_GEMM=aten forces the ATen path (tests use it; it is the path of a torch whose
+// BLAS symbols are not visible).
+bool blas_available() {
+  const char* env = std::getenv("CSSFE_CPU_ATTENTION_GEMM");
+  return sgemm_ && dgemm_ && !(env && std::strcmp(env, "aten") == 0);
+}
+
+// Row-major C[M, Nc] = alpha * op(A) op(B) + beta * C, with op(A) [M, K] and op(B) [K, Nc]; beta = 0
+// ignores C's old contents (NaN included). The column-major BLAS computes C^T = op(B)^T op(A)^T.
+template <typename T>
+void gemm(bool use_blas, bool trans_a, bool trans_b, int64_t M, int64_t Nc, int64_t K, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (use_blas) {
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m = static_cast<int>(Nc), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    if constexpr (std::is_same<T, float>::value) {
+      sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    } else {
+      dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    }
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a = at::from_blob(const_cast<T*>(A), {trans_a ? K : M, trans_a ? M : K}, {lda, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<T*>(B), {trans_b ? Nc : K, trans_b ? K : Nc}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opts);
+  at::addmm_out(c, c, trans_a ? a.t() : a, trans_b ? b.t() : b, beta, alpha);
+}
+
+// One row of scores -> its softmax numerators in place; returns their sum, the row's max in *max_out.
+CSSFE_SIMD_CLONES
+float softmax_numerators(float* __restrict row, int64_t n, float* max_out) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, row[i]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    row[i] = simd::exp_nonpositive(row[i] - m);
+    sum += row[i];
+  }
+  *max_out = m;
+  return sum;
+}
+
+double softmax_numerators(double* row, int64_t n, double* max_out) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, row[i]);
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    row[i] = std::exp(row[i] - m);
+    sum += row[i];
+  }
+  *max_out = m;
+  return sum;
+}
+
+// Scores -> maps P = exp(s - lse) in place, and g V -> dS = P * (g V - delta) in place. s - lse <= 0
+// up to the GEMM's rounding, where the polynomial exp is still accurate.
+CSSFE_SIMD_CLONES
+void softmax_backward_row(float* __restrict p, float* __restrict ds, int64_t n, float lse, float delta) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = simd::exp_nonpositive(p[i] - lse);
+    ds[i] = p[i] * (ds[i] - delta);
+  }
+}
+
+void softmax_backward_row(double* p, double* ds, int64_t n, double lse, double delta) {
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = std::exp(p[i] - lse);
+    ds[i] = p[i] * (ds[i] - delta);
+  }
+}
+
+CSSFE_SIMD_CLONES
+float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+double dot(const double* a, const double* b, int64_t n) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+struct Sizes {
+  int64_t C, d, N;
+};
+
+// z [C, d] and lse [C] of one image; q is already scaled by 1/sqrt(d); s is [C, N] scratch.
+template <typename T>
+void forward_image(bool blas, const T* q, const T* k, const T* v, T* z, float* lse, T* s, Sizes n) {
+  gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), q, n.d, k, n.N, T(0), s, n.N);  // S = q K
+  std::vector<T> inv_sum(n.C);
+  for (int64_t c = 0; c < n.C; ++c) {
+    T m;
+    const T sum = softmax_numerators(s + c * n.N, n.N, &m);
+    inv_sum[c] = T(1) / sum;
+    lse[c] = static_cast<float>(m + std::log(sum));
+  }
+  gemm<T>(blas, false, true, n.C, n.d, n.N, T(1), s, n.N, v, n.N, T(0), z, n.d);  // Z = exp(S - m) V^T
+  for (int64_t c = 0; c < n.C; ++c) {
+    for (int64_t j = 0; j < n.d; ++j) z[c * n.d + j] *= inv_sum[c];
+  }
+}
+
+// dk, dv [d, N] of one image; dq [C, d] = dq_beta * dq + dS K^T / sqrt(d). p and ds are [C, N] scratch.
+template <typename T>
+void backward_image(bool blas, const T* g, const T* q, const T* k, const T* v, const T* z, const float* lse, T* dq,
+                    T dq_beta, T* dk, T* dv, T* p, T* ds, Sizes n, T scale) {
+  gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), q, n.d, k, n.N, T(0), p, n.N);   // scores again
+  gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), g, n.d, v, n.N, T(0), ds, n.N);  // g V
+  for (int64_t c = 0; c < n.C; ++c) {
+    const T delta = dot(g + c * n.d, z + c * n.d, n.d);  // sum_n P dP = g . z
+    softmax_backward_row(p + c * n.N, ds + c * n.N, n.N, static_cast<T>(lse[c]), delta);
+  }
+  gemm<T>(blas, true, false, n.d, n.N, n.C, T(1), g, n.d, p, n.N, T(0), dv, n.N);         // dV = g^T P
+  gemm<T>(blas, true, false, n.d, n.N, n.C, T(1), q, n.d, ds, n.N, T(0), dk, n.N);        // dK = (scale q)^T dS
+  gemm<T>(blas, false, true, n.C, n.d, n.N, scale, ds, n.N, k, n.N, dq_beta, dq, n.d);    // dQ (+)= scale dS K^T
+}
+
+// Images [0, B) in `tasks` contiguous runs, one per thread; run t gets [t * per, min(B, (t + 1) * per)).
+// With one task the loop runs on the calling thread and BLAS may use all threads inside each GEMM.
+template <typename F>
+void for_each_task(int64_t tasks, const F& f) {
+  if (tasks <= 1) {
+    f(0);
+    return;
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) f(t);
+  });
+}
+
+// {tasks, images per task}: at most one task per thread, none of them empty.
+std::pair<int64_t, int64_t> split_images(int64_t B) {
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  const int64_t per = std::max<int64_t>(1, (B + most - 1) / most);
+  return {std::max<int64_t>(1, (B + per - 1) / per), per};
+}
+
+bool fits_blas(Sizes n) {
+  return std::max({n.C, n.d, n.N}) <= INT_MAX && n.C * n.N <= INT_MAX && n.d * n.N <= INT_MAX;
 }
 
 // Half precision computes in fp32; fp32 and fp64 in their own type.
@@ -28,58 +198,33 @@ at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Positions per block: the block's B x C x t scores stay within ~8 MB (fp32), at least 64.
-// CSSFE_CPU_ATTENTION_BLOCK overrides it (tests use it to run the multi-block path on small inputs).
-int64_t block_positions(int64_t B, int64_t C, int64_t N) {
-  if (const char* env = std::getenv("CSSFE_CPU_ATTENTION_BLOCK")) {
-    const long long forced = std::atoll(env);
-    if (forced > 0) return std::min<int64_t>(N, forced);
-  }
-  const int64_t budget = int64_t(1) << 21;
-  return std::min(N, std::max<int64_t>(64, budget / std::max<int64_t>(1, B * C)));
-}
-
-// q [Bq, C, d] -> [B, C, d] in the compute type (shared queries expanded once, not per block).
-at::Tensor batched_queries(const at::Tensor& q, int64_t B, at::ScalarType ct) {
-  at::Tensor qc = q.to(ct);
-  return q.size(0) == B ? qc : qc.expand({B, q.size(1), q.size(2)}).contiguous();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_attention(q, k, v);
-  const int64_t B = k.size(0), d = k.size(1), N = k.size(2), C = q.size(1);
+  const int64_t B = k.size(0), C = q.size(1), Bq = q.size(0);
+  const Sizes n{C, k.size(1), k.size(2)};
   const at::ScalarType ct = compute_type(v);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  const at::Tensor qs = batched_queries(q, B, ct).mul(scale);
-  const at::Tensor kc = k.to(ct), vc = v.to(ct);
-  const int64_t T = block_positions(B, C, N);
-  if (T >= N) {  // one block: a plain softmax, no running rescale
-    at::Tensor s = at::bmm(qs, kc);
-    at::Tensor m = std::get<0>(s.max(-1, true));
-    s.sub_(m).exp_();
-    at::Tensor l = s.sum(-1, true);
-    at::Tensor z = at::bmm(s, vc.transpose(1, 2)).div_(l).to(v.scalar_type());
-    return {z, m.add_(l.log()).squeeze(-1).to(at::kFloat)};
-  }
-  const auto opts = qs.options();
-  at::Tensor m = at::full({B, C}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor l = at::zeros({B, C}, opts);
-  at::Tensor acc = at::zeros({B, C, d}, opts);
-  for (int64_t n0 = 0; n0 < N; n0 += T) {
-    const int64_t t = std::min(T, N - n0);
-    at::Tensor s = at::bmm(qs, kc.narrow(2, n0, t));  // [B, C, t]
-    at::Tensor m_new = at::maximum(m, std::get<0>(s.max(-1)));
-    at::Tensor alpha = (m - m_new).exp_();  // 0 on the first block (m = -inf)
-    s.sub_(m_new.unsqueeze(-1)).exp_();     // s now holds the block's unnormalised probabilities
-    l.mul_(alpha).add_(s.sum(-1));
-    acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, vc.narrow(2, n0, t).transpose(1, 2));
-    m = m_new;
-  }
-  at::Tensor z = acc.div_(l.unsqueeze(-1)).to(v.scalar_type());
-  at::Tensor lse = (m + l.log()).to(at::kFloat);
-  return {z, lse};
+  const at::Tensor qs = q.to(ct).mul(1.0 / std::sqrt(static_cast<double>(n.d))).contiguous();
+  const at::Tensor kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
+  at::Tensor z = at::empty({B, C, n.d}, qs.options());
+  at::Tensor lse = at::empty({B, C}, qs.options().dtype(at::kFloat));
+  const bool blas = blas_available() && fits_blas(n);
+  const std::pair<int64_t, int64_t> split = split_images(B);
+  const int64_t tasks = split.first, per = split.second;
+  AT_DISPATCH_FLOATING_TYPES(ct, "cssfe_attention_fwd_cpu", [&] {
+    const scalar_t *qp = qs.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    float* lp = lse.data_ptr<float>();
+    for_each_task(tasks, [&](int64_t t) {
+      std::vector<scalar_t> s(C * n.N);
+      for (int64_t b = t * per; b < std::min(B, (t + 1) * per); ++b) {
+        forward_image<scalar_t>(blas, qp + (Bq == 1 ? 0 : b) * C * n.d, kp + b * n.d * n.N, vp + b * n.d * n.N,
+                                zp + b * C * n.d, lp + b * C, s.data(), n);
+      }
+    });
+  });
+  return {z.to(v.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_z, const at::Tensor& q,
@@ -89,40 +234,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   check_cpu_contig(grad_z, "grad_z");
   check_cpu_contig(z, "z");
   check_cpu_contig(lse, "lse");
-  const int64_t B = k.size(0), d = k.size(1), N = k.size(2), C = q.size(1);
+  const int64_t B = k.size(0), C = q.size(1), Bq = q.size(0);
+  const Sizes n{C, k.size(1), k.size(2)};
+  TORCH_CHECK(grad_z.sizes() == z.sizes() && z.dim() == 3 && z.size(0) == B && z.size(1) == C && z.size(2) == n.d,
+              "native_attention_bwd: grad_z and z must be [B, C, d]");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == C && lse.scalar_type() == at::kFloat,
+              "native_attention_bwd: lse must be fp32 [B, C]");
   const at::ScalarType ct = compute_type(v);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  const at::Tensor qs = batched_queries(q, B, ct).mul(scale);
-  const at::Tensor qst = qs.transpose(1, 2);                         // [B, d, C]
-  const at::Tensor kc = k.to(ct), vc = v.to(ct);
-  const at::Tensor g = grad_z.to(ct);
-  const at::Tensor gt = g.transpose(1, 2);                           // [B, d, C]
-  const at::Tensor delta = (g * z.to(ct)).sum(-1).unsqueeze(-1);     // [B, C, 1]
-  const at::Tensor lse_c = lse.to(ct).unsqueeze(-1);                 // [B, C, 1]
-  const int64_t T = block_positions(B, C, N);
-  at::Tensor dq, dk, dv;
-  if (T >= N) {  // one block: the gradients come straight out of the GEMMs, no block copies
-    at::Tensor p = at::bmm(qs, kc).sub_(lse_c).exp_();                // P [B, C, N]
-    dv = at::bmm(gt, p);                                               // dV = g^T P
-    at::Tensor ds = at::bmm(g, vc).sub_(delta).mul_(p);                // dS = P * (g V - delta)
-    dq = at::bmm(ds, kc.transpose(1, 2));                              // dQ = dS K^T (scaled below)
-    dk = at::bmm(qst, ds);                                             // dK = (scale Q)^T dS
-  } else {
-    dq = at::zeros({B, C, d}, qs.options());
-    dk = at::empty({B, d, N}, qs.options());
-    dv = at::empty({B, d, N}, qs.options());
-    for (int64_t n0 = 0; n0 < N; n0 += T) {
-      const int64_t t = std::min(T, N - n0);
-      const at::Tensor kb = kc.narrow(2, n0, t), vb = vc.narrow(2, n0, t);
-      at::Tensor p = at::bmm(qs, kb).sub_(lse_c).exp_();
-      dv.narrow(2, n0, t).copy_(at::bmm(gt, p));
-      at::Tensor ds = at::bmm(g, vb).sub_(delta).mul_(p);
-      dq.baddbmm_(ds, kb.transpose(1, 2));
-      dk.narrow(2, n0, t).copy_(at::bmm(qst, ds));
-    }
-  }
-  dq.mul_(scale);
-  if (q.size(0) == 1 && B != 1) dq = dq.sum(0, true);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(n.d));
+  const at::Tensor qs = q.to(ct).mul(scale).contiguous();
+  const at::Tensor kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
+  const at::Tensor g = grad_z.to(ct).contiguous(), zc = z.to(ct).contiguous();
+  const bool shared = Bq == 1 && B > 1;
+  const std::pair<int64_t, int64_t> split = split_images(B);
+  const int64_t tasks = split.first, per = split.second;
+  // Shared queries: one dQ partial per task, summed after (a fixed order for a given thread count).
+  at::Tensor dq = at::empty({shared ? tasks : B, C, n.d}, qs.options());
+  at::Tensor dk = at::empty({B, n.d, n.N}, qs.options()), dv = at::empty({B, n.d, n.N}, qs.options());
+  const bool blas = blas_available() && fits_blas(n);
+  AT_DISPATCH_FLOATING_TYPES(ct, "cssfe_attention_bwd_cpu", [&] {
+    const scalar_t *qp = qs.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
+    const scalar_t *gp = g.data_ptr<scalar_t>(), *zp = zc.data_ptr<scalar_t>();
+    const float* lp = lse.data_ptr<float>();
+    scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
+    for_each_task(tasks, [&](int64_t t) {
+      std::vector<scalar_t> p(C * n.N), ds(C * n.N);
+      const int64_t first = t * per;
+      for (int64_t b = first; b < std::min(B, (t + 1) * per); ++b) {
+        scalar_t* dq_b = dqp + (shared ? t : b) * C * n.d;
+        const scalar_t beta = shared && b != first ? scalar_t(1) : scalar_t(0);
+        backward_image<scalar_t>(blas, gp + b * C * n.d, qp + (Bq == 1 ? 0 : b) * C * n.d, kp + b * n.d * n.N,
+                                 vp + b * n.d * n.N, zp + b * C * n.d, lp + b * C, dq_b, beta, dkp + b * n.d * n.N,
+                                 dvp + b * n.d * n.N, p.data(), ds.data(), n, static_cast<scalar_t>(scale));
+      }
+    });
+  });
+  if (shared) dq = dq.sum(0, true);
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 

@@ -27,14 +27,23 @@ def test_class_attention_other_dtypes(backend, dtype, poison):
     check_attention(backend, (3, 20, 64, 49), dtype, batched_q=True, seed=1)
 
 
-@pytest.mark.parametrize("block", [1, 16, 64])
+@pytest.mark.parametrize("gemm", ["blas", "aten"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cpu_class_attention_in_position_blocks(native_backend, monkeypatch, poison, block, dtype):
-    """The C++ kernel's online softmax over blocks of positions (large inputs take it; forced here),
-    with a ragged last block (197 = 12 x 16 + 5) and shared or per-image queries."""
-    monkeypatch.setenv("CSSFE_CPU_ATTENTION_BLOCK", str(block))
-    check_attention("cpu", (3, 7, 64, 197), dtype, batched_q=False, seed=block)
-    check_attention("cpu", (2, 20, 96, 49), dtype, batched_q=True, seed=block + 1)
+def test_cpu_class_attention_gemm_paths_and_thread_splits(native_backend, monkeypatch, poison, gemm, threads, dtype):
+    """The C++ kernel with its direct BLAS calls and with ATen's GEMMs (the path of a torch whose BLAS
+    symbols are not visible), images split over 1-3 threads: 5 images over 2 or 3 threads leave
+    uneven runs, and shared queries then sum one dQ partial per run."""
+    if gemm == "aten":
+        monkeypatch.setenv("CSSFE_CPU_ATTENTION_GEMM", "aten")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_attention("cpu", (5, 7, 64, 197), dtype, batched_q=False, seed=threads)
+        check_attention("cpu", (5, 20, 96, 49), dtype, batched_q=True, seed=threads + 1)
+        check_attention("cpu", (1, 3, 8, 5), dtype, batched_q=False, seed=threads + 2)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("shape", ENHANCE_SHAPES)
