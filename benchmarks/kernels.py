@@ -14,7 +14,10 @@ every differentiable input); the progressive enhancement is timed too. The run f
 CPU's copy bandwidth and fp32 matmul throughput; each row carries them with its own GB/s (bytes the
 op must move) and TFLOP/s (attention and enhancement), so every time sits beside its roof.
 
-Every row: p20/p50/p80 ms over the repeats after 3 warm-up calls, ``first_call_s`` (includes the
+Every row: p20/p50/p80 ms over the repeats after 3 warm-up calls, the providers of one op and mode
+timed interleaved (``timing: interleaved``: each round calls every provider once, in a rotating
+order; rows written before this have no ``timing`` field and were timed one provider after the
+other), ``first_call_s`` (includes the
 compilation for ``compile``), ``peak_bytes`` measured in one more, untimed call, and how
 (``peak_method``: on CPU, torch's CPU allocations recorded by the profiler, above what was held
 before the call, inputs excluded and returned gradients included; the RSS high-water mark delta
@@ -28,6 +31,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,17 +43,37 @@ from cssfe.losses import AsymmetricLoss  # noqa: E402
 from cssfe.ops import reference  # noqa: E402
 
 
-def measure(fn, repeats: int) -> dict:
-    """Timing and peak memory of ``fn``, or the error it raised (one broken provider must not stop the run)."""
-    try:
-        t0 = time.perf_counter()
-        fn()
-        first_call_s = time.perf_counter() - t0
-        timing = percentiles_ms(fn, repeats)
-        peak, method = peak_memory(fn)
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"[:1000]}
-    return {**timing, "first_call_s": first_call_s, "peak_bytes": peak, "peak_method": method}
+def measure_side_by_side(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    """Per provider: timing and peak memory, or the error it raised (one broken provider must not
+    stop the run). The providers are timed interleaved: each round calls every one of them once, in
+    an order that rotates from round to round, so a slow spell of the machine (the times of a small
+    shared machine drift by tens of percent within a minute) slows all of them alike and the ratios
+    between them hold."""
+    results, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            t0 = time.perf_counter()
+            fn()
+            results[name] = {"first_call_s": time.perf_counter() - t0}
+            for _ in range(warmup):
+                fn()
+            live[name] = fn
+        except Exception as exc:
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+    names = list(live)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            t0 = time.perf_counter()
+            live[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    for name in names:
+        p20, p50, p80 = np.percentile(times[name], [20, 50, 80])
+        peak, method = peak_memory(live[name])
+        results[name].update({"p20_ms": float(p20), "p50_ms": float(p50), "p80_ms": float(p80),
+                              "peak_bytes": peak, "peak_method": method})
+    return results
 
 
 def asl_providers(backends, compile_backend):
@@ -136,13 +160,12 @@ def main(argv=None):
 
     def run(kernel, shape, providers, call, reps, cost):
         for mode in ("forward", "full"):
-            base_ms = None
-            for provider, fn in providers.items():
-                result = measure(lambda: call(fn, mode), reps)
-                base_ms = base_ms or result.get("p50_ms")  # the first provider is the eager baseline
+            results = measure_side_by_side({p: (lambda fn=fn: call(fn, mode)) for p, fn in providers.items()}, reps)
+            base_ms = next(iter(results.values())).get("p50_ms")  # the first provider is the eager baseline
+            for provider, result in results.items():
                 # "full" keeps the name the result files have always used for forward + backward
                 row = {"benchmark": "kernels", "kernel": kernel, "mode": "forward+backward" if mode == "full" else mode,
-                       "shape": list(shape), "dtype": "float32", "provider": provider, **result, "threads": args.threads,
+                       "shape": list(shape), "dtype": "float32", "provider": provider, **result, "timing": "interleaved", "threads": args.threads,
                        **info, **peaks}
                 if provider == "compile":
                     row["compile_backend"] = compile_backend
