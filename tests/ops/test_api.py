@@ -234,6 +234,20 @@ def test_head_callers_keep_working():
     assert lam_raw.grad is not None and torch.isfinite(lam_raw.grad) and q.grad is not None
 
 
+@pytest.mark.parametrize("built", [True, False])
+def test_auto_on_cpu_follows_measured_choice(monkeypatch, built):
+    """ASL and class attention: the C++ kernels when the extension is built; enhancement: eager."""
+    from cssfe.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_native_status", lambda build: (built, "simulated", None))
+    cpu, fused = torch.device("cpu"), "cpu" if built else "reference"
+    assert dispatch.resolve("auto", cpu, "class_attention", torch.float32) == fused
+    assert dispatch.resolve("auto", cpu, "class_attention", torch.bfloat16) == fused
+    assert dispatch.resolve("auto", cpu, "asymmetric_loss", torch.float32) == fused
+    assert dispatch.resolve("auto", cpu, "progressive_enhance", torch.float32) == "reference"
+    assert dispatch.resolve("auto", cpu, "class_attention", torch.float64) == "reference"
+
+
 @pytest.mark.parametrize("triton_ok, cuda_ok", [(True, True), (True, False), (False, True), (False, False)])
 def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
     """Class attention: Triton in half precision, eager in fp32; other ops: CUDA, then Triton."""
