@@ -5,30 +5,16 @@
 // scores, values and gradients stay in that core's cache; eager PyTorch instead runs each step over
 // the whole batch. Measured against eager and the earlier batched-GEMM kernel in docs/performance.md.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
-#include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "../cssfe.h"
+#include "blas.h"
+#include "image_tasks.h"
 #include "simd_math.h"
-
-// The Fortran BLAS that torch links (MKL on x86-64 wheels) is called directly: ATen's matmul costs
-// a few microseconds of dispatch per call, comparable to one image's GEMM at these sizes. Weak, so
-// a torch without these symbols still loads the extension and the kernel goes through ATen instead.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
 
 namespace cssfe {
 namespace {
@@ -41,36 +27,6 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(q.size(2) == k.size(1) && (q.size(0) == 1 || q.size(0) == k.size(0)), "native_attention: bad q shape");
   TORCH_CHECK(k.size(1) > 0 && k.size(2) > 0, "native_attention: d and N must be positive");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "native_attention: dtypes differ");
-}
-
-// CSSFE_CPU_ATTENTION_GEMM=aten forces the ATen path (tests use it; it is the path of a torch whose
-// BLAS symbols are not visible).
-bool blas_available() {
-  const char* env = std::getenv("CSSFE_CPU_ATTENTION_GEMM");
-  return sgemm_ && dgemm_ && !(env && std::strcmp(env, "aten") == 0);
-}
-
-// Row-major C[M, Nc] = alpha * op(A) op(B) + beta * C, with op(A) [M, K] and op(B) [K, Nc]; beta = 0
-// ignores C's old contents (NaN included). The column-major BLAS computes C^T = op(B)^T op(A)^T.
-template <typename T>
-void gemm(bool use_blas, bool trans_a, bool trans_b, int64_t M, int64_t Nc, int64_t K, T alpha, const T* A,
-          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (use_blas) {
-    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-    const int m = static_cast<int>(Nc), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    if constexpr (std::is_same<T, float>::value) {
-      sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-    } else {
-      dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-    }
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a = at::from_blob(const_cast<T*>(A), {trans_a ? K : M, trans_a ? M : K}, {lda, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<T*>(B), {trans_b ? Nc : K, trans_b ? K : Nc}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opts);
-  at::addmm_out(c, c, trans_a ? a.t() : a, trans_b ? b.t() : b, beta, alpha);
 }
 
 // One row of scores -> its softmax numerators in place; returns their sum, the row's max in *max_out.
@@ -140,7 +96,7 @@ struct Sizes {
 // z [C, d] and lse [C] of one image; q is already scaled by 1/sqrt(d); s is [C, N] scratch.
 template <typename T>
 void forward_image(bool blas, const T* q, const T* k, const T* v, T* z, float* lse, T* s, Sizes n) {
-  gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), q, n.d, k, n.N, T(0), s, n.N);  // S = q K
+  cpu_blas::gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), q, n.d, k, n.N, T(0), s, n.N);  // S = q K
   std::vector<T> inv_sum(n.C);
   for (int64_t c = 0; c < n.C; ++c) {
     T m;
@@ -148,7 +104,7 @@ void forward_image(bool blas, const T* q, const T* k, const T* v, T* z, float* l
     inv_sum[c] = T(1) / sum;
     lse[c] = static_cast<float>(m + std::log(sum));
   }
-  gemm<T>(blas, false, true, n.C, n.d, n.N, T(1), s, n.N, v, n.N, T(0), z, n.d);  // Z = exp(S - m) V^T
+  cpu_blas::gemm<T>(blas, false, true, n.C, n.d, n.N, T(1), s, n.N, v, n.N, T(0), z, n.d);  // Z = exp(S - m) V^T
   for (int64_t c = 0; c < n.C; ++c) {
     for (int64_t j = 0; j < n.d; ++j) z[c * n.d + j] *= inv_sum[c];
   }
@@ -158,40 +114,18 @@ void forward_image(bool blas, const T* q, const T* k, const T* v, T* z, float* l
 template <typename T>
 void backward_image(bool blas, const T* g, const T* q, const T* k, const T* v, const T* z, const float* lse, T* dq,
                     T dq_beta, T* dk, T* dv, T* p, T* ds, Sizes n, T scale) {
-  gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), q, n.d, k, n.N, T(0), p, n.N);   // scores again
-  gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), g, n.d, v, n.N, T(0), ds, n.N);  // g V
+  cpu_blas::gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), q, n.d, k, n.N, T(0), p, n.N);   // scores again
+  cpu_blas::gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), g, n.d, v, n.N, T(0), ds, n.N);  // g V
   for (int64_t c = 0; c < n.C; ++c) {
     const T delta = dot(g + c * n.d, z + c * n.d, n.d);  // sum_n P dP = g . z
     softmax_backward_row(p + c * n.N, ds + c * n.N, n.N, static_cast<T>(lse[c]), delta);
   }
-  gemm<T>(blas, true, false, n.d, n.N, n.C, T(1), g, n.d, p, n.N, T(0), dv, n.N);         // dV = g^T P
-  gemm<T>(blas, true, false, n.d, n.N, n.C, T(1), q, n.d, ds, n.N, T(0), dk, n.N);        // dK = (scale q)^T dS
-  gemm<T>(blas, false, true, n.C, n.d, n.N, scale, ds, n.N, k, n.N, dq_beta, dq, n.d);    // dQ (+)= scale dS K^T
+  cpu_blas::gemm<T>(blas, true, false, n.d, n.N, n.C, T(1), g, n.d, p, n.N, T(0), dv, n.N);         // dV = g^T P
+  cpu_blas::gemm<T>(blas, true, false, n.d, n.N, n.C, T(1), q, n.d, ds, n.N, T(0), dk, n.N);        // dK = (scale q)^T dS
+  cpu_blas::gemm<T>(blas, false, true, n.C, n.d, n.N, scale, ds, n.N, k, n.N, dq_beta, dq, n.d);    // dQ (+)= scale dS K^T
 }
 
-// Images [0, B) in `tasks` contiguous runs, one per thread; run t gets [t * per, min(B, (t + 1) * per)).
-// With one task the loop runs on the calling thread and BLAS may use all threads inside each GEMM.
-template <typename F>
-void for_each_task(int64_t tasks, const F& f) {
-  if (tasks <= 1) {
-    f(0);
-    return;
-  }
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) f(t);
-  });
-}
-
-// {tasks, images per task}: at most one task per thread, none of them empty.
-std::pair<int64_t, int64_t> split_images(int64_t B) {
-  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
-  const int64_t per = std::max<int64_t>(1, (B + most - 1) / most);
-  return {std::max<int64_t>(1, (B + per - 1) / per), per};
-}
-
-bool fits_blas(Sizes n) {
-  return std::max({n.C, n.d, n.N}) <= INT_MAX && n.C * n.N <= INT_MAX && n.d * n.N <= INT_MAX;
-}
+bool fits_blas(Sizes n) { return cpu_blas::direct({n.C, n.d, n.N, n.C * n.N, n.d * n.N, n.C * n.d}); }
 
 // Half precision computes in fp32; fp32 and fp64 in their own type.
 at::ScalarType compute_type(const at::Tensor& t) {
@@ -209,16 +143,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   const at::Tensor kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   at::Tensor z = at::empty({B, C, n.d}, qs.options());
   at::Tensor lse = at::empty({B, C}, qs.options().dtype(at::kFloat));
-  const bool blas = blas_available() && fits_blas(n);
-  const std::pair<int64_t, int64_t> split = split_images(B);
-  const int64_t tasks = split.first, per = split.second;
+  const bool blas = fits_blas(n);
+  const ImageRuns runs = split_images(B);
   AT_DISPATCH_FLOATING_TYPES(ct, "cssfe_attention_fwd_cpu", [&] {
     const scalar_t *qp = qs.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
-    for_each_task(tasks, [&](int64_t t) {
+    for_each_run(runs, [&](int64_t t) {
       std::vector<scalar_t> s(C * n.N);
-      for (int64_t b = t * per; b < std::min(B, (t + 1) * per); ++b) {
+      for (int64_t b = runs.begin(t); b < runs.end(t); ++b) {
         forward_image<scalar_t>(blas, qp + (Bq == 1 ? 0 : b) * C * n.d, kp + b * n.d * n.N, vp + b * n.d * n.N,
                                 zp + b * C * n.d, lp + b * C, s.data(), n);
       }
@@ -246,21 +179,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   const at::Tensor kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   const at::Tensor g = grad_z.to(ct).contiguous(), zc = z.to(ct).contiguous();
   const bool shared = Bq == 1 && B > 1;
-  const std::pair<int64_t, int64_t> split = split_images(B);
-  const int64_t tasks = split.first, per = split.second;
+  const ImageRuns runs = split_images(B);
   // Shared queries: one dQ partial per task, summed after (a fixed order for a given thread count).
-  at::Tensor dq = at::empty({shared ? tasks : B, C, n.d}, qs.options());
+  at::Tensor dq = at::empty({shared ? runs.tasks : B, C, n.d}, qs.options());
   at::Tensor dk = at::empty({B, n.d, n.N}, qs.options()), dv = at::empty({B, n.d, n.N}, qs.options());
-  const bool blas = blas_available() && fits_blas(n);
+  const bool blas = fits_blas(n);
   AT_DISPATCH_FLOATING_TYPES(ct, "cssfe_attention_bwd_cpu", [&] {
     const scalar_t *qp = qs.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
     const scalar_t *gp = g.data_ptr<scalar_t>(), *zp = zc.data_ptr<scalar_t>();
     const float* lp = lse.data_ptr<float>();
     scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
-    for_each_task(tasks, [&](int64_t t) {
+    for_each_run(runs, [&](int64_t t) {
       std::vector<scalar_t> p(C * n.N), ds(C * n.N);
-      const int64_t first = t * per;
-      for (int64_t b = first; b < std::min(B, (t + 1) * per); ++b) {
+      const int64_t first = runs.begin(t);
+      for (int64_t b = first; b < runs.end(t); ++b) {
         scalar_t* dq_b = dqp + (shared ? t : b) * C * n.d;
         const scalar_t beta = shared && b != first ? scalar_t(1) : scalar_t(0);
         backward_image<scalar_t>(blas, gp + b * C * n.d, qp + (Bq == 1 ? 0 : b) * C * n.d, kp + b * n.d * n.N,

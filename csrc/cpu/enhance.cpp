@@ -1,11 +1,15 @@
-// Progressive head -> medium -> tail enhancement on CPU, all three stages in one call (OpenMP over
-// the batch). Classes are visited in group order (order / bounds from the host).
-#include <ATen/Dispatch.h>
-#include <omp.h>
+// Progressive head -> medium -> tail enhancement on CPU, all three stages in one call. Classes are
+// put in group order first (order / bounds from the host), so each stage is a block of rows: its
+// messages M = R[rows, sources] X are GEMMs over the sources (earlier groups' outputs, and under no
+// mask also the original z of the rest), one image per task (csrc/cpu/image_tasks.h). Under the
+// distribution-aware mask R is zero outside the earlier groups' columns, and those GEMMs are skipped.
+#include <ATen/ATen.h>
 
 #include <vector>
 
 #include "../cssfe.h"
+#include "blas.h"
+#include "image_tasks.h"
 
 namespace cssfe {
 namespace {
@@ -27,51 +31,114 @@ void check_enhance(const at::Tensor& z, const at::Tensor& r, const at::Tensor& o
               "native_enhance: w must be fp32 [B, C]");
 }
 
+// The call's shared data, in group order: R permuted on both sides, its row sums, and for each
+// stage whether any of its sources lies in its own or a later group (only without the mask).
+struct Plan {
+  at::Tensor r;  // [C, C] fp32, rows and columns in group order
+  std::vector<float> row_sum;
+  int64_t bounds[4];
+  bool later_sources[3];
+  int64_t C, L;
+  bool blas;
+};
+
+Plan make_plan(const at::Tensor& affinity, const at::Tensor& order, const at::Tensor& bounds, int64_t L) {
+  Plan p;
+  p.C = affinity.size(0);
+  p.L = L;
+  p.r = affinity.index_select(0, order).index_select(1, order).contiguous();
+  const at::Tensor rs = p.r.sum(1);
+  p.row_sum.assign(rs.data_ptr<float>(), rs.data_ptr<float>() + p.C);
+  for (int k = 0; k < 4; ++k) p.bounds[k] = bounds.data_ptr<int64_t>()[k];
+  TORCH_CHECK(p.bounds[0] == 0 && p.bounds[3] == p.C, "native_enhance: bounds must run from 0 to C");
+  for (int g = 0; g < 3; ++g) {
+    const int64_t b0 = p.bounds[g], b1 = p.bounds[g + 1];
+    p.later_sources[g] = b1 > b0 && p.r.slice(0, b0, b1).slice(1, b0, p.C).ne(0).any().item<bool>();
+  }
+  p.blas = cpu_blas::direct({p.C, L});
+  return p;
+}
+
+// m [rows of stage g, L] = R[stage rows, earlier] x[earlier] + R[stage rows, rest] z[rest] (all in
+// group order; x holds the earlier stages' outputs).
+void stage_messages(const Plan& p, int g, const float* x, const float* z, float* m) {
+  const int64_t b0 = p.bounds[g], n = p.bounds[g + 1] - b0, C = p.C, L = p.L;
+  const float* r = p.r.data_ptr<float>() + b0 * C;
+  cpu_blas::gemm<float>(p.blas, false, false, n, L, b0, 1.f, r, C, x, L, 0.f, m, L);
+  if (p.later_sources[g]) {
+    cpu_blas::gemm<float>(p.blas, false, false, n, L, C - b0, 1.f, r + b0, C, z + b0 * L, L, 1.f, m, L);
+  }
+}
+
+// One image in group order: z, w -> out.
+void forward_image(const Plan& p, const float* z, const float* w, float* out) {
+  const int64_t L = p.L;
+  for (int g = 0; g < 3; ++g) {
+    const int64_t b0 = p.bounds[g], b1 = p.bounds[g + 1];
+    if (b1 == b0) continue;
+    stage_messages(p, g, out, z, out + b0 * L);  // the stage's rows of out hold m until rescaled
+    for (int64_t i = b0; i < b1; ++i) {
+      const float inv = 1.f / (1.f + w[i] * p.row_sum[i]);
+      float* o = out + i * L;
+      const float* zi = z + i * L;
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) o[l] = (zi[l] + w[i] * o[l]) * inv;
+    }
+  }
+}
+
+// One image in group order, stages in reverse. acc starts as the output's gradient and collects the
+// gradient that later stages send to each output; dz, dm, dw are written; m is [C, L] scratch.
+void backward_image(const Plan& p, const float* z, const float* w, const float* out, float* acc, float* dz,
+                    float* dm, float* dw, float* m) {
+  const int64_t C = p.C, L = p.L;
+  std::fill(dz, dz + C * L, 0.f);
+  for (int g = 2; g >= 0; --g) {
+    const int64_t b0 = p.bounds[g], b1 = p.bounds[g + 1];
+    if (b1 == b0) continue;
+    stage_messages(p, g, out, z, m + b0 * L);
+    for (int64_t i = b0; i < b1; ++i) {
+      const float inv = 1.f / (1.f + w[i] * p.row_sum[i]), rs = p.row_sum[i];
+      const float *a = acc + i * L, *o = out + i * L, *mi = m + i * L;
+      float *dzi = dz + i * L, *dmi = dm + i * L;
+      float dwi = 0.f;
+#pragma omp simd reduction(+ : dwi)
+      for (int64_t l = 0; l < L; ++l) {
+        dzi[l] += a[l] * inv;
+        dmi[l] = a[l] * w[i] * inv;
+        dwi += a[l] * (mi[l] - rs * o[l]);
+      }
+      dw[i] = dwi * inv;
+    }
+    // Each message's gradient goes to its sources: earlier stages' outputs, or the original z.
+    const float* r = p.r.data_ptr<float>() + b0 * C;
+    const int64_t n = b1 - b0;
+    cpu_blas::gemm<float>(p.blas, true, false, b0, L, n, 1.f, r, C, dm + b0 * L, L, 1.f, acc, L);
+    if (p.later_sources[g]) {
+      cpu_blas::gemm<float>(p.blas, true, false, C - b0, L, n, 1.f, r + b0, C, dm + b0 * L, L, 1.f, dz + b0 * L, L);
+    }
+  }
+}
+
 }  // namespace
 
 at::Tensor enhance_fwd_cpu(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
                            const at::Tensor& bounds, const at::Tensor& w) {
   check_enhance(z, affinity, order, bounds, w);
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
-  at::Tensor zf = z.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({B, C, L}, z.options().dtype(at::kFloat));
-  const float* zp = zf.data_ptr<float>();
-  const float* rp = affinity.data_ptr<float>();
-  const int64_t* op = order.data_ptr<int64_t>();
-  const int64_t* bd = bounds.data_ptr<int64_t>();
-  const float* wp = w.data_ptr<float>();
-  float* outp = out.data_ptr<float>();
-  std::vector<float> rs(C, 0.f);
-  for (int64_t i = 0; i < C; ++i)
-    for (int64_t j = 0; j < C; ++j) rs[i] += rp[i * C + j];
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    std::vector<float> m(L);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const float* zb = zp + b * C * L;
-      float* ob = outp + b * C * L;
-      for (int g = 0; g < 3; ++g) {
-        for (int64_t pi = bd[g]; pi < bd[g + 1]; ++pi) {
-          const int64_t i = op[pi];
-          std::fill(m.begin(), m.end(), 0.f);
-          for (int64_t pj = 0; pj < C; ++pj) {
-            const int64_t j = op[pj];
-            const float r = rp[i * C + j];
-            if (r == 0.f) continue;
-            const float* s = (pj < bd[g] ? ob : zb) + j * L;  // earlier groups: updated rows
-            for (int64_t l = 0; l < L; ++l) m[l] += r * s[l];
-          }
-          const float wi = wp[b * C + i];
-          const float inv = 1.f / (1.f + wi * rs[i]);
-          const float* zi = zb + i * L;
-          float* oi = ob + i * L;
-          for (int64_t l = 0; l < L; ++l) oi[l] = (zi[l] + wi * m[l]) * inv;
-        }
-      }
-    }
-  }
-  return out.to(z.scalar_type());
+  const Plan p = make_plan(affinity, order, bounds, L);
+  const at::Tensor zs = z.to(at::kFloat).index_select(1, order).contiguous();
+  const at::Tensor ws = w.index_select(1, order).contiguous();
+  at::Tensor outs = at::empty({B, C, L}, zs.options());
+  const float *zp = zs.data_ptr<float>(), *wp = ws.data_ptr<float>();
+  float* op = outs.data_ptr<float>();
+  const ImageRuns runs = split_images(B);
+  for_each_run(runs, [&](int64_t t) {
+    for (int64_t b = runs.begin(t); b < runs.end(t); ++b) forward_image(p, zp + b * C * L, wp + b * C, op + b * C * L);
+  });
+  at::Tensor out = at::empty({B, C, L}, z.options());
+  out.index_copy_(1, order, outs.to(z.scalar_type()));
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor& grad, const at::Tensor& z,
@@ -81,77 +148,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor&
   check_enhance(z, affinity, order, bounds, w);
   check_cpu_contig(grad, "grad");
   check_cpu_contig(out, "out");
+  TORCH_CHECK(grad.sizes() == z.sizes() && out.sizes() == z.sizes(), "native_enhance_bwd: grad and out must be [B, C, L]");
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
-  at::Tensor zf = z.to(at::kFloat).contiguous();
-  at::Tensor of = out.to(at::kFloat).contiguous();
-  at::Tensor acc = grad.to(at::kFloat).clone().contiguous();  // running grad w.r.t. each class's output
-  at::Tensor dz = at::zeros({B, C, L}, z.options().dtype(at::kFloat));
-  at::Tensor dm = at::zeros({B, C, L}, z.options().dtype(at::kFloat));
-  at::Tensor dw = at::zeros({B, C}, z.options().dtype(at::kFloat));
-  const float* zp = zf.data_ptr<float>();
-  const float* outp = of.data_ptr<float>();
-  const float* rp = affinity.data_ptr<float>();
-  const int64_t* op = order.data_ptr<int64_t>();
-  const int64_t* bd = bounds.data_ptr<int64_t>();
-  const float* wp = w.data_ptr<float>();
-  float* accp = acc.data_ptr<float>();
-  float* dzp = dz.data_ptr<float>();
-  float* dmp = dm.data_ptr<float>();
-  float* dwp = dw.data_ptr<float>();
-  std::vector<float> rs(C, 0.f);
-  for (int64_t i = 0; i < C; ++i)
-    for (int64_t j = 0; j < C; ++j) rs[i] += rp[i * C + j];
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    std::vector<float> m(L);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const float* zb = zp + b * C * L;
-      const float* ob = outp + b * C * L;
-      float* ab = accp + b * C * L;
-      float* dzb = dzp + b * C * L;
-      float* dmb = dmp + b * C * L;
-      for (int g = 2; g >= 0; --g) {
-        for (int64_t pi = bd[g]; pi < bd[g + 1]; ++pi) {
-          const int64_t i = op[pi];
-          std::fill(m.begin(), m.end(), 0.f);
-          for (int64_t pj = 0; pj < C; ++pj) {
-            const int64_t j = op[pj];
-            const float r = rp[i * C + j];
-            if (r == 0.f) continue;
-            const float* s = (pj < bd[g] ? ob : zb) + j * L;
-            for (int64_t l = 0; l < L; ++l) m[l] += r * s[l];
-          }
-          const float wi = wp[b * C + i];
-          const float inv = 1.f / (1.f + wi * rs[i]);
-          const float* gi = ab + i * L;
-          const float* oi = ob + i * L;
-          float* dmi = dmb + i * L;
-          float* dzi = dzb + i * L;
-          float dwi = 0.f;
-          for (int64_t l = 0; l < L; ++l) {
-            dzi[l] += gi[l] * inv;
-            dmi[l] = gi[l] * wi * inv;
-            dwi += gi[l] * (m[l] - rs[i] * oi[l]);
-          }
-          dwp[b * C + i] = dwi * inv;
-        }
-        // Send each message's gradient to its sources: earlier groups' outputs, or the original z.
-        for (int64_t pi = bd[g]; pi < bd[g + 1]; ++pi) {
-          const int64_t i = op[pi];
-          const float* dmi = dmb + i * L;
-          for (int64_t pj = 0; pj < C; ++pj) {
-            const int64_t j = op[pj];
-            const float r = rp[i * C + j];
-            if (r == 0.f) continue;
-            float* dst = (pj < bd[g] ? ab : dzb) + j * L;
-            for (int64_t l = 0; l < L; ++l) dst[l] += r * dmi[l];
-          }
-        }
-      }
+  const Plan p = make_plan(affinity, order, bounds, L);
+  const at::Tensor zs = z.to(at::kFloat).index_select(1, order).contiguous();
+  const at::Tensor os = out.to(at::kFloat).index_select(1, order).contiguous();
+  const at::Tensor ws = w.index_select(1, order).contiguous();
+  at::Tensor acc = grad.to(at::kFloat).index_select(1, order).contiguous();  // a fresh copy: overwritten
+  at::Tensor dzs = at::empty({B, C, L}, zs.options()), dms = at::empty({B, C, L}, zs.options());
+  at::Tensor dws = at::empty({B, C}, zs.options());
+  const float *zp = zs.data_ptr<float>(), *op = os.data_ptr<float>(), *wp = ws.data_ptr<float>();
+  float *ap = acc.data_ptr<float>(), *dzp = dzs.data_ptr<float>(), *dmp = dms.data_ptr<float>();
+  float* dwp = dws.data_ptr<float>();
+  const ImageRuns runs = split_images(B);
+  for_each_run(runs, [&](int64_t t) {
+    std::vector<float> m(C * L);
+    for (int64_t b = runs.begin(t); b < runs.end(t); ++b) {
+      backward_image(p, zp + b * C * L, wp + b * C, op + b * C * L, ap + b * C * L, dzp + b * C * L, dmp + b * C * L,
+                     dwp + b * C, m.data());
     }
-  }
-  return {dz.to(z.scalar_type()), dm, dw};
+  });
+  at::Tensor dz = at::empty({B, C, L}, z.options()), dm = at::empty({B, C, L}, zs.options());
+  at::Tensor dw = at::empty({B, C}, zs.options());
+  dz.index_copy_(1, order, dzs.to(z.scalar_type()));
+  dm.index_copy_(1, order, dms);
+  dw.index_copy_(1, order, dws);
+  return {dz, dm, dw};
 }
 
 }  // namespace cssfe

@@ -35,13 +35,30 @@ def test_cpu_class_attention_gemm_paths_and_thread_splits(native_backend, monkey
     symbols are not visible), images split over 1-3 threads: 5 images over 2 or 3 threads leave
     uneven runs, and shared queries then sum one dQ partial per run."""
     if gemm == "aten":
-        monkeypatch.setenv("CSSFE_CPU_ATTENTION_GEMM", "aten")
+        monkeypatch.setenv("CSSFE_CPU_GEMM", "aten")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         check_attention("cpu", (5, 7, 64, 197), dtype, batched_q=False, seed=threads)
         check_attention("cpu", (5, 20, 96, 49), dtype, batched_q=True, seed=threads + 1)
         check_attention("cpu", (1, 3, 8, 5), dtype, batched_q=False, seed=threads + 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("gemm", ["blas", "aten"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("mask", [True, False])
+def test_cpu_progressive_enhance_gemm_paths_and_thread_splits(native_backend, monkeypatch, poison, gemm, threads, mask):
+    """The C++ enhancement's stage GEMMs with direct BLAS calls and through ATen, 5 images over 1-3
+    threads, with and without the mask (without it, the stages also read later groups' z)."""
+    if gemm == "aten":
+        monkeypatch.setenv("CSSFE_CPU_GEMM", "aten")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_enhance("cpu", (5, 20, 49), torch.float32, mask=mask, seed=threads)
+        check_enhance("cpu", (5, 7, 3), torch.float64, mask=mask, seed=threads + 1)
     finally:
         torch.set_num_threads(before)
 
