@@ -10,7 +10,8 @@ is ``torch.compile`` of the eager reference (``dynamic=False``); when it cannot 
 records the error instead of a time and the run goes on.
 
 Each op runs in two modes: ``forward`` (under no_grad) and ``forward+backward`` (the gradients of
-every differentiable input); the progressive enhancement is timed too. The run first measures the
+every differentiable input); the progressive enhancement is timed too, with a dense random
+affinity and with the model's masked one (row field ``affinity``). The run first measures the
 CPU's copy bandwidth and fp32 matmul throughput; each row carries them with its own GB/s (bytes the
 op must move) and TFLOP/s (attention and enhancement), so every time sits beside its roof.
 
@@ -158,8 +159,9 @@ def main(argv=None):
     peaks = device_peaks(args.smoke)
     print(f"measured peaks: copy {peaks['copy_gb_per_s']:.1f} GB/s, fp32 matmul {peaks['matmul_tflop_per_s']:.3f} TFLOP/s")
 
-    def run(kernel, shape, providers, call, reps, cost):
+    def run(kernel, shape, providers, call, reps, cost, variant=None):
         for mode in ("forward", "full"):
+            label = kernel + "".join(f" {v}" for v in (variant or {}).values())
             results = measure_side_by_side({p: (lambda fn=fn: call(fn, mode)) for p, fn in providers.items()}, reps)
             base_ms = next(iter(results.values())).get("p50_ms")  # the first provider is the eager baseline
             for provider, result in results.items():
@@ -167,6 +169,8 @@ def main(argv=None):
                 row = {"benchmark": "kernels", "kernel": kernel, "mode": "forward+backward" if mode == "full" else mode,
                        "shape": list(shape), "dtype": "float32", "provider": provider, **result, "timing": "interleaved", "threads": args.threads,
                        **info, **peaks}
+                if variant:
+                    row.update(variant)
                 if provider == "compile":
                     row["compile_backend"] = compile_backend
                 if "p50_ms" in result:
@@ -179,11 +183,11 @@ def main(argv=None):
                     row["speedup_vs_eager"] = base_ms / result["p50_ms"] if base_ms else None
                     peak = "-" if result["peak_bytes"] is None else f"{result['peak_bytes'] / 2**20:.2f} MiB"
                     roof = f"{row['gb_per_s']:7.2f} GB/s" + (f" {row['tflop_per_s']:.3f} TFLOP/s" if work["flop"] else "")
-                    print(f"{kernel:18s} {mode:8s} {str(shape):20s} {provider:20s} p50 {result['p50_ms']:9.3f} ms "
+                    print(f"{label:26s} {mode:8s} {str(shape):20s} {provider:20s} p50 {result['p50_ms']:9.3f} ms "
                           f"(p20 {result['p20_ms']:.3f}, p80 {result['p80_ms']:.3f})  "
                           f"{row['speedup_vs_eager'] or float('nan'):6.2f}x vs eager  {roof}  peak {peak}")
                 else:
-                    print(f"{kernel:18s} {mode:8s} {str(shape):20s} {provider:20s} FAILED {result['error'].splitlines()[0][:200]}")
+                    print(f"{label:26s} {mode:8s} {str(shape):20s} {provider:20s} FAILED {result['error'].splitlines()[0][:200]}")
                 rows.append(row)
 
     def forward_or_full(out_fn, inputs):
@@ -214,11 +218,16 @@ def main(argv=None):
         torch.manual_seed(0)
         groups = torch.arange(c) * 3 // c  # head, medium, tail thirds
         z = torch.randn(b, c, l, requires_grad=True)
-        affinity = torch.rand(c, c) / c
         gate = torch.rand(b, c, requires_grad=True)
         lam = torch.tensor(0.7, requires_grad=True)
-        run("progressive_enhance", (b, c, l), enhance,
-            forward_or_full(lambda fn: fn(z, affinity, groups, gate, lam), (z, gate, lam)), max(repeats // 3, 2), enhance_cost)
+        # "dense": every class feeds every other (rows written before this field have this one);
+        # "masked": the model's affinity under the distribution-aware mask (only earlier groups feed).
+        affinities = {"dense": torch.rand(c, c) / c,
+                      "masked": reference.semantic_affinity(torch.randn(c, 32), groups, mask=True, tau=0.1)}
+        for kind, affinity in affinities.items():
+            run("progressive_enhance", (b, c, l), enhance,
+                forward_or_full(lambda fn: fn(z, affinity, groups, gate, lam), (z, gate, lam)), max(repeats // 3, 2),
+                enhance_cost, {"affinity": kind})
     if not args.smoke or args.out:
         print(f"appended {len(rows)} rows to {append_rows('kernels_cpu.jsonl', rows, args.out)}")
 

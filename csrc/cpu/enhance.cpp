@@ -4,6 +4,7 @@
 // mask also the original z of the rest), one image per task (csrc/cpu/image_tasks.h). Under the
 // distribution-aware mask R is zero outside the earlier groups' columns, and those GEMMs are skipped.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <vector>
 
@@ -120,6 +121,25 @@ void backward_image(const Plan& p, const float* z, const float* w, const float* 
   }
 }
 
+// Rows of one image between the caller's class order and group order, converting dtypes.
+template <typename src_t, typename dst_t>
+void gather_rows(const src_t* src, const int64_t* order, int64_t C, int64_t L, dst_t* dst) {
+  for (int64_t p = 0; p < C; ++p) {
+    const src_t* s = src + order[p] * L;
+    dst_t* d = dst + p * L;
+    for (int64_t l = 0; l < L; ++l) d[l] = static_cast<dst_t>(s[l]);
+  }
+}
+
+template <typename src_t, typename dst_t>
+void scatter_rows(const src_t* src, const int64_t* order, int64_t C, int64_t L, dst_t* dst) {
+  for (int64_t p = 0; p < C; ++p) {
+    const src_t* s = src + p * L;
+    dst_t* d = dst + order[p] * L;
+    for (int64_t l = 0; l < L; ++l) d[l] = static_cast<dst_t>(s[l]);
+  }
+}
+
 }  // namespace
 
 at::Tensor enhance_fwd_cpu(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
@@ -127,17 +147,23 @@ at::Tensor enhance_fwd_cpu(const at::Tensor& z, const at::Tensor& affinity, cons
   check_enhance(z, affinity, order, bounds, w);
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
   const Plan p = make_plan(affinity, order, bounds, L);
-  const at::Tensor zs = z.to(at::kFloat).index_select(1, order).contiguous();
-  const at::Tensor ws = w.index_select(1, order).contiguous();
-  at::Tensor outs = at::empty({B, C, L}, zs.options());
-  const float *zp = zs.data_ptr<float>(), *wp = ws.data_ptr<float>();
-  float* op = outs.data_ptr<float>();
-  const ImageRuns runs = split_images(B);
-  for_each_run(runs, [&](int64_t t) {
-    for (int64_t b = runs.begin(t); b < runs.end(t); ++b) forward_image(p, zp + b * C * L, wp + b * C, op + b * C * L);
-  });
   at::Tensor out = at::empty({B, C, L}, z.options());
-  out.index_copy_(1, order, outs.to(z.scalar_type()));
+  const int64_t* ord = order.data_ptr<int64_t>();
+  const float* wp = w.data_ptr<float>();
+  const ImageRuns runs = split_images(B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cssfe_enhance_fwd_cpu", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    for_each_run(runs, [&](int64_t t) {
+      std::vector<float> zs(C * L), xs(C * L), ws(C);
+      for (int64_t b = runs.begin(t); b < runs.end(t); ++b) {
+        gather_rows(zp + b * C * L, ord, C, L, zs.data());
+        gather_rows(wp + b * C, ord, C, 1, ws.data());
+        forward_image(p, zs.data(), ws.data(), xs.data());
+        scatter_rows(xs.data(), ord, C, L, outp + b * C * L);
+      }
+    });
+  });
   return out;
 }
 
@@ -149,30 +175,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor&
   check_cpu_contig(grad, "grad");
   check_cpu_contig(out, "out");
   TORCH_CHECK(grad.sizes() == z.sizes() && out.sizes() == z.sizes(), "native_enhance_bwd: grad and out must be [B, C, L]");
+  TORCH_CHECK(grad.scalar_type() == z.scalar_type() && out.scalar_type() == z.scalar_type(),
+              "native_enhance_bwd: grad, z and out must share a dtype");
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
   const Plan p = make_plan(affinity, order, bounds, L);
-  const at::Tensor zs = z.to(at::kFloat).index_select(1, order).contiguous();
-  const at::Tensor os = out.to(at::kFloat).index_select(1, order).contiguous();
-  const at::Tensor ws = w.index_select(1, order).contiguous();
-  at::Tensor acc = grad.to(at::kFloat).index_select(1, order).contiguous();  // a fresh copy: overwritten
-  at::Tensor dzs = at::empty({B, C, L}, zs.options()), dms = at::empty({B, C, L}, zs.options());
-  at::Tensor dws = at::empty({B, C}, zs.options());
-  const float *zp = zs.data_ptr<float>(), *op = os.data_ptr<float>(), *wp = ws.data_ptr<float>();
-  float *ap = acc.data_ptr<float>(), *dzp = dzs.data_ptr<float>(), *dmp = dms.data_ptr<float>();
-  float* dwp = dws.data_ptr<float>();
+  at::Tensor dz = at::empty({B, C, L}, z.options());
+  at::Tensor dm = at::empty({B, C, L}, z.options().dtype(at::kFloat));
+  at::Tensor dw = at::empty({B, C}, z.options().dtype(at::kFloat));
+  const int64_t* ord = order.data_ptr<int64_t>();
+  const float* wp = w.data_ptr<float>();
+  float *dmp = dm.data_ptr<float>(), *dwp = dw.data_ptr<float>();
   const ImageRuns runs = split_images(B);
-  for_each_run(runs, [&](int64_t t) {
-    std::vector<float> m(C * L);
-    for (int64_t b = runs.begin(t); b < runs.end(t); ++b) {
-      backward_image(p, zp + b * C * L, wp + b * C, op + b * C * L, ap + b * C * L, dzp + b * C * L, dmp + b * C * L,
-                     dwp + b * C, m.data());
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cssfe_enhance_bwd_cpu", [&] {
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>(), *gp = grad.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    for_each_run(runs, [&](int64_t t) {
+      std::vector<float> zs(C * L), os(C * L), acc(C * L), dzs(C * L), dms(C * L), m(C * L), ws(C), dws(C);
+      for (int64_t b = runs.begin(t); b < runs.end(t); ++b) {
+        gather_rows(zp + b * C * L, ord, C, L, zs.data());
+        gather_rows(op + b * C * L, ord, C, L, os.data());
+        gather_rows(gp + b * C * L, ord, C, L, acc.data());
+        gather_rows(wp + b * C, ord, C, 1, ws.data());
+        backward_image(p, zs.data(), ws.data(), os.data(), acc.data(), dzs.data(), dms.data(), dws.data(), m.data());
+        scatter_rows(dzs.data(), ord, C, L, dzp + b * C * L);
+        scatter_rows(dms.data(), ord, C, L, dmp + b * C * L);
+        scatter_rows(dws.data(), ord, C, 1, dwp + b * C);
+      }
+    });
   });
-  at::Tensor dz = at::empty({B, C, L}, z.options()), dm = at::empty({B, C, L}, zs.options());
-  at::Tensor dw = at::empty({B, C}, zs.options());
-  dz.index_copy_(1, order, dzs.to(z.scalar_type()));
-  dm.index_copy_(1, order, dms);
-  dw.index_copy_(1, order, dws);
   return {dz, dm, dw};
 }
 
