@@ -174,8 +174,11 @@ def _shape_text(shape) -> str:
 
 
 def _kernel_row(row: dict) -> dict:
+    op = row.get("kernel", row.get("op"))
+    if row.get("affinity") not in (None, "dense"):  # enhancement rows without the field ran a dense one
+        op = f"{op} ({row['affinity']} affinity)"
     return {
-        "benchmark": row.get("benchmark", "kernels"), "op": row.get("kernel", row.get("op")),
+        "benchmark": row.get("benchmark", "kernels"), "op": op,
         "shape": _shape_text(row.get("shape")), "dtype": row.get("dtype", "float32"), "provider": row.get("provider"),
         "mode": row.get("mode", "forward+backward"), "median_ms": row.get("p50_ms"), "p20_ms": row.get("p20_ms"),
         "p80_ms": row.get("p80_ms"), "peak_bytes": row.get("peak_bytes"), "error": row.get("error"),

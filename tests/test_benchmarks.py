@@ -171,3 +171,16 @@ def test_distributed_benchmark_smoke_writes_rows(tmp_path):
     assert row["ranks"] == 2 and row["global_batch"] == 32 and row["images_per_s"] > 0
     assert all(r > 0 for r in row["peak_rss_bytes_per_rank"]) and {"machine", "torch", "commit", "date"} <= set(row)
     assert (os.path.getsize(results) if os.path.exists(results) else None) == before
+
+
+def test_enhancement_rows_of_each_affinity_stay_apart(tmp_path):
+    """Dense and masked enhancement rows of one shape and provider are different keys; rows from
+    before the ``affinity`` field count as dense."""
+    common = _load_common()
+    path = _write_jsonl(tmp_path / "k.jsonl", [
+        _kernel_row("ops cpu", 5.0, kernel="progressive_enhance", shape=(8, 80, 256)),
+        _kernel_row("ops cpu", 4.0, kernel="progressive_enhance", shape=(8, 80, 256), affinity="dense"),
+        _kernel_row("ops cpu", 2.0, kernel="progressive_enhance", shape=(8, 80, 256), affinity="masked")])
+    latest = common.latest_per_key(common.load_rows([str(path)]))
+    assert sorted(zip(latest["op"], latest["median_ms"])) == [
+        ("progressive_enhance", 4.0), ("progressive_enhance (masked affinity)", 2.0)]

@@ -236,7 +236,7 @@ def test_head_callers_keep_working():
 
 @pytest.mark.parametrize("built", [True, False])
 def test_auto_on_cpu_follows_measured_choice(monkeypatch, built):
-    """ASL and class attention: the C++ kernels when the extension is built; enhancement: eager."""
+    """Every op on the C++ kernels when the extension is built, else eager; fp64 stays eager."""
     from cssfe.ops import dispatch
 
     monkeypatch.setattr(dispatch, "_native_status", lambda build: (built, "simulated", None))
@@ -244,7 +244,7 @@ def test_auto_on_cpu_follows_measured_choice(monkeypatch, built):
     assert dispatch.resolve("auto", cpu, "class_attention", torch.float32) == fused
     assert dispatch.resolve("auto", cpu, "class_attention", torch.bfloat16) == fused
     assert dispatch.resolve("auto", cpu, "asymmetric_loss", torch.float32) == fused
-    assert dispatch.resolve("auto", cpu, "progressive_enhance", torch.float32) == "reference"
+    assert dispatch.resolve("auto", cpu, "progressive_enhance", torch.float32) == fused
     assert dispatch.resolve("auto", cpu, "class_attention", torch.float64) == "reference"
 
 
