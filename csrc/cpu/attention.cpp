@@ -125,7 +125,7 @@ void backward_image(bool blas, const T* g, const T* q, const T* k, const T* v, c
   cpu_blas::gemm<T>(blas, false, true, n.C, n.d, n.N, scale, ds, n.N, k, n.N, dq_beta, dq, n.d);    // dQ (+)= scale dS K^T
 }
 
-bool fits_blas(Sizes n) { return cpu_blas::direct({n.C, n.d, n.N, n.C * n.N, n.d * n.N, n.C * n.d}); }
+bool fits_blas(Sizes n) { return cpu_blas::direct({n.C, n.d, n.N}); }
 
 // Half precision computes in fp32; fp32 and fp64 in their own type.
 at::ScalarType compute_type(const at::Tensor& t) {
