@@ -158,10 +158,12 @@ def test_cpu_kernels_train_like_the_reference(tmp_path, one_thread, monkeypatch)
         assert results["cpu"]["mAP"][group] == pytest.approx(value, abs=0.25), group
     assert results["cpu"]["per_class_ap"] == pytest.approx(results["reference"]["per_class_ap"], abs=1.5)
     logs = {k: [json.loads(line) for line in (tmp_path / k / "log.jsonl").read_text().splitlines()] for k in results}
-    # fp32 rounding only (the C++ attention sums its GEMM blocks in another order than eager einsum;
-    # the C++ loss has its own exp / log), amplified by training: the first epoch's mean loss agrees
-    # to 1e-4, the second (measured 0.13 % apart) to 0.3 %
+    # fp32 rounding only (the C++ kernels sum in other orders than eager PyTorch; the C++ loss has
+    # its own exp / log), amplified by training: the first epoch's mean loss agrees (measured 7e-5)
+    # to 1e-4, the second (measured 0.15 % apart) to 0.3 %. lambda's gradient is a sum over the batch
+    # that nearly cancels, and Adam steps by about lr whatever its size: after one epoch lambda is
+    # 0.99455 (reference) and 0.99558 (cpu), and 0.99554 for the reference itself at 2 threads.
     assert len(logs["cpu"]) == len(logs["reference"]) == 2
     for ref, cpu, rel in zip(logs["reference"], logs["cpu"], (1e-4, 3e-3)):
         assert cpu["train_loss"] == pytest.approx(ref["train_loss"], rel=rel)
-        assert cpu["lambda"] == pytest.approx(ref["lambda"], abs=1e-3)
+        assert cpu["lambda"] == pytest.approx(ref["lambda"], abs=3e-3)
