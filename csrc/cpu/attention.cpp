@@ -173,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
               "native_attention_bwd: grad_z and z must be [B, C, d]");
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == C && lse.scalar_type() == at::kFloat,
               "native_attention_bwd: lse must be fp32 [B, C]");
+  if (B == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};  // shared queries: dQ [1, C, d]
   const at::ScalarType ct = compute_type(v);
   const double scale = 1.0 / std::sqrt(static_cast<double>(n.d));
   const at::Tensor qs = q.to(ct).mul(scale).contiguous();

@@ -63,6 +63,19 @@ def test_cpu_progressive_enhance_gemm_paths_and_thread_splits(native_backend, mo
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("batched_q", [False, True])
+def test_cpu_class_attention_empty_batch(native_backend, poison, batched_q):
+    """No images: empty outputs, and zero gradients shaped like the inputs (dQ [1, C, d] for shared
+    queries, as autograd expects)."""
+    q = torch.randn(0 if batched_q else 1, 4, 8)
+    k, v = torch.randn(0, 8, 5), torch.randn(0, 8, 5)
+    z, lse = torch.ops.cssfe.native_attention_fwd(q, k, v)
+    assert z.shape == (0, 4, 8) and lse.shape == (0, 4)
+    dq, dk, dv = torch.ops.cssfe.native_attention_bwd(torch.randn(0, 4, 8), q, k, v, z, lse)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert torch.equal(dq, torch.zeros_like(q))
+
+
 @pytest.mark.parametrize("shape", ENHANCE_SHAPES)
 @pytest.mark.parametrize("mask", [True, False])
 def test_progressive_enhance_fp32(backend, shape, mask, poison):
