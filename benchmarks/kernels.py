@@ -160,17 +160,15 @@ def main(argv=None):
     print(f"measured peaks: copy {peaks['copy_gb_per_s']:.1f} GB/s, fp32 matmul {peaks['matmul_tflop_per_s']:.3f} TFLOP/s")
 
     def run(kernel, shape, providers, call, reps, cost, variant=None):
+        label = kernel + "".join(f" {v}" for v in (variant or {}).values())
         for mode in ("forward", "full"):
-            label = kernel + "".join(f" {v}" for v in (variant or {}).values())
             results = measure_side_by_side({p: (lambda fn=fn: call(fn, mode)) for p, fn in providers.items()}, reps)
             base_ms = next(iter(results.values())).get("p50_ms")  # the first provider is the eager baseline
             for provider, result in results.items():
                 # "full" keeps the name the result files have always used for forward + backward
                 row = {"benchmark": "kernels", "kernel": kernel, "mode": "forward+backward" if mode == "full" else mode,
-                       "shape": list(shape), "dtype": "float32", "provider": provider, **result, "timing": "interleaved", "threads": args.threads,
-                       **info, **peaks}
-                if variant:
-                    row.update(variant)
+                       "shape": list(shape), "dtype": "float32", "provider": provider, **result, "timing": "interleaved",
+                       "threads": args.threads, **info, **peaks, **(variant or {})}
                 if provider == "compile":
                     row["compile_backend"] = compile_backend
                 if "p50_ms" in result:

@@ -93,11 +93,11 @@ struct Sizes {
   int64_t C, d, N;
 };
 
-// z [C, d] and lse [C] of one image; q is already scaled by 1/sqrt(d); s is [C, N] scratch.
+// z [C, d] and lse [C] of one image; q is already scaled by 1/sqrt(d); s [C, N] and inv_sum [C]
+// are scratch.
 template <typename T>
-void forward_image(bool blas, const T* q, const T* k, const T* v, T* z, float* lse, T* s, Sizes n) {
+void forward_image(bool blas, const T* q, const T* k, const T* v, T* z, float* lse, T* s, T* inv_sum, Sizes n) {
   cpu_blas::gemm<T>(blas, false, false, n.C, n.N, n.d, T(1), q, n.d, k, n.N, T(0), s, n.N);  // S = q K
-  std::vector<T> inv_sum(n.C);
   for (int64_t c = 0; c < n.C; ++c) {
     T m;
     const T sum = softmax_numerators(s + c * n.N, n.N, &m);
@@ -150,10 +150,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     scalar_t* zp = z.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
     for_each_run(runs, [&](int64_t t) {
-      std::vector<scalar_t> s(C * n.N);
+      std::vector<scalar_t> s(C * n.N), inv_sum(C);
       for (int64_t b = runs.begin(t); b < runs.end(t); ++b) {
         forward_image<scalar_t>(blas, qp + (Bq == 1 ? 0 : b) * C * n.d, kp + b * n.d * n.N, vp + b * n.d * n.N,
-                                zp + b * C * n.d, lp + b * C, s.data(), n);
+                                zp + b * C * n.d, lp + b * C, s.data(), inv_sum.data(), n);
       }
     });
   });

@@ -69,9 +69,9 @@ def tiny_root(bundled_root, tmp_path_factory):
 
 def _tiny(root):
     # group norm, no augmentation and the plain-PyTorch ops: the numbers cannot depend on how a batch
-    # is split over ranks (the C++ attention picks its position blocks from the batch size, and a
-    # different rounding path, even one that is the same per element, sends a 2-epoch Adam run
-    # elsewhere by more than the weight tolerance below)
+    # is split over ranks (the C++ attention sums shared queries' gradients per run of images, so
+    # its rounding follows the split, and a different rounding path, even one that is the same per
+    # element, sends a 2-epoch Adam run elsewhere by more than the weight tolerance below)
     return ["data.name=split_folder", f"data.root={root}", "model.backbone=smallcnn_gn", "model.embedding=rie",
             "model.dim=16", "data.augment=none", "data.batch_size=16", "optim.epochs=2", "progress=false",
             "kernels=reference"]
