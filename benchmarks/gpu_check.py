@@ -86,7 +86,10 @@ PROVIDER_DOC = {
     "compile": "torch.compile of the plain-PyTorch reference functions (ASL: closed-form loss+grad "
                "reference_impl.asl; attention: reference_impl.attention_fwd + enhance_fwd, autograd)",
     "compile_autograd": "torch.compile(cssfe.losses.AsymmetricLoss) with autograd",
-    "triton": "ops.* with backend='triton' (autograd through the op)",
+    "triton": "ops.* with backend='triton' (autograd through the op); attention: the strategy its width picks "
+              "(cssfe/ops/triton/attention.py strategy_for: flash up to d=128, GEMM above)",
+    "triton_flash": "triton with the attention's flash kernels forced (triton.attention.strategy('flash'))",
+    "triton_gemm": "triton with the attention's GEMM strategy forced (batched GEMMs + Triton row kernels)",
     "triton_kernel": "library.asymmetric_loss_op(..., 'triton') under no_grad: the fused kernel alone",
     "cuda": "ops.* with backend='cuda' (the C++/CUDA extension)",
     "cuda_kernel": "library.asymmetric_loss_op(..., 'cuda') under no_grad: the fused kernel alone",
@@ -668,6 +671,15 @@ def _attn_fns(provider, case, ctx):
                 return forward()
         return fn, fwd
 
+    if provider in ("triton_flash", "triton_gemm"):  # backward reads the strategy too: wrap whole calls
+        from cssfe.ops.triton import attention as triton_attention
+
+        def in_strategy(f):
+            def run():
+                with triton_attention.strategy(provider.split("_")[1]):
+                    return f()
+            return run
+        return tuple(in_strategy(f) for f in _attn_fns("triton", case, ctx))
     if provider in ("eager", "triton", "cuda", "cpu"):
         be = "reference" if provider == "eager" else provider
         return with_grad(lambda: ops.progressive_enhance(ops.class_attention(q, k, v, backend=be), R, groups, gate,
@@ -740,13 +752,13 @@ BLOCK_SWEEP_DRY = [(8, 8, 4, 1), (16, 16, 4, 1)]
 
 
 def task_bench_blocks(task, ctx, emit):
-    """The fused Triton attention + enhancement at one block configuration (checked against eager)."""
+    """The Triton flash attention + enhancement at one block configuration (checked against eager)."""
     from cssfe.ops.triton import attention as triton_attention
 
     b, c, n, d, dt = task["B"], task["C"], task["N"], task["d"], task["dtype"]
     case = ctx.case(("attn", b, c, n, d, dt), lambda: _attn_case(ctx, b, c, n, d, dt))
-    with triton_attention.block_config(task["block_c"], task["block_n"], num_warps=task["num_warps"],
-                                       num_stages=task["num_stages"]):
+    with triton_attention.strategy("flash"), triton_attention.block_config(
+            task["block_c"], task["block_n"], num_warps=task["num_warps"], num_stages=task["num_stages"]):
         fn, _ = _attn_fns("triton", case, ctx)
         rec = _run_checked(task, ctx, fn, ("z", "dq", "dk", "dv", "dlam"), case, dt)
     rec["tflops_fwd_bwd"] = 3.5 * 4.0 * b * c * n * d / (rec["median_ms"] * 1e-3) / 1e12
@@ -868,6 +880,7 @@ class Orchestrator:
         self.work = tempfile.mkdtemp(prefix="cssfe_gpu_check_")
         self.json_path = os.path.join(self.out, "gpu_check.json")
         self.lock = threading.RLock()
+        self.save_lock = threading.Lock()
         self.children = set()
         self.native = "cpu" if self.dry else "cuda"
         self.device = "cpu" if self.dry else "cuda"
@@ -914,12 +927,13 @@ class Orchestrator:
 
     # -------------------------------------------------------------- recording
     def save(self):
-        with self.lock:
-            data = _clean(self.R)
-        tmp = self.json_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, self.json_path)
+        with self.save_lock:  # both lanes save: one writer of the temporary file at a time
+            with self.lock:
+                data = _clean(self.R)
+            tmp = self.json_path + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(data, fh, indent=1)
+            os.replace(tmp, self.json_path)
 
     def error(self, where, exc=None, message=None):
         with self.lock:
@@ -1248,9 +1262,11 @@ class Orchestrator:
         plist = {
             "asl": ["eager", "eager_module", "compile"] + ([] if a.quick else ["compile_autograd"])
                    + (["triton", "triton_kernel"] if triton_ok else []) + ([self.native, self.native + "_kernel"] if native_ok else []),
-            "attention": ["eager", "compile"] + (["triton"] if triton_ok else []) + ([self.native] if native_ok else [])
+            "attention": ["eager", "compile"] + (["triton", "triton_flash", "triton_gemm"] if triton_ok else [])
+                         + ([self.native] if native_ok else [])
                          + ["sdpa"] + (["sdpa_math"] if self.dry else ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]),
-            "grid": ["eager"] + (["triton"] if triton_ok else []) + ([self.native] if native_ok else []) + ["sdpa"],
+            "grid": ["eager"] + (["triton", "triton_flash"] if triton_ok else []) + ([self.native] if native_ok else [])
+                    + ["sdpa"],
         }
         return plist
 

@@ -269,16 +269,23 @@ def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
     assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float64) == "reference"
 
 
-def test_triton_refuses_wide_fp32_features():
+def test_triton_flash_refuses_wide_fp32_features_and_wide_features_take_the_gemm_strategy():
     pytest.importorskip("triton")
     from cssfe.ops.triton import attention
 
     if attention.INTERPRET:
         pytest.skip("the limit concerns on-chip memory, not the interpreter")
-    with pytest.raises(ValueError, match=r"d=768.*bfloat16"):
-        attention.check_supported(768, torch.float32)
-    attention.check_supported(512, torch.float32)
-    attention.check_supported(768, torch.bfloat16)
+    assert attention.strategy_for(attention.FLASH_MAX_D) == "flash"
+    assert attention.strategy_for(attention.FLASH_MAX_D + 1) == "gemm"
+    attention.check_supported(768, torch.float32)  # the GEMM strategy has no width limit
+    with attention.strategy("flash"):
+        with pytest.raises(ValueError, match=r"d=768.*bfloat16"):
+            attention.check_supported(768, torch.float32)
+        attention.check_supported(512, torch.float32)
+        attention.check_supported(768, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown triton strategy 'tiled'"):
+        with attention.strategy("tiled"):
+            pass
 
 
 def test_eager_asl_path_matches_the_registered_operator():

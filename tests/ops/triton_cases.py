@@ -24,14 +24,32 @@ def main():
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if args.device == "cuda" else [])
     t0 = time.time()
     n = 0
+    from cssfe.ops.triton import attention, attention_gemm
+
     for dtype in dtypes:
-        # wide features take other block sizes and launch options (triton/attention.py _blocks)
-        wide = [(2, 20, 256, 197), (2, 7, 512, 49)] if args.device == "cuda" else []
-        if args.device == "cuda" and dtype != torch.float32:
-            wide.append((1, 5, 768, 196))  # fp32 at d > 512 is refused (triton/attention.py MAX_FP32_D)
+        # the default strategy per width (triton/attention.py strategy_for): flash up to d = 128, GEMM above
+        wide = [(2, 20, 256, 197), (2, 7, 512, 49), (1, 5, 768, 196)] if args.device == "cuda" else [(2, 7, 160, 49)]
         for i, shape in enumerate(kc.ATTENTION_SHAPES + wide):
             kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 1, seed=i)
             n += 1
+        # each strategy at every width: GEMM on the narrow shapes, flash on the wide ones it fits
+        # (fp32 at d > 512 does not: attention.py MAX_FP32_D)
+        with attention.strategy("gemm"):
+            for i, shape in enumerate(kc.ATTENTION_SHAPES):
+                kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 0, seed=10 + i)
+                n += 1
+            # several chunks of images, uneven: 2 images per chunk over 5 (scratch C*N*(4+4) bytes
+            # forward, C*N*(8+8) backward at fp32, so a bound of 2*C*N*16 gives 4 and 2 per chunk)
+            with attention_gemm.scratch_bytes(2 * 7 * 49 * 16):
+                for j, batched in enumerate((False, True)):
+                    kc.check_attention("triton", (5, 7, 24, 49), dtype, batched_q=batched, seed=20 + j)
+                    n += 1
+        with attention.strategy("flash"):
+            for i, shape in enumerate(wide):
+                if dtype == torch.float32 and shape[2] > attention.MAX_FP32_D:
+                    continue
+                kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 0, seed=30 + i)
+                n += 1
         for i, shape in enumerate(kc.ENHANCE_SHAPES):
             kc.check_enhance("triton", shape, dtype, mask=i % 2 == 0, seed=i)
             n += 1

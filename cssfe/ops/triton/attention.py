@@ -1,6 +1,10 @@
-"""Class attention, flash-style: Z0 = softmax_N(q k / sqrt(d)) v^T without storing the maps.
+"""Class attention: Z0 = softmax_N(q k / sqrt(d)) v^T without storing the maps.
 
-Forward: one program per (batch, block of classes) streams over N with an online softmax and
+Two strategies, chosen by the feature width (``strategy_for``): up to ``FLASH_MAX_D`` the flash
+kernels below; wider features go to attention_gemm.py (batched GEMMs and Triton row kernels, a chunk
+of images at a time), because these kernels hold whole-width tiles on chip.
+
+Flash forward: one program per (batch, block of classes) streams over N with an online softmax and
 keeps the log-sum-exp. Backward: one kernel for dq (per class block, streaming over N) and one
 for dk, dv (per position block, streaming over classes), both recomputing the probabilities.
 
@@ -14,7 +18,31 @@ import torch
 import triton
 import triton.language as tl
 
+from . import attention_gemm
 from ._common import INTERPRET, pow2
+
+FLASH_MAX_D = 128  # wider features: attention_gemm
+STRATEGIES = ("flash", "gemm")
+_strategy_override = None  # while ``strategy`` is active
+
+
+@contextlib.contextmanager
+def strategy(name: str):
+    """Use this strategy for every width inside the block (tests and the GPU benchmark compare both)."""
+    global _strategy_override
+    if name not in STRATEGIES:
+        raise ValueError(f"class_attention: unknown triton strategy {name!r}, expected one of {STRATEGIES}")
+    previous, _strategy_override = _strategy_override, name
+    try:
+        yield
+    finally:
+        _strategy_override = previous
+
+
+def strategy_for(d: int) -> str:
+    if _strategy_override is not None:
+        return _strategy_override
+    return "flash" if d <= FLASH_MAX_D else "gemm"
 
 
 @triton.jit
@@ -166,16 +194,20 @@ MAX_FP32_D = 512  # d = 768 in fp32 asked an H200 for 256 KB of shared memory in
 
 
 def check_supported(d: int, dtype: torch.dtype) -> None:
-    """The whole feature dimension sits in one block: wide fp32 features do not fit on chip."""
-    if dtype in (torch.float32, torch.float64) and not INTERPRET and d > MAX_FP32_D:
+    """The flash kernels hold the whole feature dimension in one block: wide fp32 features do not fit
+    on chip (only reachable by forcing ``strategy("flash")``: wide features go to the GEMM strategy)."""
+    if strategy_for(d) == "flash" and dtype in (torch.float32, torch.float64) and not INTERPRET and d > MAX_FP32_D:
         raise ValueError(
-            f"class_attention: backend 'triton' supports d <= {MAX_FP32_D} for {dtype} inputs (shared memory), got "
-            f"d={d}; use float16/bfloat16 inputs or backend 'reference'")
+            f"class_attention: the triton flash kernels support d <= {MAX_FP32_D} for {dtype} inputs (shared memory), "
+            f"got d={d}; use the default strategy (GEMM above d={FLASH_MAX_D}), float16/bfloat16 inputs or backend "
+            f"'reference'")
 
 
 def attention_fwd(q, k, v):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, D, N = k.shape
+    if strategy_for(D) == "gemm":
+        return attention_gemm.attention_fwd(q, k, v)
     check_supported(D, v.dtype)
     C = q.shape[1]
     z = torch.empty(B, C, D, dtype=v.dtype, device=v.device)
@@ -188,6 +220,8 @@ def attention_fwd(q, k, v):
 
 def attention_bwd(grad_z, q, k, v, z, lse):
     B, D, N = k.shape
+    if strategy_for(D) == "gemm":
+        return attention_gemm.attention_bwd(grad_z.contiguous(), q, k, v, z, lse)
     C = q.shape[1]
     g = grad_z.contiguous()
     delta = (g.float() * z.float()).sum(-1).contiguous()
