@@ -48,9 +48,15 @@ def test_cuda_sources_compile(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_backend_on_gpu():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(HERE)), HERE]))
+    # poisoned outputs (unwritten elements fail); shared and per-image queries; wide features; and
+    # C x N large enough that the attention runs in several chunks of images (2, 2, 1 in backward)
     code = ("import torch, kernel_cases as kc\nkc.DEVICE='cuda'\n"
+            "torch.use_deterministic_algorithms(True, warn_only=True)\n"
+            "torch.utils.deterministic.fill_uninitialized_memory = True\n"
+            "wide = [(2, 20, 256, 197), (2, 7, 512, 49), (1, 5, 768, 196), (5, 1000, 64, 1024)]\n"
             "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
-            "    for s in kc.ATTENTION_SHAPES: kc.check_attention('cuda', s, dt)\n"
+            "    for i, s in enumerate(kc.ATTENTION_SHAPES + wide):\n"
+            "        kc.check_attention('cuda', s, dt, batched_q=i % 2 == 1, seed=i)\n"
             "    for s in kc.ENHANCE_SHAPES: kc.check_enhance('cuda', s, dt)\n"
             "    for s in kc.ASL_SHAPES: kc.check_asl('cuda', s, dt)\nprint('ALL OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
