@@ -57,6 +57,9 @@ def test_cuda_backend_on_gpu():
             "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
             "    for i, s in enumerate(kc.ATTENTION_SHAPES + wide):\n"
             "        kc.check_attention('cuda', s, dt, batched_q=i % 2 == 1, seed=i)\n"
+            "    if dt == torch.float32:  # the products keep fp32 under the caller's autocast\n"
+            "        with torch.autocast('cuda', dtype=torch.bfloat16):\n"
+            "            kc.check_attention('cuda', (2, 7, 64, 49), dt, seed=50)\n"
             "    for s in kc.ENHANCE_SHAPES: kc.check_enhance('cuda', s, dt)\n"
             "    for s in kc.ASL_SHAPES: kc.check_asl('cuda', s, dt)\nprint('ALL OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)

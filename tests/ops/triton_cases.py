@@ -38,11 +38,17 @@ def main():
             for i, shape in enumerate(kc.ATTENTION_SHAPES):
                 kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 0, seed=10 + i)
                 n += 1
-            # several chunks of images, uneven: 2 images per chunk over 5 (scratch C*N*(4+4) bytes
-            # forward, C*N*(8+8) backward at fp32, so a bound of 2*C*N*16 gives 4 and 2 per chunk)
-            with attention_gemm.scratch_bytes(2 * 7 * 49 * 16):
+            # several chunks of images, uneven, over 5 images: per image C*N*(4+4) bytes forward and
+            # C*N*2*(4+4) backward at fp32, plus C*d*4 with shared q (attention_gemm.py), so this
+            # bound gives 4 images per chunk forward and 2 backward
+            c, d, n_pos = 7, 24, 49
+            with attention_gemm.scratch_bytes(2 * (16 * c * n_pos + 4 * c * d)):
                 for j, batched in enumerate((False, True)):
-                    kc.check_attention("triton", (5, 7, 24, 49), dtype, batched_q=batched, seed=20 + j)
+                    kc.check_attention("triton", (5, c, d, n_pos), dtype, batched_q=batched, seed=20 + j)
+                    n += 1
+            if dtype == torch.float32:  # the products keep the inputs' dtype under the caller's autocast
+                with torch.autocast(args.device, dtype=torch.bfloat16):
+                    kc.check_attention("triton", (2, 7, 64, 49), dtype, seed=25)
                     n += 1
         with attention.strategy("flash"):
             for i, shape in enumerate(wide):

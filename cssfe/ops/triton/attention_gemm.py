@@ -27,7 +27,7 @@ _HALF_BMM_TO_F32 = "dtype" in torch.ops.aten.bmm.overloads()  # bmm(..., out_dty
 @triton.jit
 def _softmax_rows(s_ptr, p_ptr, lse_ptr, R, N, scale, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """p = softmax(scale * s) per row of N, and its log-sum-exp; rows [R, N] contiguous."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # R * N may pass 2**31
     rmask = rows < R
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -52,8 +52,9 @@ def _softmax_rows(s_ptr, p_ptr, lse_ptr, R, N, scale, BLOCK_R: tl.constexpr, BLO
 @triton.jit
 def _softmax_grad_rows(s_ptr, dp_ptr, lse_ptr, delta_ptr, p_ptr, ds_ptr, R, N, scale,
                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """p = exp(scale * s - lse) (recomputed) and ds = scale * p * (dp - delta), per row."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """p = exp(scale * s - lse) (recomputed) and ds = p * (dp - delta), per row (the 1/sqrt(d) of the
+    scores is applied by the GEMMs that use ds, so small gradients are not scaled before rounding)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     rmask = rows < R
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=rmask, other=0.0)
@@ -65,7 +66,7 @@ def _softmax_grad_rows(s_ptr, dp_ptr, lse_ptr, delta_ptr, p_ptr, ds_ptr, R, N, s
         dp = tl.load(dp_ptr + at, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp(s * scale - lse[:, None])
         tl.store(p_ptr + at, p.to(p_ptr.dtype.element_ty), mask=mask)
-        tl.store(ds_ptr + at, (scale * p * (dp - delta[:, None])).to(ds_ptr.dtype.element_ty), mask=mask)
+        tl.store(ds_ptr + at, (p * (dp - delta[:, None])).to(ds_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_rows(kernel, rows, n, scale, *tensors):
@@ -76,8 +77,9 @@ def _launch_rows(kernel, rows, n, scale, *tensors):
     kernel[(triton.cdiv(rows, br),)](*tensors, rows, n, scale, BLOCK_R=br, BLOCK_N=bn)
 
 
-def _bmm_f32(a, b):
-    """a @ b with fp32 output; half-precision operands stay half (fp32 accumulation) on a GPU."""
+def _bmm_scores(a, b):
+    """a @ b for scores and score gradients: fp32 (fp64 for fp64 inputs); half-precision operands
+    stay half on a GPU (fp32 accumulation and output)."""
     if a.dtype in (torch.float16, torch.bfloat16):
         if a.is_cuda and _HALF_BMM_TO_F32:
             return torch.bmm(a, b, out_dtype=torch.float32)
@@ -85,9 +87,13 @@ def _bmm_f32(a, b):
     return torch.bmm(a, b)
 
 
-def chunk_images(b, c, n, elem_bytes):
-    """Images per chunk so that the chunk's scratch (``elem_bytes`` per score) fits ``SCRATCH_BYTES``."""
-    return max(1, min(b, SCRATCH_BYTES // max(1, c * n * elem_bytes)))
+def _score_bytes(dtype):
+    return 8 if dtype == torch.float64 else 4
+
+
+def chunk_images(b, per_image_bytes):
+    """Images per chunk so that a chunk's scratch (``per_image_bytes`` each) fits ``SCRATCH_BYTES``."""
+    return max(1, min(b, SCRATCH_BYTES // max(1, per_image_bytes)))
 
 
 @contextlib.contextmanager
@@ -101,17 +107,22 @@ def scratch_bytes(limit: int):
         SCRATCH_BYTES = previous
 
 
-def _bmm_into(out, a, b):
-    """out = a @ b, written in place where the dtypes allow (no temporary of out's size)."""
+def _bmm_into(out, a, b, alpha=1.0):
+    """out = alpha * a @ b, written in place where the dtypes allow (no temporary of out's size)."""
     if a.dtype == out.dtype:
-        torch.bmm(a, b, out=out)
+        torch.baddbmm(out, a, b, beta=0, alpha=alpha, out=out)  # beta=0: out's old contents are ignored
     else:
-        out.copy_(torch.bmm(a, b))
+        out.copy_(torch.bmm(a, b).mul_(alpha))
 
 
 def _operand(t, like):
     """GEMM operand in the input dtype, fp32 in the interpreter (bf16 products are wrong there)."""
     return t.float() if INTERPRET else t.to(like.dtype)
+
+
+def _no_autocast(device):
+    """The products must run in the dtypes chosen here, also when the caller is under autocast."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def attention_fwd(q, k, v):
@@ -120,15 +131,18 @@ def attention_fwd(q, k, v):
     C = q.shape[1]
     z = torch.empty(B, C, D, dtype=v.dtype, device=v.device)
     lse = torch.empty(B, C, dtype=torch.float32, device=v.device)
-    step = chunk_images(B, C, N, 4 + v.element_size())
     p_dtype = torch.float32 if INTERPRET else v.dtype
-    for b0 in range(0, B, step):
-        b1 = min(B, b0 + step)
-        qb = q.expand(b1 - b0, C, D) if q.shape[0] == 1 else q[b0:b1]
-        s = _bmm_f32(qb, k[b0:b1])  # [b, C, N] fp32
-        p = torch.empty(s.shape, dtype=p_dtype, device=v.device)
-        _launch_rows(_softmax_rows, (b1 - b0) * C, N, D ** -0.5, s, p, lse[b0:b1])
-        _bmm_into(z[b0:b1], p, _operand(v[b0:b1], p).transpose(1, 2))
+    step = chunk_images(B, C * N * (_score_bytes(v.dtype) + p_dtype.itemsize))
+    with _no_autocast(v.device):
+        for b0 in range(0, B, step):
+            b1 = min(B, b0 + step)
+            qb = q.expand(b1 - b0, C, D) if q.shape[0] == 1 else q[b0:b1]
+            s = _bmm_scores(qb, k[b0:b1])  # [b, C, N]
+            p = torch.empty(s.shape, dtype=p_dtype, device=v.device)
+            _launch_rows(_softmax_rows, (b1 - b0) * C, N, D ** -0.5, s, p, lse[b0:b1])
+            del s
+            _bmm_into(z[b0:b1], p, _operand(v[b0:b1], p).transpose(1, 2))
+            del p  # before the next chunk allocates its own
     return z, lse
 
 
@@ -136,29 +150,36 @@ def attention_bwd(grad_z, q, k, v, z, lse):
     """Gradients of attention_fwd: dq (q's shape and dtype), dk, dv."""
     B, D, N = k.shape
     C = q.shape[1]
+    scale = D ** -0.5
     shared = q.shape[0] == 1
     delta = (grad_z.float() * z.float()).sum(-1).contiguous()  # rowsum(dA * A) = rowsum(dz * z)
     lse = lse.float().contiguous()
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dq = torch.zeros(1, C, D, dtype=torch.float32, device=q.device) if shared else torch.empty_like(q)
-    step = chunk_images(B, C, N, 8 + 2 * v.element_size())
     p_dtype = torch.float32 if INTERPRET else v.dtype
-    for b0 in range(0, B, step):
-        b1 = min(B, b0 + step)
-        qb = q.expand(b1 - b0, C, D) if shared else q[b0:b1]
-        g = grad_z[b0:b1]
-        s = _bmm_f32(qb, k[b0:b1])
-        dp = _bmm_f32(g, v[b0:b1])
-        p = torch.empty(s.shape, dtype=p_dtype, device=v.device)
-        ds = torch.empty(s.shape, dtype=p_dtype, device=v.device)
-        _launch_rows(_softmax_grad_rows, (b1 - b0) * C, N, D ** -0.5, s, dp, lse[b0:b1], delta[b0:b1], p, ds)
-        del s, dp
-        _bmm_into(dv[b0:b1], _operand(g, p).transpose(1, 2), p)
-        _bmm_into(dk[b0:b1], _operand(qb, ds).transpose(1, 2), ds)
-        kt = _operand(k[b0:b1], ds).transpose(1, 2)
-        if shared:  # one fp32 partial per chunk, summed over its images
-            dq += _bmm_f32(ds, kt).sum(0, keepdim=True)
-        else:
-            _bmm_into(dq[b0:b1], ds, kt)
+    # per image: scores and their gradient, p and ds, and (shared q) the image's fp32 dq partial
+    per_image = C * N * 2 * (_score_bytes(v.dtype) + p_dtype.itemsize) + (4 * C * D if shared else 0)
+    step = chunk_images(B, per_image)
+    with _no_autocast(v.device):
+        for b0 in range(0, B, step):
+            b1 = min(B, b0 + step)
+            qb = q.expand(b1 - b0, C, D) if shared else q[b0:b1]
+            g = grad_z[b0:b1]
+            s = _bmm_scores(qb, k[b0:b1])
+            dp = _bmm_scores(g, v[b0:b1])
+            p = torch.empty(s.shape, dtype=p_dtype, device=v.device)
+            ds = torch.empty(s.shape, dtype=p_dtype, device=v.device)
+            _launch_rows(_softmax_grad_rows, (b1 - b0) * C, N, scale, s, dp, lse[b0:b1], delta[b0:b1], p, ds)
+            del s, dp
+            _bmm_into(dv[b0:b1], _operand(g, p).transpose(1, 2), p)
+            _bmm_into(dk[b0:b1], _operand(qb, ds).transpose(1, 2), ds, alpha=scale)
+            kt = _operand(k[b0:b1], ds).transpose(1, 2)
+            if shared:  # one fp32 partial per chunk, summed over its images
+                dq += _bmm_scores(ds, kt).sum(0, keepdim=True)
+            else:
+                _bmm_into(dq[b0:b1], ds, kt, alpha=scale)
+            del p, ds
+    if shared:
+        dq.mul_(scale)
     return dq.to(q.dtype), dk, dv
