@@ -70,11 +70,14 @@ def _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL: tl.constexpr, FO
         pt = p * y + xn * (1.0 - y)
         ge = gamma_pos * y + gamma_neg * (1.0 - y)
         omp = 1.0 - pt
-        w = tl.where(ge == 0.0, 1.0, tl.where(omp > 0.0, tl.exp2(ge * tl.log2(tl.maximum(omp, 1e-38))), 0.0))
+        # FLT_MIN: Triton types a float literal outside fp32's normal range (1e-38) as fp64, which
+        # made the whole form fp64 and the binary branch's types disagree (a compile error on a GPU)
+        lo = tl.maximum(omp, 1.1754943508222875e-38)
+        w = tl.where(ge == 0.0, 1.0, tl.where(omp > 0.0, tl.exp2(ge * tl.log2(lo)), 0.0))
         d = dbase * w
         if FOCAL_GRAD:
             dpt = y * dp + (1.0 - y) * dxn
-            wm1 = tl.where(omp > 0.0, tl.exp2((ge - 1.0) * tl.log2(tl.maximum(omp, 1e-38))), tl.where(ge == 1.0, 1.0, 0.0))
+            wm1 = tl.where(omp > 0.0, tl.exp2((ge - 1.0) * tl.log2(lo)), tl.where(ge == 1.0, 1.0, 0.0))
             d = d + base * tl.where(ge == 0.0, 0.0, ge * wm1 * (-dpt))
         loss = -base * w
         g = -d
