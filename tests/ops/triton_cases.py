@@ -74,6 +74,8 @@ def main():
     dev = args.device
     q, k, v = (torch.randn(*s, device=dev, requires_grad=True) for s in ((1, 7, 16), (2, 16, 9), (2, 16, 9)))
     torch.library.opcheck(library.class_attention_op, (q, k, v, "triton"))
+    with attention.strategy("gemm"):
+        torch.library.opcheck(library.class_attention_op, (q, k, v, "triton"))
     x, y = torch.randn(5, 7, device=dev, requires_grad=True), torch.rand(5, 7, device=dev) > 0.5
     torch.library.opcheck(library.asymmetric_loss_op, (x, y, 0.0, 4.0, 0.05, 1e-8, False, False, True, "triton"))
     g = kc.GROUPS.to(dev)
