@@ -4,6 +4,8 @@ kernels' arithmetic (test_triton.py) but not the compiler, which is where on-chi
 The host functions run on CPU tensors with launches recorded instead of run, so each launch
 configuration compiled here (block sizes, warps, stages, dtypes) is the one the code picks for
 that shape on a GPU. Each compiled kernel must fit the architecture's shared memory per block.
+Another Triton version can be checked the same way: ``pip install --target DIR triton==X``, then run
+this file with ``PYTHONPATH=DIR`` and a separate ``TRITON_CACHE_DIR``.
 """
 import importlib
 import os
