@@ -12,31 +12,24 @@ LOWP: with fp16/bf16 inputs the matrix products take their operands in that dtyp
 fp32 accumulation), as FlashAttention does; softmax statistics stay fp32. fp32 inputs use exact
 fp32 products. The interpreter always runs fp32 (its bf16 products are wrong).
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from . import attention_gemm
-from ._common import INTERPRET, pow2
+from ._common import INTERPRET, overriding, pow2
 
 FLASH_MAX_D = 128  # wider features: attention_gemm
 STRATEGIES = ("flash", "gemm")
 _strategy_override = None  # while ``strategy`` is active
 
 
-@contextlib.contextmanager
 def strategy(name: str):
-    """Use this strategy for every width inside the block (tests and the GPU benchmark compare both)."""
-    global _strategy_override
+    """Use this strategy for every width inside the ``with`` block (tests and the GPU benchmark compare both)."""
     if name not in STRATEGIES:
         raise ValueError(f"class_attention: unknown triton strategy {name!r}, expected one of {STRATEGIES}")
-    previous, _strategy_override = _strategy_override, name
-    try:
-        yield
-    finally:
-        _strategy_override = previous
+    return overriding(globals(), "_strategy_override", name)
 
 
 def strategy_for(d: int) -> str:
@@ -155,17 +148,11 @@ def _attn_bwd_dkv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 _block_override = None  # (BLOCK_C, BLOCK_N, launch options) while block_config is active
 
 
-@contextlib.contextmanager
 def block_config(block_c: int, block_n: int, **launch):
-    """Run the attention kernels with these class / position blocks and launch options
-    (``num_warps``, ``num_stages``) inside the block, for the block-size sweep of
-    ``benchmarks/gpu_check.py``; the feature block stays the whole width."""
-    global _block_override
-    previous, _block_override = _block_override, (int(block_c), int(block_n), dict(launch))
-    try:
-        yield
-    finally:
-        _block_override = previous
+    """Run the flash kernels with these class / position blocks and launch options (``num_warps``,
+    ``num_stages``) inside the ``with`` block, for the block-size sweep of ``benchmarks/gpu_check.py``;
+    the feature block stays the whole width."""
+    return overriding(globals(), "_block_override", (int(block_c), int(block_n), dict(launch)))
 
 
 def _blocks(c, d, n):
@@ -220,12 +207,12 @@ def attention_fwd(q, k, v):
 
 def attention_bwd(grad_z, q, k, v, z, lse):
     B, D, N = k.shape
-    if strategy_for(D) == "gemm":
-        return attention_gemm.attention_bwd(grad_z.contiguous(), q, k, v, z, lse)
-    C = q.shape[1]
     g = grad_z.contiguous()
-    delta = (g.float() * z.float()).sum(-1).contiguous()
+    delta = (g.float() * z.float()).sum(-1).contiguous()  # rowsum(dA * A) = rowsum(dz * z)
     lse = lse.float().contiguous()
+    if strategy_for(D) == "gemm":
+        return attention_gemm.attention_bwd(g, q, k, v, delta, lse)
+    C = q.shape[1]
     dq = torch.empty(B, C, D, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

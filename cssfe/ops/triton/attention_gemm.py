@@ -12,13 +12,12 @@ recomputes the scores. Scratch memory is bounded by ``SCRATCH_BYTES`` whatever t
 Precision as the flash kernels: scores and their gradients in fp32 (fp16/bf16 GEMMs accumulate and
 write fp32), probabilities and score gradients rounded to the input dtype as GEMM operands.
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, pow2
+from ._common import INTERPRET, overriding, pow2
 
 SCRATCH_BYTES = 32 << 20  # per chunk: fp32 scores and score gradients plus their input-dtype copies
 _HALF_BMM_TO_F32 = "dtype" in torch.ops.aten.bmm.overloads()  # bmm(..., out_dtype=) (CUDA, torch >= 2.8)
@@ -96,15 +95,9 @@ def chunk_images(b, per_image_bytes):
     return max(1, min(b, SCRATCH_BYTES // max(1, per_image_bytes)))
 
 
-@contextlib.contextmanager
 def scratch_bytes(limit: int):
-    """Run with another scratch bound inside the block (tests use it to force several chunks)."""
-    global SCRATCH_BYTES
-    previous, SCRATCH_BYTES = SCRATCH_BYTES, int(limit)
-    try:
-        yield
-    finally:
-        SCRATCH_BYTES = previous
+    """Run with another scratch bound inside the ``with`` block (tests use it to force several chunks)."""
+    return overriding(globals(), "SCRATCH_BYTES", int(limit))
 
 
 def _bmm_into(out, a, b, alpha=1.0):
@@ -115,9 +108,10 @@ def _bmm_into(out, a, b, alpha=1.0):
         out.copy_(torch.bmm(a, b).mul_(alpha))
 
 
-def _operand(t, like):
-    """GEMM operand in the input dtype, fp32 in the interpreter (bf16 products are wrong there)."""
-    return t.float() if INTERPRET else t.to(like.dtype)
+def _operand(t):
+    """GEMM operand: as it is on a GPU, fp32 in the interpreter (its bf16 products are wrong, and the
+    probabilities there are fp32)."""
+    return t.float() if INTERPRET else t
 
 
 def _no_autocast(device):
@@ -141,19 +135,18 @@ def attention_fwd(q, k, v):
             p = torch.empty(s.shape, dtype=p_dtype, device=v.device)
             _launch_rows(_softmax_rows, (b1 - b0) * C, N, D ** -0.5, s, p, lse[b0:b1])
             del s
-            _bmm_into(z[b0:b1], p, _operand(v[b0:b1], p).transpose(1, 2))
+            _bmm_into(z[b0:b1], p, _operand(v[b0:b1]).transpose(1, 2))
             del p  # before the next chunk allocates its own
     return z, lse
 
 
-def attention_bwd(grad_z, q, k, v, z, lse):
-    """Gradients of attention_fwd: dq (q's shape and dtype), dk, dv."""
+def attention_bwd(grad_z, q, k, v, delta, lse):
+    """Gradients of attention_fwd: dq (q's shape and dtype), dk, dv; delta [B, C] = rowsum(grad_z * z)
+    and lse [B, C], both fp32 and contiguous, come from attention.attention_bwd."""
     B, D, N = k.shape
     C = q.shape[1]
     scale = D ** -0.5
     shared = q.shape[0] == 1
-    delta = (grad_z.float() * z.float()).sum(-1).contiguous()  # rowsum(dA * A) = rowsum(dz * z)
-    lse = lse.float().contiguous()
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dq = torch.zeros(1, C, D, dtype=torch.float32, device=q.device) if shared else torch.empty_like(q)
@@ -172,9 +165,9 @@ def attention_bwd(grad_z, q, k, v, z, lse):
             ds = torch.empty(s.shape, dtype=p_dtype, device=v.device)
             _launch_rows(_softmax_grad_rows, (b1 - b0) * C, N, scale, s, dp, lse[b0:b1], delta[b0:b1], p, ds)
             del s, dp
-            _bmm_into(dv[b0:b1], _operand(g, p).transpose(1, 2), p)
-            _bmm_into(dk[b0:b1], _operand(qb, ds).transpose(1, 2), ds, alpha=scale)
-            kt = _operand(k[b0:b1], ds).transpose(1, 2)
+            _bmm_into(dv[b0:b1], _operand(g).transpose(1, 2), p)
+            _bmm_into(dk[b0:b1], _operand(qb).transpose(1, 2), ds, alpha=scale)
+            kt = _operand(k[b0:b1]).transpose(1, 2)
             if shared:  # one fp32 partial per chunk, summed over its images
                 dq += _bmm_scores(ds, kt).sum(0, keepdim=True)
             else:
