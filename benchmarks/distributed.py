@@ -43,7 +43,7 @@ def run_case(ranks: int, zero: int, precision: str, micro: int, epochs: int, thr
            f"distributed.deepspeed_config={os.path.join(ROOT, 'configs', 'deepspeed', f'zero{max(zero, 1)}.yaml')}",
            "progress=false", f"eval_every={epochs}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-           "PYTHONPATH": ROOT}
+           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     port = cmd[cmd.index("--master_port") + 1]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):  # CPU all-reduce leaves one per rank
