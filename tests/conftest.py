@@ -1,6 +1,10 @@
 """Test session setup: offline model hubs, a fresh cache folder, small thread count."""
 import os
 
+# Processes the tests start (launchers, ranks, interpreter runs) import this checkout, in front of
+# whatever PYTHONPATH the session was given (which may choose another torch or triton).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The C++ extension is built once and kept across test sessions in the user's cache (the rest of

@@ -18,8 +18,7 @@ def _num(x):
 
 
 def test_gpu_check_cpu_dry_run(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-               GPU_CHECK_FAULT="sdpa_math:bfloat16=crash,sdpa_math:float32=hang")
+    env = dict(os.environ, GPU_CHECK_FAULT="sdpa_math:bfloat16=crash,sdpa_math:float32=hang")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, SCRIPT, "--cpu-dry-run", "--out", str(tmp_path), "--task-timeout-s", "15"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)

@@ -26,7 +26,7 @@ def _launch(out_dir, *extra, resume=False):
     args = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--output-dir", str(out_dir), *TINY, *extra]
     if resume:
         args.insert(-len(TINY) - len(extra), "--resume")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

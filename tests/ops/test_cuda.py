@@ -47,7 +47,7 @@ def test_cuda_sources_compile(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_backend_on_gpu():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(HERE)), HERE]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
     # poisoned outputs (unwritten elements fail); shared and per-image queries; wide features; and
     # C x N large enough that the attention runs in several chunks of images (2, 2, 1 in backward)
     code = ("import torch, kernel_cases as kc\nkc.DEVICE='cuda'\n"

@@ -44,7 +44,7 @@ def _interpreter_defect(env) -> str:
 
 def test_triton_kernels_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_cases.py")], env=env, capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     if proc.returncode != 0:
@@ -57,7 +57,7 @@ def test_triton_kernels_under_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_triton_kernels_on_gpu():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_cases.py"), "--device", "cuda"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
