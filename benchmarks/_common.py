@@ -147,7 +147,7 @@ def peak_memory(fn: Callable[[], None]) -> Tuple[Optional[int], str]:
 
 # --- writing rows -------------------------------------------------------------------------------
 
-def append_rows(name: str, rows, folder: str = None) -> str:
+def append_rows(name: str, rows, folder: Optional[str] = None) -> str:
     folder = folder or RESULTS_DIR
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)

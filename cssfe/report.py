@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def bar_chart(variants: Dict[str, np.ndarray], path: str, title: str = "mAP (%),
     plt.close(fig)
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     png = None
     if "--png" in argv:

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
-import torch
 
 from cssfe.config import TrainConfig, from_dict
 from cssfe.engine.checkpoint import load_checkpoint

@@ -1,6 +1,5 @@
 """End-to-end training on the bundled data (tiny settings), outputs, resume and refusal to overwrite."""
 import json
-import os
 
 import numpy as np
 import pytest
