@@ -47,6 +47,10 @@ import xml.etree.ElementTree as ET
 
 SCRIPT = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(SCRIPT))
+sys.path.insert(0, os.path.dirname(SCRIPT))
+
+import gpu_goals  # noqa: E402 - the goals, judged on the finished result (standard library only)
+
 TESTS_OPS = os.path.join(ROOT, "tests", "ops")
 SCHEMA = 1
 RESERVE_S = 8.0  # kept at the end of the budget to write the JSON and the summary
@@ -1289,6 +1293,7 @@ class Orchestrator:
                 grid = [(c, n, 512) for c in (80, 1000) for n in (196, 784)]
             else:
                 grid = [(c, n, d) for c in (20, 80, 1000) for n in (49, 196, 784) for d in (256, 512, 768)]
+        self.R["benchmarks"]["main_cases"] = {"asl": list(asl_main), "attention": list(attn)}  # where goals are judged
         fams = set(a.families.split(","))
         keep_p = (lambda p: p.startswith("compile") or p.startswith("triton")) if prewarm else (lambda p: True)
 
@@ -1462,6 +1467,7 @@ class Orchestrator:
                 k = counts.setdefault(c.get("backend", "?"), {"passed": 0, "failed": 0})
                 k["passed" if c.get("ok") else "failed"] += 1
             self.R["parity"]["direct"]["counts"] = counts
+            self.R["goals"] = gpu_goals.evaluate(self.R)
 
     def finish(self, status="done"):
         with self.lock:
@@ -1607,6 +1613,9 @@ def summarize(R) -> str:
     def err_of(r):
         return (r.get("skipped") or r.get("error") or "failed").splitlines()[0][:90]
 
+    goal_lines = gpu_goals.markdown(R.get("goals", {}))
+    if goal_lines:
+        lines += [""] + goal_lines
     rows = bench.get("asl", [])
     if rows:
         lines += ["", "## ASL forward+backward (bytes: read logits + targets, write grad)", "",

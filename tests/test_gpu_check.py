@@ -71,3 +71,19 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert {r["provider"] for r in grid} == {"eager", "cpu", "sdpa"}
     steps = {s["name"]: s for s in data["steps"]}
     assert steps["bench"]["launches"] == 3  # first launch, after the crash, after the hang
+    # the goals, judged at the dry run's main cases on its own rows (tiny CPU shapes: numbers only, no verdict
+    # expected), and put at the top of the summary
+    assert bench["main_cases"] == {"asl": [64, 20], "attention": [2, 8, 16, 32]}
+    judged = {(g["goal"], g["provider"], g["dtype"]): g for g in data["goals"]["goals"]}
+    for dtype in ("float32", "bfloat16"):
+        for provider in ("cpu", "cpu_kernel"):
+            g = judged[("asl_vs_eager", provider, dtype)]
+            assert g["case"] == "BxC=64x20" and _num(g["value"]) and g["met"] == (g["value"] >= 5), g
+            assert g["value"] == asl[(provider, 64, 20, dtype)]["speedup_vs_eager"]
+    g = judged[("attention_vs_sdpa", "cpu", "bfloat16")]
+    assert g["value"] == attn[("cpu", "bfloat16")]["speedup_vs_sdpa"] and g["met"] == (g["value"] >= 1), g
+    assert ("attention_vs_eager", "cpu", "float32") not in judged  # the attention goals are for bf16
+    fastest = {(f["op"], f["dtype"]): f for f in data["goals"]["fastest_backend"]}
+    assert set(fastest[("asl", "float32")]["median_ms"]) == {"reference", "cpu"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Goals" in summary and summary.index("## Goals") < summary.index("## ASL forward+backward")

@@ -1,0 +1,132 @@
+"""benchmarks/gpu_goals.py: the GPU goals judged on synthetic results and on the committed H200 runs."""
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_RESULTS = os.path.join(ROOT, "benchmarks", "results", "gpu")
+
+
+@pytest.fixture(scope="module")
+def goals():
+    spec = importlib.util.spec_from_file_location("gpu_goals", os.path.join(ROOT, "benchmarks", "gpu_goals.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _asl(provider, ms, dtype="bfloat16", b=16384, c=1024, agrees=True, **extra):
+    return {"kind": "asl", "provider": provider, "B": b, "C": c, "dtype": dtype, "ok": True, "median_ms": ms,
+            "check": {"agrees": agrees}, **extra}
+
+
+def _attn(provider, ms, peak, dtype="bfloat16", agrees=True, **extra):
+    return {"kind": "attention", "provider": provider, "B": 64, "C": 80, "N": 784, "d": 512, "dtype": dtype, "ok": True,
+            "median_ms": ms, "peak_above_base_bytes": peak, "check": {"agrees": agrees}, **extra}
+
+
+def _by(evaluation, goal, provider, dtype="bfloat16"):
+    found = [g for g in evaluation["goals"] if (g["goal"], g["provider"], g["dtype"]) == (goal, provider, dtype)]
+    assert len(found) == 1, (goal, provider, dtype, evaluation["goals"])
+    return found[0]
+
+
+def test_goals_on_synthetic_rows(goals):
+    result = {"benchmarks": {
+        "main_cases": {"asl": [16384, 1024], "attention": [64, 80, 784, 512]},
+        "asl": [
+            _asl("eager", 2.0), _asl("cuda", 0.39, speedup_vs_eager=5.1, copy_fraction=0.71),
+            _asl("triton", 0.5, speedup_vs_eager=4.0, copy_fraction=0.69, graph_speedup_vs_eager=9.0,
+                 graph_copy_fraction=0.8),
+            _asl("cuda_kernel", 0.1, agrees=False, speedup_vs_eager=20.0, copy_fraction=0.9),
+            _asl("cuda", 0.01, b=65536, c=1024, speedup_vs_eager=50.0),  # larger, but not the main case: ignored
+        ],
+        "attention": [
+            _attn("eager", 6.0, 400), _attn("sdpa", 4.0, 200),
+            _attn("triton", 1.9, 200, speedup_vs_eager=3.16, speedup_vs_sdpa=2.1),
+            _attn("cuda", 2.5, 201, speedup_vs_eager=2.4, speedup_vs_sdpa=1.6),
+            {"kind": "attention", "provider": "triton_flash", "B": 64, "C": 80, "N": 784, "d": 512,
+             "dtype": "bfloat16", "ok": False, "error": "OutOfResources: shared memory"},
+            _attn("eager", 5.0, 300, dtype="float32"), _attn("triton", 6.0, 200, dtype="float32", speedup_vs_eager=0.8),
+        ],
+    }}
+    ev = goals.evaluate(result)
+    cuda = _by(ev, "asl_vs_eager", "cuda")
+    assert cuda["met"] is True and cuda["value"] == pytest.approx(5.1) and cuda["case"] == "BxC=16384x1024"
+    assert _by(ev, "asl_copy_bw", "cuda")["met"] is True
+    assert _by(ev, "asl_vs_eager", "triton")["met"] is False
+    assert _by(ev, "asl_copy_bw", "triton")["met"] is False
+    graph = _by(ev, "asl_vs_eager_graph", "cuda")
+    assert graph["met"] is None and graph["note"] == "not measured"
+    assert _by(ev, "asl_copy_bw_graph", "triton")["met"] is True
+    wrong = _by(ev, "asl_vs_eager", "cuda_kernel")
+    assert wrong["met"] is False and "disagree" in wrong["note"]  # fast but wrong does not count
+    assert not [g for g in ev["goals"] if g["provider"] in ("eager", "sdpa")]
+
+    assert _by(ev, "attention_vs_eager", "triton")["met"] is True
+    assert _by(ev, "attention_vs_eager", "cuda")["met"] is False
+    assert _by(ev, "attention_vs_sdpa", "cuda")["met"] is True
+    assert _by(ev, "attention_peak_vs_sdpa", "triton")["value"] == pytest.approx(1.0)
+    assert _by(ev, "attention_peak_vs_sdpa", "triton")["met"] is True  # equal peak is "no higher"
+    assert _by(ev, "attention_peak_vs_sdpa", "cuda")["met"] is False
+    failed = _by(ev, "attention_vs_eager", "triton_flash")
+    assert failed["met"] is False and "OutOfResources" in failed["note"]
+    # the attention goals are stated for bf16 only
+    assert not [g for g in ev["goals"] if g["goal"].startswith("attention") and g["dtype"] == "float32"]
+
+    fastest = {(f["op"], f["dtype"]): f for f in ev["fastest_backend"]}
+    assert fastest[("asl", "bfloat16")]["backend"] == "cuda"  # cuda_kernel is not a call through the op
+    assert set(fastest[("asl", "bfloat16")]["median_ms"]) == {"reference", "cuda", "triton"}
+    assert fastest[("attention", "bfloat16")]["backend"] == "triton"
+    assert fastest[("attention", "float32")]["backend"] == "reference"
+
+    text = "\n".join(goals.markdown(ev))
+    assert text.startswith("## Goals")
+    assert "| bfloat16 | cuda | 5.10 met | - | 71.0 % met | - |" in text
+    assert "| bfloat16 | cuda_kernel | **not met** |" in text
+    assert "- asl bfloat16 at BxC=16384x1024: **cuda** (cuda 0.390 ms, triton 0.500 ms, reference 2.000 ms)" in text
+
+
+def test_main_case_without_names_is_the_largest(goals):
+    result = {"benchmarks": {"asl": [_asl("cuda", 1.0, b=256, c=1000), _asl("cuda", 1.0, b=4096, c=80),
+                                     _asl("cuda", 1.0, b=16384, c=1024)]}}
+    assert goals.main_case(result, "asl") == (16384, 1024)
+    assert goals.main_case(result, "attention") is None
+    assert goals.evaluate({"benchmarks": {}}) == {"goals": [], "fastest_backend": []}
+    assert goals.markdown(goals.evaluate({})) == []
+
+
+def test_goals_of_the_committed_h200_runs(goals):
+    """The numbers docs/performance.md quotes for the H200 runs, judged again by the code."""
+    import json
+
+    with open(os.path.join(GPU_RESULTS, "2026-11-26_h200_2612892", "gpu_check.json")) as fh:
+        ev = goals.evaluate(json.load(fh))
+    kernel = _by(ev, "asl_vs_eager", "cuda_kernel")
+    assert kernel["met"] is True and kernel["value"] == pytest.approx(26.3, abs=0.05)
+    bw = _by(ev, "asl_copy_bw", "cuda_kernel")
+    assert bw["met"] is False and bw["value"] == pytest.approx(0.267, abs=0.001)
+    assert _by(ev, "asl_vs_eager", "cuda")["met"] is False  # 3.56x through the op
+    assert _by(ev, "attention_vs_eager", "cuda")["value"] == pytest.approx(0.36, abs=0.005)
+    assert "shared memory" in _by(ev, "attention_vs_eager", "triton")["note"]
+    fastest = {(f["op"], f["dtype"]): f["backend"] for f in ev["fastest_backend"]}
+    assert fastest[("asl", "bfloat16")] == "cuda" and fastest[("attention", "bfloat16")] == "reference"
+
+    with open(os.path.join(GPU_RESULTS, "2026-11-26_h200_f066e94", "gpu_check.json")) as fh:
+        ev = goals.evaluate(json.load(fh))
+    assert _by(ev, "attention_vs_eager", "triton")["value"] == pytest.approx(1.69, abs=0.005)
+    assert _by(ev, "attention_vs_eager", "triton")["met"] is False
+    assert _by(ev, "attention_vs_sdpa", "triton")["met"] is True
+    assert _by(ev, "attention_peak_vs_sdpa", "triton")["met"] is True
+
+
+def test_command_line(goals, tmp_path, capsys):
+    path = os.path.join(GPU_RESULTS, "2026-11-26_h200_f066e94", "gpu_check.json")
+    assert goals.main([path]) == 0
+    assert "| bfloat16 | triton | 1.69 **not met** | 1.30 met | 0.67 met |  |" in capsys.readouterr().out
+    bad = tmp_path / "broken.json"
+    bad.write_text("{")
+    assert goals.main([str(bad)]) == 2
+    assert f"cannot read {bad}" in capsys.readouterr().err
+    assert goals.main([]) == 2
