@@ -7,7 +7,8 @@
 (``goals``) and its summary, so a GPU run says at once which goals it meets. The goals are data
 (``GOALS``); each is judged for every fused provider at the family's main case, and only on rows
 whose numbers agreed with eager PyTorch. The same function gives, per op and dtype, the fastest
-backend as called through the op (the choice ``kernels: auto`` should make on that card).
+backend as called through the op (the choice ``kernels: auto`` should make on that card:
+``CUDA_AUTO`` in ``cssfe/ops/dispatch.py``).
 """
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ Which backend a call uses, first match wins:
 4. ``auto``: float64 inputs -> ``reference`` (the fused kernels compute in fp32); CPU tensors ->
    ``cpu`` (each C++ kernel measured at least as fast as eager PyTorch, docs/performance.md) if the
    extension is prebuilt (``cssfe._C``) or already built in the extension cache, else
-   ``reference``; CUDA tensors -> ``cuda`` if the prebuilt extension has
-   CUDA kernels, else ``triton`` if importable, else ``reference``. ``auto`` never starts a build.
+   ``reference``; CUDA tensors -> the first available backend that ``CUDA_AUTO`` lists for the op and
+   precision (from GPU measurements; ``cuda`` only if the extension with CUDA kernels is prebuilt or
+   built), else ``reference``. ``auto`` never starts a build.
 
 A backend that is asked for by name and cannot run the call raises ``RuntimeError`` naming the
 reason; there is no silent fallback. ``auto`` is the only name that falls back.
@@ -36,6 +37,16 @@ import torch
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 CPU_AUTO_OPS = ("asymmetric_loss", "class_attention", "progressive_enhance")  # auto picks the C++ kernel on CPU
 CHOICES = ("auto",) + BACKENDS
+# ``auto`` on CUDA tensors: per op and precision ("half": fp16/bf16), the backends in order of
+# preference; the first one available runs. Measured on an H200 (docs/performance.md): for class
+# attention the Triton kernel beat eager PyTorch in half precision only and the CUDA one never; the
+# other ops were fastest with CUDA, then Triton. benchmarks/gpu_goals.py prints the fastest backend
+# per op and dtype of a GPU run: this table is where such a measurement lands.
+CUDA_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "class_attention": {"half": ("triton",), "float32": ()},
+    "progressive_enhance": {"half": ("cuda", "triton"), "float32": ("cuda", "triton")},
+    "asymmetric_loss": {"half": ("cuda", "triton"), "float32": ("cuda", "triton")},
+}
 ENV_VAR = "CSSFE_KERNEL_BACKEND"
 
 _default: Optional[str] = None
@@ -135,16 +146,14 @@ def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Option
                 return "reference"
             return "cpu" if _native_status(False)[0] else "reference"
         if dev == "cuda":
-            # Measured on an H200 (docs/performance.md): for class attention the Triton kernel beats
-            # eager PyTorch in half precision only and the CUDA one never, so attention goes to
-            # Triton (fp16/bf16) or stays eager (fp32); the other ops prefer CUDA, then Triton.
-            triton_ok = _triton_status()[0]
-            if op == "class_attention":
-                return "triton" if triton_ok and dtype in (torch.float16, torch.bfloat16) else "reference"
-            ok, _, mod = _native_status(False)
-            if ok and getattr(mod, "with_cuda", False):
-                return "cuda"
-            return "triton" if triton_ok else "reference"
+            precision = "half" if dtype in (torch.float16, torch.bfloat16) else "float32"
+            for candidate in CUDA_AUTO.get(op, {}).get(precision, ()):
+                if candidate == "triton" and _triton_status()[0]:
+                    return candidate
+                if candidate == "cuda":
+                    ok, _, mod = _native_status(False)
+                    if ok and getattr(mod, "with_cuda", False):
+                        return candidate
         return "reference"
     if name == "reference":
         return name

@@ -269,6 +269,26 @@ def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
     assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float64) == "reference"
 
 
+def test_auto_on_cuda_reads_its_table(monkeypatch):
+    """CUDA_AUTO is the whole CUDA choice: its order wins, an op or precision it leaves empty stays eager."""
+    from cssfe.ops import dispatch
+
+    class Ext:
+        with_cuda = True
+
+    assert set(dispatch.CUDA_AUTO) == {"class_attention", "progressive_enhance", "asymmetric_loss"}
+    for per_precision in dispatch.CUDA_AUTO.values():
+        assert set(per_precision) == {"half", "float32"}
+        assert all(name in ("cuda", "triton") for order in per_precision.values() for name in order)
+    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, "simulated"))
+    monkeypatch.setattr(dispatch, "_native_status", lambda build: (True, "simulated", Ext()))
+    monkeypatch.setitem(dispatch.CUDA_AUTO, "asymmetric_loss", {"half": ("triton", "cuda"), "float32": ()})
+    cuda = torch.device("cuda")
+    assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float16) == "triton"
+    assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float32) == "reference"
+    assert dispatch.resolve("auto", cuda, "not_an_op", torch.float32) == "reference"
+
+
 def test_triton_flash_refuses_wide_fp32_features_and_wide_features_take_the_gemm_strategy():
     pytest.importorskip("triton")
     from cssfe.ops.triton import attention
