@@ -13,6 +13,7 @@ backend as called through the op (the choice ``kernels: auto`` should make on th
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Dict, List, NamedTuple, Optional
 
@@ -72,14 +73,7 @@ def main_case(result: dict, family: str) -> Optional[tuple]:
     cases = [c for c in cases if all(isinstance(x, int) for x in c)]
     if not cases:
         return None
-    return max(cases, key=_prod)
-
-
-def _prod(values) -> int:
-    out = 1
-    for x in values:
-        out *= x
-    return out
+    return max(cases, key=math.prod)
 
 
 def _value(goal: Goal, row: dict, peers: Dict[str, dict]) -> Optional[float]:

@@ -1,5 +1,6 @@
 """benchmarks/gpu_goals.py: the GPU goals judged on synthetic results and on the committed H200 runs."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -99,8 +100,6 @@ def test_main_case_without_names_is_the_largest(goals):
 
 def test_goals_of_the_committed_h200_runs(goals):
     """The numbers docs/performance.md quotes for the H200 runs, judged again by the code."""
-    import json
-
     with open(os.path.join(GPU_RESULTS, "2026-11-26_h200_2612892", "gpu_check.json")) as fh:
         ev = goals.evaluate(json.load(fh))
     kernel = _by(ev, "asl_vs_eager", "cuda_kernel")

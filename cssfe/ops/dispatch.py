@@ -115,21 +115,27 @@ def _native_status(build: bool) -> Tuple[bool, str, object]:
     return False, "extension neither prebuilt (cssfe._C) nor built in the cache; backend='cpu' builds it", None
 
 
+def _cuda_status(native_status: Tuple[bool, str, object]) -> Tuple[bool, str]:
+    """Whether the CUDA backend can run, given what ``_native_status`` found."""
+    ok, reason, mod = native_status
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    if not ok:
+        return False, reason
+    if not getattr(mod, "with_cuda", False):
+        return False, "the extension was built without CUDA kernels (no nvcc or CSSFE_NO_CUDA=1)"
+    return True, reason
+
+
 def available_backends(build: bool = False) -> Dict[str, Tuple[bool, str]]:
     """name -> (available, reason). ``build=True`` builds the C++ extension if needed (~1 min)."""
-    out: Dict[str, Tuple[bool, str]] = {"reference": (True, "plain PyTorch, always available")}
-    ok, reason, mod = _native_status(build)
-    out["cpu"] = (ok, reason)
-    if not torch.cuda.is_available():
-        out["cuda"] = (False, "no CUDA device")
-    elif not ok:
-        out["cuda"] = (False, reason)
-    elif not getattr(mod, "with_cuda", False):
-        out["cuda"] = (False, "the extension was built without CUDA kernels (no nvcc or CSSFE_NO_CUDA=1)")
-    else:
-        out["cuda"] = (True, reason)
-    out["triton"] = _triton_status()
-    return out
+    native = _native_status(build)
+    return {"reference": (True, "plain PyTorch, always available"), "cpu": native[:2], "cuda": _cuda_status(native),
+            "triton": _triton_status()}
+
+
+# Whether a backend CUDA_AUTO names can run without a build (what ``auto`` may pick).
+_AUTO_READY = {"triton": lambda: _triton_status()[0], "cuda": lambda: _cuda_status(_native_status(False))[0]}
 
 
 def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Optional[torch.dtype] = None) -> str:
@@ -148,12 +154,8 @@ def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Option
         if dev == "cuda":
             precision = "half" if dtype in (torch.float16, torch.bfloat16) else "float32"
             for candidate in CUDA_AUTO.get(op, {}).get(precision, ()):
-                if candidate == "triton" and _triton_status()[0]:
+                if _AUTO_READY[candidate]():
                     return candidate
-                if candidate == "cuda":
-                    ok, _, mod = _native_status(False)
-                    if ok and getattr(mod, "with_cuda", False):
-                        return candidate
         return "reference"
     if name == "reference":
         return name
@@ -167,7 +169,7 @@ def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Option
     if name == "cuda":
         if dev != "cuda":
             raise RuntimeError(f"{op}: backend 'cuda' runs on CUDA tensors, the inputs are on {dev}")
-        ok, reason = available_backends(build=True)["cuda"]
+        ok, reason = _cuda_status(_native_status(True))
         if not ok:
             raise RuntimeError(f"{op}: backend 'cuda' is not available: {reason}")
         return name

@@ -258,6 +258,7 @@ def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
 
     monkeypatch.setattr(dispatch, "_triton_status", lambda: (triton_ok, "simulated"))
     monkeypatch.setattr(dispatch, "_native_status", lambda build: (True, "simulated", Ext()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, simulated
     cuda = torch.device("cuda")
     half = "triton" if triton_ok else "reference"
     assert dispatch.resolve("auto", cuda, "class_attention", torch.bfloat16) == half
@@ -282,6 +283,7 @@ def test_auto_on_cuda_reads_its_table(monkeypatch):
         assert all(name in ("cuda", "triton") for order in per_precision.values() for name in order)
     monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, "simulated"))
     monkeypatch.setattr(dispatch, "_native_status", lambda build: (True, "simulated", Ext()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, simulated
     monkeypatch.setitem(dispatch.CUDA_AUTO, "asymmetric_loss", {"half": ("triton", "cuda"), "float32": ()})
     cuda = torch.device("cuda")
     assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float16) == "triton"
