@@ -112,7 +112,13 @@ void launch_asl(const at::Tensor& logits, const at::Tensor& targets, at::Tensor&
   const bool packed = aligned_to<Pack<scalar_t, VEC>>(x) && aligned_to<Pack<target_t, VEC>>(t) &&
                       (g == nullptr || aligned_to<Pack<scalar_t, VEC>>(g));
   const int64_t items = packed ? (n + VEC - 1) / VEC : n;  // packs, or elements
-  const int resident = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * (2048 / kThreads);
+  auto kernel = packed ? asl_kernel<scalar_t, target_t, loss_t, VEC> : asl_kernel<scalar_t, target_t, loss_t, 1>;
+  // As many blocks as fit on the device at once (a second, partial wave would run with too few
+  // loads in flight): the count per SM depends on the registers this build's kernel uses.
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t resident =
+      static_cast<int64_t>(std::max(1, per_sm)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, resident)));
   // [arrival counter, partial sums of the blocks]: one memset
   at::Tensor work = at::zeros({blocks + 1}, logits.options().dtype(at::kInt));
@@ -120,12 +126,7 @@ void launch_asl(const at::Tensor& logits, const at::Tensor& targets, at::Tensor&
   auto* partial = reinterpret_cast<float*>(work.data_ptr<int>() + 1);
   auto stream = at::cuda::getCurrentCUDAStream();
   loss_t* out = loss.data_ptr<loss_t>();
-  if (packed)
-    asl_kernel<scalar_t, target_t, loss_t, VEC><<<blocks, kThreads, 0, stream>>>(x, t, g, partial, arrived, out, n, A,
-                                                                               loss_scale);
-  else
-    asl_kernel<scalar_t, target_t, loss_t, 1><<<blocks, kThreads, 0, stream>>>(x, t, g, partial, arrived, out, n, A,
-                                                                             loss_scale);
+  kernel<<<blocks, kThreads, 0, stream>>>(x, t, g, partial, arrived, out, n, A, loss_scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
