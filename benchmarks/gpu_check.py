@@ -20,7 +20,8 @@ Design (everything is recorded, nothing is allowed to stop the rest):
   bf16 matmul), the Triton parity tests, then a warm-up of the torch.compile / Triton caches
   (stopped when the build ends, so no timing runs beside another GPU job);
 - phase 2: the CUDA parity tests, then the benchmarks (main cases first, then per-check parity
-  diagnosis when a parity test failed or pytest is missing, then the SPEC section 6 grid).
+  diagnosis when a parity test failed or pytest is missing, then the other ASL shapes, the
+  attention in fp32 and the progressive enhancement alone, then the SPEC section 6 grid).
 
 Workers import only torch, triton and ``cssfe.ops`` (plus ``cssfe.losses`` for the unfused ASL
 module and ``tests/ops/kernel_cases.py`` for the parity checks): no numpy, yaml, sklearn, open_clip.
@@ -78,6 +79,10 @@ DEFINITIONS = {
     "attention_flop": "4*B*C*N*d for the forward (QK^T and AV); forward+backward = 3.5x forward (FlashAttention "
                       "benchmark convention: backward recomputes QK^T). The progressive enhancement (C x C mixing) "
                       "is timed but not counted.",
+    "enhance": "progressive_enhance alone, forward+backward (gradients of z, the affinity and lam), on z of the "
+               "main attention case's Z0 shape [B, C, d] with its masked affinity: which backend kernels=auto "
+               "should pick for the enhancement (the attention family times the two ops together). bytes: read z, "
+               "write the output, read its gradient, write dz (B*C*L*4*sizeof(z)).",
     "peak_memory": "torch.cuda.max_memory_allocated during one call minus memory_allocated before it (inputs "
                    "excluded, returned gradients included).",
     "check": "max |out - eager| / max |eager| per output (z and every gradient; ASL: loss and grad) against the "
@@ -747,6 +752,75 @@ def task_bench_attention(task, ctx, emit):
     return rec
 
 
+# ----------------------------------------------------------------------------- enhancement bench
+def _enh_case(ctx, b, c, l, dtype_name):
+    torch = ctx.torch
+    import cssfe.ops as ops
+    from cssfe.ops import reference
+
+    dtype = _dtype(ctx, dtype_name)
+    gen = torch.Generator().manual_seed(0)
+    groups = (torch.randperm(c, generator=gen) % 3).to(ctx.device)
+    affinity = reference.semantic_affinity(torch.randn(c, 32, generator=gen), groups.cpu(), mask=True, tau=0.1)
+    torch.manual_seed(0)
+    case = {"z": torch.randn(b, c, l, device=ctx.device, dtype=dtype).requires_grad_(),
+            "R": affinity.to(ctx.device).requires_grad_(), "groups": groups,
+            "gate": torch.rand(b, c, device=ctx.device).to(dtype),
+            "lam": torch.tensor(0.9, device=ctx.device, requires_grad=True),
+            "gout": torch.randn(b, c, l, device=ctx.device, dtype=dtype)}
+
+    def ref():
+        out = ops.progressive_enhance(case["z"], case["R"], groups, case["gate"], case["lam"], backend="reference")
+        return (out.detach(),) + tuple(torch.autograd.grad(out, (case["z"], case["R"], case["lam"]), case["gout"]))
+    case["make_ref"] = ref
+    return case
+
+
+def _enh_fns(provider, case, ctx):
+    """(fwd+bwd fn returning (out, dz, dR, dlam), forward-only fn)."""
+    torch = ctx.torch
+    import cssfe.ops as ops
+    from cssfe.ops.backends import reference_impl
+
+    z, R, groups, gate, lam, gout = (case[n] for n in ("z", "R", "groups", "gate", "lam", "gout"))
+    if provider == "compile":
+        def f(z_, r_, lam_):
+            return reference_impl.enhance_fwd(z_, r_, groups, (lam_.float() * gate.float()).contiguous())
+
+        torch._dynamo.reset()
+        cf = torch.compile(f, dynamic=False, backend=ctx.opts["compile_backend"])
+        forward = lambda: cf(z, R, lam)  # noqa: E731
+    elif provider in gpu_goals.THROUGH_OP:  # one backend through the op
+        be = "reference" if provider == "eager" else provider
+        forward = lambda: ops.progressive_enhance(z, R, groups, gate, lam, backend=be)  # noqa: E731
+    else:
+        raise ValueError(f"unknown enhance provider {provider!r}")
+
+    def fn():
+        out = forward()
+        return (out.detach(),) + tuple(torch.autograd.grad(out, (z, R, lam), gout))
+
+    def fwd():
+        with torch.no_grad():
+            return forward()
+    return fn, fwd
+
+
+def task_bench_enhance(task, ctx, emit):
+    b, c, l, dt = task["B"], task["C"], task["L"], task["dtype"]
+    case = ctx.case(("enhance", b, c, l, dt), lambda: _enh_case(ctx, b, c, l, dt))
+    fn, fwd = _enh_fns(task["provider"], case, ctx)
+    rec = _run_checked(task, ctx, fn, ("out", "dz", "dR", "dlam"), case, dt)
+    if rec.get("prewarm"):
+        return rec
+    rec["bytes"] = 4 * b * c * l * case["z"].element_size()
+    rec["gbps"] = rec["bytes"] / (rec["median_ms"] * 1e-3) / 1e9
+    m = ctx.measure(fwd, max_s=ctx.opts["max_case_s"] / 2)
+    rec["fwd_median_ms"], rec["fwd_p20_ms"], rec["fwd_p80_ms"] = m["median_ms"], m["p20_ms"], m["p80_ms"]
+    rec["ok"] = True
+    return rec
+
+
 # Triton flash attention blocks tried at the main attention shape: (BLOCK_C, BLOCK_N, num_warps,
 # num_stages). The first is what _blocks (cssfe/ops/triton/attention.py) picks at d = 512 when the flash
 # strategy is forced (wide features take the GEMM strategy by default).
@@ -774,7 +848,9 @@ def task_bench_blocks(task, ctx, emit):
 
 
 HANDLERS = {"env": task_env, "build": task_build, "parity": task_parity, "asl": task_bench_asl,
-            "attention": task_bench_attention, "grid": task_bench_attention, "blocks": task_bench_blocks}
+            "attention": task_bench_attention, "grid": task_bench_attention, "blocks": task_bench_blocks,
+            "enhance": task_bench_enhance}
+BENCH_FAMILIES = ("asl", "attention", "enhance", "blocks", "grid")  # benchmark kinds, in the summary's order
 
 
 def _inject_fault(task):
@@ -897,8 +973,7 @@ class Orchestrator:
             "schema": SCHEMA, "mode": "cpu-dry-run" if self.dry else "gpu", "status": "running",
             "started_utc": _now_utc(), "args": vars(args), "budget_s": args.budget_s,
             "environment": {}, "build": {}, "parity": {"pytest": {"runs": []}, "direct": {"checks": []}},
-            "benchmarks": {"definitions": DEFINITIONS, "providers": {}, "asl": [], "attention": [], "grid": [],
-                           "blocks": []},
+            "benchmarks": {"definitions": DEFINITIONS, "providers": {}, **{fam: [] for fam in BENCH_FAMILIES}},
             "steps": [], "errors": [],
         }
         self._counter = 0
@@ -1126,7 +1201,7 @@ class Orchestrator:
         if task is None:
             return
         with self.lock:
-            if task["kind"] in ("asl", "attention", "grid", "blocks") and not task.get("prewarm"):
+            if task["kind"] in BENCH_FAMILIES and not task.get("prewarm"):
                 self.R["benchmarks"][task["kind"]].append(dict(_task_fields(task), **record))
             elif task["kind"] == "parity":
                 self.R["parity"]["direct"]["suites"] = self.R["parity"]["direct"].get("suites", [])
@@ -1272,6 +1347,8 @@ class Orchestrator:
             "attention": ["eager", "compile"] + (["triton", "triton_flash", "triton_gemm"] if triton_ok else [])
                          + ([self.native] if native_ok else [])
                          + ["sdpa"] + (["sdpa_math"] if self.dry else ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]),
+            "enhance": ["eager"] + ([] if a.quick else ["compile"]) + (["triton"] if triton_ok else [])
+                       + ([self.native] if native_ok else []),
             "grid": ["eager"] + (["triton", "triton_flash"] if triton_ok else []) + ([self.native] if native_ok else [])
                     + ["sdpa"],
         }
@@ -1293,7 +1370,9 @@ class Orchestrator:
                 grid = [(c, n, 512) for c in (80, 1000) for n in (196, 784)]
             else:
                 grid = [(c, n, d) for c in (20, 80, 1000) for n in (49, 196, 784) for d in (256, 512, 768)]
-        self.R["benchmarks"]["main_cases"] = {"asl": list(asl_main), "attention": list(attn)}  # where goals are judged
+        enh = (attn[0], attn[1], attn[3])  # z of the main attention case's Z0 shape [B, C, d]
+        # where the goals and the fastest backends are judged
+        self.R["benchmarks"]["main_cases"] = {"asl": list(asl_main), "attention": list(attn), "enhance": list(enh)}
         fams = set(a.families.split(","))
         keep_p = (lambda p: p.startswith("compile") or p.startswith("triton")) if prewarm else (lambda p: True)
 
@@ -1323,6 +1402,12 @@ class Orchestrator:
                         t = {"id": self._next_id("attention:"), "kind": "attention", "provider": p, "B": b, "C": c,
                              "N": n, "d": d, "dtype": dt, "prewarm": prewarm, "timeout_s": to(p)}
                         (tier1 if dt == "bfloat16" else tier2).append(t)
+        if "enhance" in fams:
+            for dt in attn_dtypes:
+                for p in plist["enhance"]:
+                    if keep(p, dt):
+                        tier2.append({"id": self._next_id("enhance:"), "kind": "enhance", "provider": p, "B": enh[0],
+                                      "C": enh[1], "L": enh[2], "dtype": dt, "prewarm": prewarm, "timeout_s": to(p)})
         if "grid" in fams:
             for (c, n, d) in grid:
                 for p in plist["grid"]:
@@ -1438,10 +1523,10 @@ class Orchestrator:
             copy = env.get("copy_gbps")
             b = self.R["benchmarks"]
             order = {}  # case -> provider -> row; a block-sweep row's peers are the attention rows of its case
-            for fam in ("asl", "attention", "grid"):
+            for fam in ("asl", "attention", "enhance", "grid"):
                 for r in b[fam]:
                     order.setdefault(_case_key(r), {})[r["provider"]] = r
-            for fam in ("asl", "attention", "blocks", "grid"):
+            for fam in BENCH_FAMILIES:
                 rows = b[fam]
                 for r in rows:
                     if not r.get("ok") or not r.get("median_ms"):
@@ -1471,7 +1556,7 @@ class Orchestrator:
 
     def finish(self, status="done"):
         with self.lock:
-            skipped = [r for fam in ("asl", "attention", "blocks", "grid") for r in self.R["benchmarks"][fam]
+            skipped = [r for fam in BENCH_FAMILIES for r in self.R["benchmarks"][fam]
                        if "time budget" in str(r.get("skipped", ""))]
             if skipped:
                 self.R["budget_exhausted"] = f"{len(skipped)} benchmark tasks skipped for time"
@@ -1539,7 +1624,7 @@ def _check_cell(r):
 
 
 def _case_key(r):
-    return (r.get("kind"), r.get("B"), r.get("C"), r.get("N"), r.get("d"), r.get("dtype"))
+    return (r.get("kind"), r.get("B"), r.get("C"), r.get("N"), r.get("d"), r.get("L"), r.get("dtype"))
 
 
 def _read_events(path, offset):
@@ -1654,6 +1739,22 @@ def summarize(R) -> str:
                          f"{_fmt(r.get('tflops_fwd_bwd'), 2)} | {_fmt(peak / 2**20, 1) if peak is not None else '-'} | "
                          f"{_fmt(r.get('speedup_vs_eager'), 2)} | {_fmt(r.get('speedup_vs_sdpa'), 2)} | "
                          f"{_check_cell(r)} |")
+    rows = bench.get("enhance", [])
+    if rows:
+        r0 = rows[0]
+        lines += ["", f"## progressive_enhance alone, fwd+bwd (z: B={r0.get('B')} C={r0.get('C')} L={r0.get('L')}; "
+                  "bytes: read z, write out, read its gradient, write dz)", "",
+                  "| dtype | provider | median ms | p20-p80 | fwd ms | GB/s | peak MiB | x eager | check |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if not r.get("ok"):
+                lines.append(f"| {r.get('dtype')} | {r.get('provider')} | {err_of(r)} | | | | | | |")
+                continue
+            peak = r.get("peak_above_base_bytes")
+            lines.append(f"| {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} | "
+                         f"{_fmt(r.get('p20_ms'))}-{_fmt(r.get('p80_ms'))} | {_fmt(r.get('fwd_median_ms'))} | "
+                         f"{_fmt(r.get('gbps'), 1)} | {_fmt(peak / 2**20, 1) if peak is not None else '-'} | "
+                         f"{_fmt(r.get('speedup_vs_eager'), 2)} | {_check_cell(r)} |")
     rows = bench.get("blocks", [])
     if rows:
         r0 = rows[0]
@@ -1694,7 +1795,7 @@ def summarize(R) -> str:
                     cells.append(_fmt(r.get("median_ms")) + ("" if r.get("check", {}).get("agrees") else "*"))
             lines.append(f"| {c} | {n} | {d} | " + " | ".join(cells) + " |")
     errs = []
-    for fam in ("asl", "attention", "blocks", "grid"):
+    for fam in BENCH_FAMILIES:
         for r in bench.get(fam, []):
             if not r.get("ok") and not r.get("skipped"):
                 errs.append(f"{fam} {r.get('provider')} {_case_key(r)[1:]}: {err_of(r)}")
@@ -1719,8 +1820,9 @@ def main(argv=None) -> int:
                    help="same code path on CPU: tiny shapes, backends reference + cpu (+ triton with TRITON_INTERPRET=1)")
     p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 400 on GPU, 300 dry-run)")
     p.add_argument("--build-timeout-s", type=float, default=None, help="cap on the extension build (default 300)")
-    p.add_argument("--families", default="asl,attention,blocks,grid",
-                   help="benchmark families to run (blocks: Triton attention block-size sweep)")
+    p.add_argument("--families", default="asl,attention,enhance,blocks,grid",
+                   help="benchmark families to run (blocks: Triton attention block-size sweep; enhance: the "
+                        "progressive enhancement alone)")
     p.add_argument("--providers", default=None,
                    help="comma-separated providers to benchmark (default all); without cuda/cpu the extension is not built")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager dry-run)")

@@ -53,14 +53,20 @@ BASELINES = {"eager", "eager_module", "compile", "compile_autograd", "sdpa", "sd
 THROUGH_OP = {"eager": "reference", "triton": "triton", "cuda": "cuda", "cpu": "cpu"}
 
 
+# The fields that name a family's case, and how the case is written.
+CASE_FIELDS = {"asl": ("B", "C"), "attention": ("B", "C", "N", "d"), "enhance": ("B", "C", "L")}
+CASE_FORMAT = {"asl": "BxC={}x{}", "attention": "B={} C={} N={} d={}", "enhance": "B={} C={} L={}"}
+# The op each family times (the names CUDA_AUTO in cssfe/ops/dispatch.py uses).
+FAMILY_OP = {"asl": "asymmetric_loss", "attention": "class_attention + progressive_enhance",
+             "enhance": "progressive_enhance"}
+
+
 def _case(r: dict, family: str) -> tuple:
-    return (r.get("B"), r.get("C")) if family == "asl" else (r.get("B"), r.get("C"), r.get("N"), r.get("d"))
+    return tuple(r.get(f) for f in CASE_FIELDS[family])
 
 
-def _case_name(case: tuple) -> str:
-    if len(case) == 2:
-        return f"BxC={case[0]}x{case[1]}"
-    return "B={} C={} N={} d={}".format(*case)
+def _case_name(case: tuple, family: str) -> str:
+    return CASE_FORMAT[family].format(*case)
 
 
 def main_case(result: dict, family: str) -> Optional[tuple]:
@@ -89,7 +95,7 @@ def evaluate(result: dict) -> dict:
     bench = result.get("benchmarks", {})
     goals: List[dict] = []
     fastest: List[dict] = []
-    for family in ("asl", "attention"):
+    for family in CASE_FIELDS:
         case = main_case(result, family)
         if case is None:
             continue
@@ -102,7 +108,7 @@ def evaluate(result: dict) -> dict:
             for goal in (g for g in GOALS if g.family == family and (g.dtypes is None or dtype in g.dtypes)):
                 for provider in sorted(p for p in peers if p not in BASELINES):
                     row = peers[provider]
-                    entry = {"goal": goal.id, "text": goal.text, "case": _case_name(case), "dtype": dtype,
+                    entry = {"goal": goal.id, "text": goal.text, "case": _case_name(case, family), "dtype": dtype,
                              "provider": provider, "target": goal.target, "at_least": goal.at_least,
                              "value": None, "met": None, "note": ""}
                     if not row.get("ok"):
@@ -121,7 +127,7 @@ def evaluate(result: dict) -> dict:
                      if p in THROUGH_OP and r.get("ok") and r.get("check", {}).get("agrees") and r.get("median_ms")}
             if times:
                 best = min(times, key=times.get)
-                fastest.append({"op": family, "case": _case_name(case), "dtype": dtype, "backend": best,
+                fastest.append({"op": family, "case": _case_name(case, family), "dtype": dtype, "backend": best,
                                 "median_ms": times})
     return {"goals": goals, "fastest_backend": fastest}
 
@@ -142,7 +148,7 @@ def markdown(evaluation: dict) -> List[str]:
     if not goals and not fastest:
         return []
     lines = ["## Goals", "", "Judged at each family's main case, only on rows that agree with eager PyTorch."]
-    for family in ("asl", "attention"):
+    for family in CASE_FIELDS:
         rows = [g for g in goals if g["goal"] in {x.id for x in GOALS if x.family == family}]
         if not rows:
             continue
@@ -161,7 +167,8 @@ def markdown(evaluation: dict) -> List[str]:
         lines += ["", "Fastest backend through the op (what `kernels: auto` should pick on this card):", ""]
         for f in fastest:
             others = ", ".join(f"{b} {ms:.3f} ms" for b, ms in sorted(f["median_ms"].items(), key=lambda kv: kv[1]))
-            lines.append(f"- {f['op']} {f['dtype']} at {f['case']}: **{f['backend']}** ({others})")
+            op = FAMILY_OP.get(f["op"], f["op"])
+            lines.append(f"- {op} {f['dtype']} at {f['case']}: **{f['backend']}** ({others})")
     return lines
 
 
@@ -177,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"gpu_goals: cannot read {argv[0]}: {exc}", file=sys.stderr)
         return 2
     lines = markdown(evaluate(result))
-    print("\n".join(lines) if lines else f"gpu_goals: {argv[0]} has no ASL or attention rows to judge")
+    print("\n".join(lines) if lines else f"gpu_goals: {argv[0]} has no benchmark rows to judge")
     return 0
 
 

@@ -66,6 +66,14 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     crash, hang = attn[("sdpa_math", "bfloat16")], attn[("sdpa_math", "float32")]
     assert not crash["ok"] and "worker died" in crash["error"], crash
     assert not hang["ok"] and "timeout" in hang["error"], hang
+    enh = {(r["provider"], r["dtype"]): r for r in bench["enhance"]}
+    assert set(enh) == {(p, dt) for p in ("eager", "compile", "cpu") for dt in ("float32", "bfloat16")}, set(enh)
+    for r in enh.values():
+        assert r["ok"] and r["check"]["agrees"] and (r["B"], r["C"], r["L"]) == (2, 8, 32), r
+        assert set(r["check"]["max_rel_err"]) == {"out", "dz", "dR", "dlam"}, r
+        for key in ("median_ms", "fwd_median_ms", "gbps", "speedup_vs_eager"):
+            assert _num(r[key]) and r[key] > 0, (key, r)
+        assert r["bytes"] == 4 * 2 * 8 * 32 * (4 if r["dtype"] == "float32" else 2)
     grid = bench["grid"]
     assert grid and all(r["ok"] and _num(r["median_ms"]) for r in grid), grid
     assert {r["provider"] for r in grid} == {"eager", "cpu", "sdpa"}
@@ -73,7 +81,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert steps["bench"]["launches"] == 3  # first launch, after the crash, after the hang
     # the goals, judged at the dry run's main cases on its own rows (tiny CPU shapes: numbers only, no verdict
     # expected), and put at the top of the summary
-    assert bench["main_cases"] == {"asl": [64, 20], "attention": [2, 8, 16, 32]}
+    assert bench["main_cases"] == {"asl": [64, 20], "attention": [2, 8, 16, 32], "enhance": [2, 8, 32]}
     judged = {(g["goal"], g["provider"], g["dtype"]): g for g in data["goals"]["goals"]}
     for dtype in ("float32", "bfloat16"):
         for provider in ("cpu", "cpu_kernel"):
@@ -85,5 +93,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert ("attention_vs_eager", "cpu", "float32") not in judged  # the attention goals are for bf16
     fastest = {(f["op"], f["dtype"]): f for f in data["goals"]["fastest_backend"]}
     assert set(fastest[("asl", "float32")]["median_ms"]) == {"reference", "cpu"}
+    assert set(fastest[("enhance", "bfloat16")]["median_ms"]) == {"reference", "cpu"}
     summary = (tmp_path / "summary.md").read_text()
     assert "## Goals" in summary and summary.index("## Goals") < summary.index("## ASL forward+backward")
+    assert "## progressive_enhance alone" in summary and "- progressive_enhance bfloat16 at B=2 C=8 L=32" in summary

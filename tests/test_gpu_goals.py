@@ -27,6 +27,11 @@ def _attn(provider, ms, peak, dtype="bfloat16", agrees=True, **extra):
             "median_ms": ms, "peak_above_base_bytes": peak, "check": {"agrees": agrees}, **extra}
 
 
+def _enh(provider, ms, dtype="bfloat16", agrees=True, l=512, **extra):
+    return {"kind": "enhance", "provider": provider, "B": 64, "C": 80, "L": l, "dtype": dtype, "ok": True,
+            "median_ms": ms, "check": {"agrees": agrees}, **extra}
+
+
 def _by(evaluation, goal, provider, dtype="bfloat16"):
     found = [g for g in evaluation["goals"] if (g["goal"], g["provider"], g["dtype"]) == (goal, provider, dtype)]
     assert len(found) == 1, (goal, provider, dtype, evaluation["goals"])
@@ -35,7 +40,7 @@ def _by(evaluation, goal, provider, dtype="bfloat16"):
 
 def test_goals_on_synthetic_rows(goals):
     result = {"benchmarks": {
-        "main_cases": {"asl": [16384, 1024], "attention": [64, 80, 784, 512]},
+        "main_cases": {"asl": [16384, 1024], "attention": [64, 80, 784, 512], "enhance": [64, 80, 512]},
         "asl": [
             _asl("eager", 2.0), _asl("cuda", 0.39, speedup_vs_eager=5.1, copy_fraction=0.71),
             _asl("triton", 0.5, speedup_vs_eager=4.0, copy_fraction=0.69, graph_speedup_vs_eager=9.0,
@@ -50,6 +55,13 @@ def test_goals_on_synthetic_rows(goals):
             {"kind": "attention", "provider": "triton_flash", "B": 64, "C": 80, "N": 784, "d": 512,
              "dtype": "bfloat16", "ok": False, "error": "OutOfResources: shared memory"},
             _attn("eager", 5.0, 300, dtype="float32"), _attn("triton", 6.0, 200, dtype="float32", speedup_vs_eager=0.8),
+        ],
+        "enhance": [
+            _enh("eager", 0.9), _enh("compile", 0.1), _enh("cuda", 0.5), _enh("triton", 0.2, agrees=False),
+            _enh("cuda", 0.01, l=2048),  # another case: ignored
+            {"kind": "enhance", "provider": "triton", "B": 64, "C": 80, "L": 512, "dtype": "float32", "ok": False,
+             "error": "RuntimeError"},
+            _enh("eager", 0.8, dtype="float32"), _enh("cuda", 1.1, dtype="float32"),
         ],
     }}
     ev = goals.evaluate(result)
@@ -81,12 +93,19 @@ def test_goals_on_synthetic_rows(goals):
     assert set(fastest[("asl", "bfloat16")]["median_ms"]) == {"reference", "cuda", "triton"}
     assert fastest[("attention", "bfloat16")]["backend"] == "triton"
     assert fastest[("attention", "float32")]["backend"] == "reference"
+    # the enhancement alone: calls through the op that agree with eager, at its main case
+    assert fastest[("enhance", "bfloat16")]["backend"] == "cuda"  # triton disagrees, compile is not a backend
+    assert fastest[("enhance", "bfloat16")]["median_ms"] == {"reference": 0.9, "cuda": 0.5}
+    assert fastest[("enhance", "float32")]["backend"] == "reference"
+    assert fastest[("enhance", "float32")]["case"] == "B=64 C=80 L=512"
+    assert not [g for g in ev["goals"] if g["case"].startswith("B=64 C=80 L=")]  # no goals of its own
 
     text = "\n".join(goals.markdown(ev))
     assert text.startswith("## Goals")
     assert "| bfloat16 | cuda | 5.10 met | - | 71.0 % met | - |" in text
     assert "| bfloat16 | cuda_kernel | **not met** |" in text
-    assert "- asl bfloat16 at BxC=16384x1024: **cuda** (cuda 0.390 ms, triton 0.500 ms, reference 2.000 ms)" in text
+    assert "- asymmetric_loss bfloat16 at BxC=16384x1024: **cuda** (cuda 0.390 ms, triton 0.500 ms, reference 2.000 ms)" in text
+    assert "- progressive_enhance float32 at B=64 C=80 L=512: **reference** (reference 0.800 ms, cuda 1.100 ms)" in text
 
 
 def test_main_case_without_names_is_the_largest(goals):

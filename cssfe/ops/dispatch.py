@@ -39,9 +39,11 @@ CPU_AUTO_OPS = ("asymmetric_loss", "class_attention", "progressive_enhance")  # 
 CHOICES = ("auto",) + BACKENDS
 # ``auto`` on CUDA tensors: per op and precision ("half": fp16/bf16), the backends in order of
 # preference; the first one available runs. Measured on an H200 (docs/performance.md): for class
-# attention the Triton kernel beat eager PyTorch in half precision only and the CUDA one never; the
-# other ops were fastest with CUDA, then Triton. benchmarks/gpu_goals.py prints the fastest backend
-# per op and dtype of a GPU run: this table is where such a measurement lands.
+# attention the Triton kernel beat eager PyTorch in half precision only and the CUDA one never; ASL
+# was fastest with CUDA, then Triton. The enhancement has not been timed on its own on a GPU yet
+# (only together with the attention) and follows ASL's order until it is. benchmarks/gpu_goals.py
+# prints the fastest backend per op and dtype of a GPU run: this table is where such a measurement
+# lands.
 CUDA_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "class_attention": {"half": ("triton",), "float32": ()},
     "progressive_enhance": {"half": ("cuda", "triton"), "float32": ("cuda", "triton")},
