@@ -1,4 +1,5 @@
 """CUDA sources: a compile-only check (needs nvcc, not a GPU) and, on a GPU, the numerical cases."""
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -38,11 +39,17 @@ def test_cuda_sources_compile(tmp_path):
     env = dict(os.environ, **native.cuda_build_env())
     sources = native.cuda_sources()
     assert sources, "no CUDA sources under csrc/cuda"
-    for src in sources:
+
+    def compile_one(src):
         obj = str(tmp_path / (os.path.basename(src) + ".o"))
-        proc = subprocess.run(_nvcc_command(src, obj), env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{src}:\n{proc.stderr[-6000:]}"
-        assert os.path.getsize(obj) > 0
+        proc = subprocess.run(_nvcc_command(src, obj), env=env, capture_output=True, text=True, timeout=900)
+        return src, obj, proc
+
+    # one nvcc per core: each is single-threaded, and the files are independent
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+        for src, obj, proc in pool.map(compile_one, sources):
+            assert proc.returncode == 0, f"{src}:\n{proc.stderr[-6000:]}"
+            assert os.path.getsize(obj) > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
