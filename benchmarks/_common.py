@@ -217,18 +217,25 @@ def _jsonl_rows(path: str) -> Iterable[dict]:
                    "date": row.get("date"), "torch": row.get("torch"), "triton": row.get("triton")}
 
 
+# gpu_check.json families read back: family -> (op, the fields that make the shape). The enhancement
+# runs the model's masked affinity, named as kernels.py names its masked rows.
+_GPU_CHECK_FAMILIES = {"asl": ("asl", ("B", "C")), "attention": ("attention", ("B", "C", "d", "N")),
+                       "enhance": ("progressive_enhance (masked affinity)", ("B", "C", "L")),
+                       "grid": ("grid", ("B", "C", "d", "N"))}
+
+
 def _gpu_check_rows(doc: dict) -> Iterable[dict]:
     env = doc.get("environment", {})
     recorded = (env.get("commit") or "unknown")[:7] + ("+dirty" if env.get("git_dirty") else "")
     common = {"benchmark": "kernels", "device": env.get("device_name") or "unknown", "commit": recorded,
               "date": env.get("date_utc") or doc.get("started_utc"), "torch": env.get("torch"), "triton": env.get("triton")}
-    for family in ("asl", "attention", "grid"):
+    for family, (op, fields) in _GPU_CHECK_FAMILIES.items():
         for rec in doc.get("benchmarks", {}).get(family, []):
             if rec.get("skipped"):
                 continue  # never measured (time budget): absent, not failed
-            shape = f"{rec['B']}x{rec['C']}" if family == "asl" else f"{rec['B']}x{rec['C']}x{rec['d']}x{rec['N']}"
+            shape = "x".join(str(rec[f]) for f in fields)
             error = None if rec.get("ok", True) else (rec.get("error") or "failed")
-            base = {**common, "op": family, "shape": shape, "dtype": rec.get("dtype"), "provider": rec.get("provider"),
+            base = {**common, "op": op, "shape": shape, "dtype": rec.get("dtype"), "provider": rec.get("provider"),
                     "error": error}
             yield {**base, "mode": "forward+backward", "median_ms": rec.get("median_ms"), "p20_ms": rec.get("p20_ms"),
                    "p80_ms": rec.get("p80_ms"), "peak_bytes": rec.get("peak_above_base_bytes")}

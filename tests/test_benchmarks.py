@@ -132,6 +132,26 @@ def test_compare_reads_gpu_check_json():
     assert later.returncode == 0 and "attention" in later.stdout and "only in base" in later.stdout
 
 
+def test_gpu_check_enhancement_rows_are_read(tmp_path):
+    common = _load_common()
+    doc = json.load(open(GPU_RUN))
+    rec = {"kind": "enhance", "provider": "cuda", "B": 64, "C": 80, "L": 512, "dtype": "bfloat16", "ok": True,
+           "median_ms": 0.5, "p20_ms": 0.4, "p80_ms": 0.6, "fwd_median_ms": 0.2, "check": {"agrees": True}}
+    failed = {"kind": "enhance", "provider": "triton", "B": 64, "C": 80, "L": 512, "dtype": "bfloat16", "ok": False,
+              "error": "RuntimeError: boom"}
+    doc["benchmarks"]["enhance"] = [rec, failed, dict(rec, provider="eager", skipped="time budget")]
+    path = tmp_path / "2026-11-27_h200_abcdef0" / "gpu_check.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(doc))
+    rows = common.load_rows([str(path)])
+    enh = rows[rows["op"] == "progressive_enhance (masked affinity)"]
+    assert sorted(zip(enh["provider"], enh["mode"])) == [("cuda", "forward"), ("cuda", "forward+backward"),
+                                                         ("triton", "forward+backward")]
+    assert set(enh["shape"]) == {"64x80x512"}
+    both = enh[enh["mode"] == "forward+backward"].set_index("provider")
+    assert both.loc["cuda", "median_ms"] == 0.5 and both.loc["triton", "error"] == "RuntimeError: boom"
+
+
 def test_plot_writes_png_charts(tmp_path):
     rows = [_kernel_row(provider, ms, commit=commit, date=date, shape=shape)
             for commit, date, scale in (("aaaaaaa", "2026-01-01", 1.0), ("bbbbbbb", "2026-01-02", 0.8))
