@@ -631,15 +631,23 @@ def task_bench_asl(task, ctx, emit):
 
 
 # ----------------------------------------------------------------------------- attention bench
+def _masked_affinity(ctx, c):
+    """(groups, affinity) of C classes: random thirds and the model's masked affinity (seeded)."""
+    torch = ctx.torch
+    from cssfe.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.randperm(c, generator=gen) % 3
+    affinity = reference.semantic_affinity(torch.randn(c, 32, generator=gen), groups, mask=True, tau=0.1)
+    return groups.to(ctx.device), affinity.to(ctx.device)
+
+
 def _attn_case(ctx, b, c, n, d, dtype_name):
     torch = ctx.torch
     import cssfe.ops as ops
-    from cssfe.ops import reference
 
     dtype = _dtype(ctx, dtype_name)
-    gen = torch.Generator().manual_seed(0)
-    groups = (torch.randperm(c, generator=gen) % 3).to(ctx.device)
-    affinity = reference.semantic_affinity(torch.randn(c, 32, generator=gen), groups.cpu(), mask=True, tau=0.1)
+    groups, affinity = _masked_affinity(ctx, c)
     torch.manual_seed(0)
     q = torch.randn(c, d, device=ctx.device, dtype=dtype).requires_grad_()
     k = torch.randn(b, d, n, device=ctx.device, dtype=dtype).requires_grad_()
@@ -647,7 +655,7 @@ def _attn_case(ctx, b, c, n, d, dtype_name):
     gate = torch.rand(b, c, device=ctx.device).to(dtype)
     lam = torch.tensor(0.9, device=ctx.device, requires_grad=True)
     gout = torch.randn(b, c, d, device=ctx.device, dtype=dtype)
-    case = {"q": q, "k": k, "v": v, "R": affinity.to(ctx.device), "groups": groups, "gate": gate, "lam": lam,
+    case = {"q": q, "k": k, "v": v, "R": affinity, "groups": groups, "gate": gate, "lam": lam,
             "gout": gout, "shape": (b, c, n, d)}
 
     def ref():
@@ -762,15 +770,12 @@ def _measure_fwd(ctx, rec, fwd):
 def _enh_case(ctx, b, c, l, dtype_name):
     torch = ctx.torch
     import cssfe.ops as ops
-    from cssfe.ops import reference
 
     dtype = _dtype(ctx, dtype_name)
-    gen = torch.Generator().manual_seed(0)
-    groups = (torch.randperm(c, generator=gen) % 3).to(ctx.device)
-    affinity = reference.semantic_affinity(torch.randn(c, 32, generator=gen), groups.cpu(), mask=True, tau=0.1)
+    groups, affinity = _masked_affinity(ctx, c)
     torch.manual_seed(0)
     case = {"z": torch.randn(b, c, l, device=ctx.device, dtype=dtype).requires_grad_(),
-            "R": affinity.to(ctx.device).requires_grad_(), "groups": groups,
+            "R": affinity.requires_grad_(), "groups": groups,
             "gate": torch.rand(b, c, device=ctx.device).to(dtype),
             "lam": torch.tensor(0.9, device=ctx.device, requires_grad=True),
             "gout": torch.randn(b, c, l, device=ctx.device, dtype=dtype)}
@@ -1669,6 +1674,17 @@ def _parse_junit(path):
 
 
 # =============================================================================== summary
+def _table(lines, title, key_cols, value_cols, rows, err_of):
+    """One summary table: key columns, measurement columns and the check, one line per row; a row
+    that did not run shows its error in place of the measurements. Columns are (header, row -> text)."""
+    heads = [h for h, _ in key_cols] + [h for h, _ in value_cols] + ["check"]
+    lines += [""] + title + ["", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        keys = [f(r) for _, f in key_cols]
+        values = [f(r) for _, f in value_cols] + [_check_cell(r)] if r.get("ok") else [err_of(r)] + [""] * len(value_cols)
+        lines.append("| " + " | ".join(keys + values) + " |")
+
+
 def summarize(R) -> str:
     env, b, lines = R.get("environment", {}), R.get("build", {}), []
     lines.append(f"# cssfe GPU check ({R.get('mode')}, {R.get('status')})")
@@ -1706,76 +1722,60 @@ def summarize(R) -> str:
     goal_lines = gpu_goals.markdown(R.get("goals", {}))
     if goal_lines:
         lines += [""] + goal_lines
+    def cell(key, nd=3, scale=1.0):
+        return lambda r: _fmt(r[key] * scale, nd) if isinstance(r.get(key), (int, float)) else "-"
+
+    def spread(prefix=""):
+        return lambda r: f"{_fmt(r.get(prefix + 'p20_ms'))}-{_fmt(r.get(prefix + 'p80_ms'))}"
+
+    def graph_ms(r):
+        return _fmt(r.get("graph_median_ms")) if r.get("graph_median_ms") else (r.get("graph_error") or "-")[:40]
+
+    def field(key):
+        return lambda r: str(r.get(key))
+
+    timing = [("median ms", cell("median_ms")), ("p20-p80", spread())]
+    peak = ("peak MiB", cell("peak_above_base_bytes", 1, 2 ** -20))
     rows = bench.get("asl", [])
     if rows:
-        lines += ["", "## ASL forward+backward (bytes: read logits + targets, write grad)", "",
-                  "Per call: CUDA events around each eager call (host work included when the GPU waits "
-                  "for it). Graph: the same call captured in a CUDA graph and replayed (device time alone).", "",
-                  "| B x C | dtype | provider | median ms | p20-p80 | GB/s | % copy BW | x eager | graph ms | "
-                  "graph % copy BW | graph x eager | check |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            shape = f"{r.get('B')}x{r.get('C')}"
-            if not r.get("ok"):
-                lines.append(f"| {shape} | {r.get('dtype')} | {r.get('provider')} | {err_of(r)} | | | | | | | | |")
-                continue
-            frac, gfrac = r.get("copy_fraction"), r.get("graph_copy_fraction")
-            graph = _fmt(r.get("graph_median_ms")) if r.get("graph_median_ms") else (r.get("graph_error") or "-")[:40]
-            lines.append(f"| {shape} | {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} | "
-                         f"{_fmt(r.get('p20_ms'))}-{_fmt(r.get('p80_ms'))} | {_fmt(r.get('gbps'), 1)} | "
-                         f"{_fmt(100 * frac, 1) if frac else '-'} | {_fmt(r.get('speedup_vs_eager'), 2)} | "
-                         f"{graph} | {_fmt(100 * gfrac, 1) if gfrac else '-'} | "
-                         f"{_fmt(r.get('graph_speedup_vs_eager'), 2)} | "
-                         f"{_check_cell(r)} |")
+        _table(lines, ["## ASL forward+backward (bytes: read logits + targets, write grad)", "",
+                       "Per call: CUDA events around each eager call (host work included when the GPU waits for "
+                       "it). Graph: the same call captured in a CUDA graph and replayed (device time alone)."],
+               [("B x C", lambda r: f"{r.get('B')}x{r.get('C')}"), ("dtype", field("dtype")),
+                ("provider", field("provider"))],
+               timing + [("GB/s", cell("gbps", 1)), ("% copy BW", cell("copy_fraction", 1, 100.0)),
+                         ("x eager", cell("speedup_vs_eager", 2)), ("graph ms", graph_ms),
+                         ("graph % copy BW", cell("graph_copy_fraction", 1, 100.0)),
+                         ("graph x eager", cell("graph_speedup_vs_eager", 2))],
+               rows, err_of)
     rows = bench.get("attention", [])
     if rows:
         r0 = rows[0]
-        lines += ["", f"## class_attention + progressive_enhance fwd+bwd (B={r0.get('B')} C={r0.get('C')} "
-                  f"N={r0.get('N')} d={r0.get('d')}; TFLOP/s on 3.5 x 4BCNd)", "",
-                  "| dtype | provider | median ms | p20-p80 | fwd ms | TFLOP/s | peak MiB | x eager | x sdpa | check |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if not r.get("ok"):
-                lines.append(f"| {r.get('dtype')} | {r.get('provider')} | {err_of(r)} | | | | | | | |")
-                continue
-            peak = r.get("peak_above_base_bytes")
-            lines.append(f"| {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} | "
-                         f"{_fmt(r.get('p20_ms'))}-{_fmt(r.get('p80_ms'))} | {_fmt(r.get('fwd_median_ms'))} | "
-                         f"{_fmt(r.get('tflops_fwd_bwd'), 2)} | {_fmt(peak / 2**20, 1) if peak is not None else '-'} | "
-                         f"{_fmt(r.get('speedup_vs_eager'), 2)} | {_fmt(r.get('speedup_vs_sdpa'), 2)} | "
-                         f"{_check_cell(r)} |")
+        _table(lines, [f"## class_attention + progressive_enhance fwd+bwd (B={r0.get('B')} C={r0.get('C')} "
+                       f"N={r0.get('N')} d={r0.get('d')}; TFLOP/s on 3.5 x 4BCNd)"],
+               [("dtype", field("dtype")), ("provider", field("provider"))],
+               timing + [("fwd ms", cell("fwd_median_ms")), ("TFLOP/s", cell("tflops_fwd_bwd", 2)), peak,
+                         ("x eager", cell("speedup_vs_eager", 2)), ("x sdpa", cell("speedup_vs_sdpa", 2))],
+               rows, err_of)
     rows = bench.get("enhance", [])
     if rows:
         r0 = rows[0]
-        lines += ["", f"## progressive_enhance alone, fwd+bwd (z: B={r0.get('B')} C={r0.get('C')} L={r0.get('L')}; "
-                  "bytes: read z, write out, read its gradient, write dz)", "",
-                  "| dtype | provider | median ms | p20-p80 | fwd ms | GB/s | peak MiB | x eager | check |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if not r.get("ok"):
-                lines.append(f"| {r.get('dtype')} | {r.get('provider')} | {err_of(r)} | | | | | | |")
-                continue
-            peak = r.get("peak_above_base_bytes")
-            lines.append(f"| {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} | "
-                         f"{_fmt(r.get('p20_ms'))}-{_fmt(r.get('p80_ms'))} | {_fmt(r.get('fwd_median_ms'))} | "
-                         f"{_fmt(r.get('gbps'), 1)} | {_fmt(peak / 2**20, 1) if peak is not None else '-'} | "
-                         f"{_fmt(r.get('speedup_vs_eager'), 2)} | {_check_cell(r)} |")
+        _table(lines, [f"## progressive_enhance alone, fwd+bwd (z: B={r0.get('B')} C={r0.get('C')} L={r0.get('L')}; "
+                       "bytes: read z, write out, read its gradient, write dz)"],
+               [("dtype", field("dtype")), ("provider", field("provider"))],
+               timing + [("fwd ms", cell("fwd_median_ms")), ("GB/s", cell("gbps", 1)), peak,
+                         ("x eager", cell("speedup_vs_eager", 2))],
+               rows, err_of)
     rows = bench.get("blocks", [])
     if rows:
         r0 = rows[0]
-        lines += ["", f"## Triton attention + enhancement block sweep, fwd+bwd (B={r0.get('B')} C={r0.get('C')} "
-                  f"N={r0.get('N')} d={r0.get('d')})", "",
-                  "| dtype | BLOCK_C | BLOCK_N | warps | stages | median ms | TFLOP/s | x eager | check |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            head = (f"| {r.get('dtype')} | {r.get('block_c')} | {r.get('block_n')} | {r.get('num_warps')} | "
-                    f"{r.get('num_stages')} | ")
-            if not r.get("ok"):
-                lines.append(head + f"{err_of(r)} | | | |")
-                continue
-            lines.append(head + f"{_fmt(r.get('median_ms'))} | {_fmt(r.get('tflops_fwd_bwd'), 2)} | "
-                         f"{_fmt(r.get('speedup_vs_eager'), 2)} | "
-                         f"{_check_cell(r)} |")
+        _table(lines, [f"## Triton attention + enhancement block sweep, fwd+bwd (B={r0.get('B')} C={r0.get('C')} "
+                       f"N={r0.get('N')} d={r0.get('d')})"],
+               [("dtype", field("dtype")), ("BLOCK_C", field("block_c")), ("BLOCK_N", field("block_n")),
+                ("warps", field("num_warps")), ("stages", field("num_stages"))],
+               [("median ms", cell("median_ms")), ("TFLOP/s", cell("tflops_fwd_bwd", 2)),
+                ("x eager", cell("speedup_vs_eager", 2))],
+               rows, err_of)
     rows = bench.get("grid", [])
     if rows:
         provs = []
