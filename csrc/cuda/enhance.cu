@@ -1,68 +1,87 @@
-// Progressive enhancement on CUDA, all three stages in one launch: each thread owns one column
-// (batch b, position l) and walks the classes in group order, so no inter-thread barrier is
-// needed; dw (a sum over l) is accumulated with atomics.
+// Progressive enhancement on CUDA, all three stages in one launch: one block per tile (an image
+// and up to 64 of its columns), the tile's C rows in scratch, the work shared by the block's
+// threads phase by phase. The block program is enhance_block.h, which the CPU tests also run.
+#include <algorithm>
+
 #include "../cssfe.h"
 #include "common.cuh"
+#include "enhance_block.h"
 
 namespace cssfe {
 namespace cuda {
 
-__device__ __forceinline__ float message(const float* r, const int64_t* order, const float* z, const float* out,
-                                         int64_t i, int64_t lo, int64_t C, int64_t L, int64_t l) {
-  float m = 0.f;
-  for (int64_t pj = 0; pj < C; ++pj) {
-    const int64_t j = order[pj];
-    const float rij = r[i * C + j];
-    if (rij != 0.f) m += rij * (pj < lo ? out : z)[j * L + l];
+struct DeviceExec {
+  template <class F>
+  __device__ __forceinline__ void parallel(int n, F&& f) {
+    for (int k = threadIdx.x; k < n; k += blockDim.x) f(k);
+    __syncthreads();
   }
-  return m;
+};
+
+// scratch: null -> the tiles live in dynamic shared memory; else a global buffer, one slice per block.
+__global__ void enhance_fwd_kernel(enhance_block::Args a, float* out, float* scratch) {
+  extern __shared__ float smem[];
+  float* tiles = scratch ? scratch + blockIdx.x * (enhance_block::kForwardTiles * a.C * a.width) : smem;
+  DeviceExec ex;
+  const int64_t n = enhance_block::num_tiles(a);
+  for (int64_t t = blockIdx.x; t < n; t += gridDim.x) enhance_block::forward_tile(ex, a, out, t, tiles);
 }
 
-__global__ void enhance_fwd_kernel(const float* z, const float* r, const int64_t* order, int64_t s1, int64_t s2,
-                                   const float* w, const float* rs, float* out, int64_t B, int64_t C, int64_t L) {
-  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (idx >= B * L) return;
-  const int64_t b = idx / L, l = idx % L;
-  const float* zb = z + b * C * L;
-  float* ob = out + b * C * L;
-  const int64_t bounds[4] = {0, s1, s2, C};
-  for (int g = 0; g < 3; ++g)
-    for (int64_t pi = bounds[g]; pi < bounds[g + 1]; ++pi) {
-      const int64_t i = order[pi];
-      const float wi = w[b * C + i];
-      const float m = message(r, order, zb, ob, i, bounds[g], C, L, l);
-      ob[i * L + l] = (zb[i * L + l] + wi * m) / (1.f + wi * rs[i]);
-    }
+__global__ void enhance_bwd_kernel(enhance_block::Args a, const float* grad, const float* out, float* dz, float* dm,
+                                   float* dw_part, float* scratch) {
+  extern __shared__ float smem[];
+  float* tiles = scratch ? scratch + blockIdx.x * (enhance_block::kBackwardTiles * a.C * a.width) : smem;
+  DeviceExec ex;
+  const int64_t n = enhance_block::num_tiles(a);
+  for (int64_t t = blockIdx.x; t < n; t += gridDim.x)
+    enhance_block::backward_tile(ex, a, grad, out, dz, dm, dw_part, t, tiles);
 }
 
-__global__ void enhance_bwd_kernel(const float* z, const float* r, const int64_t* order, int64_t s1, int64_t s2,
-                                   const float* w, const float* rs, const float* out, float* acc, float* dz,
-                                   float* dm, float* dw, int64_t B, int64_t C, int64_t L) {
-  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (idx >= B * L) return;
-  const int64_t b = idx / L, l = idx % L;
-  const int64_t o = b * C * L;
-  const int64_t bounds[4] = {0, s1, s2, C};
-  for (int g = 2; g >= 0; --g) {
-    for (int64_t pi = bounds[g]; pi < bounds[g + 1]; ++pi) {
-      const int64_t i = order[pi];
-      const float wi = w[b * C + i], den = 1.f + wi * rs[i];
-      const float gi = acc[o + i * L + l];
-      const float m = message(r, order, z + o, out + o, i, bounds[g], C, L, l);
-      dz[o + i * L + l] += gi / den;
-      dm[o + i * L + l] = gi * wi / den;
-      atomicAdd(dw + b * C + i, gi * (m - rs[i] * out[o + i * L + l]) / den);
-    }
-    for (int64_t pi = bounds[g]; pi < bounds[g + 1]; ++pi) {
-      const int64_t i = order[pi];
-      const float dmi = dm[o + i * L + l];
-      for (int64_t pj = 0; pj < C; ++pj) {
-        const int64_t j = order[pj];
-        const float rij = r[i * C + j];
-        if (rij != 0.f) (pj < bounds[g] ? acc : dz)[o + j * L + l] += rij * dmi;
-      }
-    }
-  }
+constexpr int kThreads = 256;
+constexpr int64_t kSharedBytes = 48 * 1024;            // the default per-block limit: no opt-in needed
+constexpr int64_t kGlobalScratchBytes = 256ll << 20;   // bound on the fallback's scratch
+
+struct Plan {
+  int64_t width, grid;
+  bool shared;
+  size_t smem;
+};
+
+// The widest tile (a power of two, at most 64 columns and no wider than needed) whose rows fit in
+// shared memory; when even one column does not (thousands of classes), the rows go to a global
+// scratch buffer and a bounded number of blocks stride over the tiles.
+Plan plan(int64_t B, int64_t C, int64_t L, int tiles, const at::Tensor& like) {
+  int64_t width = 1;
+  while (width < 64 && width < L) width *= 2;
+  while (width > 1 && tiles * C * width * 4 > kSharedBytes) width /= 2;
+  const int64_t bytes = tiles * C * width * 4;
+  if (bytes <= kSharedBytes) return {width, B * ((L + width - 1) / width), true, static_cast<size_t>(bytes)};
+  width = 1;
+  while (width < 8 && width < L) width *= 2;
+  const int64_t n = B * ((L + width - 1) / width), per_block = tiles * C * width * 4;
+  const int sms = at::cuda::getDeviceProperties(like.get_device())->multiProcessorCount;
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>({n, 2 * sms, kGlobalScratchBytes / per_block}));
+  return {width, grid, false, 0};
+}
+
+enhance_block::Args make_args(const at::Tensor& zf, const at::Tensor& rp, const at::Tensor& wp, const at::Tensor& rsp,
+                              const at::Tensor& ord, const at::Tensor& bounds, int64_t width) {
+  const at::Tensor bd = bounds.cpu();
+  return {zf.data_ptr<float>(), rp.data_ptr<float>(), wp.data_ptr<float>(), rsp.data_ptr<float>(),
+          ord.data_ptr<int64_t>(), zf.size(0), zf.size(1), zf.size(2), bd[1].item<int64_t>(), bd[2].item<int64_t>(),
+          width};
+}
+
+// The affinity, its row sums and w in group order (the block program indexes by position).
+struct Ordered {
+  at::Tensor ord, rp, wp, rsp;
+};
+
+Ordered ordered(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order, const at::Tensor& w) {
+  at::Tensor ord = order.to(z.device(), at::kLong).contiguous();
+  at::Tensor rp = affinity.to(at::kFloat).index_select(0, ord).index_select(1, ord).contiguous();
+  at::Tensor wp = w.to(at::kFloat).index_select(1, ord).contiguous();
+  return {ord, rp, wp, rp.sum(1).contiguous()};
 }
 
 }  // namespace cuda
@@ -75,16 +94,15 @@ at::Tensor enhance_fwd_cuda(const at::Tensor& z, const at::Tensor& affinity, con
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
   at::Tensor zf = z.to(at::kFloat).contiguous();
-  at::Tensor ord = order.to(z.device()).contiguous();
-  at::Tensor bd = bounds.cpu();
-  at::Tensor rs = affinity.sum(1).contiguous();
   at::Tensor out = at::empty({B, C, L}, z.options().dtype(at::kFloat));
-  const int threads = 128;
-  const int64_t blocks = (B * L + threads - 1) / threads;
-  if (blocks > 0) {
-    cuda::enhance_fwd_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        zf.data_ptr<float>(), affinity.data_ptr<float>(), ord.data_ptr<int64_t>(), bd[1].item<int64_t>(),
-        bd[2].item<int64_t>(), w.data_ptr<float>(), rs.data_ptr<float>(), out.data_ptr<float>(), B, C, L);
+  if (B * C * L > 0) {
+    const cuda::Ordered o = cuda::ordered(z, affinity, order, w);
+    const cuda::Plan p = cuda::plan(B, C, L, enhance_block::kForwardTiles, z);
+    at::Tensor scratch;
+    if (!p.shared) scratch = at::empty({p.grid * enhance_block::kForwardTiles * C * p.width}, zf.options());
+    cuda::enhance_fwd_kernel<<<p.grid, cuda::kThreads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
+        cuda::make_args(zf, o.rp, o.wp, o.rsp, o.ord, bounds, p.width), out.data_ptr<float>(),
+        p.shared ? nullptr : scratch.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out.to(z.scalar_type());
@@ -96,26 +114,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cuda(const at::Tensor
                                                                 const at::Tensor& out) {
   CSSFE_CHECK_CUDA(z, "z");
   CSSFE_CHECK_CUDA(grad, "grad");
+  CSSFE_CHECK_CUDA(affinity, "affinity");
+  CSSFE_CHECK_CUDA(w, "w");
+  CSSFE_CHECK_CUDA(out, "out");
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
   at::Tensor zf = z.to(at::kFloat).contiguous(), of = out.to(at::kFloat).contiguous();
-  at::Tensor acc = grad.to(at::kFloat).clone().contiguous();
-  at::Tensor ord = order.to(z.device()).contiguous();
-  at::Tensor bd = bounds.cpu();
-  at::Tensor rs = affinity.sum(1).contiguous();
-  at::Tensor dz = at::zeros({B, C, L}, z.options().dtype(at::kFloat));
-  at::Tensor dm = at::zeros({B, C, L}, z.options().dtype(at::kFloat));
-  at::Tensor dw = at::zeros({B, C}, z.options().dtype(at::kFloat));
-  const int threads = 128;
-  const int64_t blocks = (B * L + threads - 1) / threads;
-  if (blocks > 0) {
-    cuda::enhance_bwd_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        zf.data_ptr<float>(), affinity.data_ptr<float>(), ord.data_ptr<int64_t>(), bd[1].item<int64_t>(),
-        bd[2].item<int64_t>(), w.data_ptr<float>(), rs.data_ptr<float>(), of.data_ptr<float>(), acc.data_ptr<float>(),
-        dz.data_ptr<float>(), dm.data_ptr<float>(), dw.data_ptr<float>(), B, C, L);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return {dz.to(z.scalar_type()), dm, dw};
+  at::Tensor gf = grad.to(at::kFloat).contiguous();
+  at::Tensor dz = at::empty({B, C, L}, zf.options());
+  at::Tensor dm = at::empty({B, C, L}, zf.options());
+  if (B * C * L == 0) return {dz.to(z.scalar_type()), dm, at::zeros({B, C}, zf.options())};
+  const cuda::Ordered o = cuda::ordered(z, affinity, order, w);
+  const cuda::Plan p = cuda::plan(B, C, L, enhance_block::kBackwardTiles, z);
+  const int64_t per_image = (L + p.width - 1) / p.width;
+  at::Tensor dw_part = at::empty({B, per_image, C}, zf.options());
+  at::Tensor scratch;
+  if (!p.shared) scratch = at::empty({p.grid * enhance_block::kBackwardTiles * C * p.width}, zf.options());
+  cuda::enhance_bwd_kernel<<<p.grid, cuda::kThreads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
+      cuda::make_args(zf, o.rp, o.wp, o.rsp, o.ord, bounds, p.width), gf.data_ptr<float>(), of.data_ptr<float>(),
+      dz.data_ptr<float>(), dm.data_ptr<float>(), dw_part.data_ptr<float>(),
+      p.shared ? nullptr : scratch.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dz.to(z.scalar_type()), dm, dw_part.sum(1)};
 }
 
 TORCH_LIBRARY_IMPL(cssfe, CUDA, m) {

@@ -1,5 +1,8 @@
-"""CUDA sources: a compile-only check (needs nvcc, not a GPU) and, on a GPU, the numerical cases."""
+"""CUDA sources: a compile-only check (needs nvcc, not a GPU), the enhancement's block program run on
+the host, and, on a GPU, the numerical cases."""
 import concurrent.futures
+import ctypes
+import math
 import os
 import shutil
 import subprocess
@@ -7,6 +10,10 @@ import sys
 
 import pytest
 import torch
+
+import kernel_cases as kc
+from cssfe.ops import library, reference
+from cssfe.ops.backends import reference_impl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,6 +59,66 @@ def test_cuda_sources_compile(tmp_path):
             assert os.path.getsize(obj) > 0
 
 
+@pytest.fixture(scope="module")
+def enhance_block_host(tmp_path_factory):
+    """csrc/cuda/enhance_block.h built for the host by tests/ops/enhance_block_host.cpp."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib = str(tmp_path_factory.mktemp("enhance_block") / "enhance_block_host.so")
+    proc = subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", os.path.join(HERE, "enhance_block_host.cpp"),
+                           "-o", lib], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return ctypes.CDLL(lib)
+
+
+def _run_block_program(lib, z, r, groups, w, grad, width, reverse):
+    """The CUDA enhancement's forward and backward, block program on the host: (out, dz, dm, dw)."""
+    b, c, length = z.shape
+    order, bounds = library._enhance_plan(groups)
+    # what enhance.cu hands the block program: R, w and R's row sums in group order
+    rp = r.index_select(0, order).index_select(1, order).contiguous()
+    wp = w.index_select(1, order).contiguous()
+    rsp = rp.sum(1).contiguous()
+    per_image = -(-length // width)
+    nan = float("nan")
+    out, dz, dm = (torch.full_like(z, nan) for _ in range(3))
+    dw_part = torch.full((b, per_image, c), nan)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    dims = [ctypes.c_int64(v) for v in (b, c, length, int(bounds[1]), int(bounds[2]), width)]
+    common = [ptr(z), ptr(rp), ptr(wp), ptr(rsp), ptr(order)] + dims + [ctypes.c_int(int(reverse))]
+    lib.enhance_fwd_host(*common, ptr(out))
+    lib.enhance_bwd_host(*common, ptr(grad), ptr(out), ptr(dz), ptr(dm), ptr(dw_part))
+    return out, dz, dm, dw_part.sum(1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 8), (2, 5, 3), (3, 7, 49), (3, 20, 197), (1, 80, 96)])
+@pytest.mark.parametrize("mask", [True, False])
+def test_cuda_enhance_block_program_on_host(enhance_block_host, shape, mask):
+    """The block program of the CUDA enhancement (csrc/cuda/enhance_block.h) against the float64
+    reference, forward and backward, for tiles narrower than, equal to and wider than L, with its
+    phases' items run forwards and backwards: the items of a phase must not depend on each other,
+    so both orders give the same bits."""
+    b, c, length = shape
+    seed = sum(shape) + mask
+    torch.manual_seed(seed)
+    groups = kc.groups_for(c, seed)
+    z = torch.randn(b, c, length)
+    r = reference.semantic_affinity(torch.randn(c, 8), groups, mask=mask, tau=0.2).float()
+    w = 0.8 * torch.rand(b, c)
+    grad = torch.randn(b, c, length)
+    z64, r64, w64, g64 = (t.double() for t in (z, r, w, grad))
+    out_ref = reference_impl.enhance_fwd(z64, r64, groups, w64)
+    want = (out_ref,) + tuple(reference_impl.enhance_bwd(g64, z64, r64, groups, w64, out_ref))
+    scale = math.sqrt(b * c * length)
+    for width in sorted({1, 4, 64, length}):
+        runs = [_run_block_program(enhance_block_host, z, r, groups, w, grad, width, reverse) for reverse in (0, 1)]
+        for name, got, again, ref in zip(("out", "dz", "dm", "dw"), *runs, want):
+            what = f"block program {name} {shape} mask={mask} width={width}"
+            kc.close(got, ref, torch.float32, what, 1.0 if name == "out" else scale)
+            assert torch.equal(got, again), f"{what}: items of a phase depend on their order"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_backend_on_gpu():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
@@ -61,13 +128,15 @@ def test_cuda_backend_on_gpu():
             "torch.use_deterministic_algorithms(True, warn_only=True)\n"
             "torch.utils.deterministic.fill_uninitialized_memory = True\n"
             "wide = [(2, 20, 256, 197), (2, 7, 512, 49), (1, 5, 768, 196), (5, 1000, 64, 1024)]\n"
+            "enhance_large = [(2, 1000, 33), (2, 2100, 3)]  # narrow shared tiles; rows in global scratch\n"
             "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
             "    for i, s in enumerate(kc.ATTENTION_SHAPES + wide):\n"
             "        kc.check_attention('cuda', s, dt, batched_q=i % 2 == 1, seed=i)\n"
             "    if dt == torch.float32:  # the products keep fp32 under the caller's autocast\n"
             "        with torch.autocast('cuda', dtype=torch.bfloat16):\n"
             "            kc.check_attention('cuda', (2, 7, 64, 49), dt, seed=50)\n"
-            "    for s in kc.ENHANCE_SHAPES: kc.check_enhance('cuda', s, dt)\n"
+            "    for s in kc.ENHANCE_SHAPES + enhance_large:\n"
+            "        for mask in (True, False): kc.check_enhance('cuda', s, dt, mask=mask)\n"
             "    for s in kc.ASL_SHAPES: kc.check_asl('cuda', s, dt)\nprint('ALL OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
