@@ -97,6 +97,8 @@ PROVIDER_DOC = {
     "compile_autograd": "torch.compile(cssfe.losses.AsymmetricLoss) with autograd",
     "triton": "ops.* with backend='triton' (autograd through the op); attention: the strategy its width picks "
               "(cssfe/ops/triton/attention.py strategy_for: flash up to d=128, GEMM above)",
+    "auto": "ops.* with backend='auto': what `kernels: auto` runs on this device (CUDA_AUTO in "
+            "cssfe/ops/dispatch.py; the backends it resolved to are in the row's `resolved`)",
     "triton_flash": "triton with the attention's flash kernels forced (triton.attention.strategy('flash'))",
     "triton_gemm": "triton with the attention's GEMM strategy forced (batched GEMMs + Triton row kernels)",
     "triton_kernel": "library.asymmetric_loss_op(..., 'triton') under no_grad: the fused kernel alone",
@@ -697,7 +699,7 @@ def _attn_fns(provider, case, ctx):
                     return f()
             return run
         return tuple(in_strategy(f) for f in _attn_fns("triton", case, ctx))
-    if provider in ("eager", "triton", "cuda", "cpu"):
+    if provider in ("eager", "auto", "triton", "cuda", "cpu"):
         be = "reference" if provider == "eager" else provider
         return with_grad(lambda: ops.progressive_enhance(ops.class_attention(q, k, v, backend=be), R, groups, gate,
                                                          lam, backend=be))
@@ -744,6 +746,11 @@ def task_bench_attention(task, ctx, emit):
     rec = _run_checked(task, ctx, fn, ("z", "dq", "dk", "dv", "dlam"), case, dt)
     if rec.get("prewarm"):
         return rec
+    if task["provider"] == "auto":
+        from cssfe.ops import dispatch
+
+        rec["resolved"] = {op: dispatch.resolve("auto", case["k"].device, op, case["k"].dtype)
+                           for op in ("class_attention", "progressive_enhance")}
     flop = 4.0 * b * c * n * d
     rec["flop_fwd"] = flop
     rec["flop_fwd_bwd"] = 3.5 * flop
@@ -1354,7 +1361,7 @@ class Orchestrator:
         plist = {
             "asl": ["eager", "eager_module", "compile"] + ([] if a.quick else ["compile_autograd"])
                    + (["triton", "triton_kernel"] if triton_ok else []) + ([self.native, self.native + "_kernel"] if native_ok else []),
-            "attention": ["eager", "compile"] + (["triton", "triton_flash", "triton_gemm"] if triton_ok else [])
+            "attention": ["eager", "compile", "auto"] + (["triton", "triton_flash", "triton_gemm"] if triton_ok else [])
                          + ([self.native] if native_ok else [])
                          + ["sdpa"] + (["sdpa_math"] if self.dry else ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]),
             "enhance": ["eager"] + ([] if a.quick else ["compile"]) + (["triton"] if triton_ok else [])
@@ -1734,6 +1741,11 @@ def summarize(R) -> str:
     def field(key):
         return lambda r: str(r.get(key))
 
+    def provider(r):  # auto: with the backends it resolved to
+        resolved = r.get("resolved") or {}
+        return str(r.get("provider")) + (" (" + ", ".join(f"{op}: {be}" for op, be in resolved.items()) + ")"
+                                         if resolved else "")
+
     timing = [("median ms", cell("median_ms")), ("p20-p80", spread())]
     peak = ("peak MiB", cell("peak_above_base_bytes", 1, 2 ** -20))
     rows = bench.get("asl", [])
@@ -1753,7 +1765,7 @@ def summarize(R) -> str:
         r0 = rows[0]
         _table(lines, [f"## class_attention + progressive_enhance fwd+bwd (B={r0.get('B')} C={r0.get('C')} "
                        f"N={r0.get('N')} d={r0.get('d')}; TFLOP/s on 3.5 x 4BCNd)"],
-               [("dtype", field("dtype")), ("provider", field("provider"))],
+               [("dtype", field("dtype")), ("provider", provider)],
                timing + [("fwd ms", cell("fwd_median_ms")), ("TFLOP/s", cell("tflops_fwd_bwd", 2)), peak,
                          ("x eager", cell("speedup_vs_eager", 2)), ("x sdpa", cell("speedup_vs_sdpa", 2))],
                rows, err_of)

@@ -62,6 +62,11 @@ def test_gpu_check_cpu_dry_run(tmp_path):
             assert r["ok"] and r["check"]["agrees"], r
             assert _num(r["median_ms"]) and _num(r["tflops_fwd_bwd"]) and r["flop_fwd"] == 4 * 2 * 8 * 16 * 32
     assert _num(attn[("cpu", "bfloat16")]["fwd_median_ms"])
+    # auto: what `kernels: auto` runs, with the backends it resolved to (on CPU: the C++ kernels)
+    for dtype in ("float32", "bfloat16"):
+        r = attn[("auto", dtype)]
+        assert r["ok"] and r["check"]["agrees"], r
+        assert r["resolved"] == {"class_attention": "cpu", "progressive_enhance": "cpu"}, r
     # the injected faults: recorded, and every other task still ran
     crash, hang = attn[("sdpa_math", "bfloat16")], attn[("sdpa_math", "float32")]
     assert not crash["ok"] and "worker died" in crash["error"], crash
@@ -96,4 +101,5 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert set(fastest[("enhance", "bfloat16")]["median_ms"]) == {"reference", "cpu"}
     summary = (tmp_path / "summary.md").read_text()
     assert "## Goals" in summary and summary.index("## Goals") < summary.index("## ASL forward+backward")
+    assert "| bfloat16 | auto (class_attention: cpu, progressive_enhance: cpu) |" in summary
     assert "## progressive_enhance alone" in summary and "- progressive_enhance bfloat16 at B=2 C=8 L=32" in summary
