@@ -2,6 +2,7 @@
 // and up to 64 of its columns), the tile's C rows in scratch, the work shared by the block's
 // threads phase by phase. The block program is enhance_block.h, which the CPU tests also run.
 #include <algorithm>
+#include <limits>
 
 #include "../cssfe.h"
 #include "common.cuh"
@@ -9,6 +10,7 @@
 
 namespace cssfe {
 namespace cuda {
+namespace {
 
 struct DeviceExec {
   template <class F>
@@ -18,19 +20,22 @@ struct DeviceExec {
   }
 };
 
-// scratch: null -> the tiles live in dynamic shared memory; else a global buffer, one slice per block.
+// kShared: the tiles live in dynamic shared memory (known at compile time, so the loads are shared-memory
+// loads); else in scratch, a global buffer with one slice per block.
+template <bool kShared>
 __global__ void enhance_fwd_kernel(enhance_block::Args a, float* out, float* scratch) {
   extern __shared__ float smem[];
-  float* tiles = scratch ? scratch + blockIdx.x * (enhance_block::kForwardTiles * a.C * a.width) : smem;
+  float* tiles = kShared ? smem : scratch + blockIdx.x * (enhance_block::kForwardTiles * a.C * a.width);
   DeviceExec ex;
   const int64_t n = enhance_block::num_tiles(a);
   for (int64_t t = blockIdx.x; t < n; t += gridDim.x) enhance_block::forward_tile(ex, a, out, t, tiles);
 }
 
+template <bool kShared>
 __global__ void enhance_bwd_kernel(enhance_block::Args a, const float* grad, const float* out, float* dz, float* dm,
                                    float* dw_part, float* scratch) {
   extern __shared__ float smem[];
-  float* tiles = scratch ? scratch + blockIdx.x * (enhance_block::kBackwardTiles * a.C * a.width) : smem;
+  float* tiles = kShared ? smem : scratch + blockIdx.x * (enhance_block::kBackwardTiles * a.C * a.width);
   DeviceExec ex;
   const int64_t n = enhance_block::num_tiles(a);
   for (int64_t t = blockIdx.x; t < n; t += gridDim.x)
@@ -55,7 +60,10 @@ Plan plan(int64_t B, int64_t C, int64_t L, int tiles, const at::Tensor& like) {
   while (width < 64 && width < L) width *= 2;
   while (width > 1 && tiles * C * width * 4 > kSharedBytes) width /= 2;
   const int64_t bytes = tiles * C * width * 4;
-  if (bytes <= kSharedBytes) return {width, B * ((L + width - 1) / width), true, static_cast<size_t>(bytes)};
+  if (bytes <= kSharedBytes) {  // the blocks stride over the tiles, so the grid can be capped
+    const int64_t n = B * ((L + width - 1) / width);
+    return {width, std::min<int64_t>(n, std::numeric_limits<int>::max()), true, static_cast<size_t>(bytes)};
+  }
   width = 1;
   while (width < 8 && width < L) width *= 2;
   const int64_t n = B * ((L + width - 1) / width), per_block = tiles * C * width * 4;
@@ -84,6 +92,7 @@ Ordered ordered(const at::Tensor& z, const at::Tensor& affinity, const at::Tenso
   return {ord, rp, wp, rp.sum(1).contiguous()};
 }
 
+}  // namespace
 }  // namespace cuda
 
 at::Tensor enhance_fwd_cuda(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
@@ -100,7 +109,8 @@ at::Tensor enhance_fwd_cuda(const at::Tensor& z, const at::Tensor& affinity, con
     const cuda::Plan p = cuda::plan(B, C, L, enhance_block::kForwardTiles, z);
     at::Tensor scratch;
     if (!p.shared) scratch = at::empty({p.grid * enhance_block::kForwardTiles * C * p.width}, zf.options());
-    cuda::enhance_fwd_kernel<<<p.grid, cuda::kThreads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
+    auto kernel = p.shared ? cuda::enhance_fwd_kernel<true> : cuda::enhance_fwd_kernel<false>;
+    kernel<<<p.grid, cuda::kThreads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
         cuda::make_args(zf, o.rp, o.wp, o.rsp, o.ord, bounds, p.width), out.data_ptr<float>(),
         p.shared ? nullptr : scratch.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -130,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cuda(const at::Tensor
   at::Tensor dw_part = at::empty({B, per_image, C}, zf.options());
   at::Tensor scratch;
   if (!p.shared) scratch = at::empty({p.grid * enhance_block::kBackwardTiles * C * p.width}, zf.options());
-  cuda::enhance_bwd_kernel<<<p.grid, cuda::kThreads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
+  auto kernel = p.shared ? cuda::enhance_bwd_kernel<true> : cuda::enhance_bwd_kernel<false>;
+  kernel<<<p.grid, cuda::kThreads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
       cuda::make_args(zf, o.rp, o.wp, o.rsp, o.ord, bounds, p.width), gf.data_ptr<float>(), of.data_ptr<float>(),
       dz.data_ptr<float>(), dm.data_ptr<float>(), dw_part.data_ptr<float>(),
       p.shared ? nullptr : scratch.data_ptr<float>());
