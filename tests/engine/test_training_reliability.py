@@ -151,19 +151,24 @@ def test_cpu_kernels_train_like_the_reference(tmp_path, one_thread, monkeypatch)
     results = {}
     for kernels in ("reference", "cpu"):
         loss_backends.clear()
-        cfg = load_config(None, [f"output_dir={tmp_path / kernels}", f"kernels={kernels}", *TINY])
+        # 4 steps per epoch (1,147 images): fp32 rounding differences grow with every step (at batch
+        # 32 the two runs' losses are 1e-7 apart over the first steps and 5e-4 apart 14 steps in), so
+        # few steps keep the runs comparable at tolerances that say something
+        cfg = load_config(None, [f"output_dir={tmp_path / kernels}", f"kernels={kernels}", *TINY,
+                                 "data.batch_size=256"])
         results[kernels] = train(cfg)["final"]
         assert set(loss_backends) == ({"cpu"} if kernels == "cpu" else set()), kernels
     for group, value in results["reference"]["mAP"].items():
-        assert results["cpu"]["mAP"][group] == pytest.approx(value, abs=0.25), group
-    assert results["cpu"]["per_class_ap"] == pytest.approx(results["reference"]["per_class_ap"], abs=1.5)
+        assert results["cpu"]["mAP"][group] == pytest.approx(value, abs=0.15), group
+    assert results["cpu"]["per_class_ap"] == pytest.approx(results["reference"]["per_class_ap"], abs=0.75)
     logs = {k: [json.loads(line) for line in (tmp_path / k / "log.jsonl").read_text().splitlines()] for k in results}
     # fp32 rounding only (the C++ kernels sum in other orders than eager PyTorch; the C++ loss has
-    # its own exp / log), amplified by training: the first epoch's mean loss agrees (measured 7e-5)
-    # to 1e-4, the second (measured 0.15 % apart) to 0.3 %. lambda's gradient is a sum over the batch
-    # that nearly cancels, and Adam steps by about lr whatever its size: after one epoch lambda is
-    # 0.99455 (reference) and 0.99558 (cpu), and 0.99554 for the reference itself at 2 threads.
+    # its own exp / log), amplified by training. Measured on two renderings of the bundled data
+    # (Pillow 13.0 and 12.3 round a few resampled pixels differently, which changes the
+    # trajectories): mean loss 2e-5 / 3e-7 apart after the first epoch, 1.1e-4 / 6e-5 after the
+    # second; lambda 1.5e-5 / 6e-7; group mAP 0.012 / 0.001 points, per-class AP 0.07 / 0.007. The
+    # bounds are about ten times the larger.
     assert len(logs["cpu"]) == len(logs["reference"]) == 2
-    for ref, cpu, rel in zip(logs["reference"], logs["cpu"], (1e-4, 3e-3)):
+    for ref, cpu, rel in zip(logs["reference"], logs["cpu"], (2e-4, 1e-3)):
         assert cpu["train_loss"] == pytest.approx(ref["train_loss"], rel=rel)
-        assert cpu["lambda"] == pytest.approx(ref["lambda"], abs=3e-3)
+        assert cpu["lambda"] == pytest.approx(ref["lambda"], abs=2e-4)
