@@ -44,6 +44,14 @@ CSSFE_BLOCK int group_start(const Args& a, int g) {
   return static_cast<int>(g == 0 ? 0 : g == 1 ? a.s1 : g == 2 ? a.s2 : a.C);
 }
 
+// sum over q in [from, to) of r[q] * rows[q * W + l]; the mask zeroes most of R: skip those loads.
+CSSFE_BLOCK float row_message(const float* r, const float* rows, int64_t from, int64_t to, int64_t W, int l) {
+  float m = 0.f;
+  for (int64_t q = from; q < to; ++q)
+    if (r[q] != 0.f) m += r[q] * rows[q * W + l];
+  return m;
+}
+
 // out [B, C, L] fp32, class-indexed. scratch: kForwardTiles * C * width floats.
 template <class Exec>
 CSSFE_BLOCK void forward_tile(Exec& ex, const Args& a, float* out, int64_t tile, float* scratch) {
@@ -64,10 +72,7 @@ CSSFE_BLOCK void forward_tile(Exec& ex, const Args& a, float* out, int64_t tile,
     if (n == 0) continue;  // uniform over the block
     ex.parallel(n, [&](int k) {
       const int p = lo + k / lw, l = k % lw;
-      const float* r = a.rp + p * C;
-      float m = 0.f;
-      for (int64_t q = 0; q < C; ++q)
-        if (r[q] != 0.f) m += r[q] * S[q * W + l];  // the mask zeroes most of R: skip its loads
+      const float m = row_message(a.rp + p * C, S, 0, C, W, l);
       const float w = a.wp[b * C + p];
       const float v = (S[p * W + l] + w * m) / (1.f + w * a.rsp[p]);
       T[p * W + l] = v;
@@ -113,11 +118,7 @@ CSSFE_BLOCK void backward_tile(Exec& ex, const Args& a, const float* grad, const
     ex.parallel(n, [&](int k) {
       const int p = lo + k / lw, l = k % lw;
       const float* r = a.rp + p * C;
-      float m = 0.f;
-      for (int q = 0; q < lo; ++q)
-        if (r[q] != 0.f) m += r[q] * O[q * W + l];
-      for (int64_t q = lo; q < C; ++q)
-        if (r[q] != 0.f) m += r[q] * Z[q * W + l];
+      const float m = row_message(r, O, 0, lo, W, l) + row_message(r, Z, lo, C, W, l);
       const float w = a.wp[b * C + p], rs = a.rsp[p], den = 1.f + w * rs, gi = A[p * W + l];
       const float d = gi * w / den;
       DZ[p * W + l] += gi / den;
