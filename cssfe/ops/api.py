@@ -51,7 +51,7 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, *, return_maps: bool = Fals
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _same_device(op, q=q, k=k, v=v)
-    name = resolve(backend, k.device, op, v.dtype)
+    name = resolve(backend, k.device, op, v.dtype, classes=q.shape[-2])
     if name == "triton":
         from .triton.attention import check_supported  # before any launch, with the shape at fault
 
@@ -97,7 +97,7 @@ def progressive_enhance(
     if lam.numel() != 1:
         raise ValueError(f"{op}: lam must be a scalar, got shape {tuple(lam.shape)}")
     _same_device(op, z=z, affinity=affinity, groups=groups, gate=gate, lam=lam)
-    name = resolve(backend, z.device, op, z.dtype)
+    name = resolve(backend, z.device, op, z.dtype, classes=z.shape[-2])
     if z.numel() == 0:
         return z.clone()
     return library.progressive_enhance(z.contiguous(), affinity.contiguous(), groups.contiguous(),
@@ -136,7 +136,7 @@ def asymmetric_loss(
     if not (math.isfinite(gamma_pos) and math.isfinite(gamma_neg)) or gamma_pos < 0 or gamma_neg < 0:
         raise ValueError(f"{op}: gammas must be finite and >= 0, got gamma_pos={gamma_pos}, gamma_neg={gamma_neg}")
     _same_device(op, logits=logits, targets=targets)
-    name = resolve(backend, logits.device, op, logits.dtype)
+    name = resolve(backend, logits.device, op, logits.dtype, classes=logits.shape[-1])
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     return library.asymmetric_loss(
         logits.contiguous(), targets.contiguous(), float(gamma_pos), float(gamma_neg), float(clip or 0.0), float(eps),

@@ -19,8 +19,8 @@ Which backend a call uses, first match wins:
    the enhancement with the model's masked affinity: docs/performance.md) if the
    extension is prebuilt (``cssfe._C``) or already built in the extension cache, else
    ``reference``; CUDA tensors -> the first available backend that ``CUDA_AUTO`` lists for the op and
-   precision (from GPU measurements; ``cuda`` only if the extension with CUDA kernels is prebuilt or
-   built), else ``reference``. ``auto`` never starts a build.
+   precision and ``CUDA_AUTO_MAX_CLASSES`` allows at the call's class count (from GPU measurements;
+   ``cuda`` only if the extension with CUDA kernels is prebuilt or built), else ``reference``. ``auto`` never starts a build.
 
 A backend that is asked for by name and cannot run the call raises ``RuntimeError`` naming the
 reason; there is no silent fallback. ``auto`` is the only name that falls back.
@@ -39,17 +39,22 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 CPU_AUTO_OPS = ("asymmetric_loss", "class_attention", "progressive_enhance")  # auto picks the C++ kernel on CPU
 CHOICES = ("auto",) + BACKENDS
 # ``auto`` on CUDA tensors: per op and precision ("half": fp16/bf16), the backends in order of
-# preference; the first one available runs. Measured on an H200 (docs/performance.md): for class
-# attention the Triton kernel beat eager PyTorch in half precision only and the CUDA one never; ASL
-# was fastest with CUDA, then Triton. The enhancement has not been timed on its own on a GPU yet
-# (only together with the attention) and follows ASL's order until it is. benchmarks/gpu_goals.py
-# prints the fastest backend per op and dtype of a GPU run: this table is where such a measurement
-# lands.
+# preference; the first one available runs. Measured on an H200 at 80 classes (docs/performance.md,
+# 2026-11-27): attention + enhancement in bf16 took 2.32 ms with CUDA, 2.88 with Triton and 4.83
+# eager; in fp32 eager attention with the CUDA enhancement (2.77 ms) beat CUDA (3.05) and Triton
+# (3.66) for both; the enhancement alone was fastest with CUDA in bf16 and tied with Triton in
+# fp32; ASL was fastest with CUDA, then Triton. benchmarks/gpu_goals.py prints the fastest backend
+# per op and dtype of a GPU run: this table is where such a measurement lands.
 CUDA_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "class_attention": {"half": ("triton",), "float32": ()},
+    "class_attention": {"half": ("cuda", "triton"), "float32": ()},
     "progressive_enhance": {"half": ("cuda", "triton"), "float32": ("cuda", "triton")},
     "asymmetric_loss": {"half": ("cuda", "triton"), "float32": ("cuda", "triton")},
 }
+# (op, backend) -> the most classes at which ``auto`` picks that backend on CUDA; above it the next
+# candidate of CUDA_AUTO runs. At 1,000 classes (B=32, N=784, d=512, bf16) CUDA attention +
+# enhancement took 40.1 ms against Triton's 11.7 and eager's 17.1: each block of the CUDA
+# enhancement reads the whole C x C affinity for a few columns.
+CUDA_AUTO_MAX_CLASSES: Dict[Tuple[str, str], int] = {("progressive_enhance", "cuda"): 256}
 ENV_VAR = "CSSFE_KERNEL_BACKEND"
 
 _default: Optional[str] = None
@@ -141,8 +146,10 @@ def available_backends(build: bool = False) -> Dict[str, Tuple[bool, str]]:
 _AUTO_READY = {"triton": lambda: _triton_status()[0], "cuda": lambda: _cuda_status(_native_status(False))[0]}
 
 
-def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Optional[torch.dtype] = None) -> str:
-    """The concrete backend an op call on ``device`` runs with; raises if a named one cannot."""
+def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Optional[torch.dtype] = None,
+            classes: Optional[int] = None) -> str:
+    """The concrete backend an op call on ``device`` runs with; raises if a named one cannot.
+    ``classes``: the call's class count, which ``auto`` on CUDA weighs (CUDA_AUTO_MAX_CLASSES)."""
     name = _check_name(backend, op) if backend is not None else get_default_backend()
     dev = torch.device(device).type
     if name == "auto":
@@ -158,6 +165,9 @@ def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Option
         if dev == "cuda":
             precision = "half" if dtype in (torch.float16, torch.bfloat16) else "float32"
             for candidate in CUDA_AUTO.get(op, {}).get(precision, ()):
+                limit = CUDA_AUTO_MAX_CLASSES.get((op, candidate))
+                if limit is not None and classes is not None and classes > limit:
+                    continue
                 if _AUTO_READY[candidate]():
                     return candidate
         return "reference"

@@ -250,7 +250,8 @@ def test_auto_on_cpu_follows_measured_choice(monkeypatch, built):
 
 @pytest.mark.parametrize("triton_ok, cuda_ok", [(True, True), (True, False), (False, True), (False, False)])
 def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
-    """Class attention: Triton in half precision, eager in fp32; other ops: CUDA, then Triton."""
+    """Every op: CUDA, then Triton, except class attention in fp32 (eager) and the enhancement above
+    CUDA_AUTO_MAX_CLASSES (Triton)."""
     from cssfe.ops import dispatch
 
     class Ext:
@@ -260,13 +261,16 @@ def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
     monkeypatch.setattr(dispatch, "_native_status", lambda build: (True, "simulated", Ext()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, simulated
     cuda = torch.device("cuda")
-    half = "triton" if triton_ok else "reference"
-    assert dispatch.resolve("auto", cuda, "class_attention", torch.bfloat16) == half
-    assert dispatch.resolve("auto", cuda, "class_attention", torch.float16) == half
+    second = "triton" if triton_ok else "reference"
+    first = "cuda" if cuda_ok else second
+    assert dispatch.resolve("auto", cuda, "class_attention", torch.bfloat16) == first
+    assert dispatch.resolve("auto", cuda, "class_attention", torch.float16, classes=1000) == first
     assert dispatch.resolve("auto", cuda, "class_attention", torch.float32) == "reference"
-    other = "cuda" if cuda_ok else half
-    assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float32) == other
-    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16) == other
+    assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float32) == first
+    limit = dispatch.CUDA_AUTO_MAX_CLASSES[("progressive_enhance", "cuda")]
+    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16, classes=limit) == first
+    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16, classes=limit + 1) == second
+    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.float32, classes=limit + 1) == second
     assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float64) == "reference"
 
 
@@ -289,6 +293,17 @@ def test_auto_on_cuda_reads_its_table(monkeypatch):
     assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float16) == "triton"
     assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float32) == "reference"
     assert dispatch.resolve("auto", cuda, "not_an_op", torch.float32) == "reference"
+    # a class-count limit skips a backend above it, for that op only
+    monkeypatch.setitem(dispatch.CUDA_AUTO, "progressive_enhance", {"half": ("cuda", "triton"), "float32": ("cuda",)})
+    monkeypatch.setitem(dispatch.CUDA_AUTO_MAX_CLASSES, ("progressive_enhance", "cuda"), 300)
+    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16, classes=300) == "cuda"
+    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16, classes=301) == "triton"
+    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.float32, classes=301) == "reference"
+    assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16) == "cuda"  # count unknown
+    assert dispatch.resolve("cuda", cuda, "progressive_enhance", torch.bfloat16, classes=5000) == "cuda"  # named
+    assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float16, classes=5000) == "triton"
+    for (op, backend), limit in dispatch.CUDA_AUTO_MAX_CLASSES.items():
+        assert op in dispatch.CUDA_AUTO and backend in ("cuda", "triton") and limit >= 1
 
 
 def test_triton_flash_refuses_wide_fp32_features_and_wide_features_take_the_gemm_strategy():
