@@ -780,7 +780,7 @@ def task_bench_attention(task, ctx, emit):
     if task["provider"] == "auto":
         from cssfe.ops import dispatch
 
-        rec["resolved"] = {op: dispatch.resolve("auto", case["k"].device, op, case["k"].dtype)
+        rec["resolved"] = {op: dispatch.resolve("auto", case["k"].device, op, case["k"].dtype, classes=c)
                            for op in ("class_attention", "progressive_enhance")}
     flop = 4.0 * b * c * n * d
     rec["flop_fwd"] = flop
@@ -1398,8 +1398,8 @@ class Orchestrator:
                          + ["sdpa"] + (["sdpa_math"] if self.dry else ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]),
             "enhance": ["eager"] + ([] if a.quick else ["compile"]) + (["triton"] if triton_ok else [])
                        + ([self.native] if native_ok else []),
-            "grid": ["eager"] + (["triton", "triton_flash"] if triton_ok else []) + ([self.native] if native_ok else [])
-                    + ["sdpa"],
+            "grid": ["eager", "auto"] + (["triton", "triton_flash"] if triton_ok else [])
+                    + ([self.native] if native_ok else []) + ["sdpa"],
         }
         return plist
 
@@ -1493,6 +1493,8 @@ class Orchestrator:
             ok, why = self.triton_available()
             if self.args.no_parity:
                 self.set_parity_summary("triton", "skipped: --no-parity")
+            elif "triton" not in self.args.parity_backends:
+                self.set_parity_summary("triton", "skipped: not in --parity-backends")
             elif ok:
                 self.set_parity_summary("triton", self.parity_for("triton", "triton", "B", cap_s=240))
             else:
@@ -1516,6 +1518,8 @@ class Orchestrator:
         parity_native = "not run"
         if self.args.no_parity:
             parity_native = "skipped: --no-parity"
+        elif "cuda" not in self.args.parity_backends:
+            parity_native = "skipped: not in --parity-backends"
         elif native_ok:
             # dry-run: the same pytest path; the GPU test is collected and skips (no CUDA device)
             parity_native = self.parity_for("cuda", self.native, "main", cap_s=240)
@@ -1541,7 +1545,7 @@ class Orchestrator:
             summ = self.R["parity"].get("summary", {})
             for backend, ok in ((self.native, native_ok), ("triton", triton_ok)):
                 key = "cuda" if backend in ("cuda", "cpu") else backend
-                if ok and pyt and (self.dry or summ.get(key) in ("failed", "error")):
+                if ok and pyt and key in self.args.parity_backends and (self.dry or summ.get(key) in ("failed", "error")):
                     diag += self.parity_direct_tasks(backend)
         tasks = tier1 + diag + tier2 + grid
         if not self.dry and not self.R["environment"].get("cuda_available"):
@@ -1673,6 +1677,14 @@ def _check_cell(r):
     """A summary table's check column: ok, or the mismatch against eager."""
     chk = r.get("check", {})
     return "ok" if chk.get("agrees") else "MISMATCH " + str(chk.get("max_rel_err"))[:80]
+
+
+def _parity_backends(text):
+    """--parity-backends: a comma-separated subset of triton, cuda."""
+    names = tuple(n for n in text.split(",") if n)
+    if not names or not set(names) <= {"triton", "cuda"}:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of triton,cuda, got {text!r}")
+    return names
 
 
 def _class_counts(text):
@@ -1879,6 +1891,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="output folder (gpu_check.json, summary.md, logs/)")
     p.add_argument("--quick", action="store_true", help="fewer repeats, main grid shapes only, no compile_autograd")
+    p.add_argument("--parity-backends", type=_parity_backends, default=("triton", "cuda"),
+                   help="comma-separated backends whose parity tests run: triton, cuda (default both; cuda "
+                        "means the extension's kernels, C++ ones in the dry-run)")
     p.add_argument("--enhance-classes", type=_class_counts, default=None,
                    help="comma-separated class counts for the enhance family (default: the main case's)")
     p.add_argument("--cpu-dry-run", action="store_true",

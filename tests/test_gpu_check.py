@@ -86,7 +86,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
         assert r["bytes"] == 4 * 2 * 8 * 32 * (4 if r["dtype"] == "float32" else 2)
     grid = bench["grid"]
     assert grid and all(r["ok"] and _num(r["median_ms"]) for r in grid), grid
-    assert {r["provider"] for r in grid} == {"eager", "cpu", "sdpa"}
+    assert {r["provider"] for r in grid} == {"eager", "auto", "cpu", "sdpa"}
     steps = {s["name"]: s for s in data["steps"]}
     assert steps["bench"]["launches"] == 3  # first launch, after the crash, after the hang
     # the goals, judged at the dry run's main cases on its own rows (tiny CPU shapes: numbers only, no verdict
