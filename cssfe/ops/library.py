@@ -298,14 +298,14 @@ def _(grad, z, affinity, groups, gate, lam, out, backend):
 
 def affinity_grad(dm: Tensor, z: Tensor, out: Tensor, groups: Tensor) -> Tensor:
     """d loss / d R from the message gradients: dR_ij = sum_{b,l} dm_il (s_jl - out_il), where
-    s_j is class j's updated output if its group precedes i's, else its input."""
+    s_j is class j's updated output if its group precedes i's, else its input. With s_j = z_j +
+    [g_j < g_i] (out_j - z_j) that is two [C, B*L] x [B*L, C] products, whatever the groups."""
     ct = dm.dtype
     zf, of = z.to(ct), out.to(ct)
-    dr = torch.zeros(z.shape[1], z.shape[1], dtype=ct, device=z.device)
-    for g in range(3):
-        rows = (groups == g)[:, None]
-        s = torch.where((groups < g)[None, :, None], of, zf)
-        dr = dr + torch.where(rows, torch.einsum("bil,bjl->ij", dm, s), torch.zeros_like(dr))
+    contract = ([0, 2], [0, 2])  # over images and columns
+    dr = torch.tensordot(dm, zf, dims=contract)
+    earlier = groups[None, :] < groups[:, None]  # [i, j]: j's group precedes i's
+    dr = dr + torch.tensordot(dm, of - zf, dims=contract) * earlier
     return dr - torch.einsum("bil,bil->i", dm, of)[:, None]
 
 
