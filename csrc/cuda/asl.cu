@@ -33,8 +33,11 @@ struct AslArgs {
   bool focal, focal_grad, binary_ok;
 };
 
+// KPos, KNeg >= 0: the gammas fixed at compile time (launch_asl checked A holds them); -1: run time.
+template <int KPos, int KNeg>
 __device__ __forceinline__ AslValue asl_one(float x, float y, const AslArgs& A) {
-  if (A.binary_ok && (y == 0.0f || y == 1.0f)) return asl_binary_element<FastMath>(x, y != 0.0f, A.binary);
+  if (A.binary_ok && (y == 0.0f || y == 1.0f))
+    return asl_binary_element<FastMath, KPos, KNeg>(x, y != 0.0f, A.binary);
   float g;
   const float l = asl_element<float>(x, y, A.gamma_pos, A.gamma_neg, A.clip, A.eps, A.focal, A.focal_grad, &g);
   return {l, g};
@@ -47,7 +50,7 @@ struct alignas(sizeof(T) * N) Pack {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t, typename target_t, typename loss_t, int VEC>
+template <typename scalar_t, typename target_t, typename loss_t, int VEC, int KPos, int KNeg>
 __global__ void __launch_bounds__(kThreads)
     asl_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ t, scalar_t* __restrict__ grad,
                float* __restrict__ partial, unsigned int* __restrict__ arrived, loss_t* __restrict__ loss, int64_t n,
@@ -64,14 +67,14 @@ __global__ void __launch_bounds__(kThreads)
     XPack gp;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const AslValue r = asl_one(static_cast<float>(xp.v[j]), static_cast<float>(tp.v[j]), A);
+      const AslValue r = asl_one<KPos, KNeg>(static_cast<float>(xp.v[j]), static_cast<float>(tp.v[j]), A);
       local += r.loss;
       gp.v[j] = static_cast<scalar_t>(r.grad * A.grad_scale);
     }
     if (grad != nullptr) reinterpret_cast<XPack*>(grad)[p] = gp;
   }
   for (int64_t i = packs * VEC + first; i < n; i += stride) {  // the n % VEC elements after the last pack
-    const AslValue r = asl_one(static_cast<float>(x[i]), static_cast<float>(t[i]), A);
+    const AslValue r = asl_one<KPos, KNeg>(static_cast<float>(x[i]), static_cast<float>(t[i]), A);
     local += r.loss;
     if (grad != nullptr) grad[i] = static_cast<scalar_t>(r.grad * A.grad_scale);
   }
@@ -112,7 +115,12 @@ void launch_asl(const at::Tensor& logits, const at::Tensor& targets, at::Tensor&
   const bool packed = aligned_to<Pack<scalar_t, VEC>>(x) && aligned_to<Pack<target_t, VEC>>(t) &&
                       (g == nullptr || aligned_to<Pack<scalar_t, VEC>>(g));
   const int64_t items = packed ? (n + VEC - 1) / VEC : n;  // packs, or elements
-  auto kernel = packed ? asl_kernel<scalar_t, target_t, loss_t, VEC> : asl_kernel<scalar_t, target_t, loss_t, 1>;
+  // The project's default gammas get kernels with the powers fixed at compile time (packed inputs
+  // only: the scalar kernel is for misaligned views).
+  const bool fixed = packed && A.binary_ok && asl_default_gammas(A.binary);
+  auto kernel = fixed    ? asl_kernel<scalar_t, target_t, loss_t, VEC, kDefaultGammaPos, kDefaultGammaNeg>
+                : packed ? asl_kernel<scalar_t, target_t, loss_t, VEC, -1, -1>
+                         : asl_kernel<scalar_t, target_t, loss_t, 1, -1, -1>;
   // As many blocks as fit on the device at once (a second, partial wave would run with too few
   // loads in flight): the count per SM depends on the registers this build's kernel uses.
   int per_sm = 0;
