@@ -27,7 +27,7 @@ def _nvcc_command(src, obj):
     cmd = [os.path.join(home, "bin", "nvcc"), "-c", src, "-o", obj, "-std=c++20", "-DCSSFE_WITH_CUDA",
            "-DTORCH_EXTENSION_NAME=cssfe_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H", "--expt-relaxed-constexpr",
            "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    cmd += [f for f in native.NVCC_FLAGS if f != "--use_fast_math"]
+    cmd += [f for f in native.NVCC_FLAGS + native.NVCC_ARCH_FLAGS if f != "--use_fast_math"]
     for inc in cpp_extension.include_paths(device_type="cuda") + [os.path.join(home, "include")]:
         cmd += ["-isystem", inc]
     import sysconfig
