@@ -1545,7 +1545,8 @@ class Orchestrator:
             summ = self.R["parity"].get("summary", {})
             for backend, ok in ((self.native, native_ok), ("triton", triton_ok)):
                 key = "cuda" if backend in ("cuda", "cpu") else backend
-                if ok and pyt and key in self.args.parity_backends and (self.dry or summ.get(key) in ("failed", "error")):
+                wanted = key in self.args.parity_backends
+                if ok and pyt and wanted and (self.dry or summ.get(key) in ("failed", "error")):
                     diag += self.parity_direct_tasks(backend)
         tasks = tier1 + diag + tier2 + grid
         if not self.dry and not self.R["environment"].get("cuda_available"):
@@ -1899,7 +1900,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="same code path on CPU: tiny shapes, backends reference + cpu (+ triton with TRITON_INTERPRET=1)")
     p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 400 on GPU, 300 dry-run)")
-    p.add_argument("--build-timeout-s", type=float, default=None, help="cap on the extension build (default: the budget less 30 s, at most 300)")
+    p.add_argument("--build-timeout-s", type=float, default=None,
+                   help="cap on the extension build (default: the budget less 30 s, at most 300)")
     p.add_argument("--families", default="asl,attention,enhance,blocks,grid",
                    help="benchmark families to run (blocks: Triton attention block-size sweep; enhance: the "
                         "progressive enhancement alone)")

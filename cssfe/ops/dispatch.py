@@ -20,7 +20,8 @@ Which backend a call uses, first match wins:
    extension is prebuilt (``cssfe._C``) or already built in the extension cache, else
    ``reference``; CUDA tensors -> the first available backend that ``CUDA_AUTO`` lists for the op and
    precision and ``CUDA_AUTO_MAX_CLASSES`` allows at the call's class count (from GPU measurements;
-   ``cuda`` only if the extension with CUDA kernels is prebuilt or built), else ``reference``. ``auto`` never starts a build.
+   ``cuda`` only if the extension with CUDA kernels is prebuilt or built), else ``reference``.
+   ``auto`` never starts a build.
 
 A backend that is asked for by name and cannot run the call raises ``RuntimeError`` naming the
 reason; there is no silent fallback. ``auto`` is the only name that falls back.
@@ -42,8 +43,8 @@ CHOICES = ("auto",) + BACKENDS
 # preference; the first one available runs. Measured on an H200 at 80 classes (docs/performance.md,
 # 2026-11-27): attention + enhancement in bf16 took 2.32 ms with CUDA, 2.88 with Triton and 4.83
 # eager; in fp32 eager attention with the CUDA enhancement (2.77 ms) beat CUDA (3.05) and Triton
-# (3.66) for both; the enhancement alone was fastest with CUDA in bf16 and tied with Triton in
-# fp32; ASL was fastest with CUDA, then Triton. benchmarks/gpu_goals.py prints the fastest backend
+# (3.66) for both; the enhancement alone was fastest with CUDA (by 0-8 % over Triton in two runs);
+# ASL was fastest with CUDA, then Triton. benchmarks/gpu_goals.py prints the fastest backend
 # per op and dtype of a GPU run: this table is where such a measurement lands.
 CUDA_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "class_attention": {"half": ("cuda", "triton"), "float32": ()},
