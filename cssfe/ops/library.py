@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.utils.weak
 
 from .backends import reference_impl
 
@@ -48,17 +49,39 @@ def _triton():
     return triton_ops
 
 
+# groups tensor -> (its version, order, bounds). The model passes the same groups buffer every step,
+# and computing the plan reads group counts back from the device: a synchronisation that would make
+# the host wait for all queued GPU work in every forward and backward.
+_PLANS: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+
+
 def _enhance_plan(groups: Tensor) -> Tuple[Tensor, Tensor]:
-    """(order, bounds): classes sorted by group (stable) and where each group starts and ends."""
+    """(order, bounds): classes sorted by group (stable) and where each group starts and ends;
+    cached per groups tensor until it is modified in place."""
+    version = _version(groups)
+    cached = _PLANS.get(groups) if version is not None else None
+    if cached is not None and cached[0] == version:
+        return cached[1], cached[2]
     g = groups.to(torch.long)
-    if g.numel() and (g.min() < 0 or g.max() > 2):
+    # one read-back for the check and the counts: buckets g < 0, 0, 1, 2, g > 2
+    counts = torch.bincount((g + 1).clamp(0, 4), minlength=5).cpu()
+    if counts[0] or counts[4]:
         raise ValueError(f"progressive_enhance: groups must hold 0 (head), 1 (medium) or 2 (tail), got values "
                          f"in [{int(g.min())}, {int(g.max())}]")
     order = torch.sort(g, stable=True).indices.contiguous()
-    counts = torch.bincount(g, minlength=3).cpu()
     bounds = torch.zeros(4, dtype=torch.long)
-    bounds[1:] = torch.cumsum(counts, 0)
+    bounds[1:] = torch.cumsum(counts[1:4], 0)
+    if version is not None:
+        _PLANS[groups] = (version, order, bounds)
     return order, bounds  # bounds stays on the CPU: kernels read it as launch parameters
+
+
+def _version(t: Tensor):
+    """The in-place version counter of ``t``; None for inference tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _w(gate: Tensor, lam: Tensor) -> Tensor:

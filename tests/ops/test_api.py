@@ -375,3 +375,25 @@ def test_eager_enhance_path_matches_the_registered_operator():
     assert torch.equal(out_eager, out_op)
     for a, b in zip(g_eager, g_op):
         assert torch.equal(a, b)
+
+
+def test_enhance_plan_is_cached_per_groups_tensor_until_modified():
+    """The plan (classes in group order, group bounds) reads counts back from the device; it is
+    computed once per groups tensor and again only after an in-place change."""
+    from cssfe.ops import library
+
+    groups = torch.tensor([2, 0, 1, 0, 2, 1, 0])
+    order, bounds = library._enhance_plan(groups)
+    assert order.tolist() == [1, 3, 6, 2, 5, 0, 4] and bounds.tolist() == [0, 3, 5, 7]
+    again = library._enhance_plan(groups)
+    assert again[0] is order and again[1] is bounds  # cached: no recomputation
+    assert library._enhance_plan(groups.clone())[0] is not order  # another tensor, its own plan
+    groups[0] = 0  # in place: the version changes, the plan follows
+    order2, bounds2 = library._enhance_plan(groups)
+    assert order2.tolist() == [0, 1, 3, 6, 2, 5, 4] and bounds2.tolist() == [0, 4, 6, 7]
+    with torch.inference_mode():  # inference tensors have no version counter: computed, not cached
+        frozen = torch.tensor([1, 0])
+        assert library._enhance_plan(frozen)[0].tolist() == [1, 0]
+    for bad in ([0, 3, 1], [-1, 0, 2]):
+        with pytest.raises(ValueError, match=r"groups must hold 0 \(head\), 1 \(medium\) or 2 \(tail\), got values in"):
+            library._enhance_plan(torch.tensor(bad))
