@@ -663,15 +663,16 @@ def task_bench_asl(task, ctx, emit):
 
 
 # ----------------------------------------------------------------------------- attention bench
-def _masked_affinity(ctx, c):
-    """(groups, affinity) of C classes: random thirds and the model's masked affinity (seeded)."""
-    torch = ctx.torch
+def masked_affinity(c, device):
+    """(groups, affinity) of C classes: random thirds and the model's masked affinity (seeded); also
+    what benchmarks/profile_ops.py profiles."""
+    import torch
     from cssfe.ops import reference
 
     gen = torch.Generator().manual_seed(0)
     groups = torch.randperm(c, generator=gen) % 3
     affinity = reference.semantic_affinity(torch.randn(c, 32, generator=gen), groups, mask=True, tau=0.1)
-    return groups.to(ctx.device), affinity.to(ctx.device)
+    return groups.to(device), affinity.to(device)
 
 
 def _attn_case(ctx, b, c, n, d, dtype_name):
@@ -679,7 +680,7 @@ def _attn_case(ctx, b, c, n, d, dtype_name):
     import cssfe.ops as ops
 
     dtype = _dtype(ctx, dtype_name)
-    groups, affinity = _masked_affinity(ctx, c)
+    groups, affinity = masked_affinity(c, ctx.device)
     torch.manual_seed(0)
     q = torch.randn(c, d, device=ctx.device, dtype=dtype).requires_grad_()
     k = torch.randn(b, d, n, device=ctx.device, dtype=dtype).requires_grad_()
@@ -812,7 +813,7 @@ def _enh_case(ctx, b, c, l, dtype_name):
     import cssfe.ops as ops
 
     dtype = _dtype(ctx, dtype_name)
-    groups, affinity = _masked_affinity(ctx, c)
+    groups, affinity = masked_affinity(c, ctx.device)
     torch.manual_seed(0)
     case = {"z": torch.randn(b, c, l, device=ctx.device, dtype=dtype).requires_grad_(),
             "R": affinity.requires_grad_(), "groups": groups,

@@ -33,17 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cssfe.ops as ops  # noqa: E402
 from _common import meta  # noqa: E402
-from cssfe.ops import reference  # noqa: E402
+from gpu_check import masked_affinity  # noqa: E402  (the GPU check's cases)
 
 SHAPE_FIELDS = {"attention": ("B", "C", "N", "d"), "enhance": ("B", "C", "L"), "asl": ("B", "C")}
-
-
-def _affinity(c: int, device):
-    """(groups, masked affinity) of C classes, as the GPU check builds them (seeded)."""
-    gen = torch.Generator().manual_seed(0)
-    groups = torch.randperm(c, generator=gen) % 3
-    affinity = reference.semantic_affinity(torch.randn(c, 32, generator=gen), groups, mask=True, tau=0.1)
-    return groups.to(device), affinity.to(device)
 
 
 def make_step(op: str, shape, dtype, device, backend: str, affinity_grad: bool = False):
@@ -64,7 +56,7 @@ def make_step(op: str, shape, dtype, device, backend: str, affinity_grad: bool =
         return step
     if op == "attention":
         b, c, n, d = shape
-        groups, aff = _affinity(c, device)
+        groups, aff = masked_affinity(c, device)
         q, k, v = rand(c, d), rand(b, d, n), rand(b, d, n)
         gate = torch.rand(b, c, device=device).to(dtype)
         lam = torch.tensor(0.9, device=device, requires_grad=True)
@@ -77,7 +69,7 @@ def make_step(op: str, shape, dtype, device, backend: str, affinity_grad: bool =
         return step
     if op == "enhance":
         b, c, l = shape
-        groups, aff = _affinity(c, device)
+        groups, aff = masked_affinity(c, device)
         aff.requires_grad_(affinity_grad)
         z = rand(b, c, l)
         gate = torch.rand(b, c, device=device).to(dtype)
