@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from typing import Dict, Iterator, Optional, Tuple
@@ -100,8 +101,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    # the module search costs tens of microseconds and ran on every call of a triton-backed op
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_status() -> Tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False, "triton is not installed"
     if torch.cuda.is_available():
         return True, "triton with a CUDA device"
