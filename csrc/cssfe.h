@@ -10,6 +10,9 @@ namespace cssfe {
 std::tuple<at::Tensor, at::Tensor> asl_cpu(const at::Tensor& logits, const at::Tensor& targets, double gamma_pos,
                                            double gamma_neg, double clip, double eps, bool focal_grad, bool mean,
                                            bool need_grad);
+// ASL backward: grad *= scale in place (scale: the 0-d incoming loss gradient), nothing done when it
+// is 1 (the loss was the last op). Computed in fp32 (fp64 for fp64 grad), rounded once.
+void asl_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale);
 // Class attention: q [Bq, C, d] (Bq in {1, B}), k, v [B, d, N] -> z [B, C, d] (v's dtype), lse [B, C] fp32.
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_z, const at::Tensor& q,
@@ -37,6 +40,8 @@ namespace cssfe {
 std::tuple<at::Tensor, at::Tensor> asl_cuda(const at::Tensor& logits, const at::Tensor& targets, double gamma_pos,
                                             double gamma_neg, double clip, double eps, bool focal_grad, bool mean,
                                             bool need_grad);
+// The scale is read on the device: no synchronisation, and a 1 costs one launch and no memory traffic.
+void asl_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale);
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& grad_z, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,

@@ -19,6 +19,7 @@ TORCH_LIBRARY_FRAGMENT(cssfe, m) {
   m.def(
       "native_asl(Tensor logits, Tensor targets, float gamma_pos, float gamma_neg, float clip, float eps, "
       "bool focal_grad, bool mean, bool need_grad) -> (Tensor, Tensor)");
+  m.def("native_asl_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("native_attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
   m.def(
       "native_attention_bwd(Tensor grad_z, Tensor q, Tensor k, Tensor v, Tensor z, Tensor lse) -> "
@@ -31,6 +32,7 @@ TORCH_LIBRARY_FRAGMENT(cssfe, m) {
 
 TORCH_LIBRARY_IMPL(cssfe, CPU, m) {
   m.impl("native_asl", &cssfe::asl_cpu);
+  m.impl("native_asl_scale_grad_", &cssfe::asl_scale_grad_cpu);
   m.impl("native_attention_fwd", &cssfe::attention_fwd_cpu);
   m.impl("native_attention_bwd", &cssfe::attention_bwd_cpu);
   m.impl("native_enhance_fwd", &cssfe::enhance_fwd_cpu);

@@ -1,6 +1,7 @@
 // Asymmetric loss on CPU: loss and gradient w.r.t. the logits in one pass over memory (OpenMP).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <omp.h>
 
 #include <cmath>
@@ -121,6 +122,23 @@ std::tuple<at::Tensor, at::Tensor> asl_cpu(const at::Tensor& logits, const at::T
     });
   });
   return {at::scalar_tensor(loss, logits.options().dtype(loss_dtype)), grad};
+}
+
+void asl_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
+  check_cpu_contig(grad, "grad");
+  TORCH_CHECK(scale.device().is_cpu() && scale.numel() == 1 && scale.is_floating_point(),
+              "native_asl_scale_grad_: scale must be a one-element floating CPU tensor, got ", scale.sizes(), " ",
+              scale.scalar_type(), " on ", scale.device());
+  const double s = scale.item<double>();
+  if (s == 1.0) return;  // autograd's seed when the loss is the last op
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "cssfe_asl_scale_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t sf = static_cast<acc_t>(s);
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, grad.numel(), 1 << 15, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) g[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * sf);
+    });
+  });
 }
 
 }  // namespace cssfe

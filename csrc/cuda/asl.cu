@@ -8,6 +8,8 @@
 //   multiplication); other elements the general one.
 // - Reduction: each block writes its partial sum; the last block to finish adds them in a fixed
 //   order (deterministic) and writes the loss, so no second kernel or host-side sum is needed.
+// - Backward: asl_scale_kernel multiplies the saved gradient by the incoming loss gradient in
+//   place, reading it on the device; when that is 1 no block touches memory.
 #include <ATen/Dispatch.h>
 
 #include <type_traits>
@@ -138,7 +140,62 @@ void launch_asl(const at::Tensor& logits, const at::Tensor& targets, at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// grad *= *scale (the incoming loss gradient, read here so the host never waits for it); every
+// block returns at once when it is 1, the usual case of a loss that is the last op.
+template <typename scalar_t, typename scale_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    asl_scale_kernel(scalar_t* __restrict__ grad, const scale_t* __restrict__ scale, int64_t n) {
+  using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+  const acc_t s = static_cast<acc_t>(*scale);
+  if (s == acc_t(1)) return;
+  using GPack = Pack<scalar_t, VEC>;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t packs = n / VEC;
+  for (int64_t p = first; p < packs; p += stride) {
+    GPack gp = reinterpret_cast<const GPack*>(grad)[p];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) gp.v[j] = static_cast<scalar_t>(static_cast<acc_t>(gp.v[j]) * s);
+    reinterpret_cast<GPack*>(grad)[p] = gp;
+  }
+  for (int64_t i = packs * VEC + first; i < n; i += stride)
+    grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * s);
+}
+
+template <typename scalar_t, typename scale_t>
+void launch_asl_scale(const at::Tensor& grad, const at::Tensor& scale) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const int64_t n = grad.numel();
+  scalar_t* g = grad.data_ptr<scalar_t>();
+  const bool packed = aligned_to<Pack<scalar_t, VEC>>(g);
+  auto kernel = packed ? asl_scale_kernel<scalar_t, scale_t, VEC> : asl_scale_kernel<scalar_t, scale_t, 1>;
+  const int64_t items = packed ? (n + VEC - 1) / VEC : n;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t resident =
+      static_cast<int64_t>(std::max(1, per_sm)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, resident)));
+  kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(g, scale.data_ptr<scale_t>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace cuda
+
+void asl_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
+  CSSFE_CHECK_CUDA(grad, "grad");
+  TORCH_CHECK(scale.device() == grad.device() && scale.numel() == 1 &&
+                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
+              "native_asl_scale_grad_: scale must be a one-element fp32 or fp64 tensor on ", grad.device(), ", got ",
+              scale.sizes(), " ", scale.scalar_type(), " on ", scale.device());
+  if (grad.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "cssfe_asl_scale_cuda", [&] {
+    if (scale.scalar_type() == at::kDouble)
+      cuda::launch_asl_scale<scalar_t, double>(grad, scale);
+    else
+      cuda::launch_asl_scale<scalar_t, float>(grad, scale);
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> asl_cuda(const at::Tensor& logits, const at::Tensor& targets, double gamma_pos,
                                             double gamma_neg, double clip, double eps, bool focal_grad, bool mean,

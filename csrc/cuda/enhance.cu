@@ -151,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cuda(const at::Tensor
 
 TORCH_LIBRARY_IMPL(cssfe, CUDA, m) {
   m.impl("native_asl", &asl_cuda);
+  m.impl("native_asl_scale_grad_", &asl_scale_grad_cuda);
   m.impl("native_attention_fwd", &attention_fwd_cuda);
   m.impl("native_attention_bwd", &attention_bwd_cuda);
   m.impl("native_enhance_fwd", &enhance_fwd_cuda);

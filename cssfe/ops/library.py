@@ -128,7 +128,7 @@ def _asl_setup(ctx, inputs, output):
 
 def _asl_backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and ctx.needs_input_grad[0]:
+    if grad.dim() != 2 and ctx.needs_input_grad[0]:  # need_grad=False keeps a 1-d empty tensor
         raise RuntimeError("cssfe::asymmetric_loss was called with need_grad=False; cannot backpropagate")
     # one multiply in grad's dtype (computed in fp32): no separate cast of grad_loss to launch
     dlogits = (grad * grad_loss) if ctx.needs_input_grad[0] else None
@@ -138,20 +138,51 @@ def _asl_backward(ctx, grad_loss, _grad_grad):
 asymmetric_loss_op.register_autograd(_asl_backward, setup_context=_asl_setup)
 
 
+def _asl_scale_grad_(grad: Tensor, grad_loss: Tensor, backend: str) -> None:
+    """grad *= grad_loss in place, read on the device (no synchronisation); a no-op when it is 1."""
+    if backend in ("cpu", "cuda"):
+        _native().native_asl_scale_grad_(grad, grad_loss)
+    elif backend == "triton":
+        _triton().asl_scale_grad_(grad, grad_loss)
+    else:
+        raise ValueError(f"cssfe::asymmetric_loss: no in-place gradient scaling for backend {backend!r}")
+
+
 class _EagerASL(torch.autograd.Function):
-    """The same kernel and backward as ``cssfe::asymmetric_loss`` for eager mode. A Python custom
-    op costs about 0.1 ms of host time per forward + backward (measured on CPU), several times
-    the kernel itself at typical loss sizes; this path skips that layer."""
+    """The same kernel as ``cssfe::asymmetric_loss`` for eager mode. A Python custom op costs about
+    0.1 ms of host time per forward + backward (measured on CPU), several times the kernel itself at
+    typical loss sizes; this path skips that layer.
+
+    Its backward with a fused backend scales the gradient saved by the forward in place and hands
+    that buffer on (as Liger-Kernel's fused losses do): the out-of-place product was a second full
+    pass over memory, as long as the fused kernel itself; when the incoming gradient is 1 (the loss
+    is the last op) the in-place kernel reads nothing. So such a graph can be backpropagated once;
+    with ``create_graph=True`` (or backend ``reference``) the product stays out of place."""
 
     @staticmethod
     def forward(ctx, logits, targets, *args):
         loss, grad = _asl_kernel(logits, targets, *args)
         _asl_setup(ctx, None, (loss, grad))
+        ctx.backend = args[-1]
+        ctx.grad_handed_on = False
         return loss, grad
 
     @staticmethod
     def backward(ctx, grad_loss, grad_grad):
-        return _asl_backward(ctx, grad_loss, grad_grad)
+        if ctx.backend == "reference" or torch.is_grad_enabled():
+            return _asl_backward(ctx, grad_loss, grad_grad)
+        if ctx.grad_handed_on:
+            raise RuntimeError(
+                f"cssfe asymmetric_loss (backend {ctx.backend!r}) scales its saved gradient in place in backward, "
+                "so its graph can be backpropagated only once; for more (retain_graph=True) use backend='reference'")
+        (grad,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 10
+        if grad.dim() != 2:  # the forward kept no gradient: raises there
+            return _asl_backward(ctx, grad_loss, grad_grad)
+        _asl_scale_grad_(grad, grad_loss, ctx.backend)
+        ctx.grad_handed_on = True
+        return (grad,) + (None,) * 9
 
 
 def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_pos: float, gamma_neg: float, clip: float, eps: float,

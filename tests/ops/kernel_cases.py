@@ -131,12 +131,43 @@ def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", f
     close(loss, loss_ref, torch.float32 if dtype == torch.float64 else dtype,
           f"{backend} asl loss {shape} {dtype}", math.sqrt(n))
     close(g, 1.5 * g_ref, dtype, f"{backend} asl grad {shape} {dtype}")
+    # the loss as the last op: an incoming gradient of exactly 1 (which fused backends skip on the device)
+    loss1 = ops.asymmetric_loss(x, targets, gamma_pos=gp, gamma_neg=gn, clip=clip,
+                                disable_torch_grad_focal_loss=not focal_grad, reduction=reduction, backend=backend)
+    (g1,) = torch.autograd.grad(loss1, x)
+    close(g1, g_ref, dtype, f"{backend} asl grad (incoming 1) {shape} {dtype}")
     # evaluation mode: no gradient requested, same value
     with torch.no_grad():
         loss2 = ops.asymmetric_loss(x, targets, gamma_pos=gp, gamma_neg=gn, clip=clip,
                                     disable_torch_grad_focal_loss=not focal_grad, reduction=reduction, backend=backend)
     close(loss2, loss_ref, torch.float32 if dtype == torch.float64 else dtype, f"{backend} asl no-grad loss", math.sqrt(n))
 
+
+def check_asl_scale(backend, n, offset, dtype, scale, seed=0):
+    """The ASL backward's in-place scaling (library._asl_scale_grad_) of n elements starting
+    ``offset`` elements into their buffer (an unaligned start takes the CUDA kernel's scalar loop),
+    against float64; a scale of exactly 1 must leave every bit as it was, and the elements around
+    the view must stay untouched."""
+    from cssfe.ops import library
+
+    torch.manual_seed(seed)
+    base = (torch.randn(offset + n + 5, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
+    grad = base[offset:offset + n]
+    before = base.clone()
+    s = torch.tensor(scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE)
+    library._asl_scale_grad_(grad, s, backend)
+    what = f"{backend} asl scale x{scale} n={n} offset={offset} {dtype}"
+    if scale == 1.0:
+        assert torch.equal(grad, before[offset:offset + n]), f"{what}: changed the gradient"
+    else:
+        close(grad, before[offset:offset + n].double().cpu() * s.item(), tol_dtype(backend, dtype), what)
+    outside = torch.ones(base.numel(), dtype=torch.bool, device=DEVICE)
+    outside[offset:offset + n] = False
+    assert torch.equal(base[outside], before[outside]), f"{what}: wrote outside the gradient"
+
+
+ASL_SCALES = [1.0, 1.5, -0.25, 0.0, 1.0 / 3.0]
+ASL_SCALE_SIZES = [(1, 0), (7, 1), (4099, 0), (4099, 3)]
 
 ASL_VARIANTS = [
     dict(),

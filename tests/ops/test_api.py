@@ -48,7 +48,8 @@ def test_opcheck_every_op(backend, request):
 
 
 def test_native_ops_are_registered(native_backend):
-    for name in ("native_asl", "native_attention_fwd", "native_attention_bwd", "native_enhance_fwd", "native_enhance_bwd"):
+    for name in ("native_asl", "native_asl_scale_grad_", "native_attention_fwd", "native_attention_bwd",
+                 "native_enhance_fwd", "native_enhance_bwd"):
         assert hasattr(torch.ops.cssfe, name)
 
 

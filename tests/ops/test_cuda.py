@@ -139,6 +139,10 @@ def test_cuda_backend_on_gpu():
             "            kc.check_attention('cuda', (2, 7, 64, 49), dt, seed=50)\n"
             "    for s in kc.ENHANCE_SHAPES + enhance_large:\n"
             "        for mask in (True, False): kc.check_enhance('cuda', s, dt, mask=mask)\n"
-            "    for s in kc.ASL_SHAPES: kc.check_asl('cuda', s, dt)\nprint('ALL OK')\n")
+            "    for s in kc.ASL_SHAPES: kc.check_asl('cuda', s, dt)\n"
+            "for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):\n"
+            "    for size in kc.ASL_SCALE_SIZES + [(1 << 20, 0), (1 << 20, 1)]:\n"
+            "        for i, scale in enumerate(kc.ASL_SCALES): kc.check_asl_scale('cuda', *size, dt, scale, seed=i)\n"
+            "print('ALL OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -4,8 +4,10 @@ gradient, awkward shapes, fp32 everywhere and half precision on a subset. Output
 import pytest
 import torch
 
-from kernel_cases import (ASL_SHAPES, ASL_VARIANTS, ATTENTION_SHAPES, ENHANCE_SHAPES, check_asl, check_attention,
-                          check_enhance)
+import cssfe.ops as ops
+
+from kernel_cases import (ASL_SCALE_SIZES, ASL_SCALES, ASL_SHAPES, ASL_VARIANTS, ATTENTION_SHAPES, ENHANCE_SHAPES,
+                          check_asl, check_asl_scale, check_attention, check_enhance)
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -110,13 +112,50 @@ def test_asl_soft_targets_in_some_blocks(backend, dtype, poison):
     check_asl(backend, (61, 100), dtype, target_dtype=dtype, soft_from=3000, gammas=(1.0, 4.0), seed=5)
 
 
+@pytest.mark.parametrize("dtype", HALF + [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", ASL_SCALE_SIZES)
+def test_cpu_asl_scales_its_gradient_in_place(native_backend, dtype, size):
+    for i, scale in enumerate(ASL_SCALES):
+        check_asl_scale("cpu", *size, dtype, scale, seed=i)
+
+
+def _asl_graph(backend):
+    torch.manual_seed(0)
+    x = (torch.randn(9, 13) * 3).requires_grad_()
+    y = torch.rand(9, 13) < 0.3
+    return x, ops.asymmetric_loss(x, y, backend=backend)
+
+
+def test_asl_backward_twice_only_on_the_reference(backend):
+    """A fused backend's backward scales the forward's saved gradient in place, so a second pass
+    through the same graph must fail clearly instead of returning a gradient scaled twice."""
+    x, loss = _asl_graph(backend)
+    (g1,) = torch.autograd.grad(loss * 2.0, x, retain_graph=True)
+    if backend == "reference":
+        (g2,) = torch.autograd.grad(loss * 2.0, x)
+        assert torch.equal(g1, g2)
+    else:
+        with pytest.raises(RuntimeError, match="backpropagated only once.*backend='reference'"):
+            torch.autograd.grad(loss * 2.0, x)
+
+
+def test_asl_backward_with_create_graph(backend):
+    """With create_graph the gradient stays a function of the incoming one (no in-place scaling)."""
+    x, loss = _asl_graph(backend)
+    x_ref, loss_ref = _asl_graph("reference")
+    s = torch.tensor(0.75, requires_grad=True)
+    (g,) = torch.autograd.grad(loss * s, x, create_graph=True)
+    (ds,) = torch.autograd.grad(g.square().sum(), s)
+    (g_unit,) = torch.autograd.grad(loss_ref, x_ref)
+    assert torch.allclose(g, 0.75 * g_unit, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(ds, 2 * 0.75 * g_unit.square().sum(), rtol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [(16, 8), (13, 5), (300, 123)])
 def test_cpu_asl_gradient_does_not_depend_on_the_batch_split(native_backend, rows):
     """The C++ ASL gives each element the same gradient whether its row is scored in one batch or in
     a data-parallel shard: its vector body and scalar remainder agree bit for bit. (Eager PyTorch's
     vectorized elementwise kernels do not promise this: the reference fails the 300-row case.)"""
-    import cssfe.ops as ops
-
     backend = "cpu"
 
     b, first = rows

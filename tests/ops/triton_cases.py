@@ -68,6 +68,10 @@ def main():
         # blocks of 0/1 targets (binary form only) before blocks that also hold soft ones
         kc.check_asl("triton", (61, 100), dtype, target_dtype=torch.float32, soft_from=5000, gammas=(1.0, 4.0), seed=5)
         n += 1
+        for size in kc.ASL_SCALE_SIZES:  # the backward's in-place scaling
+            for i, scale in enumerate(kc.ASL_SCALES):
+                kc.check_asl_scale("triton", *size, dtype, scale, seed=i)
+                n += 1
     # opcheck on the triton backend too
     from cssfe.ops import library
 

@@ -6,8 +6,8 @@ Import this module only when the backend is used: on a machine without a GPU, th
 in Triton's interpreter when ``TRITON_INTERPRET=1`` is set *before* the import (fp32 only there:
 bf16 is broken in the interpreter, so every kernel loads its inputs as fp32).
 """
-from .asl import asl
+from .asl import asl, asl_scale_grad_
 from .attention import attention_bwd, attention_fwd
 from .enhance import enhance_bwd, enhance_fwd
 
-__all__ = ["asl", "attention_fwd", "attention_bwd", "enhance_fwd", "enhance_bwd"]
+__all__ = ["asl", "asl_scale_grad_", "attention_fwd", "attention_bwd", "enhance_fwd", "enhance_bwd"]

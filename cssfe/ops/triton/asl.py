@@ -121,6 +121,26 @@ def _sum_kernel(part_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
     tl.store(out_ptr, (tl.sum(acc, axis=0) * scale).to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _scale_kernel(g_ptr, s_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """g *= s in place, s read on the device; nothing is read or written when s is 1."""
+    s = tl.load(s_ptr).to(ACC)
+    if s != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask).to(ACC)
+        tl.store(g_ptr + offs, (g * s).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def asl_scale_grad_(grad, scale):
+    """The ASL backward in place: grad *= scale (the 0-d incoming loss gradient); see _scale_kernel."""
+    n = grad.numel()
+    if n:
+        block = 4096 if INTERPRET else 2048
+        acc = tl.float64 if grad.dtype == torch.float64 else tl.float32
+        _scale_kernel[(triton.cdiv(n, block),)](grad, scale, n, BLOCK=block, ACC=acc)
+
+
 def _small_int(v: float) -> bool:
     return 0 <= v < 16 and float(v) == int(v)
 
