@@ -64,7 +64,7 @@ def _extensions():
     cpu = rel([os.path.join(HERE, "csrc", "ops.cpp")] + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))))
     cu = rel(sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))))
     defines = [f"-DCSSFE_SOURCE_HASH={_source_hash()}"]
-    cxx = ["-O3", "-fopenmp"] + defines
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] + defines  # as CXX_FLAGS in cssfe/ops/backends/native.py
     home = _cuda_home()
     with_cuda = bool(cu) and home is not None and torch.version.cuda is not None and os.environ.get("CSSFE_NO_CUDA") != "1"
     if with_cuda:
