@@ -28,9 +28,22 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 def machine() -> Dict[str, object]:
     import torch
 
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name: the vector width the C++ kernels get (AVX-512 or AVX2) moves their times."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def commit() -> str:
@@ -213,7 +226,10 @@ def _jsonl_rows(path: str) -> Iterable[dict]:
                 print(f"warning: {path}:{n}: not a kernels or train_step row, skipped", file=sys.stderr)
                 continue
             machine_info = row.get("machine") or {}
-            yield {**out, "device": machine_info.get("device", "unknown"), "commit": row.get("commit"),
+            device = machine_info.get("device", "unknown")
+            if device.startswith("cpu") and machine_info.get("cpu_capability"):  # AVX2 and AVX-512 times apart
+                device = f"{device[:-1]}, {machine_info['cpu_capability']})" if device.endswith(")") else device
+            yield {**out, "device": device, "commit": row.get("commit"),
                    "date": row.get("date"), "torch": row.get("torch"), "triton": row.get("triton")}
 
 
