@@ -104,8 +104,8 @@ def cuda_build_env() -> dict:
 
 # -fno-trapping-math: FP exceptions never trap in torch, and without it GCC will not if-convert the
 # kernels' guarded divisions and selects for AVX2 (AVX-512 masks them): the C++ ASL ran as branchy
-# scalar code on AVX2 machines, 9x slower. Results are unchanged (unlike -ffast-math). setup.py
-# passes the same flags.
+# scalar code on AVX2 machines, 9x slower. Each operation's result is unchanged (unlike -ffast-math);
+# loops that now vectorize may add in another order (last-bit changes). setup.py passes the same flags.
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "--use_fast_math"]
 # The just-in-time build leaves the targets to torch (TORCH_CUDA_ARCH_LIST, else the card at hand;
