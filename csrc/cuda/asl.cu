@@ -100,6 +100,18 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *loss = static_cast<loss_t>(acc * loss_scale);
 }
 
+// Blocks for a grid-stride kernel over `items`: as many as fit on the device at once (a second,
+// partial wave would run with too few loads in flight); the count per SM depends on the registers
+// this build's kernel uses.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int64_t items) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t resident =
+      static_cast<int64_t>(std::max(1, per_sm)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, resident)));
+}
+
 template <typename T>
 bool aligned_to(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % alignof(T) == 0;
@@ -123,13 +135,7 @@ void launch_asl(const at::Tensor& logits, const at::Tensor& targets, at::Tensor&
   auto kernel = fixed    ? asl_kernel<scalar_t, target_t, loss_t, VEC, kDefaultGammaPos, kDefaultGammaNeg>
                 : packed ? asl_kernel<scalar_t, target_t, loss_t, VEC, -1, -1>
                          : asl_kernel<scalar_t, target_t, loss_t, 1, -1, -1>;
-  // As many blocks as fit on the device at once (a second, partial wave would run with too few
-  // loads in flight): the count per SM depends on the registers this build's kernel uses.
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  const int64_t resident =
-      static_cast<int64_t>(std::max(1, per_sm)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, resident)));
+  const int blocks = resident_blocks(kernel, items);
   // [arrival counter, partial sums of the blocks]: one memset
   at::Tensor work = at::zeros({blocks + 1}, logits.options().dtype(at::kInt));
   auto* arrived = reinterpret_cast<unsigned int*>(work.data_ptr<int>());
@@ -170,11 +176,7 @@ void launch_asl_scale(const at::Tensor& grad, const at::Tensor& scale) {
   const bool packed = aligned_to<Pack<scalar_t, VEC>>(g);
   auto kernel = packed ? asl_scale_kernel<scalar_t, scale_t, VEC> : asl_scale_kernel<scalar_t, scale_t, 1>;
   const int64_t items = packed ? (n + VEC - 1) / VEC : n;
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  const int64_t resident =
-      static_cast<int64_t>(std::max(1, per_sm)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, resident)));
+  const int blocks = resident_blocks(kernel, items);
   kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(g, scale.data_ptr<scale_t>(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
