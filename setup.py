@@ -11,45 +11,22 @@ Extension ``cssfe._C`` (csrc/, the ``cpu`` and ``cuda`` kernel backends of ``css
 
 ``CSSFE_NO_EXT=1`` skips the extension entirely. ``MAX_JOBS`` limits parallel compilation.
 """
-import glob
-import hashlib
 import os
-import shutil
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _source_hash():
-    """Same hash as cssfe/ops/backends/native.py:source_hash (a stale build is then detected)."""
-    csrc = os.path.join(HERE, "csrc")
-    files = sorted(f for f in glob.glob(os.path.join(csrc, "**", "*.*"), recursive=True)
-                   if f.endswith((".cpp", ".cu", ".h", ".cuh")))
-    h = hashlib.sha1()
-    for f in files:
-        h.update(os.path.relpath(f, csrc).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read())
-    return "h" + h.hexdigest()[:16]
+def _build_spec():
+    """cssfe/ops/backends/build_spec.py, loaded by its path: the package cannot be imported yet."""
+    import importlib.util
 
-
-def _cuda_home():
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        cands.append(os.path.dirname(os.path.dirname(real)))
-        try:
-            with open(real, "r", errors="ignore") as fh:
-                cands += [os.path.dirname(os.path.dirname(t)) for t in fh.read(4096).split() if t.endswith("/bin/nvcc")]
-        except OSError:
-            pass
-    cands.append("/usr/local/cuda")
-    for c in cands:
-        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(c, "bin", "nvcc")):
-            return c
-    return None
+    spec = importlib.util.spec_from_file_location(
+        "cssfe_build_spec", os.path.join(HERE, "cssfe", "ops", "backends", "build_spec.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _extensions():
@@ -60,27 +37,26 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:
         return [], {}
+    spec = _build_spec()
+    csrc = os.path.join(HERE, "csrc")
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
-    cpu = rel([os.path.join(HERE, "csrc", "ops.cpp")] + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))))
-    cu = rel(sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))))
-    defines = [f"-DCSSFE_SOURCE_HASH={_source_hash()}"]
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] + defines  # as CXX_FLAGS in cssfe/ops/backends/native.py
-    home = _cuda_home()
+    cpu, cu = rel(spec.cpu_sources(csrc)), rel(spec.cuda_sources(csrc))
+    cxx = spec.CXX_FLAGS + [spec.hash_define(csrc)]
+    home = spec.cuda_home()
     with_cuda = bool(cu) and home is not None and torch.version.cuda is not None and os.environ.get("CSSFE_NO_CUDA") != "1"
     if with_cuda:
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        inc = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
-        if os.path.isdir(inc):  # ATen's CUDAContext includes cusparse.h
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", spec.DEFAULT_ARCH_LIST)
+        inc = spec.cuda_include_dir(os.path.dirname(torch.__file__))
+        if inc:
             os.environ["CPATH"] = os.pathsep.join(p for p in (inc, os.environ.get("CPATH", "")) if p)
-        nvcc = ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90,code=sm_90", "-DCSSFE_WITH_CUDA"] + defines
+        nvcc = spec.NVCC_FLAGS + spec.NVCC_ARCH_FLAGS + [spec.CUDA_DEFINE, spec.hash_define(csrc)]
         ext = cpp_extension.CUDAExtension(
-            "cssfe._C", cpu + cu, extra_compile_args={"cxx": cxx + ["-DCSSFE_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"])
+            "cssfe._C", cpu + cu, extra_compile_args={"cxx": cxx + [spec.CUDA_DEFINE], "nvcc": nvcc},
+            extra_link_args=spec.LINK_FLAGS)
     else:
-        ext = cpp_extension.CppExtension("cssfe._C", cpu, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = cpp_extension.CppExtension("cssfe._C", cpu, extra_compile_args={"cxx": cxx}, extra_link_args=spec.LINK_FLAGS)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -439,7 +439,7 @@ def task_build(task, ctx, emit):
     from cssfe.ops.backends import native
 
     rec = {"torch_cuda_available": torch.cuda.is_available(), "cuda_home": native.cuda_home(),
-           "extension_dir": native.extension_dir(), "source_hash": native.source_hash(),
+           "extension_dir": native.extension_dir(), "build_hash": native.build_hash(),
            "nvcc_flags": list(native.NVCC_FLAGS), "want_cuda": ctx.cuda,
            "env": {k: os.environ.get(k) for k in ("MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "CSSFE_EXT_DIR", "CUDA_HOME",
                                                    "CSSFE_NO_CUDA", "CSSFE_NO_JIT")}}
@@ -449,9 +449,9 @@ def task_build(task, ctx, emit):
         rec["ninja"] = False
     # A build killed midway leaves cpp_extension's lock file, and every later load then waits on it
     # forever. Nothing else builds while this task runs (phase 1, lane A), so a lock here is stale.
-    tag = f"torch{torch.__version__}".replace("+", "_")
-    for suffix in ("", "_cuda"):
-        lock = os.path.join(native.extension_dir(), tag, f"cssfe_ext_{rec['source_hash']}{suffix}", "lock")
+    if rec["build_hash"] is not None:
+        _, _, build_dir = native.jit_target(rec["build_hash"])
+        lock = os.path.join(build_dir, "lock")
         if os.path.exists(lock):
             with contextlib.suppress(OSError):
                 os.remove(lock)

@@ -6,13 +6,14 @@
 // (which add their own TORCH_LIBRARY_IMPL(cssfe, CUDA, ...) blocks when built).
 #include "cssfe.h"
 
-// The build passes -DCSSFE_SOURCE_HASH=h<hash of csrc/> (unquoted: quotes do not survive ninja).
+// The build passes -DCSSFE_BUILD_HASH=h<hash of csrc/ and the compiler flags> (unquoted: quotes do
+// not survive ninja); cssfe/ops/backends/build_spec.py computes it.
 #define CSSFE_STR2(x) #x
 #define CSSFE_STR(x) CSSFE_STR2(x)
-#ifdef CSSFE_SOURCE_HASH
-#define CSSFE_SOURCE_HASH_STR CSSFE_STR(CSSFE_SOURCE_HASH)
+#ifdef CSSFE_BUILD_HASH
+#define CSSFE_BUILD_HASH_STR CSSFE_STR(CSSFE_BUILD_HASH)
 #else
-#define CSSFE_SOURCE_HASH_STR "unknown"
+#define CSSFE_BUILD_HASH_STR "unknown"
 #endif
 
 TORCH_LIBRARY_FRAGMENT(cssfe, m) {
@@ -40,7 +41,7 @@ TORCH_LIBRARY_IMPL(cssfe, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("source_hash") = CSSFE_SOURCE_HASH_STR;
+  m.attr("build_hash") = CSSFE_BUILD_HASH_STR;
 #ifdef CSSFE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

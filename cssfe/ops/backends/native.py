@@ -3,10 +3,11 @@
 How the extension is found (first that works):
 
 1. ``cssfe._C``, built by ``setup.py`` (``pip install -e .`` / ``pip install .``), used when its
-   ``source_hash`` matches the current ``csrc/`` sources (a stale build is ignored, with a warning);
+   ``build_hash`` matches the current ``csrc/`` sources and compiler flags (``build_spec``; a stale
+   build is ignored, with a warning);
 2. otherwise a just-in-time build with ``torch.utils.cpp_extension.load`` of the CPU sources (plus
    the CUDA sources when torch sees a GPU and nvcc is found), cached in ``$CSSFE_EXT_DIR``, else
-   ``$CSSFE_CACHE/extensions``, else ``~/.cache/cssfe/extensions`` (one sub-folder per source hash
+   ``$CSSFE_CACHE/extensions``, else ``~/.cache/cssfe/extensions`` (one sub-folder per build hash
    and torch version; the first build takes about a minute, later loads are instant).
 
 ``CSSFE_NO_JIT=1`` disables step 2 (the ``cpu`` backend is then unavailable unless ``cssfe._C``
@@ -14,16 +15,15 @@ was built). Loading registers the ``cssfe::native_*`` operators (``csrc/ops.cpp`
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import os
-import shutil
 import threading
 import time
 import warnings
 from typing import Optional, Tuple
 
 import torch
+
+from cssfe.ops.backends import build_spec
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CSRC = os.path.join(_ROOT, "csrc")
@@ -32,25 +32,16 @@ _state: dict = {}
 
 
 def cpu_sources() -> list:
-    return [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    return build_spec.cpu_sources(CSRC)
 
 
 def cuda_sources() -> list:
-    return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    return build_spec.cuda_sources(CSRC)
 
 
-def source_hash() -> Optional[str]:
-    """Hash of every file under csrc/ (None when the source tree is not shipped)."""
-    files = sorted(glob.glob(os.path.join(CSRC, "**", "*.*"), recursive=True))
-    files = [f for f in files if f.endswith((".cpp", ".cu", ".h", ".cuh"))]
-    if not files:
-        return None
-    h = hashlib.sha1()
-    for f in files:
-        h.update(os.path.relpath(f, CSRC).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read())
-    return "h" + h.hexdigest()[:16]
+def build_hash() -> Optional[str]:
+    """Hash of csrc/ and the compiler flags (None when the source tree is not shipped)."""
+    return build_spec.build_hash(CSRC)
 
 
 def extension_dir() -> str:
@@ -61,31 +52,7 @@ def extension_dir() -> str:
     return base
 
 
-def cuda_home() -> Optional[str]:
-    """The CUDA toolkit root (the folder whose include/ holds cuda_runtime.h), or None.
-
-    The ``nvcc`` on PATH may be a wrapper script, so torch's guess can be wrong: check the headers.
-    """
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        cands.append(os.path.dirname(os.path.dirname(real)))
-        try:  # a wrapper like `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
-            with open(real, "r", errors="ignore") as fh:
-                text = fh.read(4096)
-            for tok in text.split():
-                if tok.endswith("/bin/nvcc"):
-                    cands.append(os.path.dirname(os.path.dirname(tok)))
-        except OSError:
-            pass
-    cands += ["/usr/local/cuda"]
-    for c in cands:
-        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) and os.path.exists(
-            os.path.join(c, "bin", "nvcc")
-        ):
-            return c
-    return None
+cuda_home = build_spec.cuda_home
 
 
 def cuda_build_env() -> dict:
@@ -95,24 +62,16 @@ def cuda_build_env() -> dict:
     if home:
         env["CUDA_HOME"] = home
     if not torch.cuda.is_available():
-        env.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
-    inc = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
-    if os.path.isdir(inc):
+        env.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", build_spec.DEFAULT_ARCH_LIST))
+    inc = build_spec.cuda_include_dir(os.path.dirname(torch.__file__))
+    if inc:
         env["CPATH"] = os.pathsep.join(p for p in (inc, os.environ.get("CPATH", "")) if p)
     return env
 
 
-# -fno-trapping-math: FP exceptions never trap in torch, and without it GCC will not if-convert the
-# kernels' guarded divisions and selects for AVX2 (AVX-512 masks them): the C++ ASL ran as branchy
-# scalar code on AVX2 machines, 9x slower. Each operation's result is unchanged (unlike -ffast-math);
-# loops that now vectorize may add in another order (last-bit changes). setup.py passes the same flags.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
-NVCC_FLAGS = ["-O3", "--use_fast_math"]
-# The just-in-time build leaves the targets to torch (TORCH_CUDA_ARCH_LIST, else the card at hand;
-# sm_80 and sm_90 without a GPU, cuda_build_env): one target on a GPU machine, where these flags made
-# it two (torch adds none when the flags name one) and the build on an H200 outlasted a 95 s cap.
-# Wheels (setup.py) are built for both.
-NVCC_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+CXX_FLAGS = build_spec.CXX_FLAGS
+NVCC_FLAGS = build_spec.NVCC_FLAGS
+NVCC_ARCH_FLAGS = build_spec.NVCC_ARCH_FLAGS
 
 
 def _try_prebuilt(want: Optional[str]) -> Tuple[Optional[object], str]:
@@ -120,14 +79,15 @@ def _try_prebuilt(want: Optional[str]) -> Tuple[Optional[object], str]:
         from cssfe import _C  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"cssfe._C not built ({exc})"
-    have = getattr(_C, "source_hash", "unknown")
+    have = getattr(_C, "build_hash", "unknown")
     if want is not None and have != want:
-        warnings.warn(f"cssfe._C was built from other csrc/ sources ({have} != {want}); rebuilding it just in time")
+        warnings.warn(f"cssfe._C was built from other csrc/ sources or compiler flags ({have} != {want}); "
+                      "rebuilding it just in time")
         return None, "cssfe._C is stale"
     return _C, "prebuilt cssfe._C"
 
 
-def _jit_target(want: str):
+def jit_target(want: str):
     """(with_cuda, module name, build folder) of the just-in-time build for these sources."""
     with_cuda = torch.cuda.is_available() and cuda_home() is not None and bool(cuda_sources())
     name = f"cssfe_ext_{want}" + ("_cuda" if with_cuda else "")
@@ -152,9 +112,9 @@ def _import_built(name: str, so_path: str):
 def _jit_build(want: str):
     from torch.utils import cpp_extension
 
-    with_cuda, name, build_dir = _jit_target(want)
+    with_cuda, name, build_dir = jit_target(want)
     so_path = os.path.join(build_dir, name + ".so")
-    if os.path.exists(so_path):  # the name carries the source hash: a finished build is current
+    if os.path.exists(so_path):  # the name carries the build hash: a finished build is current
         return _import_built(name, so_path), f"built just in time in {build_dir}"
     os.makedirs(build_dir, exist_ok=True)
     lock = os.path.join(build_dir, "lock")
@@ -162,7 +122,7 @@ def _jit_build(want: str):
         warnings.warn(f"removing a stale build lock {lock} (left by an interrupted build)")
         os.remove(lock)
     sources = cpu_sources() + (cuda_sources() if with_cuda else [])
-    defines = [f"-DCSSFE_SOURCE_HASH={want}"] + (["-DCSSFE_WITH_CUDA"] if with_cuda else [])
+    defines = [build_spec.hash_define(CSRC)] + ([build_spec.CUDA_DEFINE] if with_cuda else [])
     old = {k: os.environ.get(k) for k in ("MAX_JOBS", "CUDA_HOME", "CPATH", "TORCH_CUDA_ARCH_LIST")}
     os.environ.setdefault("MAX_JOBS", "1")
     if with_cuda:
@@ -173,7 +133,7 @@ def _jit_build(want: str):
             sources=sources,
             extra_cflags=CXX_FLAGS + defines,
             extra_cuda_cflags=NVCC_FLAGS + defines,
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=build_spec.LINK_FLAGS,
             build_directory=build_dir,
             verbose=os.environ.get("CSSFE_EXT_VERBOSE") == "1",
         )
@@ -191,7 +151,7 @@ def load() -> Tuple[Optional[object], str]:
     with _lock:
         if "result" in _state:
             return _state["result"]
-        want = source_hash()
+        want = build_hash()
         mod, reason = _try_prebuilt(want)
         if mod is None and want is not None:
             if os.environ.get("CSSFE_NO_JIT") == "1":
@@ -220,15 +180,15 @@ def has_cuda_kernels() -> bool:
 
 def can_load_without_build() -> bool:
     """True when ``load()`` needs no compiler: a matching ``cssfe._C`` or a cached JIT build."""
-    want = source_hash()
+    want = build_hash()
     try:
         from cssfe import _C  # type: ignore[attr-defined]
 
-        if want is None or getattr(_C, "source_hash", None) == want:
+        if want is None or getattr(_C, "build_hash", None) == want:
             return True
     except ImportError:
         pass
     if want is None or os.environ.get("CSSFE_NO_JIT") == "1":
         return False
-    _, name, build_dir = _jit_target(want)
+    _, name, build_dir = jit_target(want)
     return os.path.exists(os.path.join(build_dir, name + ".so"))

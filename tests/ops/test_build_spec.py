@@ -1,0 +1,58 @@
+"""The extension's build identity: the hash covers the sources and the compiler flags, and a build
+stamped with another hash is not used."""
+import os
+import shutil
+import sys
+import types
+
+import pytest
+
+import cssfe
+from cssfe.ops.backends import build_spec, native
+
+
+@pytest.fixture
+def csrc_copy(tmp_path):
+    dst = tmp_path / "csrc"
+    shutil.copytree(native.CSRC, dst)
+    return str(dst)
+
+
+def test_hash_is_stable_and_matches_the_package_sources(csrc_copy):
+    assert build_spec.build_hash(csrc_copy) == build_spec.build_hash(csrc_copy) == native.build_hash()
+    assert build_spec.hash_define(csrc_copy) == f"-DCSSFE_BUILD_HASH={native.build_hash()}"
+
+
+def test_hash_changes_with_a_source(csrc_copy):
+    before = build_spec.build_hash(csrc_copy)
+    with open(os.path.join(csrc_copy, "cpu", "asl.cpp"), "a") as fh:
+        fh.write("\n// edited\n")
+    assert build_spec.build_hash(csrc_copy) != before
+
+
+@pytest.mark.parametrize("flags", ["CXX_FLAGS", "NVCC_FLAGS", "LINK_FLAGS"])
+def test_hash_changes_with_the_compiler_flags(csrc_copy, monkeypatch, flags):
+    before = build_spec.build_hash(csrc_copy)
+    monkeypatch.setattr(build_spec, flags, getattr(build_spec, flags) + ["-DCSSFE_SOME_FLAG"])
+    after = build_spec.build_hash(csrc_copy)
+    assert after != before
+    # the just-in-time build's folder and module name follow the hash: a cached build with the old
+    # flags is not picked up
+    assert native.jit_target(after)[2] != native.jit_target(before)[2]
+
+
+def test_no_sources_no_hash(tmp_path):
+    assert build_spec.build_hash(str(tmp_path)) is None
+
+
+def test_a_prebuilt_extension_with_another_hash_is_not_used(monkeypatch):
+    stale = types.ModuleType("cssfe._C")
+    stale.build_hash = "h0000000000000000"
+    monkeypatch.setitem(sys.modules, "cssfe._C", stale)
+    monkeypatch.setattr(cssfe, "_C", stale, raising=False)  # set once the real one was imported
+    with pytest.warns(UserWarning, match="other csrc/ sources or compiler flags"):
+        mod, reason = native._try_prebuilt(native.build_hash())
+    assert mod is None and "stale" in reason
+    stale.build_hash = native.build_hash()
+    mod, reason = native._try_prebuilt(native.build_hash())
+    assert mod is stale
