@@ -152,8 +152,9 @@ def test_enhance_and_asl_compile_and_fit(record, dtype):
     triton_asl.asl(x, torch.rand(4096, 80) > 0.5, 0.0, 4.0, 0.05, 1e-8, False, False, True)  # 0/1 targets
     triton_asl.asl(x, torch.rand(4096, 80), 1.5, 2.5, 0.05, 1e-8, True, True, True)  # soft targets
     triton_asl.asl(x, torch.rand(4096, 80) > 0.5, 1.0, 3.0, 0.0, 1e-8, True, False, False)  # focal grad, no clip, value only
+    triton_asl.asl_scale_grad_(x, torch.tensor(1.5))  # the backward's in-place scaling
     names = {launch.fn.__name__ for launch in record}
-    assert {"_enhance_fwd", "_enhance_bwd", "_asl_kernel", "_sum_kernel"} <= names, names
+    assert {"_enhance_fwd", "_enhance_bwd", "_asl_kernel", "_sum_kernel", "_scale_kernel"} <= names, names
     check_fits(record)
 
 
