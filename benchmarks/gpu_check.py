@@ -109,6 +109,10 @@ PROVIDER_DOC = {
     "cuda_kernel": "library.asymmetric_loss_op(..., 'cuda') under no_grad: the fused kernel alone",
     "cpu": "ops.* with backend='cpu' (the C++/OpenMP extension; dry-run stand-in for cuda)",
     "cpu_kernel": "library.asymmetric_loss_op(..., 'cpu') under no_grad",
+    "cuda_block": "enhance: cuda with the one-launch block program forced (library.native_enhance_strategy)",
+    "cuda_staged": "enhance: cuda with the staged strategy forced (batched GEMMs per stage, csrc/enhance_staged.cpp)",
+    "cpu_block": "enhance: cpu with its one-launch kernel forced (dry-run stand-in for cuda_block)",
+    "cpu_staged": "enhance: cpu with the staged strategy forced (dry-run stand-in for cuda_staged)",
     "sdpa": "F.scaled_dot_product_attention (C queries of one head of dim d attend over N keys, q shared over "
             "the batch; K/V given as [B,1,N,d]) + progressive_enhance(backend='reference') in eager PyTorch",
     "sdpa_flash": "sdpa restricted to SDPBackend.FLASH_ATTENTION",
@@ -725,12 +729,7 @@ def _attn_fns(provider, case, ctx):
     if provider in ("triton_flash", "triton_gemm"):  # backward reads the strategy too: wrap whole calls
         from cssfe.ops.triton import attention as triton_attention
 
-        def in_strategy(f):
-            def run():
-                with triton_attention.strategy(provider.split("_")[1]):
-                    return f()
-            return run
-        return tuple(in_strategy(f) for f in _attn_fns("triton", case, ctx))
+        return tuple(_within(triton_attention.strategy, provider.split("_")[1], f) for f in _attn_fns("triton", case, ctx))
     if provider in ("eager", "auto", "triton", "cuda", "cpu"):
         be = "reference" if provider == "eager" else provider
         return with_grad(lambda: ops.progressive_enhance(ops.class_attention(q, k, v, backend=be), R, groups, gate,
@@ -833,6 +832,7 @@ def _enh_fns(provider, case, ctx):
     """(fwd+bwd fn returning (out, dz, dR, dlam), forward-only fn)."""
     torch = ctx.torch
     import cssfe.ops as ops
+    from cssfe.ops import library
     from cssfe.ops.backends import reference_impl
 
     z, R, groups, gate, lam, gout = (case[n] for n in ("z", "R", "groups", "gate", "lam", "gout"))
@@ -846,6 +846,10 @@ def _enh_fns(provider, case, ctx):
     elif provider in gpu_goals.THROUGH_OP:  # one backend through the op
         be = "reference" if provider == "eager" else provider
         forward = lambda: ops.progressive_enhance(z, R, groups, gate, lam, backend=be)  # noqa: E731
+    elif provider.rsplit("_", 1)[-1] in library.NATIVE_ENHANCE_STRATEGIES:  # cuda_staged ...: both directions
+        be, strategy = provider.rsplit("_", 1)
+        plain = _enh_fns(be, case, ctx)
+        return tuple(_within(library.native_enhance_strategy, strategy, f) for f in plain)
     else:
         raise ValueError(f"unknown enhance provider {provider!r}")
 
@@ -857,6 +861,14 @@ def _enh_fns(provider, case, ctx):
         with torch.no_grad():
             return forward()
     return fn, fwd
+
+
+def _within(context, name, f):
+    """f, run inside ``context(name)`` (a strategy override: the backward must see it too)."""
+    def run():
+        with context(name):
+            return f()
+    return run
 
 
 def task_bench_enhance(task, ctx, emit):
@@ -1400,7 +1412,7 @@ class Orchestrator:
                          + ([self.native] if native_ok else [])
                          + ["sdpa"] + (["sdpa_math"] if self.dry else ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]),
             "enhance": ["eager"] + ([] if a.quick else ["compile"]) + (["triton"] if triton_ok else [])
-                       + ([self.native] if native_ok else []),
+                       + ([self.native, self.native + "_block", self.native + "_staged"] if native_ok else []),
             "grid": ["eager", "auto"] + (["triton", "triton_flash"] if triton_ok else [])
                     + ([self.native] if native_ok else []) + ["sdpa"],
         }

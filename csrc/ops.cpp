@@ -29,6 +29,11 @@ TORCH_LIBRARY_FRAGMENT(cssfe, m) {
   m.def(
       "native_enhance_bwd(Tensor grad, Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w, "
       "Tensor out) -> (Tensor, Tensor, Tensor)");
+  // the same contract, computed as batched matrix products on any device (enhance_staged.cpp)
+  m.def("native_enhance_staged_fwd(Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w) -> Tensor");
+  m.def(
+      "native_enhance_staged_bwd(Tensor grad, Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w, "
+      "Tensor out) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cssfe, CPU, m) {

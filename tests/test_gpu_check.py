@@ -77,7 +77,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
         assert r["check"]["eager_err"] == r["check"]["max_rel_err"], r
     assert "eager_err" not in attn[("eager", "float32")]["check"]
     enh = {(r["provider"], r["dtype"]): r for r in bench["enhance"]}
-    assert set(enh) == {(p, dt) for p in ("eager", "compile", "cpu") for dt in ("float32", "bfloat16")}, set(enh)
+    enh_providers = ("eager", "compile", "cpu", "cpu_block", "cpu_staged")  # both native strategies forced too
+    assert set(enh) == {(p, dt) for p in enh_providers for dt in ("float32", "bfloat16")}, set(enh)
     for r in enh.values():
         assert r["ok"] and r["check"]["agrees"] and (r["B"], r["C"], r["L"]) == (2, 8, 32), r
         assert set(r["check"]["max_rel_err"]) == {"out", "dz", "dR", "dlam"}, r

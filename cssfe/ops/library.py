@@ -29,6 +29,7 @@ import torch
 import torch.utils.weak
 
 from .backends import reference_impl
+from .overrides import overriding
 
 Tensor = torch.Tensor
 
@@ -47,6 +48,41 @@ def _triton():
     from . import triton as triton_ops  # imported lazily: TRITON_INTERPRET must be set before
 
     return triton_ops
+
+
+# The native enhancement's two strategies: "block", the one-launch kernel of each device
+# (csrc/cpu/enhance.cpp, csrc/cuda/enhance.cu), and "staged", three stages of batched matrix
+# products in ATen (csrc/enhance_staged.cpp; cuBLAS on a GPU). The CUDA block program reads the whole
+# affinity per tile of columns and its tiles narrow as C grows: on an H200 it was the fastest at 80
+# classes, slower than eager from 320 on. The switch point below has not been measured against the
+# staged strategy yet (benchmarks/gpu_check.py times both: providers cuda and cuda_staged).
+NATIVE_ENHANCE_STRATEGIES = ("block", "staged")
+STAGED_MIN_CLASSES = {"cpu": None, "cuda": 256}  # None: always the block kernel (fast on CPU at every C)
+_native_enhance_override = None  # while native_enhance_strategy is active
+
+
+def native_enhance_strategy(name: str):
+    """Use this strategy for the cpu and cuda backends' enhancement inside the ``with`` block (tests
+    and the GPU benchmark compare both); wrap the forward and the backward."""
+    if name not in NATIVE_ENHANCE_STRATEGIES:
+        raise ValueError(f"progressive_enhance: unknown native strategy {name!r}, expected one of "
+                         f"{NATIVE_ENHANCE_STRATEGIES}")
+    return overriding(globals(), "_native_enhance_override", name)
+
+
+def native_enhance_strategy_for(backend: str, classes: int) -> str:
+    if _native_enhance_override is not None:
+        return _native_enhance_override
+    threshold = STAGED_MIN_CLASSES.get(backend)
+    return "staged" if threshold is not None and classes >= threshold else "block"
+
+
+def _native_enhance(backend: str, classes: int):
+    """(forward, backward) native operators of the enhancement strategy for this backend and C."""
+    ops = _native()
+    if native_enhance_strategy_for(backend, classes) == "staged":
+        return ops.native_enhance_staged_fwd, ops.native_enhance_staged_bwd
+    return ops.native_enhance_fwd, ops.native_enhance_bwd
 
 
 # groups tensor -> (its version, order, bounds). The model passes the same groups buffer every step,
@@ -301,7 +337,8 @@ def _enh_kernel(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: 
         return reference_impl.enhance_fwd(z, affinity, groups, w)
     r = affinity.to(torch.float32).contiguous()
     if backend in ("cpu", "cuda"):
-        return _native().native_enhance_fwd(z.contiguous(), r, order, bounds, w.float())
+        forward, _ = _native_enhance(backend, z.shape[1])
+        return forward(z.contiguous(), r, order, bounds, w.float())
     if backend == "triton":
         return _triton().enhance_fwd(z.contiguous(), r, order, bounds, w.float())
     raise ValueError(f"cssfe::progressive_enhance: unknown backend {backend!r}")
@@ -328,7 +365,8 @@ def _enh_backward_kernel(grad: Tensor, z: Tensor, affinity: Tensor, groups: Tens
     r = affinity.to(torch.float32).contiguous()
     args = (grad.contiguous(), z.contiguous(), r, order, bounds, w.float(), out.contiguous())
     if backend in ("cpu", "cuda"):
-        dz, dm, dw = _native().native_enhance_bwd(*args)
+        _, backward = _native_enhance(backend, z.shape[1])
+        dz, dm, dw = backward(*args)
     elif backend == "triton":
         dz, dm, dw = _triton().enhance_bwd(*args)
     else:

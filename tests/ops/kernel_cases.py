@@ -70,10 +70,10 @@ def check_attention(backend, shape, dtype, batched_q=False, seed=0):
 
 
 # ------------------------------------------------------------------------- progressive enhance
-def check_enhance(backend, shape, dtype, mask=True, seed=0):
+def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None):
     torch.manual_seed(seed)
     b, c, length = shape
-    groups = groups_for(c, seed)
+    groups = groups_for(c, seed) if groups is None else torch.as_tensor(groups)
     z64 = torch.randn(b, c, length, dtype=torch.float64)
     r = reference.semantic_affinity(torch.randn(c, 8), groups, mask=mask, tau=0.2)
     gate64 = torch.rand(b, c, dtype=torch.float64)

@@ -124,7 +124,7 @@ def test_cuda_backend_on_gpu():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
     # poisoned outputs (unwritten elements fail); shared and per-image queries; wide features; and
     # C x N large enough that the attention runs in several chunks of images (2, 2, 1 in backward)
-    code = ("import torch, kernel_cases as kc\nkc.DEVICE='cuda'\n"
+    code = ("import torch, kernel_cases as kc\nfrom cssfe.ops import library\nkc.DEVICE='cuda'\n"
             "torch.use_deterministic_algorithms(True, warn_only=True)\n"
             "torch.utils.deterministic.fill_uninitialized_memory = True\n"
             "wide = [(2, 20, 256, 197), (2, 7, 512, 49), (1, 5, 768, 196), (5, 1000, 64, 1024)]\n"
@@ -138,7 +138,10 @@ def test_cuda_backend_on_gpu():
             "        with torch.autocast('cuda', dtype=torch.bfloat16):\n"
             "            kc.check_attention('cuda', (2, 7, 64, 49), dt, seed=50)\n"
             "    for s in kc.ENHANCE_SHAPES + enhance_large:\n"
-            "        for mask in (True, False): kc.check_enhance('cuda', s, dt, mask=mask)\n"
+            "        for mask in (True, False):\n"
+            "            for strategy in library.NATIVE_ENHANCE_STRATEGIES:  # block program and staged GEMMs\n"
+            "                with library.native_enhance_strategy(strategy):\n"
+            "                    kc.check_enhance('cuda', s, dt, mask=mask)\n"
             "    for s in kc.ASL_SHAPES: kc.check_asl('cuda', s, dt)\n"
             "for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):\n"
             "    for size in kc.ASL_SCALE_SIZES + [(1 << 20, 0), (1 << 20, 1)]:\n"

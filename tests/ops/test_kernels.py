@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import cssfe.ops as ops
+from cssfe.ops import library
 
 from kernel_cases import (ASL_SCALE_SIZES, ASL_SCALES, ASL_SHAPES, ASL_VARIANTS, ATTENTION_SHAPES, ENHANCE_SHAPES,
                           check_asl, check_asl_scale, check_attention, check_enhance)
@@ -87,6 +88,74 @@ def test_progressive_enhance_fp32(backend, shape, mask, poison):
 @pytest.mark.parametrize("dtype", HALF + [torch.float64])
 def test_progressive_enhance_other_dtypes(backend, dtype, poison):
     check_enhance(backend, (3, 20, 49), dtype, seed=2)
+
+
+# The staged strategy is ATen operators only (csrc/enhance_staged.cpp): on CPU these run the code the
+# cuda backend runs from library.STAGED_MIN_CLASSES classes on, where its products go to cuBLAS.
+@pytest.mark.parametrize("shape", ENHANCE_SHAPES + [(2, 300, 13)])
+@pytest.mark.parametrize("mask", [True, False])
+def test_native_enhance_staged_fp32(native_backend, poison, shape, mask):
+    with library.native_enhance_strategy("staged"):
+        check_enhance("cpu", shape, torch.float32, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float64])
+def test_native_enhance_staged_other_dtypes(native_backend, poison, dtype):
+    with library.native_enhance_strategy("staged"):
+        check_enhance("cpu", (3, 20, 49), dtype, seed=2)
+
+
+@pytest.mark.parametrize("strategy", library.NATIVE_ENHANCE_STRATEGIES)
+@pytest.mark.parametrize("groups", [[2, 2, 2, 2, 2], [0, 0, 0], [0, 2, 0, 2, 2, 0, 2], [1, 1, 0, 1, 0]],
+                         ids=["tail-only", "head-only", "no-medium", "no-tail"])
+@pytest.mark.parametrize("mask", [True, False])
+def test_native_enhance_with_empty_stages(native_backend, poison, strategy, groups, mask):
+    with library.native_enhance_strategy(strategy):
+        check_enhance("cpu", (3, len(groups), 11), torch.float32, mask=mask, groups=groups)
+
+
+class _NativeSpy:
+    """torch.ops.cssfe, recording which native operators are called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.cssfe, name)
+
+        def call(*args):
+            self.calls.append(name)
+            return op(*args)
+        return call
+
+
+@pytest.mark.parametrize("strategy", [None, "block", "staged"])
+def test_native_enhance_strategy_reaches_both_directions(native_backend, monkeypatch, strategy):
+    spy = _NativeSpy()
+    monkeypatch.setattr(library, "_native", lambda: spy)
+    z = torch.randn(2, 5, 3, requires_grad=True)
+    groups = torch.tensor([0, 1, 2, 1, 0])
+    run = lambda: ops.progressive_enhance(z, torch.rand(5, 5), groups, torch.rand(2, 5), 0.5,  # noqa: E731
+                                          backend="cpu").sum().backward()
+    if strategy is None:
+        run()
+    else:
+        with library.native_enhance_strategy(strategy):
+            run()
+    prefix = "native_enhance_staged" if strategy == "staged" else "native_enhance"
+    assert spy.calls == [prefix + "_fwd", prefix + "_bwd"]
+
+
+def test_native_enhance_strategy_choice():
+    assert library.native_enhance_strategy_for("cpu", 10_000) == "block"  # the CPU kernel scales with C
+    threshold = library.STAGED_MIN_CLASSES["cuda"]
+    assert library.native_enhance_strategy_for("cuda", threshold - 1) == "block"
+    assert library.native_enhance_strategy_for("cuda", threshold) == "staged"
+    with library.native_enhance_strategy("block"):
+        assert library.native_enhance_strategy_for("cuda", 10_000) == "block"
+    assert library.native_enhance_strategy_for("cuda", 10_000) == "staged"  # restored after the block
+    with pytest.raises(ValueError, match="unknown native strategy 'gemm'"):
+        library.native_enhance_strategy("gemm")
 
 
 @pytest.mark.parametrize("shape", ASL_SHAPES)

@@ -30,7 +30,9 @@ CUDA_DEFINE = "-DCSSFE_WITH_CUDA"
 
 
 def cpu_sources(csrc: str) -> List[str]:
-    return [os.path.join(csrc, "ops.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    """The sources of every build: the operators' registration and device-independent kernels
+    (``csrc/*.cpp``) and the CPU kernels (``csrc/cpu/*.cpp``)."""
+    return sorted(glob.glob(os.path.join(csrc, "*.cpp"))) + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
 
 
 def cuda_sources(csrc: str) -> List[str]:

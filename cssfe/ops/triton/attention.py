@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from . import attention_gemm
-from ._common import INTERPRET, overriding, pow2
+from ..overrides import overriding
+from ._common import INTERPRET, pow2
 
 FLASH_MAX_D = 128  # wider features: attention_gemm
 STRATEGIES = ("flash", "gemm")

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, overriding, pow2
+from ..overrides import overriding
+from ._common import INTERPRET, pow2
 
 SCRATCH_BYTES = 32 << 20  # per chunk: fp32 scores and score gradients plus their input-dtype copies
 _HALF_BMM_TO_F32 = "dtype" in torch.ops.aten.bmm.overloads()  # bmm(..., out_dtype=) (CUDA, torch >= 2.8)
