@@ -11,7 +11,9 @@ records the error instead of a time and the run goes on.
 
 Each op runs in two modes: ``forward`` (under no_grad) and ``forward+backward`` (the gradients of
 every differentiable input); the progressive enhancement is timed too, with a dense random
-affinity and with the model's masked one (row field ``affinity``). The run first measures the
+affinity and with the model's masked one (row field ``affinity``), with the ``cpu`` backend's own
+kernel (``ops cpu``) and with the staged strategy (``ops cpu staged``, csrc/enhance_staged.cpp, what the
+``cuda`` backend runs for many classes) forced. The run first measures the
 CPU's copy bandwidth and fp32 matmul throughput; each row carries them with its own GB/s (bytes the
 op must move) and TFLOP/s (attention and enhancement), so every time sits beside its roof.
 
@@ -39,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cssfe.ops as ops  # noqa: E402
+from cssfe.ops import library  # noqa: E402
 from _common import append_rows, meta, peak_memory, percentiles_ms  # noqa: E402
 from cssfe.losses import AsymmetricLoss  # noqa: E402
 from cssfe.ops import reference  # noqa: E402
@@ -136,6 +139,11 @@ def enhance_providers(backends, compile_backend):
     providers = {"eager reference": eager, "compile": torch.compile(eager, backend=compile_backend, dynamic=False)}
     for name in backends:
         providers[f"ops {name}"] = lambda z, r, g, w, lam, name=name: ops.progressive_enhance(z, r, g, w, lam, backend=name)
+    if "cpu" in backends:  # the staged strategy the cuda backend takes for many classes, on CPU for comparison
+        def staged(z, r, g, w, lam):
+            with library.native_enhance_strategy("staged"):
+                return ops.progressive_enhance(z, r, g, w, lam, backend="cpu")
+        providers["ops cpu staged"] = staged
     return providers
 
 
