@@ -440,11 +440,11 @@ def task_build(task, ctx, emit):
     torch = ctx.torch
     from torch.utils import cpp_extension
 
-    from cssfe.ops.backends import native
+    from cssfe.ops.backends import build_spec, native
 
-    rec = {"torch_cuda_available": torch.cuda.is_available(), "cuda_home": native.cuda_home(),
+    rec = {"torch_cuda_available": torch.cuda.is_available(), "cuda_home": build_spec.cuda_home(),
            "extension_dir": native.extension_dir(), "build_hash": native.build_hash(),
-           "nvcc_flags": list(native.NVCC_FLAGS), "want_cuda": ctx.cuda,
+           "nvcc_flags": list(build_spec.NVCC_FLAGS), "want_cuda": ctx.cuda,
            "env": {k: os.environ.get(k) for k in ("MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "CSSFE_EXT_DIR", "CUDA_HOME",
                                                    "CSSFE_NO_CUDA", "CSSFE_NO_JIT")}}
     try:

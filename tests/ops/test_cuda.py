@@ -13,7 +13,7 @@ import torch
 
 import kernel_cases as kc
 from cssfe.ops import library, reference
-from cssfe.ops.backends import reference_impl
+from cssfe.ops.backends import build_spec, reference_impl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -21,13 +21,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _nvcc_command(src, obj):
     from torch.utils import cpp_extension
 
-    from cssfe.ops.backends import native
-
-    home = native.cuda_home()
+    home = build_spec.cuda_home()
     cmd = [os.path.join(home, "bin", "nvcc"), "-c", src, "-o", obj, "-std=c++20", "-DCSSFE_WITH_CUDA",
            "-DTORCH_EXTENSION_NAME=cssfe_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H", "--expt-relaxed-constexpr",
            "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    cmd += [f for f in native.NVCC_FLAGS + native.NVCC_ARCH_FLAGS if f != "--use_fast_math"]
+    cmd += [f for f in build_spec.NVCC_FLAGS + build_spec.NVCC_ARCH_FLAGS if f != "--use_fast_math"]
     for inc in cpp_extension.include_paths(device_type="cuda") + [os.path.join(home, "include")]:
         cmd += ["-isystem", inc]
     import sysconfig
@@ -41,7 +39,7 @@ def test_cuda_sources_compile(tmp_path):
     """Compiles every csrc/cuda/*.cu for sm_80 and sm_90 with nvcc (no GPU needed)."""
     from cssfe.ops.backends import native
 
-    if shutil.which("nvcc") is None or native.cuda_home() is None:
+    if shutil.which("nvcc") is None or build_spec.cuda_home() is None:
         pytest.skip("nvcc (CUDA toolkit) not found")
     env = dict(os.environ, **native.cuda_build_env())
     sources = native.cuda_sources()

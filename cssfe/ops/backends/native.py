@@ -52,13 +52,10 @@ def extension_dir() -> str:
     return base
 
 
-cuda_home = build_spec.cuda_home
-
-
 def cuda_build_env() -> dict:
     """Environment for building the CUDA sources: the real CUDA_HOME (nvcc on PATH may be a wrapper), arch list, CPATH."""
     env = {}
-    home = cuda_home()
+    home = build_spec.cuda_home()
     if home:
         env["CUDA_HOME"] = home
     if not torch.cuda.is_available():
@@ -67,11 +64,6 @@ def cuda_build_env() -> dict:
     if inc:
         env["CPATH"] = os.pathsep.join(p for p in (inc, os.environ.get("CPATH", "")) if p)
     return env
-
-
-CXX_FLAGS = build_spec.CXX_FLAGS
-NVCC_FLAGS = build_spec.NVCC_FLAGS
-NVCC_ARCH_FLAGS = build_spec.NVCC_ARCH_FLAGS
 
 
 def _try_prebuilt(want: Optional[str]) -> Tuple[Optional[object], str]:
@@ -89,7 +81,7 @@ def _try_prebuilt(want: Optional[str]) -> Tuple[Optional[object], str]:
 
 def jit_target(want: str):
     """(with_cuda, module name, build folder) of the just-in-time build for these sources."""
-    with_cuda = torch.cuda.is_available() and cuda_home() is not None and bool(cuda_sources())
+    with_cuda = torch.cuda.is_available() and build_spec.cuda_home() is not None and bool(cuda_sources())
     name = f"cssfe_ext_{want}" + ("_cuda" if with_cuda else "")
     tag = f"torch{torch.__version__}".replace("+", "_")
     return with_cuda, name, os.path.join(extension_dir(), tag, name)
@@ -131,8 +123,8 @@ def _jit_build(want: str):
         mod = cpp_extension.load(
             name=name,
             sources=sources,
-            extra_cflags=CXX_FLAGS + defines,
-            extra_cuda_cflags=NVCC_FLAGS + defines,
+            extra_cflags=build_spec.CXX_FLAGS + defines,
+            extra_cuda_cflags=build_spec.NVCC_FLAGS + defines,
             extra_ldflags=build_spec.LINK_FLAGS,
             build_directory=build_dir,
             verbose=os.environ.get("CSSFE_EXT_VERBOSE") == "1",
