@@ -37,26 +37,26 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:
         return [], {}
-    spec = _build_spec()
+    build = _build_spec()
     csrc = os.path.join(HERE, "csrc")
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
-    cpu, cu = rel(spec.cpu_sources(csrc)), rel(spec.cuda_sources(csrc))
-    cxx = spec.CXX_FLAGS + [spec.hash_define(csrc)]
-    home = spec.cuda_home()
+    cpu, cu = rel(build.cpu_sources(csrc)), rel(build.cuda_sources(csrc))
+    cxx = build.CXX_FLAGS + [build.hash_define(csrc)]
+    home = build.cuda_home()
     with_cuda = bool(cu) and home is not None and torch.version.cuda is not None and os.environ.get("CSSFE_NO_CUDA") != "1"
     if with_cuda:
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", spec.DEFAULT_ARCH_LIST)
-        inc = spec.cuda_include_dir(os.path.dirname(torch.__file__))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_ARCH_LIST)
+        inc = build.cuda_include_dir(os.path.dirname(torch.__file__))
         if inc:
             os.environ["CPATH"] = os.pathsep.join(p for p in (inc, os.environ.get("CPATH", "")) if p)
-        nvcc = spec.NVCC_FLAGS + spec.NVCC_ARCH_FLAGS + [spec.CUDA_DEFINE, spec.hash_define(csrc)]
+        nvcc = build.NVCC_FLAGS + build.NVCC_ARCH_FLAGS + [build.CUDA_DEFINE, build.hash_define(csrc)]
         ext = cpp_extension.CUDAExtension(
-            "cssfe._C", cpu + cu, extra_compile_args={"cxx": cxx + [spec.CUDA_DEFINE], "nvcc": nvcc},
-            extra_link_args=spec.LINK_FLAGS)
+            "cssfe._C", cpu + cu, extra_compile_args={"cxx": cxx + [build.CUDA_DEFINE], "nvcc": nvcc},
+            extra_link_args=build.LINK_FLAGS)
     else:
-        ext = cpp_extension.CppExtension("cssfe._C", cpu, extra_compile_args={"cxx": cxx}, extra_link_args=spec.LINK_FLAGS)
+        ext = cpp_extension.CppExtension("cssfe._C", cpu, extra_compile_args={"cxx": cxx}, extra_link_args=build.LINK_FLAGS)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -55,7 +55,7 @@ def _triton():
 # products in ATen (csrc/enhance_staged.cpp; cuBLAS on a GPU). The CUDA block program reads the whole
 # affinity per tile of columns and its tiles narrow as C grows: on an H200 it was the fastest at 80
 # classes, slower than eager from 320 on. The switch point below has not been measured against the
-# staged strategy yet (benchmarks/gpu_check.py times both: providers cuda and cuda_staged).
+# staged strategy yet (benchmarks/gpu_check.py times both: providers cuda_block and cuda_staged).
 NATIVE_ENHANCE_STRATEGIES = ("block", "staged")
 STAGED_MIN_CLASSES = {"cpu": None, "cuda": 256}  # None: always the block kernel (fast on CPU at every C)
 _native_enhance_override = None  # while native_enhance_strategy is active
