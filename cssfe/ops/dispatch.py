@@ -56,7 +56,8 @@ CUDA_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {
 # candidate of CUDA_AUTO runs. The enhancement alone (B=64, L=512, H200, fwd+bwd with the affinity
 # gradient): CUDA 5 % faster than Triton at 80 classes (bf16 1.88 / 1.98 ms, fp32 1.98 / 2.08),
 # 30 % slower at 160 (2.82 / 2.16), 4x slower at 1,000 (80 / 19 ms): each block of the CUDA kernel
-# reads the whole C x C affinity for a few columns.
+# reads the whole C x C affinity for a few columns. (Measured before the cuda backend took its staged
+# strategy from 256 classes on, cssfe/ops/library.py: not yet timed on a GPU.)
 CUDA_AUTO_MAX_CLASSES: Dict[Tuple[str, str], int] = {("progressive_enhance", "cuda"): 80}
 ENV_VAR = "CSSFE_KERNEL_BACKEND"
 
