@@ -114,7 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_staged_bwd(const at::Tens
     dzp.slice(1, b0, b1).add_(acc_g / den.unsqueeze(-1));
     const at::Tensor dm = acc_g * (s.w.slice(1, b0, b1) / den).unsqueeze(-1);
     dmp.slice(1, b0, b1).copy_(dm);
-    at::Tensor m = messages(s, g, outp, zp);  // d w: sum_l acc (m - rowsum * out) / den
+    // d w: sum_l acc (m - rowsum * out) / den, with m recomputed from the saved output (not kept
+    // from the forward: one [B, C, L] buffer less between the passes)
+    at::Tensor m = messages(s, g, outp, zp);
     m.sub_(outp.slice(1, b0, b1) * s.row_sum.slice(0, b0, b1).view({1, -1, 1}));
     dwp.slice(1, b0, b1).copy_((acc_g * m).sum(-1) / den);
     // the messages read the earlier stages' outputs (their gradient continues through acc) and the

@@ -22,7 +22,7 @@ def _nvcc_command(src, obj):
     from torch.utils import cpp_extension
 
     home = build_spec.cuda_home()
-    cmd = [os.path.join(home, "bin", "nvcc"), "-c", src, "-o", obj, "-std=c++20", "-DCSSFE_WITH_CUDA",
+    cmd = [os.path.join(home, "bin", "nvcc"), "-c", src, "-o", obj, "-std=c++20", build_spec.CUDA_DEFINE,
            "-DTORCH_EXTENSION_NAME=cssfe_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H", "--expt-relaxed-constexpr",
            "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     cmd += [f for f in build_spec.NVCC_FLAGS + build_spec.NVCC_ARCH_FLAGS if f != "--use_fast_math"]

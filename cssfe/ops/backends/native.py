@@ -31,10 +31,6 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def cpu_sources() -> list:
-    return build_spec.cpu_sources(CSRC)
-
-
 def cuda_sources() -> list:
     return build_spec.cuda_sources(CSRC)
 
@@ -113,7 +109,7 @@ def _jit_build(want: str):
     if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
         warnings.warn(f"removing a stale build lock {lock} (left by an interrupted build)")
         os.remove(lock)
-    sources = cpu_sources() + (cuda_sources() if with_cuda else [])
+    sources = build_spec.cpu_sources(CSRC) + (cuda_sources() if with_cuda else [])
     defines = [build_spec.hash_define(CSRC)] + ([build_spec.CUDA_DEFINE] if with_cuda else [])
     old = {k: os.environ.get(k) for k in ("MAX_JOBS", "CUDA_HOME", "CPATH", "TORCH_CUDA_ARCH_LIST")}
     os.environ.setdefault("MAX_JOBS", "1")
