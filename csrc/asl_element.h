@@ -52,23 +52,25 @@ CSSFE_HOST_DEVICE float pow_small_int(float base, int32_t k) {
   return r;
 }
 
-// The gammas the project trains with (ASL's defaults): kernels instantiate the binary form for them
-// with the powers fixed at compile time.
+// The parameters the project trains with (ASL's defaults: gammas 0 and 4, no gradient through the
+// focal weight): kernels instantiate the binary form for them with the power fixed at compile time
+// and the focal weight's gradient term left out.
 constexpr int32_t kDefaultGammaPos = 0, kDefaultGammaNeg = 4;
 
-inline bool asl_default_gammas(const AslBinaryParams& P) {
-  return P.gamma_pos == kDefaultGammaPos && P.gamma_neg == kDefaultGammaNeg;
+inline bool asl_default_params(const AslBinaryParams& P) {
+  return P.gamma_pos == kDefaultGammaPos && P.gamma_neg == kDefaultGammaNeg && P.focal_grad == 0.0f;
 }
 
 // Branch-free: one exp, one log, one division. Math supplies exp_nonpositive(x <= 0),
 // log_positive(x > 0) and divide(a, b): vectorizable polynomials on CPU, hardware approximations
-// on the GPU. KPos, KNeg >= 0: the gammas, known at compile time (the caller checked that P holds
-// them), so each power is a fixed product; -1: read from P. On the GPU the kernel is bound by the
-// instructions it issues, not by memory, and the run-time powers (bit tests and selects for both
-// gammas) took about a third of the binary form's ~75 sm_90 instructions per element.
-template <class Math, int KPos = -1, int KNeg = -1>
+// on the GPU. kDefaults: P holds the default parameters above (the caller checked), so the power is
+// a fixed product and the focal weight's gradient is not computed; else both are read from P. On
+// the GPU the kernel is bound by the instructions it issues, not by memory: the run-time powers (bit
+// tests and selects for both gammas) took about a third of the binary form's ~75 sm_90 instructions
+// per element.
+template <class Math, bool kDefaults = false>
 CSSFE_HOST_DEVICE AslValue asl_binary_element(float x, bool pos, const AslBinaryParams& P) {
-  const float e = Math::exp_nonpositive(x < 0.0f ? x : -x);  // exp(-|x|): no overflow
+  const float e = Math::exp_nonpositive(-std::fabs(x));  // exp(-|x|): no overflow (one multiply on the GPU)
   const float inv = Math::divide(1.0f, 1.0f + e);
   const float p = x >= 0.0f ? inv : e * inv;  // sigmoid(x)
   const float q = x >= 0.0f ? e * inv : inv;  // 1 - sigmoid(x), without cancellation
@@ -77,26 +79,21 @@ CSSFE_HOST_DEVICE AslValue asl_binary_element(float x, bool pos, const AslBinary
   const float xn = c > 1.0f ? 1.0f : c;
   const float dxn = c > 1.0f ? 0.0f : -dp;
   const float a = pos ? p : xn;  // the probability whose log this element adds
-  const float da = pos ? dp : dxn;
   const bool ok = a >= P.eps;
   const float base = Math::log_positive(ok ? a : P.eps);
   const float dbase = ok ? (pos ? q : Math::divide(dxn, a)) : 0.0f;
   const float one_minus = pos ? q : 1.0f - xn;
-  float w, k, power_below;  // (1 - pt)^gamma, gamma, (1 - pt)^(gamma - 1)
-  if constexpr (KPos >= 0 && KNeg >= 0) {
-    static_assert(KPos < 16 && KNeg < 16, "pow_small_int takes exponents below 16");
-    w = pos ? pow_small_int(one_minus, KPos) : pow_small_int(one_minus, KNeg);
-    k = pos ? static_cast<float>(KPos) : static_cast<float>(KNeg);
-    power_below = pos ? pow_small_int(one_minus, KPos > 0 ? KPos - 1 : 0)
-                      : pow_small_int(one_minus, KNeg > 0 ? KNeg - 1 : 0);
+  if constexpr (kDefaults) {
+    static_assert(kDefaultGammaPos == 0, "the default form takes a focal weight of 1 for positives");
+    const float w = pos ? 1.0f : pow_small_int(one_minus, kDefaultGammaNeg);  // (1 - pt)^gamma
+    return {-base * w, -dbase * w};
   } else {
-    const int32_t ki = pos ? P.gamma_pos : P.gamma_neg;
-    w = pow_small_int(one_minus, ki);
-    k = static_cast<float>(ki);
-    power_below = pow_small_int(one_minus, ki > 0 ? ki - 1 : 0);
+    const int32_t k = pos ? P.gamma_pos : P.gamma_neg;
+    const float w = pow_small_int(one_minus, k);
+    const float da = pos ? dp : dxn;
+    const float dw = base * static_cast<float>(k) * pow_small_int(one_minus, k > 0 ? k - 1 : 0) * da;
+    return {-base * w, P.focal_grad * dw - dbase * w};
   }
-  const float dw = base * k * power_below * da;
-  return {-base * w, P.focal_grad * dw - dbase * w};
 }
 
 // ---------------------------------------------------------------------- any targets and gammas

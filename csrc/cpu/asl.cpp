@@ -17,15 +17,15 @@ namespace cssfe {
 namespace {
 
 // Binary targets in fp32 with integer gammas (the usual case): branch-free, vectorized by the
-// compiler. Returns the chunk's loss; writes d loss / d x * scale to g. KPos, KNeg: see
+// compiler. Returns the chunk's loss; writes d loss / d x * scale to g. kDefaults: see
 // asl_binary_element.
-template <int KPos, int KNeg>
+template <bool kDefaults>
 inline float asl_binary_loop(const float* __restrict x, const float* __restrict y, float* __restrict g, int64_t n,
                              const AslBinaryParams& P, float scale) {
   float total = 0.0f;
 #pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < n; ++i) {
-    const AslValue r = asl_binary_element<simd::SimdMath, KPos, KNeg>(x[i], y[i] != 0.0f, P);
+    const AslValue r = asl_binary_element<simd::SimdMath, kDefaults>(x[i], y[i] != 0.0f, P);
     g[i] = r.grad * scale;
     total += r.loss;
   }
@@ -36,13 +36,13 @@ inline float asl_binary_loop(const float* __restrict x, const float* __restrict 
 CSSFE_SIMD_CLONES
 float asl_binary_chunk(const float* __restrict x, const float* __restrict y, float* __restrict g, int64_t n,
                        AslBinaryParams P, float scale) {
-  return asl_binary_loop<-1, -1>(x, y, g, n, P, scale);
+  return asl_binary_loop<false>(x, y, g, n, P, scale);
 }
 
 CSSFE_SIMD_CLONES
-float asl_binary_chunk_default_gammas(const float* __restrict x, const float* __restrict y, float* __restrict g,
+float asl_binary_chunk_default_params(const float* __restrict x, const float* __restrict y, float* __restrict g,
                                       int64_t n, AslBinaryParams P, float scale) {
-  return asl_binary_loop<kDefaultGammaPos, kDefaultGammaNeg>(x, y, g, n, P, scale);
+  return asl_binary_loop<true>(x, y, g, n, P, scale);
 }
 
 constexpr int64_t kChunk = 1024;
@@ -56,7 +56,7 @@ void asl_kernel(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n,
   // Soft targets, fractional gammas, fp64 and tiny eps take the per-element path below.
   const bool binary_ok = std::is_same<acc_t, float>::value && asl_binary_supported(gamma_pos, gamma_neg, clip, eps);
   const AslBinaryParams P = asl_binary_params(gamma_pos, gamma_neg, clip, eps, focal_grad);
-  const bool default_gammas = binary_ok && asl_default_gammas(P);
+  const bool default_params = binary_ok && asl_default_params(P);
   const float scale_f = static_cast<float>(scale);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   double total = 0;
@@ -79,7 +79,7 @@ void asl_kernel(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n,
         for (int64_t i = 0; i < len; ++i) xf[i] = static_cast<float>(x[lo + i]);
         xs = xf;
       }
-      total += default_gammas ? asl_binary_chunk_default_gammas(xs, yf, gs, len, P, scale_f)
+      total += default_params ? asl_binary_chunk_default_params(xs, yf, gs, len, P, scale_f)
                               : asl_binary_chunk(xs, yf, gs, len, P, scale_f);
       if (grad && !std::is_same<scalar_t, float>::value) {
         for (int64_t i = 0; i < len; ++i) grad[lo + i] = static_cast<scalar_t>(gf[i]);

@@ -35,11 +35,11 @@ struct AslArgs {
   bool focal, focal_grad, binary_ok;
 };
 
-// KPos, KNeg >= 0: the gammas fixed at compile time (launch_asl checked A holds them); -1: run time.
-template <int KPos, int KNeg>
+// kDefaults: A holds the default parameters (launch_asl checked), fixed at compile time.
+template <bool kDefaults>
 __device__ __forceinline__ AslValue asl_one(float x, float y, const AslArgs& A) {
   if (A.binary_ok && (y == 0.0f || y == 1.0f))
-    return asl_binary_element<FastMath, KPos, KNeg>(x, y != 0.0f, A.binary);
+    return asl_binary_element<FastMath, kDefaults>(x, y != 0.0f, A.binary);
   float g;
   const float l = asl_element<float>(x, y, A.gamma_pos, A.gamma_neg, A.clip, A.eps, A.focal, A.focal_grad, &g);
   return {l, g};
@@ -50,33 +50,85 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+template <int Bytes>
+struct WordOf;
+template <>
+struct WordOf<1> { using type = uint8_t; };
+template <>
+struct WordOf<2> { using type = uint16_t; };
+template <>
+struct WordOf<4> { using type = uint32_t; };
+template <>
+struct WordOf<8> { using type = uint64_t; };
+
+// The targets of one pack: its values, whether all are 0 or 1, and which are 1.
+template <typename target_t, int N>
+struct TargetPack {
+  Pack<target_t, N> pack;
+  __device__ __forceinline__ TargetPack(const target_t* t, int64_t p)
+      : pack(reinterpret_cast<const Pack<target_t, N>*>(t)[p]) {}
+  __device__ __forceinline__ float operator[](int j) const { return static_cast<float>(pack.v[j]); }
+  __device__ __forceinline__ bool positive(int j) const { return pack.v[j] != target_t(0); }
+  __device__ __forceinline__ bool all_binary() const {
+    bool binary = true;
+#pragma unroll
+    for (int j = 0; j < N; ++j) binary &= pack.v[j] == target_t(0) || pack.v[j] == target_t(1);
+    return binary;
+  }
+};
+
+// Byte targets (bool, uint8) as one word: one test for the whole pack (per byte, the compiler
+// unpacks a byte array and packs it again for such a test).
+template <int N>
+struct TargetPack<uint8_t, N> {
+  using word_t = typename WordOf<N>::type;
+  word_t word;
+  __device__ __forceinline__ TargetPack(const uint8_t* t, int64_t p) : word(reinterpret_cast<const word_t*>(t)[p]) {}
+  __device__ __forceinline__ float operator[](int j) const { return static_cast<float>((word >> (8 * j)) & 0xFF); }
+  __device__ __forceinline__ bool positive(int j) const { return (word >> (8 * j)) & 1; }
+  __device__ __forceinline__ bool all_binary() const {
+    return (word & static_cast<word_t>(0xFEFEFEFEFEFEFEFEull)) == 0;  // no byte above 1
+  }
+};
+
 constexpr int kThreads = 256;
 
-template <typename scalar_t, typename target_t, typename loss_t, int VEC, int KPos, int KNeg>
+template <typename scalar_t, typename target_t, typename loss_t, int VEC, bool kDefaults>
 __global__ void __launch_bounds__(kThreads)
     asl_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ t, scalar_t* __restrict__ grad,
                float* __restrict__ partial, unsigned int* __restrict__ arrived, loss_t* __restrict__ loss, int64_t n,
                AslArgs A, double loss_scale) {
   using XPack = Pack<scalar_t, VEC>;
-  using TPack = Pack<target_t, VEC>;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t packs = n / VEC;
   float local = 0.0f;
   for (int64_t p = first; p < packs; p += stride) {
     const XPack xp = reinterpret_cast<const XPack*>(x)[p];
-    const TPack tp = reinterpret_cast<const TPack*>(t)[p];
+    const TargetPack<target_t, VEC> tp(t, p);
     XPack gp;
+    // A pack of 0/1 targets (the usual case) runs the binary form without a branch per element, so
+    // the compiler interleaves the pack's independent elements.
+    if (A.binary_ok && tp.all_binary()) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const AslValue r = asl_one<KPos, KNeg>(static_cast<float>(xp.v[j]), static_cast<float>(tp.v[j]), A);
-      local += r.loss;
-      gp.v[j] = static_cast<scalar_t>(r.grad * A.grad_scale);
+      for (int j = 0; j < VEC; ++j) {
+        const AslValue r =
+            asl_binary_element<FastMath, kDefaults>(static_cast<float>(xp.v[j]), tp.positive(j), A.binary);
+        local += r.loss;
+        gp.v[j] = static_cast<scalar_t>(r.grad * A.grad_scale);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const AslValue r = asl_one<kDefaults>(static_cast<float>(xp.v[j]), tp[j], A);
+        local += r.loss;
+        gp.v[j] = static_cast<scalar_t>(r.grad * A.grad_scale);
+      }
     }
     if (grad != nullptr) reinterpret_cast<XPack*>(grad)[p] = gp;
   }
   for (int64_t i = packs * VEC + first; i < n; i += stride) {  // the n % VEC elements after the last pack
-    const AslValue r = asl_one<KPos, KNeg>(static_cast<float>(x[i]), static_cast<float>(t[i]), A);
+    const AslValue r = asl_one<kDefaults>(static_cast<float>(x[i]), static_cast<float>(t[i]), A);
     local += r.loss;
     if (grad != nullptr) grad[i] = static_cast<scalar_t>(r.grad * A.grad_scale);
   }
@@ -129,12 +181,12 @@ void launch_asl(const at::Tensor& logits, const at::Tensor& targets, at::Tensor&
   const bool packed = aligned_to<Pack<scalar_t, VEC>>(x) && aligned_to<Pack<target_t, VEC>>(t) &&
                       (g == nullptr || aligned_to<Pack<scalar_t, VEC>>(g));
   const int64_t items = packed ? (n + VEC - 1) / VEC : n;  // packs, or elements
-  // The project's default gammas get kernels with the powers fixed at compile time (packed inputs
+  // The project's default parameters get kernels with them fixed at compile time (packed inputs
   // only: the scalar kernel is for misaligned views).
-  const bool fixed = packed && A.binary_ok && asl_default_gammas(A.binary);
-  auto kernel = fixed    ? asl_kernel<scalar_t, target_t, loss_t, VEC, kDefaultGammaPos, kDefaultGammaNeg>
-                : packed ? asl_kernel<scalar_t, target_t, loss_t, VEC, -1, -1>
-                         : asl_kernel<scalar_t, target_t, loss_t, 1, -1, -1>;
+  const bool fixed = packed && A.binary_ok && asl_default_params(A.binary);
+  auto kernel = fixed    ? asl_kernel<scalar_t, target_t, loss_t, VEC, true>
+                : packed ? asl_kernel<scalar_t, target_t, loss_t, VEC, false>
+                         : asl_kernel<scalar_t, target_t, loss_t, 1, false>;
   const int blocks = resident_blocks(kernel, items);
   // [arrival counter, partial sums of the blocks]: one memset
   at::Tensor work = at::zeros({blocks + 1}, logits.options().dtype(at::kInt));
