@@ -90,7 +90,8 @@ def _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL: tl.constexpr, FO
 @triton.jit
 def _asl_kernel(x_ptr, t_ptr, g_ptr, part_ptr, n, gamma_pos, gamma_neg, clip, eps, scale,
                 FOCAL: tl.constexpr, FOCAL_GRAD: tl.constexpr, CLIP: tl.constexpr, NEED_GRAD: tl.constexpr,
-                BINARY: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, BLOCK: tl.constexpr):
+                BINARY: tl.constexpr, BOOL_TARGETS: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
+                BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -98,11 +99,12 @@ def _asl_kernel(x_ptr, t_ptr, g_ptr, part_ptr, n, gamma_pos, gamma_neg, clip, ep
     y = tl.load(t_ptr + offs, mask=mask, other=0).to(tl.float32)
     if BINARY:
         loss, g = _binary_form(x, y != 0.0, clip, eps, GAMMA_POS, GAMMA_NEG, FOCAL_GRAD)
-        soft = (y != 0.0) & (y != 1.0)
-        if tl.max(soft.to(tl.int32), axis=0) > 0:  # rare: a block with soft targets
-            loss_s, g_s = _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL, FOCAL_GRAD, CLIP)
-            loss = tl.where(soft, loss_s, loss)
-            g = tl.where(soft, g_s, g)
+        if not BOOL_TARGETS:  # bool targets are 0/1: no check (a block-wide reduction) needed
+            soft = (y != 0.0) & (y != 1.0)
+            if tl.max(soft.to(tl.int32), axis=0) > 0:  # rare: a block with soft targets
+                loss_s, g_s = _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL, FOCAL_GRAD, CLIP)
+                loss = tl.where(soft, loss_s, loss)
+                g = tl.where(soft, g_s, g)
     else:
         loss, g = _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL, FOCAL_GRAD, CLIP)
     loss = tl.where(mask, loss, 0.0)
@@ -148,7 +150,8 @@ def _small_int(v: float) -> bool:
 def asl(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need_grad):
     x = logits.contiguous()
     t = targets.contiguous()
-    if t.dtype == torch.bool:
+    bool_targets = t.dtype == torch.bool
+    if bool_targets:
         t = t.view(torch.uint8)
     n = x.numel()
     block = 4096 if INTERPRET else 1024
@@ -161,7 +164,7 @@ def asl(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need
     if n:
         _asl_kernel[grid](x, t, grad if need_grad else x, part, n, float(gamma_pos), float(gamma_neg), float(clip),
                           float(eps), scale, FOCAL=bool(gamma_pos > 0 or gamma_neg > 0), FOCAL_GRAD=bool(focal_grad),
-                          CLIP=bool(clip > 0), NEED_GRAD=bool(need_grad), BINARY=binary,
+                          CLIP=bool(clip > 0), NEED_GRAD=bool(need_grad), BINARY=binary, BOOL_TARGETS=bool_targets,
                           GAMMA_POS=int(gamma_pos) if binary else 0, GAMMA_NEG=int(gamma_neg) if binary else 0,
                           BLOCK=block)
     else:
