@@ -18,6 +18,12 @@ struct DeviceExec {
     for (int k = threadIdx.x; k < n; k += blockDim.x) f(k);
     __syncthreads();
   }
+  template <class F>
+  __device__ __forceinline__ bool any(int64_t n, F&& f) {
+    int found = 0;
+    for (int64_t k = threadIdx.x; k < n && !found; k += blockDim.x) found = f(k);
+    return __syncthreads_or(found) != 0;
+  }
 };
 
 // kShared: the tiles live in dynamic shared memory (known at compile time, so the loads are shared-memory

@@ -9,7 +9,8 @@
 // items 0..n-1 are independent (no item reads what another writes) and may run in any order.
 // `Exec::parallel(n, f)` runs one phase: on the GPU the block's threads share the items and meet
 // at a barrier; on the host, one loop (forwards or backwards: a dependency between items would
-// show as a difference).
+// show as a difference). `Exec::any(n, f)`: whether f(k) holds for some item, known to every
+// thread (a barrier on the GPU).
 #pragma once
 #include <cstdint>
 
@@ -44,6 +45,15 @@ CSSFE_BLOCK int group_start(const Args& a, int g) {
   return static_cast<int>(g == 0 ? 0 : g == 1 ? a.s1 : g == 2 ? a.s2 : a.C);
 }
 
+// Whether a row of the stage [lo, hi) takes anything from the classes at or after lo (its own
+// group and the later ones). Under the distribution-aware mask it does not (R is zero there), and
+// the loops below stop at lo: about a third of the inner products with three equal groups.
+template <class Exec>
+CSSFE_BLOCK bool later_sources(Exec& ex, const Args& a, int lo, int hi) {
+  const int64_t cols = a.C - lo;
+  return ex.any((hi - lo) * cols, [&](int64_t k) { return a.rp[(lo + k / cols) * a.C + lo + k % cols] != 0.f; });
+}
+
 // sum over q in [from, to) of r[q] * rows[q * W + l]; the mask zeroes most of R: skip those loads.
 CSSFE_BLOCK float row_message(const float* r, const float* rows, int64_t from, int64_t to, int64_t W, int l) {
   float m = 0.f;
@@ -68,11 +78,12 @@ CSSFE_BLOCK void forward_tile(Exec& ex, const Args& a, float* out, int64_t tile,
     S[p * W + l] = zb[order[p] * L + l];
   });
   for (int g = 0; g < 3; ++g) {
-    const int lo = group_start(a, g), n = (group_start(a, g + 1) - lo) * lw;
+    const int lo = group_start(a, g), hi = group_start(a, g + 1), n = (hi - lo) * lw;
     if (n == 0) continue;  // uniform over the block
+    const int sources = later_sources(ex, a, lo, hi) ? static_cast<int>(C) : lo;
     ex.parallel(n, [&](int k) {
       const int p = lo + k / lw, l = k % lw;
-      const float m = row_message(a.rp + p * C, S, 0, C, W, l);
+      const float m = row_message(a.rp + p * C, S, 0, sources, W, l);
       const float w = a.wp[b * C + p];
       const float v = (S[p * W + l] + w * m) / (1.f + w * a.rsp[p]);
       T[p * W + l] = v;
@@ -114,11 +125,12 @@ CSSFE_BLOCK void backward_tile(Exec& ex, const Args& a, const float* grad, const
   for (int g = 2; g >= 0; --g) {
     const int lo = group_start(a, g), hi = group_start(a, g + 1), n = (hi - lo) * lw;
     if (n == 0) continue;  // uniform over the block
+    const int sources = later_sources(ex, a, lo, hi) ? static_cast<int>(C) : lo;
     // The stage's rows: their output gradient is complete (later stages have added theirs).
     ex.parallel(n, [&](int k) {
       const int p = lo + k / lw, l = k % lw;
       const float* r = a.rp + p * C;
-      const float m = row_message(r, O, 0, lo, W, l) + row_message(r, Z, lo, C, W, l);
+      const float m = row_message(r, O, 0, lo, W, l) + row_message(r, Z, lo, sources, W, l);
       const float w = a.wp[b * C + p], rs = a.rsp[p], den = 1.f + w * rs, gi = A[p * W + l];
       const float d = gi * w / den;
       DZ[p * W + l] += gi / den;
@@ -133,7 +145,7 @@ CSSFE_BLOCK void backward_tile(Exec& ex, const Args& a, const float* grad, const
       dw_part[tile * C + order[p]] = s;
     });
     // Each message's gradient goes to its sources: earlier stages' outputs, or z.
-    ex.parallel(static_cast<int>(C) * lw, [&](int k) {
+    ex.parallel(sources * lw, [&](int k) {
       const int q = k / lw, l = k % lw;
       float t = 0.f;
       for (int p = lo; p < hi; ++p) {

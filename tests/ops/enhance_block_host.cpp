@@ -20,6 +20,12 @@ struct HostExec {
     else
       for (int k = 0; k < n; ++k) f(k);
   }
+  template <class F>
+  bool any(int64_t n, F&& f) {
+    for (int64_t k = 0; k < n; ++k)
+      if (f(reverse ? n - 1 - k : k)) return true;
+    return false;
+  }
 };
 
 cssfe::enhance_block::Args args(const float* z, const float* rp, const float* wp, const float* rsp,
