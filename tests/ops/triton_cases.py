@@ -56,9 +56,10 @@ def main():
                     continue
                 kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 0, seed=30 + i)
                 n += 1
-        for i, shape in enumerate(kc.ENHANCE_SHAPES):
-            kc.check_enhance("triton", shape, dtype, mask=i % 2 == 0, seed=i)
-            n += 1
+        for i, shape in enumerate(kc.ENHANCE_SHAPES + [(2, 300, 17)]):  # 300: several blocks of classes
+            for mask in (True, False):  # masked: each stage's sources end where its group starts
+                kc.check_enhance("triton", shape, dtype, mask=mask, seed=i)
+                n += 1
         for i, shape in enumerate(kc.ASL_SHAPES):
             kc.check_asl("triton", shape, dtype, **kc.ASL_VARIANTS[i % len(kc.ASL_VARIANTS)], seed=i)
             n += 1

@@ -26,11 +26,32 @@ def _group_range(g: tl.constexpr, s1, s2, C):
 
 
 @triton.jit
-def _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, base, C, L, offs_l, lmask,
+def _sources_end(r_ptr, order_ptr, lo, hi, C, BLOCK_C: tl.constexpr):
+    """Where the sources of the stage [lo, hi) end: C if one of its rows takes something from the
+    positions from lo on (its own or a later group), else lo. Under the distribution-aware mask R is
+    zero there, and the loops over sources stop at lo (about a third of the products with three
+    equal groups); the check reads that part of R once per stage."""
+    nonzero = 0
+    for i0 in range(lo, hi, BLOCK_C):
+        pi = i0 + tl.arange(0, BLOCK_C)
+        imask = pi < hi
+        ci = tl.load(order_ptr + pi, mask=imask, other=0)
+        for j0 in range(lo, C, BLOCK_C):
+            pj = j0 + tl.arange(0, BLOCK_C)
+            jmask = pj < C
+            cj = tl.load(order_ptr + pj, mask=jmask, other=0)
+            r = tl.load(r_ptr + ci[:, None] * C + cj[None, :], mask=imask[:, None] & jmask[None, :], other=0.0)
+            nonzero += tl.sum((r != 0.0).to(tl.int32))  # NaN counts: it must reach the output
+    return tl.where(nonzero > 0, C, lo)
+
+
+@triton.jit
+def _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, end, base, C, L, offs_l, lmask,
              BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """sum_j R[ci, j] s_j for a block of classes, s_j = out_j for positions < lo, else z_j."""
+    """sum_j R[ci, j] s_j for a block of classes over the positions j < end (_sources_end),
+    s_j = out_j for positions < lo, else z_j."""
     acc = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
-    for j0 in range(0, C, BLOCK_C):
+    for j0 in range(0, end, BLOCK_C):
         pj = j0 + tl.arange(0, BLOCK_C)
         jmask = pj < C
         cj = tl.load(order_ptr + pj, mask=jmask, other=0)
@@ -52,11 +73,13 @@ def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2,
     base = b * C * L
     for g in tl.static_range(3):
         lo, hi = _group_range(g, s1, s2, C)
+        end = _sources_end(r_ptr, order_ptr, lo, hi, C, BLOCK_C)
         for i0 in range(lo, hi, BLOCK_C):
             pi = i0 + tl.arange(0, BLOCK_C)
             imask = pi < hi
             ci = tl.load(order_ptr + pi, mask=imask, other=0)
-            m = _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, base, C, L, offs_l, lmask, BLOCK_C, BLOCK_L)
+            m = _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, end, base, C, L, offs_l, lmask,
+                         BLOCK_C, BLOCK_L)
             w = tl.load(w_ptr + b * C + ci, mask=imask, other=0.0)
             rs = tl.load(rs_ptr + ci, mask=imask, other=0.0)
             rows = base + ci[:, None] * L + offs_l[None, :]
@@ -76,12 +99,14 @@ def _enhance_bwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, acc_ptr, dz_pt
     base = b * C * L
     for gg in tl.static_range(3):
         lo, hi = _group_range(2 - gg, s1, s2, C)
+        end = _sources_end(r_ptr, order_ptr, lo, hi, C, BLOCK_C)
         # (a) the group's own rows: their output gradient is complete now.
         for i0 in range(lo, hi, BLOCK_C):
             pi = i0 + tl.arange(0, BLOCK_C)
             imask = pi < hi
             ci = tl.load(order_ptr + pi, mask=imask, other=0)
-            m = _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, base, C, L, offs_l, lmask, BLOCK_C, BLOCK_L)
+            m = _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, end, base, C, L, offs_l, lmask,
+                         BLOCK_C, BLOCK_L)
             w = tl.load(w_ptr + b * C + ci, mask=imask, other=0.0)
             rs = tl.load(rs_ptr + ci, mask=imask, other=0.0)
             den = 1.0 + w * rs
@@ -94,8 +119,8 @@ def _enhance_bwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, acc_ptr, dz_pt
             part = tl.sum(gi * (m - rs[:, None] * o), axis=1) / den
             tl.atomic_add(dw_ptr + b * C + ci, part, mask=imask)
         tl.debug_barrier()
-        # (b) send the message gradients to their sources.
-        for j0 in range(0, C, BLOCK_C):
+        # (b) send the message gradients to their sources (none past end).
+        for j0 in range(0, end, BLOCK_C):
             pj = j0 + tl.arange(0, BLOCK_C)
             jmask = pj < C
             cj = tl.load(order_ptr + pj, mask=jmask, other=0)
