@@ -86,7 +86,7 @@ CSSFE_HOST_DEVICE AslValue asl_binary_element(float x, bool pos, const AslBinary
   if constexpr (kDefaults) {
     static_assert(kDefaultGammaPos == 0, "the default form takes a focal weight of 1 for positives");
     const float w = pos ? 1.0f : pow_small_int(one_minus, kDefaultGammaNeg);  // (1 - pt)^gamma
-    return {-base * w, -dbase * w};
+    return {-base * w, 0.0f * dp - dbase * w};  // 0 * dp: a NaN logit keeps its NaN gradient
   } else {
     const int32_t k = pos ? P.gamma_pos : P.gamma_neg;
     const float w = pow_small_int(one_minus, k);

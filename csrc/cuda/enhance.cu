@@ -18,10 +18,13 @@ struct DeviceExec {
     for (int k = threadIdx.x; k < n; k += blockDim.x) f(k);
     __syncthreads();
   }
+  // A warp per row, its lanes along the row (coalesced, no index division).
   template <class F>
-  __device__ __forceinline__ bool any(int64_t n, F&& f) {
+  __device__ __forceinline__ bool any(int p0, int p1, int q0, int q1, F&& f) {
+    const int warps = static_cast<int>(blockDim.x) / 32, lane = threadIdx.x % 32;
     int found = 0;
-    for (int64_t k = threadIdx.x; k < n && !found; k += blockDim.x) found = f(k);
+    for (int p = p0 + static_cast<int>(threadIdx.x) / 32; p < p1 && !found; p += warps)
+      for (int q = q0 + lane; q < q1 && !found; q += 32) found = f(p, q);
     return __syncthreads_or(found) != 0;
   }
 };

@@ -9,8 +9,8 @@
 // items 0..n-1 are independent (no item reads what another writes) and may run in any order.
 // `Exec::parallel(n, f)` runs one phase: on the GPU the block's threads share the items and meet
 // at a barrier; on the host, one loop (forwards or backwards: a dependency between items would
-// show as a difference). `Exec::any(n, f)`: whether f(k) holds for some item, known to every
-// thread (a barrier on the GPU).
+// show as a difference). `Exec::any(p0, p1, q0, q1, f)`: whether f(p, q) holds for some p in
+// [p0, p1) and q in [q0, q1), known to every thread (a barrier on the GPU).
 #pragma once
 #include <cstdint>
 
@@ -50,8 +50,7 @@ CSSFE_BLOCK int group_start(const Args& a, int g) {
 // the loops below stop at lo: about a third of the inner products with three equal groups.
 template <class Exec>
 CSSFE_BLOCK bool later_sources(Exec& ex, const Args& a, int lo, int hi) {
-  const int64_t cols = a.C - lo;
-  return ex.any((hi - lo) * cols, [&](int64_t k) { return a.rp[(lo + k / cols) * a.C + lo + k % cols] != 0.f; });
+  return ex.any(lo, hi, lo, static_cast<int>(a.C), [&](int p, int q) { return a.rp[int64_t(p) * a.C + q] != 0.f; });
 }
 
 // sum over q in [from, to) of r[q] * rows[q * W + l]; the mask zeroes most of R: skip those loads.

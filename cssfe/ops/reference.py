@@ -120,6 +120,7 @@ def asymmetric_loss_with_grad(
         loss, grad = -base * w, -d
     else:
         loss, grad = -base, -dbase
+    grad = torch.where(torch.isnan(x), x, grad)  # a NaN logit's gradient is NaN, as through autograd
     if reduction == "mean":
         return loss.mean(), grad / max(loss.numel(), 1)
     return loss.sum(), grad

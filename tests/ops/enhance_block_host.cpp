@@ -21,9 +21,10 @@ struct HostExec {
       for (int k = 0; k < n; ++k) f(k);
   }
   template <class F>
-  bool any(int64_t n, F&& f) {
-    for (int64_t k = 0; k < n; ++k)
-      if (f(reverse ? n - 1 - k : k)) return true;
+  bool any(int p0, int p1, int q0, int q1, F&& f) {
+    for (int i = 0; i < p1 - p0; ++i)
+      for (int j = 0; j < q1 - q0; ++j)
+        if (reverse ? f(p1 - 1 - i, q1 - 1 - j) : f(p0 + i, q0 + j)) return true;
     return false;
   }
 };

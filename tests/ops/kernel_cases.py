@@ -143,6 +143,26 @@ def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", f
     close(loss2, loss_ref, torch.float32 if dtype == torch.float64 else dtype, f"{backend} asl no-grad loss", math.sqrt(n))
 
 
+def check_asl_nan(backend, dtype=torch.float32, seed=0):
+    """A NaN logit keeps a NaN gradient, as in the reference, with a 0 and a 1 target, with and
+    without the focal weight's gradient (the default parameters' kernels and the run-time ones);
+    the other elements stay finite."""
+    torch.manual_seed(seed)
+    x = torch.randn(4, 40, dtype=torch.float64)
+    y = torch.rand(4, 40) > 0.5
+    x[1, 3] = x[2, 7] = float("nan")
+    y[1, 3], y[2, 7] = True, False
+    nan = torch.isnan(x)
+    for focal_grad in (False, True):
+        xd = x.to(dtype).to(DEVICE).requires_grad_()
+        loss = ops.asymmetric_loss(xd, y.to(DEVICE), disable_torch_grad_focal_loss=not focal_grad, backend=backend)
+        (g,) = torch.autograd.grad(loss, xd)
+        g = g.cpu()
+        what = f"{backend} asl NaN logit {dtype} focal_grad={focal_grad}"
+        assert torch.isnan(g[nan]).all(), f"{what}: gradient {g[nan].tolist()} where the logit is NaN"
+        assert torch.isfinite(g[~nan]).all(), f"{what}: non-finite gradient elsewhere"
+
+
 def check_asl_scale(backend, n, offset, dtype, scale, seed=0):
     """The ASL backward's in-place scaling (library._asl_scale_grad_) of n elements starting
     ``offset`` elements into their buffer (an unaligned start takes the CUDA kernel's scalar loop),

@@ -8,7 +8,7 @@ import cssfe.ops as ops
 from cssfe.ops import library
 
 from kernel_cases import (ASL_SCALE_SIZES, ASL_SCALES, ASL_SHAPES, ASL_VARIANTS, ATTENTION_SHAPES, ENHANCE_SHAPES,
-                          check_asl, check_asl_scale, check_attention, check_enhance)
+                          check_asl, check_asl_nan, check_asl_scale, check_attention, check_enhance)
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -167,6 +167,11 @@ def test_asymmetric_loss_fp32(backend, shape, variant, poison):
 @pytest.mark.parametrize("dtype", HALF + [torch.float64])
 def test_asymmetric_loss_other_dtypes(backend, dtype, poison):
     check_asl(backend, (37, 20), dtype, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_asl_nan_logit(backend, dtype):
+    check_asl_nan(backend, dtype)
 
 
 def test_asl_large_parallel(backend):

@@ -150,7 +150,8 @@ def test_enhance_and_asl_compile_and_fit(record, dtype):
     triton_enhance.enhance_bwd(torch.randn(b, c, length).to(dtype), z, r, order, bounds, w, out)
     x = torch.randn(4096, 80).to(dtype)
     triton_asl.asl(x, torch.rand(4096, 80) > 0.5, 0.0, 4.0, 0.05, 1e-8, False, False, True)  # bool targets
-    triton_asl.asl(x, (torch.rand(4096, 80) > 0.5).to(torch.uint8), 0.0, 4.0, 0.05, 1e-8, False, False, True)  # + soft check
+    byte_targets = (torch.rand(4096, 80) > 0.5).to(torch.uint8)  # 0/1 too, but checked for soft ones
+    triton_asl.asl(x, byte_targets, 0.0, 4.0, 0.05, 1e-8, False, False, True)
     triton_asl.asl(x, torch.rand(4096, 80), 1.5, 2.5, 0.05, 1e-8, True, True, True)  # soft targets
     triton_asl.asl(x, torch.rand(4096, 80) > 0.5, 1.0, 3.0, 0.0, 1e-8, True, False, False)  # focal grad, no clip, value only
     triton_asl.asl_scale_grad_(x, torch.tensor(1.5))  # the backward's in-place scaling

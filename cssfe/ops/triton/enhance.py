@@ -30,7 +30,9 @@ def _sources_end(r_ptr, order_ptr, lo, hi, C, BLOCK_C: tl.constexpr):
     """Where the sources of the stage [lo, hi) end: C if one of its rows takes something from the
     positions from lo on (its own or a later group), else lo. Under the distribution-aware mask R is
     zero there, and the loops over sources stop at lo (about a third of the products with three
-    equal groups); the check reads that part of R once per stage."""
+    equal groups); the check reads that part of R once per stage and program. As in the CPU and
+    CUDA kernels, sources behind zero affinities are then not multiplied: a NaN or inf there
+    reaches no output through them (the reference's 0 * inf = NaN does)."""
     nonzero = 0
     for i0 in range(lo, hi, BLOCK_C):
         pi = i0 + tl.arange(0, BLOCK_C)
@@ -41,7 +43,8 @@ def _sources_end(r_ptr, order_ptr, lo, hi, C, BLOCK_C: tl.constexpr):
             jmask = pj < C
             cj = tl.load(order_ptr + pj, mask=jmask, other=0)
             r = tl.load(r_ptr + ci[:, None] * C + cj[None, :], mask=imask[:, None] & jmask[None, :], other=0.0)
-            nonzero += tl.sum((r != 0.0).to(tl.int32))  # NaN counts: it must reach the output
+            # a NaN counts (it must reach the output); max, not a count that could overflow
+            nonzero = tl.maximum(nonzero, tl.max((r != 0.0).to(tl.int32)))
     return tl.where(nonzero > 0, C, lo)
 
 
