@@ -62,7 +62,7 @@ inline bool asl_default_params(const AslBinaryParams& P) {
 }
 
 // Branch-free: one exp, one log, one division. Math supplies exp_nonpositive(x <= 0),
-// log_positive(x > 0) and divide(a, b): vectorizable polynomials on CPU, hardware approximations
+// log_positive(x > 0; NaN gives NaN) and divide(a, b): vectorizable polynomials on CPU, hardware approximations
 // on the GPU. kDefaults: P holds the default parameters above (the caller checked), so the power is
 // a fixed product and the focal weight's gradient is not computed; else both are read from P. On
 // the GPU the kernel is bound by the instructions it issues, not by memory: the run-time powers (bit
@@ -79,14 +79,15 @@ CSSFE_HOST_DEVICE AslValue asl_binary_element(float x, bool pos, const AslBinary
   const float xn = c > 1.0f ? 1.0f : c;
   const float dxn = c > 1.0f ? 0.0f : -dp;
   const float a = pos ? p : xn;  // the probability whose log this element adds
-  const bool ok = a >= P.eps;
-  const float base = Math::log_positive(ok ? a : P.eps);
-  const float dbase = ok ? (pos ? q : Math::divide(dxn, a)) : 0.0f;
+  // max(a, eps) as torch.clamp takes it: a NaN logit's NaN passes, so its loss and gradient are NaN
+  const bool clamped = a < P.eps;
+  const float base = Math::log_positive(clamped ? P.eps : a);
+  const float dbase = clamped ? 0.0f : (pos ? q : Math::divide(dxn, a));
   const float one_minus = pos ? q : 1.0f - xn;
   if constexpr (kDefaults) {
     static_assert(kDefaultGammaPos == 0, "the default form takes a focal weight of 1 for positives");
     const float w = pos ? 1.0f : pow_small_int(one_minus, kDefaultGammaNeg);  // (1 - pt)^gamma
-    return {-base * w, 0.0f * dp - dbase * w};  // 0 * dp: a NaN logit keeps its NaN gradient
+    return {-base * w, -dbase * w};
   } else {
     const int32_t k = pos ? P.gamma_pos : P.gamma_neg;
     const float w = pow_small_int(one_minus, k);
@@ -132,14 +133,14 @@ CSSFE_HOST_DEVICE T asl_element(T x, T y, T gamma_pos, T gamma_neg, T clip, T ep
   }
   T base = 0, dbase = 0;
   if (y != T(0)) {
-    const bool ok = p >= eps;
-    base += y * log(ok ? p : eps);
-    dbase += ok ? y * (T(1) - p) : T(0);
+    const bool clamped = p < eps;  // lets a NaN through, as torch.clamp does
+    base += y * log(clamped ? eps : p);
+    dbase += clamped ? T(0) : y * (T(1) - p);
   }
   if (y != T(1)) {
-    const bool ok = xn >= eps;
-    base += (T(1) - y) * log(ok ? xn : eps);
-    dbase += ok ? (T(1) - y) * dxn / xn : T(0);
+    const bool clamped = xn < eps;
+    base += (T(1) - y) * log(clamped ? eps : xn);
+    dbase += clamped ? T(0) : (T(1) - y) * dxn / xn;
   }
   if (!focal) {
     *g = -dbase;

@@ -43,7 +43,7 @@ inline float exp_nonpositive(float x) {
   return y * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
 }
 
-// Natural log of a positive normal float.
+// Natural log of a positive normal float; NaN gives NaN (the ASL kernel relies on it).
 inline float log_positive(float x) {
   const int32_t bits = float_to_bits(x);
   float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
@@ -64,7 +64,8 @@ inline float log_positive(float x) {
   y = y * m * z;
   y += e * -2.12194440e-4f;
   y += -0.5f * z;
-  return m + y + e * 0.693359375f;
+  const float r = m + y + e * 0.693359375f;
+  return x != x ? x : r;  // a NaN's exponent bits would otherwise give a finite result
 }
 
 // The Math policy of asl_binary_element (csrc/asl_element.h) on CPU.

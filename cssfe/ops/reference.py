@@ -105,9 +105,11 @@ def asymmetric_loss_with_grad(
         c = xn + clip
         dxn = torch.where(c <= 1, dxn, torch.zeros_like(dxn))
         xn = c.clamp(max=1)
-    ok_p, ok_n = p >= eps, xn >= eps
+    # clamped where below eps; a NaN is not, so its loss and gradient stay NaN, as through autograd
+    clamped_p, clamped_n = p < eps, xn < eps
     base = y * torch.log(p.clamp(min=eps)) + (1 - y) * torch.log(xn.clamp(min=eps))
-    dbase = y * torch.where(ok_p, 1 - p, torch.zeros_like(p)) + (1 - y) * torch.where(ok_n, dxn / xn, torch.zeros_like(xn))
+    dbase = (y * torch.where(clamped_p, torch.zeros_like(p), 1 - p)
+             + (1 - y) * torch.where(clamped_n, torch.zeros_like(xn), dxn / xn))
     if gamma_neg > 0 or gamma_pos > 0:
         pt = p * y + xn * (1 - y)
         ge = gamma_pos * y + gamma_neg * (1 - y)
@@ -120,7 +122,6 @@ def asymmetric_loss_with_grad(
         loss, grad = -base * w, -d
     else:
         loss, grad = -base, -dbase
-    grad = torch.where(torch.isnan(x), x, grad)  # a NaN logit's gradient is NaN, as through autograd
     if reduction == "mean":
         return loss.mean(), grad / max(loss.numel(), 1)
     return loss.sum(), grad

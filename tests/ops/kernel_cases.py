@@ -106,8 +106,11 @@ def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", f
     torch.manual_seed(seed)
     b, c = shape
     x64 = torch.randn(b, c, dtype=torch.float64) * 4
-    x64.view(-1)[:3] = torch.tensor([30.0, -30.0, 0.0], dtype=torch.float64)[: x64.numel()]  # saturated sigmoids
+    inf = float("inf")  # saturated sigmoids, then infinite logits with a 1 and a 0 target each
+    edge = torch.tensor([30.0, -30.0, 0.0, inf, -inf, inf, -inf], dtype=torch.float64)[: x64.numel()]
+    x64.view(-1)[: len(edge)] = edge
     y = (torch.rand(b, c) > 0.7).double()
+    y.view(-1)[3:7] = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)[: max(0, y.numel() - 3)]
     if soft_from is not None:
         y.view(-1)[soft_from:] = torch.rand(y.numel() - min(soft_from, y.numel()), dtype=torch.float64)
     else:
@@ -143,24 +146,31 @@ def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", f
     close(loss2, loss_ref, torch.float32 if dtype == torch.float64 else dtype, f"{backend} asl no-grad loss", math.sqrt(n))
 
 
-def check_asl_nan(backend, dtype=torch.float32, seed=0):
-    """A NaN logit keeps a NaN gradient, as in the reference, with a 0 and a 1 target, with and
-    without the focal weight's gradient (the default parameters' kernels and the run-time ones);
-    the other elements stay finite."""
+def check_asl_nan(backend, dtype=torch.float32, soft=False, seed=0):
+    """A NaN logit makes the loss NaN and keeps a NaN gradient, as in the reference, with a 0 and a
+    1 target, with and without the focal weight's gradient (the default parameters' kernels and
+    the run-time ones), with and without the focusing weight; the other gradients stay finite.
+    soft: float targets with a 0.5 among them (the per-element form instead of the binary one)."""
     torch.manual_seed(seed)
     x = torch.randn(4, 40, dtype=torch.float64)
-    y = torch.rand(4, 40) > 0.5
+    y = (torch.rand(4, 40) > 0.5).float()
     x[1, 3] = x[2, 7] = float("nan")
-    y[1, 3], y[2, 7] = True, False
+    y[1, 3], y[2, 7] = 1.0, 0.0
+    if soft:
+        y[0, 0] = 0.5
     nan = torch.isnan(x)
-    for focal_grad in (False, True):
-        xd = x.to(dtype).to(DEVICE).requires_grad_()
-        loss = ops.asymmetric_loss(xd, y.to(DEVICE), disable_torch_grad_focal_loss=not focal_grad, backend=backend)
-        (g,) = torch.autograd.grad(loss, xd)
-        g = g.cpu()
-        what = f"{backend} asl NaN logit {dtype} focal_grad={focal_grad}"
-        assert torch.isnan(g[nan]).all(), f"{what}: gradient {g[nan].tolist()} where the logit is NaN"
-        assert torch.isfinite(g[~nan]).all(), f"{what}: non-finite gradient elsewhere"
+    for gammas in ((0.0, 4.0), (0.0, 0.0)):
+        for focal_grad in (False, True):
+            xd = x.to(dtype).to(DEVICE).requires_grad_()
+            loss = ops.asymmetric_loss(xd, (y if soft else y.bool()).to(DEVICE), gamma_pos=gammas[0],
+                                       gamma_neg=gammas[1], disable_torch_grad_focal_loss=not focal_grad,
+                                       backend=backend)
+            (g,) = torch.autograd.grad(loss, xd)
+            g = g.cpu()
+            what = f"{backend} asl NaN logit {dtype} soft={soft} gammas={gammas} focal_grad={focal_grad}"
+            assert torch.isnan(loss).item(), f"{what}: loss {loss.item()}"
+            assert torch.isnan(g[nan]).all(), f"{what}: gradient {g[nan].tolist()} where the logit is NaN"
+            assert torch.isfinite(g[~nan]).all(), f"{what}: non-finite gradient elsewhere"
 
 
 def check_asl_scale(backend, n, offset, dtype, scale, seed=0):

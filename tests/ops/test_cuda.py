@@ -142,7 +142,7 @@ def test_cuda_backend_on_gpu():
             "                    kc.check_enhance('cuda', s, dt, mask=mask)\n"
             "    for i, s in enumerate(kc.ASL_SHAPES + [(257, 1001)]):  # default-parameter and run-time kernels\n"
             "        for j, variant in enumerate(kc.ASL_VARIANTS): kc.check_asl('cuda', s, dt, **variant, seed=i + j)\n"
-            "    kc.check_asl_nan('cuda', dt)\n"
+            "    for soft in (False, True): kc.check_asl_nan('cuda', dt, soft)\n"
             "for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):\n"
             "    for size in kc.ASL_SCALE_SIZES + [(1 << 20, 0), (1 << 20, 1)]:\n"
             "        for i, scale in enumerate(kc.ASL_SCALES): kc.check_asl_scale('cuda', *size, dt, scale, seed=i)\n"

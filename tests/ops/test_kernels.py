@@ -169,9 +169,10 @@ def test_asymmetric_loss_other_dtypes(backend, dtype, poison):
     check_asl(backend, (37, 20), dtype, seed=3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_asl_nan_logit(backend, dtype):
-    check_asl_nan(backend, dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
+def test_asl_nan_logit(backend, dtype, soft):
+    check_asl_nan(backend, dtype, soft)
 
 
 def test_asl_large_parallel(backend):

@@ -66,8 +66,9 @@ def main():
         for variant in kc.ASL_VARIANTS:
             kc.check_asl("triton", (37, 20), dtype, **variant)
             n += 1
-        kc.check_asl_nan("triton", dtype)
-        n += 1
+        for soft in (False, True):
+            kc.check_asl_nan("triton", dtype, soft)
+            n += 1
         # blocks of 0/1 targets (binary form only) before blocks that also hold soft ones
         kc.check_asl("triton", (61, 100), dtype, target_dtype=torch.float32, soft_from=5000, gammas=(1.0, 4.0), seed=5)
         n += 1

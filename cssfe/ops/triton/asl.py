@@ -35,9 +35,10 @@ def _binary_form(x, pos, clip, eps, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.const
     xn = tl.minimum(c, 1.0)
     dxn = tl.where(c > 1.0, 0.0, -dp)
     a = tl.where(pos, p, xn)  # the probability whose log this element adds
-    ok = a >= eps
-    base = tl.log(tl.where(ok, a, eps))
-    dbase = tl.where(ok, tl.where(pos, q, dxn / tl.where(ok, a, 1.0)), 0.0)
+    # max(a, eps) as torch.clamp takes it: a NaN logit's NaN passes, so its loss and gradient are NaN
+    clamped = a < eps
+    base = tl.log(tl.where(clamped, eps, a))
+    dbase = tl.where(clamped, 0.0, tl.where(pos, q, dxn / tl.where(clamped, 1.0, a)))
     w = tl.where(pos, _pow_const(q, GAMMA_POS), _pow_const(1.0 - xn, GAMMA_NEG))
     g = -dbase * w
     if FOCAL_GRAD:
@@ -64,8 +65,11 @@ def _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL: tl.constexpr, FO
         c = xn + clip
         dxn = tl.where(c <= 1.0, dxn, 0.0)
         xn = tl.minimum(c, 1.0)
-    base = y * tl.log(tl.maximum(p, eps)) + (1.0 - y) * tl.log(tl.maximum(xn, eps))
-    dbase = y * tl.where(p >= eps, 1.0 - p, 0.0) + (1.0 - y) * tl.where(xn >= eps, dxn / tl.maximum(xn, eps), 0.0)
+    # where(v < eps, ...), not tl.maximum (which may drop a NaN): a NaN logit's loss and gradient are NaN
+    p_clamped, xn_clamped = p < eps, xn < eps
+    base = y * tl.log(tl.where(p_clamped, eps, p)) + (1.0 - y) * tl.log(tl.where(xn_clamped, eps, xn))
+    dbase = (y * tl.where(p_clamped, 0.0, 1.0 - p)
+             + (1.0 - y) * tl.where(xn_clamped, 0.0, dxn / tl.where(xn_clamped, 1.0, xn)))
     if FOCAL:
         pt = p * y + xn * (1.0 - y)
         ge = gamma_pos * y + gamma_neg * (1.0 - y)
