@@ -62,12 +62,12 @@ inline bool asl_default_params(const AslBinaryParams& P) {
 }
 
 // Branch-free: one exp, one log, one division. Math supplies exp_nonpositive(x <= 0),
-// log_positive(x > 0; NaN gives NaN) and divide(a, b): vectorizable polynomials on CPU, hardware approximations
-// on the GPU. kDefaults: P holds the default parameters above (the caller checked), so the power is
-// a fixed product and the focal weight's gradient is not computed; else both are read from P. On
-// the GPU the kernel is bound by the instructions it issues, not by memory: the run-time powers (bit
-// tests and selects for both gammas) took about a third of the binary form's ~75 sm_90 instructions
-// per element.
+// log_positive(x > 0; NaN gives NaN) and divide(a, b): vectorizable polynomials on CPU, hardware
+// approximations on the GPU. kDefaults: P holds the default parameters above (the caller checked),
+// so the power is a fixed product and the focal weight's gradient is not computed; else both are
+// read from P. On the GPU the kernel is bound by the instructions it issues, not by memory: the
+// run-time powers (bit tests and selects for both gammas) took about a third of the binary form's
+// ~75 sm_90 instructions per element.
 template <class Math, bool kDefaults = false>
 CSSFE_HOST_DEVICE AslValue asl_binary_element(float x, bool pos, const AslBinaryParams& P) {
   const float e = Math::exp_nonpositive(-std::fabs(x));  // exp(-|x|): no overflow (one multiply on the GPU)

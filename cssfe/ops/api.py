@@ -121,9 +121,10 @@ def asymmetric_loss(
     Same numbers and gradients as ``cssfe.losses.AsymmetricLoss(gamma_neg, gamma_pos, clip, eps,
     disable_torch_grad_focal_loss, reduction)``: logits [B, C] fp32/fp16/bf16/fp64 (half precision
     computed in fp32; the loss is fp32 then), targets of the same shape, bool/uint8/float. A NaN
-    logit makes the loss and its gradient NaN, as there. With a fused backend the backward scales the gradient kept by the forward in place, so the
-    loss can be backpropagated once (``retain_graph=True`` and a second pass raise; use
-    ``backend="reference"`` for that); ``create_graph=True`` works with every backend.
+    logit makes the loss and its gradient NaN, as there. With a fused backend the backward scales
+    the gradient kept by the forward in place, so the loss can be backpropagated once
+    (``retain_graph=True`` and a second pass raise; use ``backend="reference"`` for that);
+    ``create_graph=True`` works with every backend.
     """
     op = "asymmetric_loss"
     _floating("logits", logits, op)

@@ -147,30 +147,33 @@ def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", f
 
 
 def check_asl_nan(backend, dtype=torch.float32, soft=False, seed=0):
-    """A NaN logit makes the loss NaN and keeps a NaN gradient, as in the reference, with a 0 and a
-    1 target, with and without the focal weight's gradient (the default parameters' kernels and
-    the run-time ones), with and without the focusing weight; the other gradients stay finite.
-    soft: float targets with a 0.5 among them (the per-element form instead of the binary one)."""
+    """NaN logits make the loss NaN and keep NaN gradients, as in the reference: NaNs with 1 targets
+    only, then with 0 targets only (a NaN elsewhere must not hide a finite sum), with and without the
+    focusing weight and its gradient (the default parameters' kernels and the run-time ones); the
+    other gradients stay finite. soft: float targets, 0.5 beside each NaN (the same CUDA pack) and
+    as a third case, so the per-element form runs instead of the binary one."""
     torch.manual_seed(seed)
     x = torch.randn(4, 40, dtype=torch.float64)
-    y = (torch.rand(4, 40) > 0.5).float()
+    y0 = (torch.rand(4, 40) > 0.5).float()
     x[1, 3] = x[2, 7] = float("nan")
-    y[1, 3], y[2, 7] = 1.0, 0.0
-    if soft:
-        y[0, 0] = 0.5
     nan = torch.isnan(x)
-    for gammas in ((0.0, 4.0), (0.0, 0.0)):
-        for focal_grad in (False, True):
-            xd = x.to(dtype).to(DEVICE).requires_grad_()
-            loss = ops.asymmetric_loss(xd, (y if soft else y.bool()).to(DEVICE), gamma_pos=gammas[0],
-                                       gamma_neg=gammas[1], disable_torch_grad_focal_loss=not focal_grad,
-                                       backend=backend)
-            (g,) = torch.autograd.grad(loss, xd)
-            g = g.cpu()
-            what = f"{backend} asl NaN logit {dtype} soft={soft} gammas={gammas} focal_grad={focal_grad}"
-            assert torch.isnan(loss).item(), f"{what}: loss {loss.item()}"
-            assert torch.isnan(g[nan]).all(), f"{what}: gradient {g[nan].tolist()} where the logit is NaN"
-            assert torch.isfinite(g[~nan]).all(), f"{what}: non-finite gradient elsewhere"
+    if soft:
+        y0[1, 2] = y0[2, 6] = 0.5
+    for target in (1.0, 0.0) + ((0.5,) if soft else ()):
+        y = y0.clone()
+        y[nan] = target
+        for gammas in ((0.0, 4.0), (0.0, 0.0)):
+            for focal_grad in (False, True):
+                xd = x.to(dtype).to(DEVICE).requires_grad_()
+                loss = ops.asymmetric_loss(xd, (y if soft else y.bool()).to(DEVICE), gamma_pos=gammas[0],
+                                           gamma_neg=gammas[1], disable_torch_grad_focal_loss=not focal_grad,
+                                           backend=backend)
+                (g,) = torch.autograd.grad(loss, xd)
+                g = g.cpu()
+                what = f"{backend} asl NaN logits, target {target}, {dtype} gammas={gammas} focal_grad={focal_grad}"
+                assert torch.isnan(loss).item(), f"{what}: loss {loss.item()}"
+                assert torch.isnan(g[nan]).all(), f"{what}: gradient {g[nan].tolist()} where the logit is NaN"
+                assert torch.isfinite(g[~nan]).all(), f"{what}: non-finite gradient elsewhere"
 
 
 def check_asl_scale(backend, n, offset, dtype, scale, seed=0):

@@ -32,7 +32,7 @@ def _binary_form(x, pos, clip, eps, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.const
     q = tl.where(x >= 0.0, e * inv, inv)  # 1 - sigmoid(x), without cancellation
     dp = p * q
     c = q + clip  # shifted negative probability, clamped at 1 (no gradient past it)
-    xn = tl.minimum(c, 1.0)
+    xn = tl.where(c > 1.0, 1.0, c)  # not tl.minimum, which may drop a NaN
     dxn = tl.where(c > 1.0, 0.0, -dp)
     a = tl.where(pos, p, xn)  # the probability whose log this element adds
     # max(a, eps) as torch.clamp takes it: a NaN logit's NaN passes, so its loss and gradient are NaN
@@ -64,8 +64,9 @@ def _general_form(x, y, gamma_pos, gamma_neg, clip, eps, FOCAL: tl.constexpr, FO
     if CLIP:
         c = xn + clip
         dxn = tl.where(c <= 1.0, dxn, 0.0)
-        xn = tl.minimum(c, 1.0)
-    # where(v < eps, ...), not tl.maximum (which may drop a NaN): a NaN logit's loss and gradient are NaN
+        xn = tl.where(c > 1.0, 1.0, c)
+    # the clamps as where(), not tl.minimum / tl.maximum (which may drop a NaN): a NaN logit's loss
+    # and gradient are NaN
     p_clamped, xn_clamped = p < eps, xn < eps
     base = y * tl.log(tl.where(p_clamped, eps, p)) + (1.0 - y) * tl.log(tl.where(xn_clamped, eps, xn))
     dbase = (y * tl.where(p_clamped, 0.0, 1.0 - p)
