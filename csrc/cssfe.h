@@ -20,13 +20,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& z, const at::Tensor& lse);
 // Progressive enhancement: z [B, C, L], affinity [C, C] fp32, order [C] int64 (classes sorted by group),
 // bounds [4] int64 (group g occupies order[bounds[g]:bounds[g+1]]), w = lam * gate [B, C] fp32.
+// earlier_only: bit g set when the caller knows that R is zero from stage g's rows to the positions
+// from bounds[g] on (their own and later groups, as under the distribution-aware mask); the kernels
+// skip those sources unread. A clear bit: they check R themselves (or multiply the zeros).
 at::Tensor enhance_fwd_cpu(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
-                           const at::Tensor& bounds, const at::Tensor& w);
+                           const at::Tensor& bounds, const at::Tensor& w, int64_t earlier_only);
 // -> dz [B, C, L] (z's dtype), dm [B, C, L] fp32 (grad of each class's message), dw [B, C] fp32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor& grad, const at::Tensor& z,
                                                                const at::Tensor& affinity, const at::Tensor& order,
                                                                const at::Tensor& bounds, const at::Tensor& w,
-                                                               const at::Tensor& out);
+                                                               const at::Tensor& out, int64_t earlier_only);
 
 inline void check_cpu_contig(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "cssfe native CPU kernel: ", name, " must be a CPU tensor");
@@ -47,10 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& z, const at::Tensor& lse);
 at::Tensor enhance_fwd_cuda(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
-                            const at::Tensor& bounds, const at::Tensor& w);
+                            const at::Tensor& bounds, const at::Tensor& w, int64_t earlier_only);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cuda(const at::Tensor& grad, const at::Tensor& z,
                                                                 const at::Tensor& affinity, const at::Tensor& order,
                                                                 const at::Tensor& bounds, const at::Tensor& w,
-                                                                const at::Tensor& out);
+                                                                const at::Tensor& out, int64_t earlier_only);
 }  // namespace cssfe
 #endif

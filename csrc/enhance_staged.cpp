@@ -11,6 +11,8 @@
 // Everything runs in group order (the classes sorted by group, `order`), where every stage's rows
 // and every "earlier groups" column set are contiguous slices: stage g's message is
 //   m = R[rows, :b0] out[:, :b0] + R[rows, b0:] z[:, b0:]      (b0 = where stage g starts).
+// The second product is left out where the caller's earlier_only says that R is zero there (the
+// distribution-aware mask): with three equal groups, two thirds of the multiply-adds.
 #include "cssfe.h"
 
 namespace cssfe {
@@ -21,10 +23,11 @@ struct Staged {
   at::Tensor order, inverse;         // group order and its inverse permutation, on z's device
   at::Tensor r, w, row_sum;          // affinity [C, C], w [B, C] and R's row sums [C], in group order
   int64_t bounds[4];
+  int64_t earlier_only;              // bit g: stage g takes nothing from positions >= bounds[g]
 };
 
 Staged prepare(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order, const at::Tensor& bounds,
-               const at::Tensor& w) {
+               const at::Tensor& w, int64_t earlier_only) {
   TORCH_CHECK(z.dim() == 3, "native_enhance_staged: z must be [B, C, L], got ", z.sizes());
   const int64_t B = z.size(0), C = z.size(1);
   TORCH_CHECK(affinity.dim() == 2 && affinity.size(0) == C && affinity.size(1) == C,
@@ -40,6 +43,7 @@ Staged prepare(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor
   s.r = affinity.to(z.device(), s.ct).index_select(0, s.order).index_select(1, s.order);
   s.w = w.to(z.device(), s.ct).index_select(1, s.order);
   s.row_sum = s.r.sum(1);
+  s.earlier_only = earlier_only;
   const at::Tensor bd = bounds.to(at::kCPU, at::kLong).contiguous();  // launch parameters: already on the host
   for (int k = 0; k < 4; ++k) s.bounds[k] = bd.data_ptr<int64_t>()[k];
   TORCH_CHECK(s.bounds[0] == 0 && s.bounds[3] == C && s.bounds[1] <= s.bounds[2] && s.bounds[1] >= 0 &&
@@ -57,10 +61,17 @@ at::Tensor ungrouped(const at::Tensor& x, const Staged& s) { return x.index_sele
 // a [rows, cols] block of R, shared by every image of the batch (batch stride 0, no copy)
 at::Tensor batched(const at::Tensor& block, int64_t B) { return block.unsqueeze(0).expand({B, block.size(0), block.size(1)}); }
 
+// Whether stage g's rows may take something from their own or a later group.
+bool later_sources(const Staged& s, int g) { return !((s.earlier_only >> g) & 1); }
+
 // Stage g's messages [B, rows, L] (see the top of the file); x holds the earlier stages' outputs.
 at::Tensor messages(const Staged& s, int g, const at::Tensor& x, const at::Tensor& z) {
   const int64_t B = z.size(0), C = z.size(1), b0 = s.bounds[g], b1 = s.bounds[g + 1];
   const at::Tensor rows = s.r.slice(0, b0, b1);
+  if (!later_sources(s, g)) {
+    if (b0 == 0) return at::zeros({B, b1 - b0, z.size(2)}, z.options());  // no sources at all
+    return at::bmm(batched(rows.slice(1, 0, b0), B), x.slice(1, 0, b0));
+  }
   at::Tensor m = at::bmm(batched(rows.slice(1, b0, C), B), z.slice(1, b0, C));
   if (b0 > 0) m.baddbmm_(batched(rows.slice(1, 0, b0), B), x.slice(1, 0, b0));
   return m;
@@ -75,8 +86,8 @@ at::Tensor denominators(const Staged& s, int g) {
 }  // namespace
 
 at::Tensor enhance_staged_fwd(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
-                              const at::Tensor& bounds, const at::Tensor& w) {
-  const Staged s = prepare(z, affinity, order, bounds, w);
+                              const at::Tensor& bounds, const at::Tensor& w, int64_t earlier_only) {
+  const Staged s = prepare(z, affinity, order, bounds, w, earlier_only);
   if (z.numel() == 0) return at::empty(z.sizes(), z.options());
   const at::Tensor zp = grouped(z, s);
   at::Tensor outp = at::empty_like(zp);  // every stage writes its rows; the stages cover [0, C)
@@ -93,8 +104,8 @@ at::Tensor enhance_staged_fwd(const at::Tensor& z, const at::Tensor& affinity, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_staged_bwd(const at::Tensor& grad, const at::Tensor& z,
                                                                   const at::Tensor& affinity, const at::Tensor& order,
                                                                   const at::Tensor& bounds, const at::Tensor& w,
-                                                                  const at::Tensor& out) {
-  const Staged s = prepare(z, affinity, order, bounds, w);
+                                                                  const at::Tensor& out, int64_t earlier_only) {
+  const Staged s = prepare(z, affinity, order, bounds, w, earlier_only);
   TORCH_CHECK(grad.sizes() == z.sizes() && out.sizes() == z.sizes(),
               "native_enhance_staged: grad and out must have z's shape ", z.sizes(), ", got ", grad.sizes(), " and ",
               out.sizes());
@@ -123,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_staged_bwd(const at::Tens
     // inputs of this and later stages (straight into dz)
     const at::Tensor rows = s.r.slice(0, b0, b1);
     if (b0 > 0) acc.slice(1, 0, b0).baddbmm_(batched(rows.slice(1, 0, b0).t(), z.size(0)), dm);
-    dzp.slice(1, b0, C).baddbmm_(batched(rows.slice(1, b0, C).t(), z.size(0)), dm);
+    if (later_sources(s, g)) dzp.slice(1, b0, C).baddbmm_(batched(rows.slice(1, b0, C).t(), z.size(0)), dm);
   }
   return {ungrouped(dzp, s).to(z.scalar_type()), ungrouped(dmp, s), ungrouped(dwp, s)};
 }

@@ -25,15 +25,21 @@ TORCH_LIBRARY_FRAGMENT(cssfe, m) {
   m.def(
       "native_attention_bwd(Tensor grad_z, Tensor q, Tensor k, Tensor v, Tensor z, Tensor lse) -> "
       "(Tensor, Tensor, Tensor)");
-  m.def("native_enhance_fwd(Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w) -> Tensor");
+  // earlier_only: bit g set when the caller knows that stage g's rows take nothing from their own or
+  // a later group (cssfe.h); the kernels then skip those sources without reading the affinity there.
+  m.def(
+      "native_enhance_fwd(Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w, int earlier_only=0) -> "
+      "Tensor");
   m.def(
       "native_enhance_bwd(Tensor grad, Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w, "
-      "Tensor out) -> (Tensor, Tensor, Tensor)");
+      "Tensor out, int earlier_only=0) -> (Tensor, Tensor, Tensor)");
   // the same contract, computed as batched matrix products on any device (enhance_staged.cpp)
-  m.def("native_enhance_staged_fwd(Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w) -> Tensor");
+  m.def(
+      "native_enhance_staged_fwd(Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w, "
+      "int earlier_only=0) -> Tensor");
   m.def(
       "native_enhance_staged_bwd(Tensor grad, Tensor z, Tensor affinity, Tensor order, Tensor bounds, Tensor w, "
-      "Tensor out) -> (Tensor, Tensor, Tensor)");
+      "Tensor out, int earlier_only=0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cssfe, CPU, m) {

@@ -33,7 +33,8 @@ void check_enhance(const at::Tensor& z, const at::Tensor& r, const at::Tensor& o
 }
 
 // The call's shared data, in group order: R permuted on both sides, its row sums, and for each
-// stage whether any of its sources lies in its own or a later group (only without the mask).
+// stage whether any of its sources lies in its own or a later group (only without the mask; not
+// looked up where the caller's earlier_only says so).
 struct Plan {
   at::Tensor r;  // [C, C] fp32, rows and columns in group order
   std::vector<float> row_sum;
@@ -43,7 +44,18 @@ struct Plan {
   bool blas;
 };
 
-Plan make_plan(const at::Tensor& affinity, const at::Tensor& order, const at::Tensor& bounds, int64_t L) {
+// Whether R (in group order) has a nonzero (or NaN) entry in rows [b0, b1) from column b0 on: a
+// plain scan, where ATen's slice / ne / any / item cost a few microseconds each per call.
+bool later_nonzero(const Plan& p, int64_t b0, int64_t b1) {
+  const float* r = p.r.data_ptr<float>();
+  for (int64_t i = b0; i < b1; ++i)
+    for (int64_t j = b0; j < p.C; ++j)
+      if (r[i * p.C + j] != 0.f) return true;
+  return false;
+}
+
+Plan make_plan(const at::Tensor& affinity, const at::Tensor& order, const at::Tensor& bounds, int64_t L,
+               int64_t earlier_only) {
   Plan p;
   p.C = affinity.size(0);
   p.L = L;
@@ -54,7 +66,7 @@ Plan make_plan(const at::Tensor& affinity, const at::Tensor& order, const at::Te
   TORCH_CHECK(p.bounds[0] == 0 && p.bounds[3] == p.C, "native_enhance: bounds must run from 0 to C");
   for (int g = 0; g < 3; ++g) {
     const int64_t b0 = p.bounds[g], b1 = p.bounds[g + 1];
-    p.later_sources[g] = b1 > b0 && p.r.slice(0, b0, b1).slice(1, b0, p.C).ne(0).any().item<bool>();
+    p.later_sources[g] = b1 > b0 && !((earlier_only >> g) & 1) && later_nonzero(p, b0, b1);
   }
   p.blas = cpu_blas::direct({p.C, L});
   return p;
@@ -143,10 +155,10 @@ void scatter_rows(const src_t* src, const int64_t* order, int64_t C, int64_t L, 
 }  // namespace
 
 at::Tensor enhance_fwd_cpu(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
-                           const at::Tensor& bounds, const at::Tensor& w) {
+                           const at::Tensor& bounds, const at::Tensor& w, int64_t earlier_only) {
   check_enhance(z, affinity, order, bounds, w);
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
-  const Plan p = make_plan(affinity, order, bounds, L);
+  const Plan p = make_plan(affinity, order, bounds, L, earlier_only);
   at::Tensor out = at::empty({B, C, L}, z.options());
   const int64_t* ord = order.data_ptr<int64_t>();
   const float* wp = w.data_ptr<float>();
@@ -170,7 +182,7 @@ at::Tensor enhance_fwd_cpu(const at::Tensor& z, const at::Tensor& affinity, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor& grad, const at::Tensor& z,
                                                                const at::Tensor& affinity, const at::Tensor& order,
                                                                const at::Tensor& bounds, const at::Tensor& w,
-                                                               const at::Tensor& out) {
+                                                               const at::Tensor& out, int64_t earlier_only) {
   check_enhance(z, affinity, order, bounds, w);
   check_cpu_contig(grad, "grad");
   check_cpu_contig(out, "out");
@@ -178,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor&
   TORCH_CHECK(grad.scalar_type() == z.scalar_type() && out.scalar_type() == z.scalar_type(),
               "native_enhance_bwd: grad, z and out must share a dtype");
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
-  const Plan p = make_plan(affinity, order, bounds, L);
+  const Plan p = make_plan(affinity, order, bounds, L, earlier_only);
   at::Tensor dz = at::empty({B, C, L}, z.options());
   at::Tensor dm = at::empty({B, C, L}, z.options().dtype(at::kFloat));
   at::Tensor dw = at::empty({B, C}, z.options().dtype(at::kFloat));

@@ -82,11 +82,11 @@ Plan plan(int64_t B, int64_t C, int64_t L, int tiles, const at::Tensor& like) {
 }
 
 enhance_block::Args make_args(const at::Tensor& zf, const at::Tensor& rp, const at::Tensor& wp, const at::Tensor& rsp,
-                              const at::Tensor& ord, const at::Tensor& bounds, int64_t width) {
+                              const at::Tensor& ord, const at::Tensor& bounds, int64_t width, int64_t earlier_only) {
   const at::Tensor bd = bounds.cpu();
   return {zf.data_ptr<float>(), rp.data_ptr<float>(), wp.data_ptr<float>(), rsp.data_ptr<float>(),
           ord.data_ptr<int64_t>(), zf.size(0), zf.size(1), zf.size(2), bd[1].item<int64_t>(), bd[2].item<int64_t>(),
-          width};
+          width, earlier_only};
 }
 
 // The affinity, its row sums and w in group order (the block program indexes by position).
@@ -105,7 +105,7 @@ Ordered ordered(const at::Tensor& z, const at::Tensor& affinity, const at::Tenso
 }  // namespace cuda
 
 at::Tensor enhance_fwd_cuda(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
-                            const at::Tensor& bounds, const at::Tensor& w) {
+                            const at::Tensor& bounds, const at::Tensor& w, int64_t earlier_only) {
   CSSFE_CHECK_CUDA(z, "z");
   CSSFE_CHECK_CUDA(affinity, "affinity");
   CSSFE_CHECK_CUDA(w, "w");
@@ -120,7 +120,7 @@ at::Tensor enhance_fwd_cuda(const at::Tensor& z, const at::Tensor& affinity, con
     if (!p.shared) scratch = at::empty({p.grid * enhance_block::kForwardTiles * C * p.width}, zf.options());
     auto kernel = p.shared ? cuda::enhance_fwd_kernel<true> : cuda::enhance_fwd_kernel<false>;
     kernel<<<p.grid, cuda::kThreads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
-        cuda::make_args(zf, o.rp, o.wp, o.rsp, o.ord, bounds, p.width), out.data_ptr<float>(),
+        cuda::make_args(zf, o.rp, o.wp, o.rsp, o.ord, bounds, p.width, earlier_only), out.data_ptr<float>(),
         p.shared ? nullptr : scratch.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -130,7 +130,7 @@ at::Tensor enhance_fwd_cuda(const at::Tensor& z, const at::Tensor& affinity, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cuda(const at::Tensor& grad, const at::Tensor& z,
                                                                 const at::Tensor& affinity, const at::Tensor& order,
                                                                 const at::Tensor& bounds, const at::Tensor& w,
-                                                                const at::Tensor& out) {
+                                                                const at::Tensor& out, int64_t earlier_only) {
   CSSFE_CHECK_CUDA(z, "z");
   CSSFE_CHECK_CUDA(grad, "grad");
   CSSFE_CHECK_CUDA(affinity, "affinity");
@@ -151,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cuda(const at::Tensor
   if (!p.shared) scratch = at::empty({p.grid * enhance_block::kBackwardTiles * C * p.width}, zf.options());
   auto kernel = p.shared ? cuda::enhance_bwd_kernel<true> : cuda::enhance_bwd_kernel<false>;
   kernel<<<p.grid, cuda::kThreads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
-      cuda::make_args(zf, o.rp, o.wp, o.rsp, o.ord, bounds, p.width), gf.data_ptr<float>(), of.data_ptr<float>(),
-      dz.data_ptr<float>(), dm.data_ptr<float>(), dw_part.data_ptr<float>(),
+      cuda::make_args(zf, o.rp, o.wp, o.rsp, o.ord, bounds, p.width, earlier_only), gf.data_ptr<float>(),
+      of.data_ptr<float>(), dz.data_ptr<float>(), dm.data_ptr<float>(), dw_part.data_ptr<float>(),
       p.shared ? nullptr : scratch.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dz.to(z.scalar_type()), dm, dw_part.sum(1)};

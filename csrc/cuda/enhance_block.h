@@ -31,7 +31,8 @@ struct Args {
   const float* rsp;      // [C] row sums of rp
   const int64_t* order;  // [C]
   int64_t B, C, L, s1, s2;
-  int64_t width;  // columns per tile
+  int64_t width;         // columns per tile
+  int64_t earlier_only;  // bit g: the caller knows that stage g takes nothing from positions >= its start
 };
 
 // Scratch rows (each C x width floats) per tile.
@@ -45,12 +46,16 @@ CSSFE_BLOCK int group_start(const Args& a, int g) {
   return static_cast<int>(g == 0 ? 0 : g == 1 ? a.s1 : g == 2 ? a.s2 : a.C);
 }
 
-// Whether a row of the stage [lo, hi) takes anything from the classes at or after lo (its own
-// group and the later ones). Under the distribution-aware mask it does not (R is zero there), and
-// the loops below stop at lo: about a third of the inner products with three equal groups.
+// Where the sources of stage g, rows [lo, hi), end: C if a row takes anything from the classes at or
+// after lo (its own group and the later ones), else lo. Under the distribution-aware mask R is zero
+// there, and the loops below stop at lo: about a third of the inner products with three equal
+// groups. The check reads that part of R (a barrier on the GPU) unless the caller already knows.
 template <class Exec>
-CSSFE_BLOCK bool later_sources(Exec& ex, const Args& a, int lo, int hi) {
-  return ex.any(lo, hi, lo, static_cast<int>(a.C), [&](int p, int q) { return a.rp[int64_t(p) * a.C + q] != 0.f; });
+CSSFE_BLOCK int sources_end(Exec& ex, const Args& a, int g, int lo, int hi) {
+  if ((a.earlier_only >> g) & 1) return lo;  // uniform over the block
+  const bool later =
+      ex.any(lo, hi, lo, static_cast<int>(a.C), [&](int p, int q) { return a.rp[int64_t(p) * a.C + q] != 0.f; });
+  return later ? static_cast<int>(a.C) : lo;
 }
 
 // sum over q in [from, to) of r[q] * rows[q * W + l]; the mask zeroes most of R: skip those loads.
@@ -79,7 +84,7 @@ CSSFE_BLOCK void forward_tile(Exec& ex, const Args& a, float* out, int64_t tile,
   for (int g = 0; g < 3; ++g) {
     const int lo = group_start(a, g), hi = group_start(a, g + 1), n = (hi - lo) * lw;
     if (n == 0) continue;  // uniform over the block
-    const int sources = later_sources(ex, a, lo, hi) ? static_cast<int>(C) : lo;
+    const int sources = sources_end(ex, a, g, lo, hi);
     ex.parallel(n, [&](int k) {
       const int p = lo + k / lw, l = k % lw;
       const float m = row_message(a.rp + p * C, S, 0, sources, W, l);
@@ -124,7 +129,7 @@ CSSFE_BLOCK void backward_tile(Exec& ex, const Args& a, const float* grad, const
   for (int g = 2; g >= 0; --g) {
     const int lo = group_start(a, g), hi = group_start(a, g + 1), n = (hi - lo) * lw;
     if (n == 0) continue;  // uniform over the block
-    const int sources = later_sources(ex, a, lo, hi) ? static_cast<int>(C) : lo;
+    const int sources = sources_end(ex, a, g, lo, hi);
     // The stage's rows: their output gradient is complete (later stages have added theirs).
     ex.parallel(n, [&](int k) {
       const int p = lo + k / lw, l = k % lw;

@@ -112,6 +112,43 @@ def _enhance_plan(groups: Tensor) -> Tuple[Tensor, Tensor]:
     return order, bounds  # bounds stays on the CPU: kernels read it as launch parameters
 
 
+# affinity tensor -> [its version, groups, groups' version, stages bitmask or None]. See _earlier_only.
+_STAGE_SOURCES: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _earlier_only(affinity: Tensor, groups: Tensor, order: Tensor, bounds: Tensor, forward: bool) -> int:
+    """Bit g set: stage g's rows take nothing from their own group or a later one (R is zero there,
+    as under the distribution-aware mask), so the kernels skip those sources without looking at R.
+
+    Known per affinity tensor: the first forward that sees it records it; the second that sees it
+    unchanged (same version, same groups) reads the flags back from the device, once; later calls,
+    backward included, reuse them. The model's fixed affinity (a buffer) is analysed once; an affinity
+    that is new in every call (computed from embeddings that learn) is never read back, and gets 0:
+    the kernels then check R themselves, or (the staged strategy) multiply the zeros."""
+    version, groups_version = _version(affinity), _version(groups)
+    if version is None or groups_version is None:
+        return 0
+    entry = _STAGE_SOURCES.get(affinity)
+    if entry is not None and entry[0] == version and entry[1] is groups and entry[2] == groups_version:
+        if entry[3] is not None or not forward:
+            return entry[3] or 0
+        if affinity.is_cuda and torch.cuda.is_current_stream_capturing():
+            return 0  # no read-back inside a CUDA graph capture
+        entry[3] = _analyse_stage_sources(affinity, order, bounds)
+        return entry[3]
+    if forward:
+        _STAGE_SOURCES[affinity] = [version, groups, groups_version, None]
+    return 0
+
+
+def _analyse_stage_sources(affinity: Tensor, order: Tensor, bounds: Tensor) -> int:
+    rp = affinity.index_select(0, order).index_select(1, order)
+    b = [int(x) for x in bounds]
+    # != 0 counts a NaN as a source: it must reach the output, through the checking path
+    later = torch.stack([(rp[b[g]:b[g + 1], b[g]:] != 0).any() for g in range(3)]).tolist()  # one read-back
+    return sum(1 << g for g in range(3) if not later[g])
+
+
 def _version(t: Tensor):
     """The in-place version counter of ``t``; None for inference tensors, which have none."""
     try:
@@ -336,11 +373,12 @@ def _enh_kernel(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: 
     if backend == "reference":
         return reference_impl.enhance_fwd(z, affinity, groups, w)
     r = affinity.to(torch.float32).contiguous()
+    args = (z.contiguous(), r, order, bounds, w.float(), _earlier_only(affinity, groups, order, bounds, forward=True))
     if backend in ("cpu", "cuda"):
         forward, _ = _native_enhance(backend, z.shape[1])
-        return forward(z.contiguous(), r, order, bounds, w.float())
+        return forward(*args)
     if backend == "triton":
-        return _triton().enhance_fwd(z.contiguous(), r, order, bounds, w.float())
+        return _triton().enhance_fwd(*args)
     raise ValueError(f"cssfe::progressive_enhance: unknown backend {backend!r}")
 
 
@@ -363,7 +401,8 @@ def _enh_backward_kernel(grad: Tensor, z: Tensor, affinity: Tensor, groups: Tens
         dz, dm, dw = reference_impl.enhance_bwd(grad, z, affinity, groups, w, out)
         return dz, dm.to(aux), dw.to(aux)
     r = affinity.to(torch.float32).contiguous()
-    args = (grad.contiguous(), z.contiguous(), r, order, bounds, w.float(), out.contiguous())
+    args = (grad.contiguous(), z.contiguous(), r, order, bounds, w.float(), out.contiguous(),
+            _earlier_only(affinity, groups, order, bounds, forward=False))
     if backend in ("cpu", "cuda"):
         _, backward = _native_enhance(backend, z.shape[1])
         dz, dm, dw = backward(*args)

@@ -31,8 +31,8 @@ struct HostExec {
 
 cssfe::enhance_block::Args args(const float* z, const float* rp, const float* wp, const float* rsp,
                                 const int64_t* order, int64_t B, int64_t C, int64_t L, int64_t s1, int64_t s2,
-                                int64_t width) {
-  return {z, rp, wp, rsp, order, B, C, L, s1, s2, width};
+                                int64_t width, int64_t earlier_only) {
+  return {z, rp, wp, rsp, order, B, C, L, s1, s2, width, earlier_only};
 }
 
 template <class Run>
@@ -49,8 +49,8 @@ void each_tile(const cssfe::enhance_block::Args& a, int tiles, bool reverse, Run
 
 extern "C" void enhance_fwd_host(const float* z, const float* rp, const float* wp, const float* rsp,
                                  const int64_t* order, int64_t B, int64_t C, int64_t L, int64_t s1, int64_t s2,
-                                 int64_t width, int reverse, float* out) {
-  const auto a = args(z, rp, wp, rsp, order, B, C, L, s1, s2, width);
+                                 int64_t width, int64_t earlier_only, int reverse, float* out) {
+  const auto a = args(z, rp, wp, rsp, order, B, C, L, s1, s2, width, earlier_only);
   HostExec ex{reverse != 0};
   each_tile(a, cssfe::enhance_block::kForwardTiles, reverse != 0, [&](int64_t t, float* scratch) {
     cssfe::enhance_block::forward_tile(ex, a, out, t, scratch);
@@ -59,9 +59,9 @@ extern "C" void enhance_fwd_host(const float* z, const float* rp, const float* w
 
 extern "C" void enhance_bwd_host(const float* z, const float* rp, const float* wp, const float* rsp,
                                  const int64_t* order, int64_t B, int64_t C, int64_t L, int64_t s1, int64_t s2,
-                                 int64_t width, int reverse, const float* grad, const float* out, float* dz, float* dm,
-                                 float* dw_part) {
-  const auto a = args(z, rp, wp, rsp, order, B, C, L, s1, s2, width);
+                                 int64_t width, int64_t earlier_only, int reverse, const float* grad, const float* out,
+                                 float* dz, float* dm, float* dw_part) {
+  const auto a = args(z, rp, wp, rsp, order, B, C, L, s1, s2, width, earlier_only);
   HostExec ex{reverse != 0};
   each_tile(a, cssfe::enhance_block::kBackwardTiles, reverse != 0, [&](int64_t t, float* scratch) {
     cssfe::enhance_block::backward_tile(ex, a, grad, out, dz, dm, dw_part, t, scratch);

@@ -7,7 +7,7 @@ import torch
 
 import cssfe.ops as ops
 from cssfe.losses import AsymmetricLoss
-from cssfe.ops import reference
+from cssfe.ops import library, reference
 
 GROUPS = torch.tensor([2, 0, 1, 2, 0, 1, 1, 2, 0, 2, 1, 0, 2, 1, 0, 2, 2, 1, 0, 1])  # 20 classes
 
@@ -86,16 +86,24 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None):
     lr = lam64.clone().requires_grad_()
     out_ref = reference.progressive_enhance(zr, ar, groups, gr, lr)
     want = torch.autograd.grad(out_ref, (zr, ar, gr, lr), gout)
-    leaves = [t.detach().to(DEVICE).requires_grad_() for t in (z, aff, gate, lam)]
-    out = ops.progressive_enhance(leaves[0], leaves[1], groups.to(DEVICE), leaves[2], leaves[3], backend=backend)
-    assert out.dtype == dtype
-    got = torch.autograd.grad(out, leaves, gout.to(dtype).to(DEVICE))
-    dtype = tol_dtype(backend, dtype)
-    close(out, out_ref, dtype, f"{backend} progressive_enhance out {shape} {dtype}")
+    # The same affinity and groups tensors twice: the second call runs with each stage's sources
+    # known from the first (library._earlier_only), as the model's fixed affinity does in training.
+    aff_leaf, groups_dev = aff.detach().to(DEVICE).requires_grad_(), groups.to(DEVICE)
+    tol = tol_dtype(backend, dtype)
     scale = math.sqrt(b * length * c)
-    for name, g, w in zip(("dz", "daffinity", "dgate", "dlam"), got, want):
-        close(g, w, dtype if name == "dz" else (torch.float32 if dtype == torch.float64 else dtype),
-              f"{backend} progressive_enhance {name}", scale)
+    for call in range(2):
+        leaves = [t.detach().to(DEVICE).requires_grad_() for t in (z, gate, lam)]
+        leaves.insert(1, aff_leaf)
+        out = ops.progressive_enhance(leaves[0], aff_leaf, groups_dev, leaves[2], leaves[3], backend=backend)
+        assert out.dtype == dtype
+        got = torch.autograd.grad(out, leaves, gout.to(dtype).to(DEVICE))
+        what = f"{backend} progressive_enhance {shape} {dtype} call {call + 1}"
+        close(out, out_ref, tol, f"{what} out")
+        for name, g, w in zip(("dz", "daffinity", "dgate", "dlam"), got, want):
+            close(g, w, tol if name == "dz" else (torch.float32 if tol == torch.float64 else tol), f"{what} {name}", scale)
+    if mask and backend != "reference":  # the second call had the mask's flags: no stage has later sources
+        order, bounds = library._enhance_plan(groups_dev)
+        assert library._earlier_only(aff_leaf, groups_dev, order, bounds, forward=False) == 0b111
 
 
 # ------------------------------------------------------------------------- ASL

@@ -70,7 +70,7 @@ def enhance_block_host(tmp_path_factory):
     return ctypes.CDLL(lib)
 
 
-def _run_block_program(lib, z, r, groups, w, grad, width, reverse):
+def _run_block_program(lib, z, r, groups, w, grad, width, reverse, earlier_only=0):
     """The CUDA enhancement's forward and backward, block program on the host: (out, dz, dm, dw)."""
     b, c, length = z.shape
     order, bounds = library._enhance_plan(groups)
@@ -83,7 +83,7 @@ def _run_block_program(lib, z, r, groups, w, grad, width, reverse):
     out, dz, dm = (torch.full_like(z, nan) for _ in range(3))
     dw_part = torch.full((b, per_image, c), nan)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    dims = [ctypes.c_int64(v) for v in (b, c, length, int(bounds[1]), int(bounds[2]), width)]
+    dims = [ctypes.c_int64(v) for v in (b, c, length, int(bounds[1]), int(bounds[2]), width, earlier_only)]
     common = [ptr(z), ptr(rp), ptr(wp), ptr(rsp), ptr(order)] + dims + [ctypes.c_int(int(reverse))]
     lib.enhance_fwd_host(*common, ptr(out))
     lib.enhance_bwd_host(*common, ptr(grad), ptr(out), ptr(dz), ptr(dm), ptr(dw_part))
@@ -96,7 +96,9 @@ def test_cuda_enhance_block_program_on_host(enhance_block_host, shape, mask):
     """The block program of the CUDA enhancement (csrc/cuda/enhance_block.h) against the float64
     reference, forward and backward, for tiles narrower than, equal to and wider than L, with its
     phases' items run forwards and backwards: the items of a phase must not depend on each other,
-    so both orders give the same bits."""
+    so both orders give the same bits. Each stage's check of R runs, or is skipped where the caller
+    knows (earlier_only, as the Python layer passes it for an affinity it has analysed); forcing the
+    skip on an affinity that has sources there must change the result."""
     b, c, length = shape
     seed = sum(shape) + mask
     torch.manual_seed(seed)
@@ -109,12 +111,21 @@ def test_cuda_enhance_block_program_on_host(enhance_block_host, shape, mask):
     out_ref = reference_impl.enhance_fwd(z64, r64, groups, w64)
     want = (out_ref,) + tuple(reference_impl.enhance_bwd(g64, z64, r64, groups, w64, out_ref))
     scale = math.sqrt(b * c * length)
+    order, bounds = library._enhance_plan(groups)
+    known = library._analyse_stage_sources(r, order, bounds)
+    if mask:
+        assert known == 0b111
     for width in sorted({1, 4, 64, length}):
-        runs = [_run_block_program(enhance_block_host, z, r, groups, w, grad, width, reverse) for reverse in (0, 1)]
-        for name, got, again, ref in zip(("out", "dz", "dm", "dw"), *runs, want):
-            what = f"block program {name} {shape} mask={mask} width={width}"
-            kc.close(got, ref, torch.float32, what, 1.0 if name == "out" else scale)
-            assert torch.equal(got, again), f"{what}: items of a phase depend on their order"
+        for earlier_only in sorted({0, known}):
+            runs = [_run_block_program(enhance_block_host, z, r, groups, w, grad, width, reverse, earlier_only)
+                    for reverse in (0, 1)]
+            for name, got, again, ref in zip(("out", "dz", "dm", "dw"), *runs, want):
+                what = f"block program {name} {shape} mask={mask} width={width} earlier_only={earlier_only}"
+                kc.close(got, ref, torch.float32, what, 1.0 if name == "out" else scale)
+                assert torch.equal(got, again), f"{what}: items of a phase depend on their order"
+        if known != 0b111:  # some stage has sources in its own or a later group: skipping them is wrong
+            forced = _run_block_program(enhance_block_host, z, r, groups, w, grad, width, 0, 0b111)
+            assert not torch.allclose(forced[0], out_ref.float(), atol=1e-3), f"{shape} width={width}: skip unused"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

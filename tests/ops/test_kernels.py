@@ -118,13 +118,14 @@ class _NativeSpy:
     """torch.ops.cssfe, recording which native operators are called."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.last_args = [], []
 
     def __getattr__(self, name):
         op = getattr(torch.ops.cssfe, name)
 
         def call(*args):
             self.calls.append(name)
+            self.last_args.append(args[-1])
             return op(*args)
         return call
 
@@ -156,6 +157,85 @@ def test_native_enhance_strategy_choice():
     assert library.native_enhance_strategy_for("cuda", 10_000) == "staged"  # restored after the block
     with pytest.raises(ValueError, match="unknown native strategy 'gemm'"):
         library.native_enhance_strategy("gemm")
+
+
+def _enhance_inputs(c=9, b=2, length=5, mask=True, seed=0):
+    torch.manual_seed(seed)
+    groups = torch.tensor([0, 1, 2] * (c // 3) + [2] * (c % 3))
+    r = ops.semantic_affinity(torch.randn(c, 8), groups, mask=mask, tau=0.2)
+    return torch.randn(b, c, length), r, groups, torch.rand(b, c), torch.tensor(0.7)
+
+
+@pytest.fixture
+def analyses(monkeypatch):
+    """How often library._earlier_only reads an affinity's stage flags back (one per analysis)."""
+    calls = []
+    real = library._analyse_stage_sources
+    monkeypatch.setattr(library, "_analyse_stage_sources", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_enhance_stage_flags_read_once_per_affinity_tensor(native_backend, analyses):
+    z, r, groups, gate, lam = _enhance_inputs()
+    order, bounds = library._enhance_plan(groups)
+    for _ in range(4):
+        ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu")
+    assert len(analyses) == 1  # recorded by the first call, read back by the second, reused after
+    assert library._earlier_only(r, groups, order, bounds, forward=False) == 0b111
+    for _ in range(3):  # an affinity that is new in every call (learned embeddings) is never read back
+        ops.progressive_enhance(z, r.clone(), groups, gate, lam, backend="cpu")
+    assert len(analyses) == 1
+
+
+def test_enhance_stage_flags_follow_in_place_changes(native_backend, analyses):
+    """The masked affinity, learned as such, then made dense in place: the next calls must see its
+    new sources (stale flags would skip them); a different groups tensor is analysed afresh."""
+    z, r, groups, gate, lam = _enhance_inputs(mask=True)
+    for _ in range(2):
+        ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu")
+    _, dense, _, _, _ = _enhance_inputs(mask=False, seed=1)
+    r.copy_(dense)
+    for _ in range(2):
+        got = ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu")
+        torch.testing.assert_close(got, ops.progressive_enhance(z, r, groups, gate, lam, backend="reference"))
+    order, bounds = library._enhance_plan(groups)
+    assert library._earlier_only(r, groups, order, bounds, forward=False) == 0  # dense: every stage has some
+    assert len(analyses) == 2
+    other = groups.clone()  # same values, another tensor: its plan and the flags are its own
+    ops.progressive_enhance(z, r, other, gate, lam, backend="cpu")
+    assert library._earlier_only(r, other, *library._enhance_plan(other), forward=False) == 0
+    assert library._earlier_only(r, groups, order, bounds, forward=False) == 0  # replaced, not mixed
+
+
+@pytest.mark.parametrize("strategy", library.NATIVE_ENHANCE_STRATEGIES)
+def test_enhance_stage_flags_reach_forward_and_backward(native_backend, monkeypatch, strategy):
+    spy = _NativeSpy()
+    monkeypatch.setattr(library, "_native", lambda: spy)
+    z, r, groups, gate, lam = _enhance_inputs()
+    z.requires_grad_()
+    with library.native_enhance_strategy(strategy):
+        for _ in range(3):
+            ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu").sum().backward()
+    assert spy.last_args == [0, 0, 0b111, 0b111, 0b111, 0b111]  # fwd, bwd per step; known from step 2
+
+
+@pytest.mark.parametrize("strategy", library.NATIVE_ENHANCE_STRATEGIES)
+def test_native_enhance_honours_earlier_only(native_backend, strategy):
+    """The flags are used, not just passed: forced on a dense affinity they drop its own- and
+    later-group sources (a different result); on the masked one they change nothing."""
+    prefix = "native_enhance_staged" if strategy == "staged" else "native_enhance"
+    fwd, bwd = getattr(torch.ops.cssfe, prefix + "_fwd"), getattr(torch.ops.cssfe, prefix + "_bwd")
+    for mask in (True, False):
+        z, r, groups, gate, lam = _enhance_inputs(mask=mask)
+        order, bounds = library._enhance_plan(groups)
+        w = (lam * gate).contiguous()
+        grad = torch.randn_like(z)
+        runs = []
+        for flags in (0, 0b111):
+            out = fwd(z, r, order, bounds, w, flags)
+            runs.append((out,) + tuple(bwd(grad, z, r, order, bounds, w, out, flags)))
+        same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))
+        assert same == mask, f"{strategy} mask={mask}"
 
 
 @pytest.mark.parametrize("shape", ASL_SHAPES)

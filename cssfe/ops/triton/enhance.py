@@ -26,15 +26,17 @@ def _group_range(g: tl.constexpr, s1, s2, C):
 
 
 @triton.jit
-def _sources_end(r_ptr, order_ptr, lo, hi, C, BLOCK_C: tl.constexpr):
-    """Where the sources of the stage [lo, hi) end: C if one of its rows takes something from the
-    positions from lo on (its own or a later group), else lo. Under the distribution-aware mask R is
-    zero there, and the loops over sources stop at lo (about a third of the products with three
-    equal groups); the check reads that part of R once per stage and program. As in the CPU and
-    CUDA kernels, sources behind zero affinities are then not multiplied: a NaN or inf there
-    reaches no output through them (the reference's 0 * inf = NaN does)."""
+def _sources_end(r_ptr, order_ptr, g: tl.constexpr, earlier_only, lo, hi, C, BLOCK_C: tl.constexpr):
+    """Where the sources of stage g, positions [lo, hi), end: C if one of its rows takes something
+    from the positions from lo on (its own or a later group), else lo. Under the distribution-aware
+    mask R is zero there, and the loops over sources stop at lo (about a third of the products with
+    three equal groups); the check reads that part of R once per stage and program, unless bit g of
+    earlier_only says the caller knows already. As in the CPU and CUDA kernels, sources behind zero
+    affinities are then not multiplied: a NaN or inf there reaches no output through them (the
+    reference's 0 * inf = NaN does)."""
     nonzero = 0
-    for i0 in range(lo, hi, BLOCK_C):
+    check_end = hi - ((earlier_only >> g) & 1) * (hi - lo)  # lo: no rows to check
+    for i0 in range(lo, check_end, BLOCK_C):
         pi = i0 + tl.arange(0, BLOCK_C)
         imask = pi < hi
         ci = tl.load(order_ptr + pi, mask=imask, other=0)
@@ -68,7 +70,7 @@ def _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, end, base, C, L, o
 
 
 @triton.jit
-def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2,
+def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2, earlier_only,
                  BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     b = tl.program_id(0)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -76,7 +78,7 @@ def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2,
     base = b * C * L
     for g in tl.static_range(3):
         lo, hi = _group_range(g, s1, s2, C)
-        end = _sources_end(r_ptr, order_ptr, lo, hi, C, BLOCK_C)
+        end = _sources_end(r_ptr, order_ptr, g, earlier_only, lo, hi, C, BLOCK_C)
         for i0 in range(lo, hi, BLOCK_C):
             pi = i0 + tl.arange(0, BLOCK_C)
             imask = pi < hi
@@ -95,14 +97,14 @@ def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2,
 
 @triton.jit
 def _enhance_bwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, acc_ptr, dz_ptr, dm_ptr, dw_ptr, C, L, s1, s2,
-                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                 earlier_only, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     b = tl.program_id(0)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     base = b * C * L
     for gg in tl.static_range(3):
         lo, hi = _group_range(2 - gg, s1, s2, C)
-        end = _sources_end(r_ptr, order_ptr, lo, hi, C, BLOCK_C)
+        end = _sources_end(r_ptr, order_ptr, 2 - gg, earlier_only, lo, hi, C, BLOCK_C)
         # (a) the group's own rows: their output gradient is complete now.
         for i0 in range(lo, hi, BLOCK_C):
             pi = i0 + tl.arange(0, BLOCK_C)
@@ -150,18 +152,19 @@ def _blocks(C, L):
     return 32, 64
 
 
-def enhance_fwd(z, r, order, bounds, w):
+def enhance_fwd(z, r, order, bounds, w, earlier_only=0):
     B, C, L = z.shape
     s1, s2 = int(bounds[1]), int(bounds[2])
     order = order.to(z.device)
     rs = r.sum(1).contiguous()
     out = torch.empty(B, C, L, dtype=torch.float32, device=z.device)
     bc, bl = _blocks(C, L)
-    _enhance_fwd[(B, triton.cdiv(L, bl))](z, r, order, w, rs, out, C, L, s1, s2, BLOCK_C=bc, BLOCK_L=bl)
+    _enhance_fwd[(B, triton.cdiv(L, bl))](z, r, order, w, rs, out, C, L, s1, s2, int(earlier_only),
+                                          BLOCK_C=bc, BLOCK_L=bl)
     return out.to(z.dtype)
 
 
-def enhance_bwd(grad, z, r, order, bounds, w, out):
+def enhance_bwd(grad, z, r, order, bounds, w, out, earlier_only=0):
     B, C, L = z.shape
     s1, s2 = int(bounds[1]), int(bounds[2])
     order = order.to(z.device)
@@ -172,6 +175,6 @@ def enhance_bwd(grad, z, r, order, bounds, w, out):
     dm = torch.zeros(B, C, L, dtype=torch.float32, device=z.device)
     dw = torch.zeros(B, C, dtype=torch.float32, device=z.device)
     bc, bl = _blocks(C, L)
-    _enhance_bwd[(B, triton.cdiv(L, bl))](z, r, order, w, rs, of, acc, dz, dm, dw, C, L, s1, s2,
+    _enhance_bwd[(B, triton.cdiv(L, bl))](z, r, order, w, rs, of, acc, dz, dm, dw, C, L, s1, s2, int(earlier_only),
                                           BLOCK_C=bc, BLOCK_L=bl)
     return dz.to(z.dtype), dm, dw
