@@ -69,7 +69,8 @@ def _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, end, base, C, L, o
     return acc
 
 
-@triton.jit
+# earlier_only changes from 0 to known flags at a model's second step: one compiled kernel for both
+@triton.jit(do_not_specialize=["earlier_only"])
 def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2, earlier_only,
                  BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     b = tl.program_id(0)
@@ -95,7 +96,7 @@ def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2, 
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["earlier_only"])
 def _enhance_bwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, acc_ptr, dz_ptr, dm_ptr, dw_ptr, C, L, s1, s2,
                  earlier_only, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     b = tl.program_id(0)
