@@ -73,16 +73,17 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "eval")
-    from cssfe.engine.train import default_cache_dir
+    from cssfe.engine.train import default_cache_dir, kernel_backend
 
     data = build_data(cfg.data, cfg.cache_dir or default_cache_dir(), progress=True)
     if data.class_names != trained.class_names:
         raise ValueError(f"{checkpoint}: the checkpoint's classes differ from the dataset's at {data.root}")
     loader = DataLoader(data.test, batch_size=cfg.data.eval_batch_size, shuffle=False)
     groups = trained.groups
-    metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=True)
-    if data.boxes is not None and isinstance(trained.model.head, CSSFEHead):
-        metrics["pointing_game"] = pointing_scores(trained.model, data.test, data.test_ids, data.boxes, groups)
+    with kernel_backend(cfg.kernels):  # the run's backend (override kernels=... to change it)
+        metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=True)
+        if data.boxes is not None and isinstance(trained.model.head, CSSFEHead):
+            metrics["pointing_game"] = pointing_scores(trained.model, data.test, data.test_ids, data.boxes, groups)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump({"checkpoint": os.path.abspath(checkpoint), **metrics}, f, indent=2)

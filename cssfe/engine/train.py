@@ -215,12 +215,20 @@ def train(cfg: TrainConfig, resume: bool = False,
     after that epoch's checkpoint is written, e.g. to report metrics to a scheduler.
     """
     validate(cfg)
-    if cfg.kernels not in ("auto", "reference"):
-        available, reason = ops.available_backends(build=cfg.kernels == "cpu")[cfg.kernels]
-        if not available:  # asked for and absent: say so before any work, never fall back
-            raise RuntimeError(f"config key 'kernels': backend {cfg.kernels!r} is not available here: {reason}")
-    with ops.use_backend(cfg.kernels):
+    with kernel_backend(cfg.kernels):
         return _train(cfg, resume, on_epoch_end)
+
+
+def kernel_backend(kernels: str):
+    """``with kernel_backend(cfg.kernels):`` runs the CSSFE ops on that backend (``auto``: the
+    ``CSSFE_KERNEL_BACKEND`` variable if set, else the automatic choice). A backend that is named
+    and absent raises here, before any work (building the C++ extension first if it can)."""
+    if kernels not in ("auto", "reference"):
+        available, reason = ops.backend_status(kernels, build=kernels in ("cpu", "cuda"))
+        if not available:  # asked for and absent: say so before any work, never fall back
+            raise RuntimeError(f"config key 'kernels': backend {kernels!r} is not available here: {reason} "
+                               "(kernels=auto picks what is)")
+    return ops.use_backend(kernels)
 
 
 def _train(cfg: TrainConfig, resume: bool = False,

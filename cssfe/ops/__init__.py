@@ -11,13 +11,15 @@ Public API::
 Backends: ``reference`` | ``cpu`` | ``cuda`` | ``triton`` (``auto`` picks per device). Choose with
 the ``backend=`` argument, ``with use_backend(name):``, ``set_default_backend(name)`` (e.g. from the
 model config ``kernels: auto|reference|triton|cuda|cpu``) or the env var ``CSSFE_KERNEL_BACKEND``;
-see ``cssfe/ops/dispatch.py``. ``available_backends()`` says what can run here and why not.
+see ``cssfe/ops/dispatch.py``. ``available_backends()`` says what can run here and why not
+(``backend_status(name)`` for one backend).
 ``cssfe.ops.reference`` holds the plain-PyTorch definitions that every kernel must match.
 """
 from cssfe.ops.api import asymmetric_loss, class_attention, progressive_enhance
 from cssfe.ops.dispatch import (
     BACKENDS,
     available_backends,
+    backend_status,
     get_default_backend,
     resolve,
     set_default_backend,
@@ -29,6 +31,7 @@ __all__ = [
     "BACKENDS",
     "asymmetric_loss",
     "available_backends",
+    "backend_status",
     "class_attention",
     "get_default_backend",
     "progressive_enhance",

@@ -12,8 +12,9 @@ Which backend a call uses, first match wins:
 
 1. the ``backend=`` argument of the op;
 2. :func:`use_backend` (context manager) / :func:`set_default_backend` (process-wide), e.g. from
-   the model config ``kernels: auto|reference|triton|cuda|cpu``;
-3. the environment variable ``CSSFE_KERNEL_BACKEND``;
+   the model config ``kernels: auto|reference|triton|cuda|cpu``; ``auto`` or ``None`` there sets
+   nothing, so that
+3. the environment variable ``CSSFE_KERNEL_BACKEND`` overrides a config left at ``auto``;
 4. ``auto``: float64 inputs -> ``reference`` (the fused kernels compute in fp32); CPU tensors ->
    ``cpu`` (each C++ kernel measured at least as fast as eager PyTorch at the benchmark's shapes,
    the enhancement with the model's masked affinity: docs/performance.md) if the
@@ -73,10 +74,16 @@ def _check_name(name: Optional[str], what: str) -> Optional[str]:
     return name.lower()
 
 
+def _preference(name: Optional[str], what: str) -> Optional[str]:
+    """A setter's name; ``auto`` is no preference: the next level (env var, then ``auto``) decides."""
+    name = _check_name(name, what)
+    return None if name == "auto" else name
+
+
 def set_default_backend(name: Optional[str]) -> None:
-    """Process-wide default backend (``None`` or ``"auto"``: automatic choice)."""
+    """Process-wide default backend (``None`` or ``"auto"``: none; the env var or ``auto`` decides)."""
     global _default
-    _default = _check_name(name, "set_default_backend")
+    _default = _preference(name, "set_default_backend")
 
 
 def get_default_backend() -> str:
@@ -90,8 +97,13 @@ def get_default_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """``with cssfe.ops.use_backend("triton"): ...`` -- backend for the ops called inside."""
-    token = _override.set(_check_name(name, "use_backend"))
+    """``with cssfe.ops.use_backend("triton"): ...`` -- backend for the ops called inside (``None`` or
+    ``"auto"``: none; an enclosing ``use_backend``, the default, the env var or ``auto`` decides)."""
+    name = _preference(name, "use_backend")
+    if name is None:
+        yield
+        return
+    token = _override.set(name)
     try:
         yield
     finally:
@@ -130,7 +142,7 @@ def _native_status(build: bool) -> Tuple[bool, str, object]:
     if native.can_load_without_build():
         mod, reason = native.load()
         return mod is not None, reason, mod
-    return False, "extension neither prebuilt (cssfe._C) nor built in the cache; backend='cpu' builds it", None
+    return False, "extension neither prebuilt (cssfe._C) nor built in the cache; asking for backend 'cpu' or 'cuda' builds it", None
 
 
 def _cuda_status(native_status: Tuple[bool, str, object]) -> Tuple[bool, str]:
@@ -145,15 +157,23 @@ def _cuda_status(native_status: Tuple[bool, str, object]) -> Tuple[bool, str]:
     return True, reason
 
 
+@torch.compiler.assume_constant_result
+def backend_status(name: str, build: bool = False) -> Tuple[bool, str]:
+    """(available, reason) of one backend; ``build=True`` builds the C++ extension if needed (~1 min).
+    ``torch.compile`` takes the answer as a constant when it traces an op (the check takes a lock and
+    looks at files, which it cannot trace): a compiled graph keeps the backend chosen then."""
+    if name == "cpu":
+        return _native_status(build)[:2]
+    if name == "cuda":
+        return _cuda_status(_native_status(build))
+    if name == "triton":
+        return _triton_status()
+    return True, "plain PyTorch, always available"
+
+
 def available_backends(build: bool = False) -> Dict[str, Tuple[bool, str]]:
     """name -> (available, reason). ``build=True`` builds the C++ extension if needed (~1 min)."""
-    native = _native_status(build)
-    return {"reference": (True, "plain PyTorch, always available"), "cpu": native[:2], "cuda": _cuda_status(native),
-            "triton": _triton_status()}
-
-
-# Whether a backend CUDA_AUTO names can run without a build (what ``auto`` may pick).
-_AUTO_READY = {"triton": lambda: _triton_status()[0], "cuda": lambda: _cuda_status(_native_status(False))[0]}
+    return {name: backend_status(name, build) for name in BACKENDS}
 
 
 def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Optional[torch.dtype] = None,
@@ -171,14 +191,14 @@ def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Option
             # it measured 0.88-1.01x); an op added later joins CPU_AUTO_OPS once it is measured so.
             if op not in CPU_AUTO_OPS:
                 return "reference"
-            return "cpu" if _native_status(False)[0] else "reference"
+            return "cpu" if backend_status("cpu")[0] else "reference"
         if dev == "cuda":
             precision = "half" if dtype in (torch.float16, torch.bfloat16) else "float32"
             for candidate in CUDA_AUTO.get(op, {}).get(precision, ()):
                 limit = CUDA_AUTO_MAX_CLASSES.get((op, candidate))
                 if limit is not None and classes is not None and classes > limit:
                     continue
-                if _AUTO_READY[candidate]():
+                if backend_status(candidate)[0]:  # no build: ``auto`` never starts one
                     return candidate
         return "reference"
     if name == "reference":
@@ -186,19 +206,19 @@ def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Option
     if name == "cpu":
         if dev != "cpu":
             raise RuntimeError(f"{op}: backend 'cpu' runs on CPU tensors, the inputs are on {dev}")
-        ok, reason, _ = _native_status(True)
+        ok, reason = backend_status("cpu", build=True)
         if not ok:
             raise RuntimeError(f"{op}: backend 'cpu' is not available: {reason}")
         return name
     if name == "cuda":
         if dev != "cuda":
             raise RuntimeError(f"{op}: backend 'cuda' runs on CUDA tensors, the inputs are on {dev}")
-        ok, reason = _cuda_status(_native_status(True))
+        ok, reason = backend_status("cuda", build=True)
         if not ok:
             raise RuntimeError(f"{op}: backend 'cuda' is not available: {reason}")
         return name
     # triton
-    ok, reason = _triton_status()
+    ok, reason = backend_status("triton")
     if not ok:
         raise RuntimeError(f"{op}: backend 'triton' is not available: {reason}")
     if dev == "cpu" and not triton_interpreting():

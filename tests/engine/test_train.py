@@ -72,6 +72,28 @@ def test_refuses_to_overwrite_a_run_and_to_resume_with_another_config(tmp_path):
         train(_cfg(tmp_path / "none", *small), resume=True)
 
 
+def test_kernels_key_builds_what_it_names_and_refuses_what_is_absent(tmp_path, monkeypatch):
+    from cssfe import ops
+
+    asked = []
+
+    def status(name, build=False):
+        asked.append((name, build))
+        return (name != "triton"), "simulated"
+
+    monkeypatch.setattr(ops, "backend_status", status)
+    for name in ("cpu", "cuda"):  # a named native backend may be built just in time, on CPU or GPU
+        with train_module.kernel_backend(name):
+            assert ops.get_default_backend() == name
+    assert asked == [("cpu", True), ("cuda", True)]
+    with pytest.raises(RuntimeError, match="config key 'kernels': backend 'triton' is not available here: simulated"):
+        train(_cfg(tmp_path / "run", "kernels=triton"))
+    assert not (tmp_path / "run").exists()  # refused before any work
+    monkeypatch.setenv("CSSFE_KERNEL_BACKEND", "reference")  # kernels=auto leaves the choice to the variable
+    with train_module.kernel_backend("auto"):
+        assert ops.get_default_backend() == "reference"
+
+
 def test_weight_decay_spares_lambda_norms_and_embeddings():
     import torch
 

@@ -53,28 +53,36 @@ def test_native_ops_are_registered(native_backend):
         assert hasattr(torch.ops.cssfe, name)
 
 
-def test_torch_compile_traces_ops():
-    """fullgraph: each op is one opaque node with a fake implementation (aot_eager: no C++ codegen)."""
+@pytest.mark.parametrize("backend", ["reference", "cpu", None])
+def test_torch_compile_traces_ops(backend, request):
+    """fullgraph: each op is one opaque node with a fake implementation (aot_eager: no C++ codegen),
+    also with the backend chosen at trace time (None: ``auto``); a second batch size recompiles
+    with dynamic shapes."""
+    if backend == "cpu":
+        request.getfixturevalue("native_backend")
 
     def step(q, k, v, gate, lam, r, y):
-        z0 = ops.class_attention(q, k, v, backend="reference")
-        z1 = ops.progressive_enhance(z0, r, GROUPS, gate, lam, backend="reference")
+        z0 = ops.class_attention(q, k, v, backend=backend)
+        z1 = ops.progressive_enhance(z0, r, GROUPS, gate, lam, backend=backend)
         logits = z1.sum(-1)
-        return ops.asymmetric_loss(logits, y, backend="reference")
+        return ops.asymmetric_loss(logits, y, backend=backend)
 
-    c = len(GROUPS)
-    q = torch.randn(c, 8, requires_grad=True)
-    k, v = torch.randn(2, 8, 6, requires_grad=True), torch.randn(2, 8, 6)
-    gate, lam = torch.rand(2, c), torch.tensor(1.0, requires_grad=True)
-    r, y = ops.semantic_affinity(torch.randn(c, 4), GROUPS), torch.rand(2, c) > 0.5
+    torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    got = compiled(q, k, v, gate, lam, r, y)
-    want = step(q, k, v, gate, lam, r, y)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    g1 = torch.autograd.grad(got, (q, k, lam))
-    g2 = torch.autograd.grad(want, (q, k, lam))
-    for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    c = len(GROUPS)
+    r = ops.semantic_affinity(torch.randn(c, 4), GROUPS)
+    for b in (2, 3):
+        q = torch.randn(c, 8, requires_grad=True)
+        k, v = torch.randn(b, 8, 6, requires_grad=True), torch.randn(b, 8, 6)
+        gate, lam = torch.rand(b, c), torch.tensor(1.0, requires_grad=True)
+        y = torch.rand(b, c) > 0.5
+        got = compiled(q, k, v, gate, lam, r, y)
+        want = step(q, k, v, gate, lam, r, y)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        g1 = torch.autograd.grad(got, (q, k, lam))
+        g2 = torch.autograd.grad(want, (q, k, lam))
+        for a, b_ in zip(g1, g2):
+            assert torch.allclose(a, b_, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------- dispatch
@@ -105,6 +113,15 @@ def test_backend_selection_order(monkeypatch):
     assert ops.resolve("auto", torch.device("cpu"), "x") in ("cpu", "reference")
     with pytest.raises(ValueError, match="unknown kernel backend"):
         ops.set_default_backend("fast")
+    # ``auto`` from a config (use_backend / set_default_backend) is no preference: the env var decides
+    # (launch/train.py enters use_backend(cfg.kernels), whose default is auto)
+    monkeypatch.setenv("CSSFE_KERNEL_BACKEND", "reference")
+    with ops.use_backend("auto"):
+        assert ops.get_default_backend() == "reference"
+    with ops.use_backend("cpu"), ops.use_backend("auto"):
+        assert ops.get_default_backend() == "cpu"
+    ops.set_default_backend("auto")
+    assert ops.get_default_backend() == "reference"
     monkeypatch.setenv("CSSFE_KERNEL_BACKEND", "bogus")
     with pytest.raises(ValueError, match="CSSFE_KERNEL_BACKEND"):
         ops.asymmetric_loss(torch.randn(2, 3), torch.zeros(2, 3))
