@@ -10,10 +10,15 @@ Extension ``cssfe._C`` (csrc/, the ``cpu`` and ``cuda`` kernel backends of ``css
   may be a wrapper); ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0".
 
 ``CSSFE_NO_EXT=1`` skips the extension entirely. ``MAX_JOBS`` limits parallel compilation.
+
+A built package (wheel, ``pip install .``) carries the csrc/ sources as ``cssfe/_csrc``, so that
+an install without a prebuilt ``cssfe._C`` can still build the extension just in time.
 """
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,7 +65,23 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPyWithSources(build_py):
+    """build_py that also copies csrc/ into the package (cssfe/_csrc), for the just-in-time build;
+    an editable install reads csrc/ from the checkout instead."""
+
+    def run(self):
+        super().run()
+        src = os.path.join(HERE, "csrc")
+        if getattr(self, "editable_mode", False) or not os.path.isdir(src):
+            return
+        dst = os.path.join(self.build_lib, "cssfe", "_csrc")
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst, ignore=lambda folder, names: [
+            n for n in names if not os.path.isdir(os.path.join(folder, n)) and not n.endswith(_build_spec().SOURCE_SUFFIXES)])
+
+
 EXT_MODULES, CMDCLASS = _extensions()
+CMDCLASS["build_py"] = BuildPyWithSources
 
 INSTALL_REQUIRES = [
     "torch>=2.4",

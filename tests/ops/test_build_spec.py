@@ -56,3 +56,32 @@ def test_a_prebuilt_extension_with_another_hash_is_not_used(monkeypatch):
     stale.build_hash = native.build_hash()
     mod, reason = native._try_prebuilt(native.build_hash())
     assert mod is stale
+
+
+def test_wheel_ships_the_sources_for_the_just_in_time_build(tmp_path):
+    """A built package (pip install . / a wheel) without a prebuilt cssfe._C still has the sources the
+    cpu backend builds from: the wheel carries csrc/ as cssfe/_csrc, with the checkout's build hash."""
+    import subprocess
+    import zipfile
+
+    root = os.path.dirname(os.path.dirname(cssfe.__file__))
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("setup.py", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(root, name), project / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "_csrc", "*.egg-info")
+    shutil.copytree(os.path.join(root, "cssfe"), project / "cssfe", ignore=skip)
+    shutil.copytree(os.path.join(root, "csrc"), project / "csrc")
+    env = dict(os.environ, CSSFE_NO_EXT="1")  # the Python package only: no compiler needed here
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(project), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, env=env, cwd=tmp_path, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("cssfe-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = [n for n in zf.namelist() if n.startswith("cssfe/_csrc/")]
+        zf.extractall(tmp_path / "installed")
+    assert "cssfe/_csrc/ops.cpp" in shipped and "cssfe/_csrc/cuda/enhance.cu" in shipped
+    assert all(n.endswith(build_spec.SOURCE_SUFFIXES) for n in shipped)
+    code = "from cssfe.ops.backends import native; print(native.CSRC); print(native.build_hash())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(tmp_path / "installed")),
+                         cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    assert out == [str(tmp_path / "installed" / "cssfe" / "_csrc"), native.build_hash()]

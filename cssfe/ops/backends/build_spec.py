@@ -39,11 +39,14 @@ def cuda_sources(csrc: str) -> List[str]:
     return sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
 
 
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")  # what the build reads, hashes and a wheel ships
+
+
 def build_hash(csrc: str) -> Optional[str]:
     """Hash of every source under ``csrc`` and of the compiler flags above (None when the sources
     are not shipped). A build stamped with another hash is stale: edited sources or changed flags."""
     files = sorted(glob.glob(os.path.join(csrc, "**", "*.*"), recursive=True))
-    files = [f for f in files if f.endswith((".cpp", ".cu", ".h", ".cuh"))]
+    files = [f for f in files if f.endswith(SOURCE_SUFFIXES)]
     if not files:
         return None
     h = hashlib.sha1()

@@ -8,7 +8,9 @@ How the extension is found (first that works):
 2. otherwise a just-in-time build with ``torch.utils.cpp_extension.load`` of the CPU sources (plus
    the CUDA sources when torch sees a GPU and nvcc is found), cached in ``$CSSFE_EXT_DIR``, else
    ``$CSSFE_CACHE/extensions``, else ``~/.cache/cssfe/extensions`` (one sub-folder per build hash
-   and torch version; the first build takes about a minute, later loads are instant).
+   and torch version; the first build takes about a minute, later loads are instant). The sources
+   are the checkout's ``csrc/``, or in an installed package the copy ``setup.py`` ships in it
+   (``cssfe/_csrc``).
 
 ``CSSFE_NO_JIT=1`` disables step 2 (the ``cpu`` backend is then unavailable unless ``cssfe._C``
 was built). Loading registers the ``cssfe::native_*`` operators (``csrc/ops.cpp``).
@@ -25,8 +27,10 @@ import torch
 
 from cssfe.ops.backends import build_spec
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-CSRC = os.path.join(_ROOT, "csrc")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SHIPPED_CSRC = os.path.join(_PACKAGE, "_csrc")
+# an installed package: the copy of csrc/ that setup.py ships in it; a checkout (editable install): csrc/
+CSRC = _SHIPPED_CSRC if os.path.isdir(_SHIPPED_CSRC) else os.path.join(os.path.dirname(_PACKAGE), "csrc")
 _lock = threading.Lock()
 _state: dict = {}
 
