@@ -24,6 +24,36 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16:
 DEVICE = "cpu"  # triton_cases.py sets "cuda" on a GPU
 
 
+def enhance_args(dtype=torch.float32, device="cpu"):
+    """(z, affinity, groups, gate, lam) of the enhancement over GROUPS, all differentiable."""
+    c = len(GROUPS)
+    z = torch.randn(2, c, 5, dtype=dtype, device=device, requires_grad=True)
+    r = ops.semantic_affinity(torch.randn(c, 8), GROUPS).to(device).requires_grad_()
+    gate = torch.rand(2, c, dtype=dtype, device=device, requires_grad=True)
+    lam = torch.tensor(0.9, device=device, requires_grad=True)
+    return z, r, GROUPS.to(device), gate, lam
+
+
+def opcheck_samples(backend, device="cpu"):
+    """(registered operator, args) covering every cssfe operator, forward and backward, for
+    torch.library.opcheck: shared and batched q, half-precision logits with uint8 targets."""
+    q, k, v = (torch.randn(*s, device=device) for s in ((1, 7, 16), (3, 16, 9), (3, 16, 9)))
+    z, lse = library.class_attention_op(q, k, v, backend)
+    e = enhance_args(device=device)
+    out = library.progressive_enhance_op(*[t.detach() for t in e[:2]], e[2], e[3].detach(), e[4].detach(), backend)
+    x, y = torch.randn(5, 7, device=device, requires_grad=True), torch.rand(5, 7, device=device) > 0.5
+    return [
+        (library.asymmetric_loss_op, (x, y, 0.0, 4.0, 0.05, 1e-8, False, False, True, backend)),
+        (library.asymmetric_loss_op, (x.detach().half(), y.to(torch.uint8), 1.0, 2.0, 0.0, 1e-8, True, True, False, backend)),
+        (library.class_attention_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), backend)),
+        (library.class_attention_op, (torch.randn(3, 7, 16, device=device, requires_grad=True), k, v, backend)),
+        (library.class_attention_backward_op, (torch.randn_like(z), q.detach(), k.detach(), v.detach(), z.detach(), lse,
+                                               backend)),
+        (library.progressive_enhance_op, (*e, backend)),
+        (library.progressive_enhance_backward_op, (torch.randn_like(out), *[t.detach() for t in e], out, backend)),
+    ]
+
+
 def tol_dtype(backend, dtype):
     """The fused backends compute in fp32 (accumulation included), even for fp64 inputs."""
     return torch.float32 if dtype == torch.float64 and backend != "reference" else dtype

@@ -8,42 +8,16 @@ import torch
 
 import cssfe.ops as ops
 from cssfe.ops import library
-from kernel_cases import GROUPS
+from kernel_cases import GROUPS, enhance_args, opcheck_samples
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _enhance_args(dtype=torch.float32):
-    c = len(GROUPS)
-    z = torch.randn(2, c, 5, dtype=dtype, requires_grad=True)
-    r = ops.semantic_affinity(torch.randn(c, 8), GROUPS).requires_grad_()
-    gate = torch.rand(2, c, dtype=dtype, requires_grad=True)
-    lam = torch.tensor(0.9, requires_grad=True)
-    return z, r, GROUPS, gate, lam
-
-
-def _samples(backend):
-    q, k, v = torch.randn(1, 7, 16), torch.randn(3, 16, 9), torch.randn(3, 16, 9)
-    z, lse = library.class_attention_op(q, k, v, backend)
-    e = _enhance_args()
-    out = library.progressive_enhance_op(*[t.detach() for t in e[:2]], GROUPS, e[3].detach(), e[4].detach(), backend)
-    x, y = torch.randn(5, 7, requires_grad=True), torch.rand(5, 7) > 0.5
-    return [
-        (library.asymmetric_loss_op, (x, y, 0.0, 4.0, 0.05, 1e-8, False, False, True, backend)),
-        (library.asymmetric_loss_op, (x.detach().half(), y.to(torch.uint8), 1.0, 2.0, 0.0, 1e-8, True, True, False, backend)),
-        (library.class_attention_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), backend)),
-        (library.class_attention_op, (torch.randn(3, 7, 16, requires_grad=True), k, v, backend)),
-        (library.class_attention_backward_op, (torch.randn_like(z), q.detach(), k.detach(), v.detach(), z.detach(), lse, backend)),
-        (library.progressive_enhance_op, (*e, backend)),
-        (library.progressive_enhance_backward_op, (torch.randn_like(out), *[t.detach() for t in e], out, backend)),
-    ]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck_every_op(backend, request):
     if backend == "cpu":
         request.getfixturevalue("native_backend")
-    for op, args in _samples(backend):
+    for op, args in opcheck_samples(backend):
         torch.library.opcheck(op, args)
 
 
@@ -183,7 +157,7 @@ def test_bad_inputs_raise_clear_errors(backend, request):
         ca(torch.randn(4, 8), [1, 2], torch.randn(2, 8, 5))
 
     pe = lambda *a: ops.progressive_enhance(*a, backend=backend)  # noqa: E731
-    z, r, g, gate, lam = (t.detach() for t in _enhance_args())
+    z, r, g, gate, lam = (t.detach() for t in enhance_args())
     with pytest.raises(ValueError, match=r"affinity \[C, C\]"):
         pe(z, r[:3], g, gate, lam)
     with pytest.raises(ValueError, match=r"groups must be \[C\]"):
@@ -228,7 +202,7 @@ def test_non_contiguous_inputs_match_contiguous(backend, request):
     x = torch.randn(7, 5).t()
     y = (torch.rand(7, 5) > 0.5).t()
     assert torch.allclose(ops.asymmetric_loss(x, y, backend=backend), ops.asymmetric_loss(x.contiguous(), y.contiguous(), backend=backend))
-    z, r, g, gate, lam = (t.detach() for t in _enhance_args())
+    z, r, g, gate, lam = (t.detach() for t in enhance_args())
     zt = z.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.allclose(ops.progressive_enhance(zt, r, g, gate, lam, backend=backend),
                           ops.progressive_enhance(z, r, g, gate, lam, backend=backend), atol=1e-6)

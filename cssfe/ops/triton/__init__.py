@@ -3,8 +3,8 @@ class attention forward (online softmax) and backward (recomputation), progressi
 forward and backward (all three group stages in one launch).
 
 Import this module only when the backend is used: on a machine without a GPU, the kernels run
-in Triton's interpreter when ``TRITON_INTERPRET=1`` is set *before* the import (fp32 only there:
-bf16 is broken in the interpreter, so every kernel loads its inputs as fp32).
+in Triton's interpreter when ``TRITON_INTERPRET=1`` is set *before* the import (products in fp32
+there: its bf16 ``tl.dot`` is wrong, so every kernel loads half-precision inputs as fp32).
 """
 from .asl import asl, asl_scale_grad_
 from .attention import attention_bwd, attention_fwd
