@@ -35,21 +35,24 @@ def _build_spec():
 
 
 def _extensions():
-    if os.environ.get("CSSFE_NO_EXT") == "1" or not os.path.isdir(os.path.join(HERE, "csrc")):
+    if not os.path.isdir(os.path.join(HERE, "csrc")):
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        return [], {}
+        torch = None
     build = _build_spec()
     csrc = os.path.join(HERE, "csrc")
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
     cpu, cu = rel(build.cpu_sources(csrc)), rel(build.cuda_sources(csrc))
-    cxx = build.CXX_FLAGS + [build.hash_define(csrc)]
     home = build.cuda_home()
-    with_cuda = bool(cu) and home is not None and torch.version.cuda is not None and os.environ.get("CSSFE_NO_CUDA") != "1"
-    if with_cuda:
+    kind = build.extension_kind(os.environ, torch is not None, bool(cu), home,
+                                torch.version.cuda if torch is not None else None)
+    if kind is None:
+        return [], {}
+    cxx = build.CXX_FLAGS + [build.hash_define(csrc)]
+    if kind == "cuda":
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_ARCH_LIST)

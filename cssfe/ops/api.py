@@ -96,6 +96,8 @@ def progressive_enhance(
         raise TypeError(f"{op}: groups must be an integer tensor, got {groups.dtype}")
     if lam.numel() != 1:
         raise ValueError(f"{op}: lam must be a scalar, got shape {tuple(lam.shape)}")
+    if groups.device.type == "meta":  # the kernels' plan reads the group values
+        raise ValueError(f"{op}: groups must hold values, got a meta tensor")
     _same_device(op, z=z, affinity=affinity, groups=groups, gate=gate, lam=lam)
     name = resolve(backend, z.device, op, z.dtype, classes=z.shape[-2])
     if z.numel() == 0:

@@ -188,6 +188,18 @@ def test_bad_inputs_raise_clear_errors(backend, request):
         with pytest.raises(ValueError, match="finite"):
             asl(torch.randn(2, 3), torch.zeros(2, 3), gamma_pos=bad)
 
+    # devices: one input elsewhere (meta: no data, any machine) is named; group values must be readable
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
+    q, k = torch.randn(4, 8), torch.randn(2, 8, 5)
+    with pytest.raises(ValueError, match="one device.*v on meta"):
+        ca(q, k, meta(k))
+    with pytest.raises(ValueError, match="one device.*gate on meta"):
+        pe(z, r, g, meta(gate), lam)
+    with pytest.raises(ValueError, match="one device.*targets on meta"):
+        asl(torch.randn(2, 3), meta(torch.zeros(2, 3)))
+    with pytest.raises((ValueError, RuntimeError), match="groups must hold values|runs on CPU tensors"):
+        pe(meta(z), meta(r), meta(g), meta(gate), meta(lam))
+
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_non_contiguous_inputs_match_contiguous(backend, request):

@@ -85,3 +85,17 @@ def test_wheel_ships_the_sources_for_the_just_in_time_build(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(tmp_path / "installed")),
                          cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120).stdout.split()
     assert out == [str(tmp_path / "installed" / "cssfe" / "_csrc"), native.build_hash()]
+
+
+@pytest.mark.parametrize("env, have_torch, cuda_sources, toolkit, torch_cuda, want", [
+    ({}, True, True, "/opt/cuda", "12.8", "cuda"),             # nvcc + CUDA torch: both kernels
+    ({"CSSFE_NO_CUDA": "1"}, True, True, "/opt/cuda", "12.8", "cpu"),
+    ({}, True, True, None, "12.8", "cpu"),                      # no toolkit (no nvcc / headers)
+    ({}, True, True, "/opt/cuda", None, "cpu"),                 # CPU-only torch
+    ({}, True, False, "/opt/cuda", "12.8", "cpu"),              # sources without csrc/cuda
+    ({"CSSFE_NO_EXT": "1"}, True, True, "/opt/cuda", "12.8", None),
+    ({}, False, True, "/opt/cuda", "12.8", None),               # isolated build without torch
+])
+def test_setup_builds_the_cpu_kernels_and_the_cuda_ones_when_it_can(env, have_torch, cuda_sources, toolkit,
+                                                                     torch_cuda, want):
+    assert build_spec.extension_kind(env, have_torch, cuda_sources, toolkit, torch_cuda) == want

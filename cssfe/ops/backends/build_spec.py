@@ -63,6 +63,18 @@ def hash_define(csrc: str) -> str:
     return f"-DCSSFE_BUILD_HASH={build_hash(csrc)}"
 
 
+def extension_kind(env, have_torch: bool, have_cuda_sources: bool, cuda_toolkit: Optional[str],
+                   torch_cuda: Optional[str]) -> Optional[str]:
+    """What ``setup.py`` builds: None (no extension: ``CSSFE_NO_EXT=1``, or torch is not importable
+    at build time), ``"cpu"`` (the C++ kernels) or ``"cuda"`` (plus the CUDA kernels: CUDA sources,
+    a toolkit with its headers, a CUDA build of torch, and no ``CSSFE_NO_CUDA=1``)."""
+    if env.get("CSSFE_NO_EXT") == "1" or not have_torch:
+        return None
+    if have_cuda_sources and cuda_toolkit is not None and torch_cuda is not None and env.get("CSSFE_NO_CUDA") != "1":
+        return "cuda"
+    return "cpu"
+
+
 def cuda_home() -> Optional[str]:
     """The CUDA toolkit root (the folder whose include/ holds cuda_runtime.h), or None.
 
