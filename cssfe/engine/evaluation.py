@@ -72,15 +72,16 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
     cfg = trained.cfg
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    output_dir = output_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "eval")
     from cssfe.engine.train import default_cache_dir, kernel_backend
 
+    backend = kernel_backend(cfg.kernels)  # the run's backend (override kernels=...); checked before any work
+    output_dir = output_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "eval")
     data = build_data(cfg.data, cfg.cache_dir or default_cache_dir(), progress=True)
     if data.class_names != trained.class_names:
         raise ValueError(f"{checkpoint}: the checkpoint's classes differ from the dataset's at {data.root}")
     loader = DataLoader(data.test, batch_size=cfg.data.eval_batch_size, shuffle=False)
     groups = trained.groups
-    with kernel_backend(cfg.kernels):  # the run's backend (override kernels=... to change it)
+    with backend:
         metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=True)
         if data.boxes is not None and isinstance(trained.model.head, CSSFEHead):
             metrics["pointing_game"] = pointing_scores(trained.model, data.test, data.test_ids, data.boxes, groups)

@@ -226,7 +226,7 @@ def kernel_backend(kernels: str):
     if kernels not in ("auto", "reference"):
         available, reason = ops.backend_status(kernels, build=kernels in ("cpu", "cuda"))
         if not available:  # asked for and absent: say so before any work, never fall back
-            raise RuntimeError(f"config key 'kernels': backend {kernels!r} is not available here: {reason} "
+            raise ValueError(f"config key 'kernels': backend {kernels!r} is not available here: {reason} "
                                "(kernels=auto picks what is)")
     return ops.use_backend(kernels)
 

@@ -38,6 +38,17 @@ def test_evaluate_reproduces_training_metrics_and_writes_reports(evaluated):
         assert img.size[0] > 600 and img.size[1] >= 400
 
 
+def test_evaluate_runs_on_the_kernels_it_is_given_and_refuses_an_absent_one(trained_run, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU, where the cuda backend is absent")
+    out, _ = trained_run
+    absent = "cuda"
+    proc = _run("evaluate.py", "--checkpoint", out / "checkpoints" / "best.pt", "--output-dir", tmp_path / "eval",
+                f"kernels={absent}")
+    assert proc.returncode == 2 and f"config key 'kernels': backend '{absent}' is not available here" in proc.stderr
+    assert not (tmp_path / "eval").exists()  # refused before loading data or writing anything
+
+
 def test_pointing_game_beats_random_maps(evaluated):
     pg = json.loads((evaluated[0] / "metrics.json").read_text())["pointing_game"]
     assert set(pg) == {"maps", "refined_mask", "refined_nomask", "random"}

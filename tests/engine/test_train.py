@@ -86,7 +86,7 @@ def test_kernels_key_builds_what_it_names_and_refuses_what_is_absent(tmp_path, m
         with train_module.kernel_backend(name):
             assert ops.get_default_backend() == name
     assert asked == [("cpu", True), ("cuda", True)]
-    with pytest.raises(RuntimeError, match="config key 'kernels': backend 'triton' is not available here: simulated"):
+    with pytest.raises(ValueError, match="config key 'kernels': backend 'triton' is not available here: simulated"):
         train(_cfg(tmp_path / "run", "kernels=triton"))
     assert not (tmp_path / "run").exists()  # refused before any work
     monkeypatch.setenv("CSSFE_KERNEL_BACKEND", "reference")  # kernels=auto leaves the choice to the variable
