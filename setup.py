@@ -78,9 +78,10 @@ class BuildPyWithSources(build_py):
         if getattr(self, "editable_mode", False) or not os.path.isdir(src):
             return
         dst = os.path.join(self.build_lib, "cssfe", "_csrc")
+        suffixes = _build_spec().SOURCE_SUFFIXES
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst, ignore=lambda folder, names: [
-            n for n in names if not os.path.isdir(os.path.join(folder, n)) and not n.endswith(_build_spec().SOURCE_SUFFIXES)])
+            n for n in names if not os.path.isdir(os.path.join(folder, n)) and not n.endswith(suffixes)])
 
 
 EXT_MODULES, CMDCLASS = _extensions()
