@@ -92,6 +92,20 @@ class DistributedConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a run reports besides ``log.jsonl``; none of it changes the numbers."""
+
+    log_level: str = "info"  # console messages of the command-line tools: debug | info | warning | error
+    tensorboard: bool = True  # event files in <output_dir>/tensorboard/
+    wandb: bool = False  # Weights & Biases (needs the wandb package; WANDB_MODE=offline honoured)
+    wandb_project: str = "cssfe"
+    step_every: int = 1  # per-step scalars every this many optimizer steps
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -107,6 +121,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 Config = TrainConfig
@@ -307,5 +322,8 @@ def validate(cfg: TrainConfig) -> None:
     positive("distributed.grad_accum", cfg.distributed.grad_accum)
     if cfg.distributed.deepspeed_config is not None and not os.path.isfile(cfg.distributed.deepspeed_config):
         raise ConfigError(f"config key 'distributed.deepspeed_config': file not found: {cfg.distributed.deepspeed_config}")
+    if cfg.logging.log_level not in LOG_LEVELS:
+        raise ConfigError(f"config key 'logging.log_level' must be one of {', '.join(LOG_LEVELS)}, got {cfg.logging.log_level!r}")
+    positive("logging.step_every", cfg.logging.step_every)
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -2,26 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from typing import List, Optional
 
 from cssfe.config import ConfigError, load_config
+from cssfe.logs import PACKAGE_LOGGER, add_verbosity_options, chosen_level, setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train a CSSFE (or baseline) multi-label classifier. Without arguments: the default "
         "configuration on the bundled long-tailed digits dataset.",
-        epilog="Overrides are key=value with dotted keys, e.g. model.head=baseline optim.epochs=5 loss.name=db.",
+        epilog="Overrides are key=value with dotted keys, e.g. model.head=baseline optim.epochs=5 loss.name=db, "
+        "anywhere among the options.",
     )
     p.add_argument("--config", help="YAML config file (default: built-in defaults, configs/default.yaml)")
     p.add_argument("--output-dir", help="where the run is written (default: runs/<time>-<head>-<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher; LOCAL_RANK is used
+    add_verbosity_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -35,6 +39,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if args.quiet:
+        overrides.append("progress=false")
     try:
         cfg = load_config(config_path, overrides)
     except (ConfigError, KeyError) as exc:
@@ -42,12 +48,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if not args.output_dir and not any(o.startswith("output_dir=") for o in args.overrides):
         cfg.output_dir = os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.head}-{cfg.model.backbone}")
+    setup_logging(chosen_level(args, cfg.logging.log_level))
     # torch and the models load only after the config is good
     from cssfe.engine.signals import TrainingInterrupted
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from cssfe.engine.train import TrainingDiverged, train
 
     try:
-        train(cfg, resume=args.resume)
+        with logging_redirect_tqdm([logging.getLogger(PACKAGE_LOGGER)]):  # reports between progress bars
+            train(cfg, resume=args.resume)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

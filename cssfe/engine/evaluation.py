@@ -24,7 +24,16 @@ GROUP_COLOURS = {"head": "#1f77b4", "medium": "#ff7f0e", "tail": "#d62728"}
 
 
 def per_class_chart(path: str, class_names: Sequence[str], ap: Sequence[Optional[float]], groups: np.ndarray, freq: np.ndarray) -> None:
-    """Bar chart of per-class AP ordered by training frequency, coloured by group."""
+    """Bar chart of per-class AP ordered by training frequency, coloured by group, saved to ``path``."""
+    fig = per_class_figure(class_names, ap, groups, freq)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def per_class_figure(class_names: Sequence[str], ap: Sequence[Optional[float]], groups: np.ndarray, freq: np.ndarray):
+    """The matplotlib figure of :func:`per_class_chart` (also drawn into TensorBoard during training)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,8 +53,7 @@ def per_class_chart(path: str, class_names: Sequence[str], ap: Sequence[Optional
 
     ax.legend(handles=[Patch(color=c, label=n) for n, c in GROUP_COLOURS.items()], loc="upper right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from cssfe import ops
 from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
-from cssfe.engine import distributed
+from cssfe.engine import distributed, tracking
 from cssfe.engine.checkpoint import load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
 from cssfe.engine.ema import ModelEMA
 from cssfe.engine.evaluate import evaluate, format_table
@@ -36,7 +37,10 @@ from cssfe.models.model import build_model
 RESUMABLE_CHANGES = {
     "progress", "device", "eval_every", "output_dir", "cache_dir", "checkpoint_every_steps", "max_nonfinite_steps",
     "data.num_workers", "data.eval_batch_size", "data.check_images", "data.on_bad_image",
+    "logging.log_level", "logging.tensorboard", "logging.wandb", "logging.wandb_project", "logging.step_every",
 }
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> str:
@@ -102,6 +106,20 @@ def _metric_rows(metrics: Dict[str, Any], label: str) -> Dict[str, Dict[str, flo
     if "first_pass_mAP" in metrics:
         rows[f"{label} (1st pass)"] = metrics["first_pass_mAP"]
     return rows
+
+
+def _as_float(value) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def _head_scalars(model: torch.nn.Module, aux_loss: Optional[torch.Tensor], lam: bool = True) -> Dict[str, float]:
+    """Per-step scalars of the CSSFE head: lambda and the first-pass loss, where the head has them."""
+    out = {}
+    if lam and hasattr(model.head, "lam"):
+        out["lambda"] = float(model.head.lam.detach().float())
+    if aux_loss is not None:
+        out["first_pass_loss"] = aux_loss.item()
+    return out
 
 
 class TrainingDiverged(RuntimeError):
@@ -215,6 +233,7 @@ def train(cfg: TrainConfig, resume: bool = False,
     after that epoch's checkpoint is written, e.g. to report metrics to a scheduler.
     """
     validate(cfg)
+    tracking.check(cfg)
     with kernel_backend(cfg.kernels):
         return _train(cfg, resume, on_epoch_end)
 
@@ -369,11 +388,13 @@ def _train(cfg: TrainConfig, resume: bool = False,
         rank_log = os.path.join(out_dir, "ranks", f"rank{ctx.rank}.log")
 
     has_aux = cfg.model.head == "cssfe" and cfg.model.enhance
+    tracker = tracking.open_run_tracker(cfg, out_dir, ctx.main)  # rank 0 alone writes event files
+    window_loss = 0.0  # DeepSpeed: the global loss summed over the micro-batches of one optimizer step
     metrics: Optional[Dict[str, Any]] = None
     log_path = os.path.join(out_dir, "log.jsonl")
     consecutive_bad = 0
     stop_signum = 0  # under DeepSpeed: a signal any rank received, agreed on by all at each step
-    with StopRequest(second_signal_kills=not use_ds) as stop:
+    with StopRequest(second_signal_kills=not use_ds) as stop, tracker:
         for epoch in range(run["epoch"], cfg.optim.epochs):
             model.train()
             t0 = time.time() - run["epoch_seconds"]
@@ -389,8 +410,10 @@ def _train(cfg: TrainConfig, resume: bool = False,
                 with autocast():
                     out = (engine or model)(images)
                 loss = loss_fn(out["logits"].float(), labels)
-                if has_aux:
-                    loss = loss + cfg.model.aux_weight * loss_fn(out["logits0"].float(), labels)
+                aux_loss = loss_fn(out["logits0"].float(), labels) if has_aux else None
+                if aux_loss is not None:
+                    loss = loss + cfg.model.aux_weight * aux_loss
+                global_step = epoch * optimizer_steps + (run["step"] // accum) + 1  # the optimizer step this batch ends in
                 if engine is not None:
                     consecutive_bad, stop_signum, step_loss = _ds_step(
                         engine, loss, loss_scale, run, stop.signum, update_ema, consecutive_bad, device)
@@ -401,6 +424,15 @@ def _train(cfg: TrainConfig, resume: bool = False,
                             "Try a lower optim.lr, distributed.precision=fp32 or a smaller optim.grad_clip.")
                     run["step"] += 1
                     bar.set_postfix(loss=f"{step_loss:.3f}")
+                    window_loss += step_loss
+                    if run["step"] % accum == 0:
+                        if tracker.wants_step(global_step):
+                            tracker.log_step(global_step, loss=window_loss / accum, lr=scheduler.get_last_lr()[0],
+                                             grad_norm=_as_float(engine.get_global_grad_norm()),
+                                             nonfinite_steps=run["skipped_steps"],
+                                             # this rank's first-pass loss is not the global one: left out
+                                             **_head_scalars(model, None, lam=not zero3))
+                        window_loss = 0.0
                     periodic = cfg.checkpoint_every_steps and run["step"] % cfg.checkpoint_every_steps == 0
                     if (stop_signum or periodic) and run["step"] < steps_per_epoch:
                         run["epoch_seconds"] = time.time() - t0
@@ -434,6 +466,9 @@ def _train(cfg: TrainConfig, resume: bool = False,
                             f"step {run['step'] + 1}); stopped. The last good checkpoint is {last_path}. "
                             "Try a lower optim.lr, optim.amp=off or a smaller optim.grad_clip."
                         )
+                if tracker.wants_step(global_step):  # the learning rate this step used, before the schedule moves on
+                    tracker.log_step(global_step, loss=loss.item(), lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
+                                     nonfinite_steps=run["skipped_steps"], **_head_scalars(model, aux_loss))
                 if scaler is not None:
                     scaler.update()
                 scheduler.step()
@@ -454,6 +489,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
                 "skipped_steps": run["skipped_steps"],
                 "epoch_seconds": round(time.time() - t0, 3),
             }
+            record["images_per_second"] = round(steps_per_epoch * micro * ctx.world_size / max(record["epoch_seconds"], 1e-9), 3)
             if hasattr(model.head, "lam"):
                 record["lambda"] = float(model.head.lam.detach().float())
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
@@ -476,10 +512,12 @@ def _train(cfg: TrainConfig, resume: bool = False,
                             },
                             best_path,
                         )
-                if show:
+                if ctx.main:  # a report, printed also without progress bars (progress=false)
                     lam = f", lambda {record['lambda']:.3f}" if "lambda" in record else ""
-                    tqdm.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.4f}{lam}\n"
-                               + format_table(_metric_rows(metrics, "EMA model")))
+                    logger.info(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.4f}{lam}\n"
+                                + format_table(_metric_rows(metrics, "EMA model")))
+                tracker.log_evaluation((epoch + 1) * optimizer_steps, metrics, record["images_per_second"],
+                                       data.class_names, data.groups, data.class_freq)
             if ctx.main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -509,9 +547,10 @@ def _train(cfg: TrainConfig, resume: bool = False,
             json.dump(result, f, indent=2)
     if use_ds and device.type == "cpu":
         distributed.release_cpu_buffers(ctx)
-    if show:
+    if ctx.main:
         rows = {**_metric_rows(metrics, "final"), f"best (epoch {best_epoch})": best_metrics["mAP"]}
-        print(format_table(rows))
-        print(f"F1 (final): weighted {metrics['f1']['weighted']:.3f}, micro {metrics['f1']['micro']:.3f}, macro {metrics['f1']['macro']:.3f}")
-        print(f"outputs in {out_dir}")
+        logger.info(format_table(rows))
+        logger.info(f"F1 (final): weighted {metrics['f1']['weighted']:.3f}, micro {metrics['f1']['micro']:.3f}, "
+                    f"macro {metrics['f1']['macro']:.3f}")
+        logger.info(f"outputs in {out_dir}")
     return result
