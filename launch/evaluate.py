@@ -11,13 +11,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    from cssfe.logs import add_verbosity_options
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output-dir")
     p.add_argument("--device", default="cpu")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/path/to/data")
-    args = p.parse_args()
+    add_verbosity_options(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/path/to/data (anywhere among the options)")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cssfe.logs import chosen_level, setup_logging
+
+    setup_logging(chosen_level(args))
     from cssfe.engine.evaluation import evaluate_checkpoint
 
     try:

@@ -10,14 +10,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--output", help="JSONL file (default: stdout)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    args = p.parse_args()
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="anywhere among the options")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from cssfe.engine.inference import load_trained
     from cssfe.engine.prediction import predict_files
 

@@ -11,12 +11,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", nargs="*")
     p.add_argument("--output-dir", help="default: RUN/visualize/")
-    args = p.parse_args()
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from cssfe.data import build_data
     from cssfe.engine.inference import load_trained
     from cssfe.engine.train import default_cache_dir

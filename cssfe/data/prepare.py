@@ -103,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", help="a YAML config whose data section is used (e.g. configs/lt_voc.yaml)")
     parser.add_argument("--no-write", action="store_true", help="only check; write no split files")
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. data.train_list=lists/train.txt)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides anywhere among the options
     name = args.dataset.replace("-", "_")
     try:
         cfg = load_config(args.config, [f"data.name={name}", f"data.root={args.root}", *args.overrides])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from typing import Any, Dict, Optional, Sequence
 
@@ -19,6 +20,8 @@ from cssfe.engine.inference import load_trained
 from cssfe.explain.maps import class_maps
 from cssfe.explain.pointing import pointing_game, pointing_hits
 from cssfe.models.heads import CSSFEHead
+
+logger = logging.getLogger(__name__)
 
 GROUP_COLOURS = {"head": "#1f77b4", "medium": "#ff7f0e", "tail": "#d62728"}
 
@@ -106,11 +109,11 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
     rows = {"final": metrics["mAP"]}
     if "first_pass_mAP" in metrics:
         rows["first pass"] = metrics["first_pass_mAP"]
-    print(format_table(rows))
+    logger.info(format_table(rows))
     f1 = metrics["f1"]
-    print(f"F1: weighted {f1['weighted']:.3f}, micro {f1['micro']:.3f}, macro {f1['macro']:.3f}")
+    logger.info(f"F1: weighted {f1['weighted']:.3f}, micro {f1['micro']:.3f}, macro {f1['macro']:.3f}")
     if "pointing_game" in metrics:
         names = {"maps": "maps A", "refined_mask": "A' with mask", "refined_nomask": "A' without mask", "random": "random maps"}
-        print(format_table({names[k]: v for k, v in metrics["pointing_game"].items()}, title="pointing game (%)"))
-    print(f"wrote {output_dir}/metrics.json, per_class_ap.csv, per_class_ap.png")
+        logger.info(format_table({names[k]: v for k, v in metrics["pointing_game"].items()}, title="pointing game (%)"))
+    logger.info(f"wrote {output_dir}/metrics.json, per_class_ap.csv, per_class_ap.png")
     return metrics

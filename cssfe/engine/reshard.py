@@ -47,7 +47,7 @@ def reshard(run_dir: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="the training run's --output-dir")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         tag = reshard(args.run_dir)
     except (FileNotFoundError, RuntimeError) as exc:
