@@ -316,3 +316,22 @@ def test_resume_at_another_world_size_after_conversion(tiny_root, tmp_path):
     assert [r["epoch"] for r in _log(whole)[lines_before:]] == [2]  # continued inside epoch 2, not restarted
     for group, value in expected["mAP"].items():
         assert _metrics(whole)["final"]["mAP"][group] == pytest.approx(value, abs=1e-6)
+
+
+def test_rank_zero_alone_writes_tensorboard_events(two_ranks):
+    """One event file (rank 0's) whose per-step losses average to log.jsonl's epoch losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = os.path.join(two_ranks, "tensorboard")
+    assert len(glob.glob(os.path.join(board, "events.out.tfevents.*"))) == 1
+    events = EventAccumulator(board, size_guidance={"scalars": 0})
+    events.Reload()
+    log = _log(two_ranks)
+    loss = [e.value for e in events.Scalars("train/loss")]
+    steps = len(loss) // len(log)  # 96 images, global batch 16
+    assert steps == 6 and [e.step for e in events.Scalars("train/loss")] == list(range(1, len(loss) + 1))
+    for i, record in enumerate(log):
+        assert np.mean(loss[i * steps:(i + 1) * steps]) == pytest.approx(record["train_loss"], rel=1e-5)
+        (total,) = [e.value for e in events.Scalars("mAP/total") if e.step == (i + 1) * steps]
+        assert total == pytest.approx(record["mAP"]["total"], rel=1e-6)
+    assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
