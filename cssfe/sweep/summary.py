@@ -12,7 +12,7 @@ import numpy as np
 from cssfe.report import COLUMNS, bar_chart, markdown_table
 from cssfe.sweep.studies import Study
 
-TRIAL_FIELDS = ("variant", "seed", "status", "epochs", *COLUMNS, "lambda", "attempts", "reused", "error")
+TRIAL_FIELDS = ("variant", "seed", "status", "epochs", *COLUMNS, "lambda", "attempts", "reused", "error", "run_dir")
 
 
 def finished_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:

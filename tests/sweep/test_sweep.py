@@ -67,10 +67,12 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
               for s in (0, 1)]
     assert float(rows["mask"]["tail_mean"]) == pytest.approx(sum(finals) / 2, abs=1e-3)
     assert finals[0] != finals[1]  # the seeds are really different runs
-    # Each trial's TensorBoard event files lie under the storage folder: one --logdir shows the study.
-    for s in (0, 1):
-        board = os.path.join(trial_dir(plan, loaded, "mask", s), "tensorboard")
-        assert any(name.startswith("events.out.tfevents.") for name in os.listdir(board))
+    # Each trial's TensorBoard event files lie under the storage folder (one --logdir shows the
+    # study), in the run folder that trials.csv names.
+    assert {t["run_dir"] for t in trials} == {trial_dir(plan, loaded, v, s) for v in ("mask", "no mask") for s in (0, 1)}
+    for t in trials:
+        assert os.path.commonpath([t["run_dir"], str(tmp_path / "sweeps")]) == str(tmp_path / "sweeps")
+        assert any(name.startswith("events.out.tfevents.") for name in os.listdir(os.path.join(t["run_dir"], "tensorboard")))
 
     table = (out / "tiny.md").read_text()
     assert "| mask | " in table and "| no mask | " in table and "skipped **GloVe**" in table
