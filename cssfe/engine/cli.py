@@ -50,9 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg.output_dir = os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.head}-{cfg.model.backbone}")
     setup_logging(chosen_level(args, cfg.logging.log_level))
     # torch and the models load only after the config is good
-    from cssfe.engine.signals import TrainingInterrupted
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from cssfe.engine.signals import TrainingInterrupted
     from cssfe.engine.train import TrainingDiverged, train
 
     try:
