@@ -188,8 +188,10 @@ def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
 def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> Dict[str, Any]:
     """Load the newest complete DeepSpeed checkpoint; returns this rank's cssfe state (a rank that
     did not exist when it was written gets rank 0's, without its random state)."""
+    from cssfe.engine.checkpoint import load_checkpoint  # weights-only: a crafted file runs no code
+
     tag = _read_tag(ds_dir)
-    saved = torch.load(_ds_client_path(ds_dir, tag, 0), map_location="cpu", weights_only=False)
+    saved = load_checkpoint(_ds_client_path(ds_dir, tag, 0))
     if saved["world_size"] != ctx.world_size and not tag.endswith(UNIVERSAL_SUFFIX):
         raise ValueError(
             f"cannot resume {ds_dir} with {ctx.world_size} ranks: checkpoint {tag} was written by {saved['world_size']}. "
@@ -197,7 +199,7 @@ def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> Dict[str, Any]:
     client_path = _ds_client_path(ds_dir, tag, ctx.rank)
     if ctx.rank > 0:  # rank 0's own state is read above
         if os.path.isfile(client_path):  # this rank's own EMA, RNG state and position
-            saved = torch.load(client_path, map_location="cpu", weights_only=False)
+            saved = load_checkpoint(client_path)
         else:  # a rank added by resharding: rank 0's EMA and position, the seeded random state
             saved = {**saved, "rng": None}
     _check_resume_config(saved["config"], cfg, ds_dir)
