@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cssfe import ops
 from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
+from cssfe.data.datasets import check_batch
 from cssfe.engine import distributed
 from cssfe.engine.checkpoint import load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
 from cssfe.engine.ema import ModelEMA
@@ -285,8 +286,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
     batch_size = cfg.data.batch_size
     micro = ds_config["train_micro_batch_size_per_gpu"] if use_ds else batch_size
     accum = cfg.distributed.grad_accum if use_ds else 1
-    if use_ds and len(data.train) < batch_size:
-        raise ValueError(f"the training set has {len(data.train)} images, fewer than data.batch_size={batch_size}")
+    check_batch(data, batch_size, strict=use_ds)  # DeepSpeed's batch is fixed; otherwise said, and trained
     sampler = EpochShuffle(len(data.train), cfg.seed, ctx.rank, ctx.world_size, micro)
     train_loader = DataLoader(
         data.train,
@@ -461,7 +461,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
                 if ctx.world_size > 1:
                     distributed.broadcast_buffers(ema.module)
-                metrics = evaluate(ema.module, test_loader, data.groups, device, progress=show, gather=gather)
+                metrics = evaluate(ema.module, test_loader, data.groups, device, progress=show, gather=gather,
+                                   class_names=data.class_names)
                 record.update({k: metrics[k] for k in ("mAP", "f1", "first_pass_mAP") if k in metrics})
                 if metrics["mAP"]["total"] > run["best_total"]:
                     run.update(best_total=metrics["mAP"]["total"], best_metrics=metrics, best_epoch=epoch + 1)
@@ -501,7 +502,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
     if metrics is None:  # resumed a finished run: evaluate its final weights
         if ctx.world_size > 1:
             distributed.broadcast_buffers(ema.module)
-        metrics = evaluate(ema.module, test_loader, data.groups, device, gather=gather)
+        metrics = evaluate(ema.module, test_loader, data.groups, device, gather=gather, class_names=data.class_names)
     best_metrics, best_epoch = run["best_metrics"], run["best_epoch"]
     result = {"final": metrics, "best": best_metrics, "best_epoch": best_epoch,
               "groups": {n: int((data.groups == g).sum()) for g, n in enumerate(GROUP_NAMES)},
@@ -513,7 +514,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
         distributed.release_cpu_buffers(ctx)
     if show:
         rows = {**_metric_rows(metrics, "final"), f"best (epoch {best_epoch})": best_metrics["mAP"]}
-        print(format_table(rows))
+        print(format_table(rows, left_out=metrics.get("left_out")))
         print(f"F1 (final): weighted {metrics['f1']['weighted']:.3f}, micro {metrics['f1']['micro']:.3f}, macro {metrics['f1']['macro']:.3f}")
         print(f"outputs in {out_dir}")
     return result
