@@ -227,3 +227,32 @@ def test_means_name_the_classes_they_leave_out(tmp_path, capsys):
     assert report.main([f"CSSFE={','.join(runs)}"]) == 0
     out = capsys.readouterr().out
     assert "- CSSFE: left out of the means (no positive in the test set, AP undefined) -- total: bird; tail: bird" in out
+
+
+def test_a_run_names_the_classes_its_means_leave_out(tmp_path, capsys):
+    """Training end to end on a folder whose test set lacks a class and whose training set is
+    smaller than one batch: both are said, and metrics.json and the final table name the class."""
+    import json
+
+    from cssfe.engine.train import train
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    ids = {"train": [f"tr{i}" for i in range(6)], "test": [f"te{i}" for i in range(4)]}
+    sets = {"train": [[i % 3] for i in range(6)], "test": [[0], [1], [0], [1]]}  # no 'bird' to test
+    rng = np.random.default_rng(0)
+    for split in ids:
+        for image_id in ids[split]:
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"{image_id}.png")
+    write_split_folder(str(root), NAMES, ids, sets, head_min=3, tail_max=1)
+    cfg = load_config(None, ["data.name=split_folder", f"data.root={root}", "data.image_size=16", "data.augment=none",
+                             "data.batch_size=8", "model.embedding=rie", "model.dim=8", "optim.epochs=1",
+                             f"output_dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    captured = capsys.readouterr()
+    assert "the training set has 6 readable images" in captured.err and "fewer than one batch" in captured.err
+    assert "'bird' (medium) have no positive among the 4 test images" in captured.err
+    stored = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert stored["final"]["left_out"] == result["final"]["left_out"] == {"total": ["bird"], "head": [],
+                                                                          "medium": ["bird"], "tail": []}
+    assert "left out of the means (no positive in the evaluation set, AP undefined) -- total: bird; medium: bird" in captured.out
