@@ -41,6 +41,11 @@ def _lam_raw_from_scalar(state_dict, prefix, *args) -> None:
         state_dict[key] = state_dict[key].reshape(1)
 
 
+def _tracing() -> bool:
+    """Under torch.compile / torch.export the tensors are fakes without data: R is taken as it is."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 class CSSFEHead(nn.Module):
     """Label-dependent class activation maps, progressive enhancement, semantic fusion classifier.
 
@@ -142,7 +147,7 @@ class CSSFEHead(nn.Module):
         if self.learnable_embeddings or (mask is not None and mask != self.mask):
             # RIE: follow the embeddings as they learn (differentiably)
             return self._compute_affinity(self.mask if mask is None else mask)
-        if self._source_key() != self._affinity_source:  # embeddings or groups changed since R was made
+        if not _tracing() and self._source_key() != self._affinity_source:  # embeddings or groups changed
             self.refresh_affinity()
         return self._affinity
 
