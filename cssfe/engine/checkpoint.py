@@ -13,6 +13,7 @@ rewrites a trusted checkpoint that holds other objects in this form (it runs the
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import pickle
 import re
@@ -58,7 +59,9 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
 def save_checkpoint(state: Dict[str, Any], path: str, keep_previous: bool = False) -> None:
     """Write to a temporary file, then rename; with ``keep_previous`` the file it replaces is kept
     as ``PATH.prev``, so a checkpoint that turns out bad never leaves the run without a good one.
-    ``state`` must hold only tensors and plain data (checked first: TypeError naming the entry)."""
+    numpy arrays and scalars in ``state`` are stored as tensors and numbers; anything else that is
+    not a tensor or plain data is a TypeError naming the entry, raised before any file is written."""
+    state = to_plain(state)
     check_plain(state)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -146,7 +149,11 @@ def to_plain(obj: Any) -> Any:
                    "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
                    "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
                              "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-        return {k: to_plain(v) for k, v in obj.items()}
+        out = (collections.OrderedDict if isinstance(obj, collections.OrderedDict) else dict)(
+            (k, to_plain(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's per-module versions, read by load_state_dict
+            out._metadata = obj._metadata
+        return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_plain(v) for v in obj) if type(obj) in (list, tuple) else [to_plain(v) for v in obj]
     if isinstance(obj, np.ndarray):

@@ -52,8 +52,11 @@ def test_checkpoints_load_weights_only_and_crafted_ones_are_refused(tmp_path):
     a = draw()
     ckpt.set_rng_state(ckpt.load_checkpoint(str(path))["rng"])
     assert draw() == a  # the random states round-trip
-    with pytest.raises(TypeError, match=r"checkpoint\['extra'\] is a numpy.ndarray"):
-        ckpt.save_checkpoint({"extra": np.zeros(2)}, str(tmp_path / "bad.pt"))
+    with pytest.raises(TypeError, match=r"checkpoint\['extra'\]\[1\] is a builtins.object"):
+        ckpt.save_checkpoint({"extra": [1, object()]}, str(tmp_path / "bad.pt"))
+    assert not (tmp_path / "bad.pt").exists()
+    ckpt.save_checkpoint({"lr": np.float64(0.1), "counts": np.arange(3)}, str(tmp_path / "numpy.pt"))  # made plain
+    assert torch.load(tmp_path / "numpy.pt", weights_only=True)["counts"].tolist() == [0, 1, 2]
 
     # crafted files: refused on every path that reads a checkpoint, nothing runs
     marker = tmp_path / "ran"
