@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -54,9 +55,11 @@ def markdown_table(variants: Dict[str, np.ndarray]) -> str:
     """One row per variant: mean ± sample std over its runs (n in the last column)."""
     lines = ["| variant | " + " | ".join(c.capitalize() for c in COLUMNS) + " | n |", "|---|" + "---|" * (len(COLUMNS) + 1)]
     for name, values in variants.items():
-        mean = np.nanmean(values, axis=0)
-        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
-        cells = [f"{m:.2f} ± {s:.2f}" for m, s in zip(mean, std)]
+        with warnings.catch_warnings():  # a column with no defined value (a group without an evaluable class): n/a
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(values, axis=0)
+            std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
+        cells = ["n/a" if np.isnan(m) else f"{m:.2f} ± {0.0 if np.isnan(s) else s:.2f}" for m, s in zip(mean, std)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(values)} |")
     return "\n".join(lines)
 

@@ -226,6 +226,7 @@ def test_means_name_the_classes_they_leave_out(tmp_path, capsys):
         runs.append(str(run))
     assert report.main([f"CSSFE={','.join(runs)}"]) == 0
     out = capsys.readouterr().out
+    assert "| CSSFE | 60.50 ± 0.71 | 70.00 ± 0.00 | 50.00 ± 0.00 | n/a | 2 |" in out
     assert "- CSSFE: left out of the means (no positive in the test set, AP undefined) -- total: bird; tail: bird" in out
 
 
