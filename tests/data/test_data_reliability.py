@@ -184,6 +184,10 @@ def test_classes_without_training_or_test_positives_are_named(tmp_path, capsys):
     assert test_note.startswith("class(es) 'dog' (head) have no positive among the 3 test images of ")
     assert test_note.endswith("their AP is undefined and left out of the total and head mAP")
     assert "'dog'" in capsys.readouterr().err
+    from cssfe.losses import build_loss
+
+    with pytest.raises(ValueError, match=r"class index\(es\) \[2\] are not"):  # a loss weighted by class counts
+        build_loss("cb_focal", loaded.class_freq, len(loaded.train))
 
 
 def test_fewer_images_than_one_batch_is_said_and_fatal_under_deepspeed(tmp_path, capsys):
