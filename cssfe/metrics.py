@@ -12,7 +12,8 @@ Conventions
 * A class without any positive sample has an undefined AP.  scikit-learn 1.9 returns ``0.0``
   for it (after warning "No positive class found in y_true"), which would silently drag means
   down; here such a class gets ``NaN`` and is left out of every mean (total, head, medium,
-  tail).  A mean over no class with a defined AP is ``NaN``.
+  tail); :func:`evaluate_scores` names them per mean (``left_out``), so a shorter mean is never
+  silent.  A mean over no class with a defined AP is ``NaN``.
 * mAP values are in percent (0-100); per-class AP from :func:`average_precision` is a fraction
   (0-1) like scikit-learn's, and in percent in :func:`evaluate_scores`.
 * F1 scores are fractions (0-1), equal to scikit-learn's ``f1_score`` on the binarised
@@ -23,7 +24,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -32,7 +33,7 @@ try:  # torch is a dependency of the package, but keep the metrics usable withou
 except ImportError:  # pragma: no cover
     torch = None
 
-__all__ = ["average_precision", "long_tail_map", "f1_scores", "evaluate_scores"]
+__all__ = ["average_precision", "long_tail_map", "f1_scores", "evaluate_scores", "left_out_of_means", "left_out_note"]
 
 GROUP_NAMES = ("head", "medium", "tail")
 
@@ -185,18 +186,43 @@ def _json_float(x: float) -> Optional[float]:
     return None if math.isnan(x) else x
 
 
-def evaluate_scores(scores: Any, targets: Any, groups: Any = None, threshold: float = 0.5) -> Dict[str, Any]:
+def left_out_of_means(ap: np.ndarray, groups: Optional[np.ndarray], class_names: Optional[Sequence[str]] = None) -> Dict[str, List[Any]]:
+    """The classes each mean leaves out (their AP is undefined: no positive), by name when
+    ``class_names`` is given, else by index: ``{"total": [...], "head": [...], ...}``."""
+    names = list(range(len(ap))) if class_names is None else list(class_names)
+    undefined = np.isnan(ap)
+    out = {"total": [names[c] for c in np.flatnonzero(undefined)]}
+    for gid, gname in enumerate(GROUP_NAMES):
+        out[gname] = [] if groups is None else [names[c] for c in np.flatnonzero(undefined & (groups == gid))]
+    return out
+
+
+def left_out_note(left_out: Optional[Dict[str, List[Any]]]) -> str:
+    """One line saying which classes each mean leaves out ('' when none)."""
+    if not left_out or not left_out.get("total"):
+        return ""
+    parts = [f"{mean}: {', '.join(map(str, classes))}" for mean, classes in left_out.items() if classes]
+    return "left out of the means (no positive in the evaluation set, AP undefined) -- " + "; ".join(parts)
+
+
+def evaluate_scores(scores: Any, targets: Any, groups: Any = None, threshold: float = 0.5,
+                    class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """All evaluation metrics of a whole evaluation set, as a json-serialisable dict.
 
     Returns ``{"mAP": {"total", "head", "medium", "tail"} (percent), "f1": {"weighted",
-    "micro", "macro"} (fractions), "per_class_ap": [C floats, percent]}`` with every NaN
-    (class without positives, empty group, or ``groups=None`` for the group means) as ``None``.
+    "micro", "macro"} (fractions), "per_class_ap": [C floats, percent], "left_out": {"total",
+    "head", "medium", "tail"}}`` with every NaN (class without positives, empty group, or
+    ``groups=None`` for the group means) as ``None``; ``left_out`` lists the classes each mean
+    leaves out because their AP is undefined (by name with ``class_names``, else by index).
     """
     s, t = _check_pair(scores, targets)
     g = None if groups is None else _check_groups(groups, s.shape[1])
+    if class_names is not None and len(class_names) != s.shape[1]:
+        raise ValueError(f"class_names has {len(class_names)} names for {s.shape[1]} classes")
     ap = _average_precision(s, t)
     return {
         "mAP": {k: _json_float(v) for k, v in _group_means(ap, g).items()},
         "f1": {k: _json_float(v) for k, v in _f1(s, t, float(threshold)).items()},
         "per_class_ap": [_json_float(v * 100.0) for v in ap],
+        "left_out": left_out_of_means(ap, g, class_names),
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -26,13 +27,39 @@ def load_runs(dirs: Sequence[str], which: str = "final", key: str = "mAP") -> np
     return np.asarray(rows, dtype=np.float64)
 
 
+def load_left_out(dirs: Sequence[str], which: str = "final") -> Dict[str, List[str]]:
+    """Per mean (total, head, ...), the classes some run's metrics.json left out of it (AP
+    undefined: no positive in its test set), with the run folders in brackets when not all runs."""
+    found: Dict[str, Dict[str, List[str]]] = {}
+    for d in dirs:
+        with open(os.path.join(d, "metrics.json")) as f:
+            left_out = json.load(f)[which].get("left_out") or {}
+        for mean, classes in left_out.items():
+            for c in classes:
+                found.setdefault(mean, {}).setdefault(str(c), []).append(d)
+    return {mean: [c if len(runs) == len(dirs) else f"{c} [{', '.join(runs)}]" for c, runs in classes.items()]
+            for mean, classes in found.items()}
+
+
+def left_out_notes(left_out: Dict[str, Dict[str, List[str]]]) -> str:
+    """Footnote lines under the table: which classes each variant's means leave out."""
+    lines = []
+    for name, means in left_out.items():
+        parts = [f"{mean}: {', '.join(classes)}" for mean, classes in means.items() if classes]
+        if parts:
+            lines.append(f"- {name}: left out of the means (no positive in the test set, AP undefined) -- " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def markdown_table(variants: Dict[str, np.ndarray]) -> str:
     """One row per variant: mean ± sample std over its runs (n in the last column)."""
     lines = ["| variant | " + " | ".join(c.capitalize() for c in COLUMNS) + " | n |", "|---|" + "---|" * (len(COLUMNS) + 1)]
     for name, values in variants.items():
-        mean = np.nanmean(values, axis=0)
-        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
-        cells = [f"{m:.2f} ± {s:.2f}" for m, s in zip(mean, std)]
+        with warnings.catch_warnings():  # a column with no defined value (a group without an evaluable class): n/a
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(values, axis=0)
+            std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
+        cells = ["n/a" if np.isnan(m) else f"{m:.2f} ± {0.0 if np.isnan(s) else s:.2f}" for m, s in zip(mean, std)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(values)} |")
     return "\n".join(lines)
 
@@ -71,11 +98,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv:
         print(__doc__)
         return 2
-    variants = {}
+    variants, left_out = {}, {}
     for item in argv:
         name, _, dirs = item.partition("=")
         variants[name] = load_runs(dirs.split(","))
+        left_out[name] = load_left_out(dirs.split(","))
     print(markdown_table(variants))
+    notes = left_out_notes(left_out)
+    if notes:
+        print("\n" + notes)
     if png:
         bar_chart(variants, png)
         print(f"wrote {png}")

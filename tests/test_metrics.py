@@ -139,7 +139,8 @@ def test_evaluate_scores_json():
     groups = np.array([0, 1, 2, 2, 1])
     res = evaluate_scores(torch.tensor(scores, dtype=torch.float16), torch.tensor(targets), groups)
     text = json.dumps(res, allow_nan=False)
-    assert set(res) == {"mAP", "f1", "per_class_ap"}
+    assert set(res) == {"mAP", "f1", "per_class_ap", "left_out"}
+    assert res["left_out"] == {"total": [0], "head": [0], "medium": [], "tail": []}  # named, not silently shorter
     assert len(res["per_class_ap"]) == 5 and res["per_class_ap"][0] is None
     assert all(isinstance(v, float) for v in res["per_class_ap"][1:])
     assert res["mAP"]["head"] is None  # the only head class has no positive

@@ -17,7 +17,7 @@ def test_table_mean_and_sample_std(tmp_path):
     values = load_runs(dirs)
     assert values.shape == (3, 4) and np.isnan(values[:, 2]).all()
     table = markdown_table({"cssfe": values})
-    assert "| cssfe | 60.00 ± 10.00 | 80.00 ± 0.00 | nan ± nan | 41.00 ± 1.00 | 3 |" in table
+    assert "| cssfe | 60.00 ± 10.00 | 80.00 ± 0.00 | n/a | 41.00 ± 1.00 | 3 |" in table
     with pytest.raises(FileNotFoundError):
         load_runs([str(tmp_path / "missing")])
 

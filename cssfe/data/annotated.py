@@ -70,6 +70,7 @@ class AnnotatedParts:
     generated: Dict[str, str]  # split -> where its list came from when it was not read from a file
     found_split: bool = False  # the groups came from an existing class_split.pkl
     written: List[str] = field(default_factory=list)  # split files written by this call
+    lists: Dict[str, str] = field(default_factory=dict)  # split -> its list file, or what made the list
 
 
 def _resolve(cfg, layout: Layout, part: str) -> Optional[str]:
@@ -238,7 +239,8 @@ def read_annotated(cfg, layout: Layout, write_split_files: Optional[bool] = None
         _check_published_labels(layout.published, train)
     split_dir = paths["split_dir"] or list_dir
     groups, found = _groups(cfg, layout, split_dir, train, names)
-    parts = AnnotatedParts(names, train, test, groups, split_dir, generated, found)
+    lists = {split: generated.get(split) or paths[f"{split}_list"] for split in ("train", "test")}
+    parts = AnnotatedParts(names, train, test, groups, split_dir, generated, found, lists=lists)
     if write and not found:
         try:
             parts.written = save_split_files(cfg, layout, parts)

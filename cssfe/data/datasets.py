@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 from cssfe.data import split_files
 from cssfe.data.annotated import Layout, read_annotated
 from cssfe.data.bundled import ensure_bundled
-from cssfe.data.images import ImageSource, find_unreadable, read_rgb
+from cssfe.metrics import GROUP_NAMES
+from cssfe.data.images import ImageSource, find_unreadable, read_rgb, source_files
 from cssfe.data.transforms import build_transform
 from cssfe.registry import Registry
 
@@ -55,6 +56,10 @@ class LongTailData:
     boxes: Optional[Dict[str, list]] = None  # image id -> [[class, x0, y0, x1, y1], ...]
     test_ids: Optional[List[str]] = None
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (file, reason) of unreadable images left out
+    lists: Dict[str, str] = field(default_factory=dict)  # split -> the list file (or what made the list)
+    notes: List[str] = field(default_factory=list)  # degenerate but usable data, said before training
+    unreadable: Dict[str, List[str]] = field(default_factory=dict)  # split -> files left out
+    lost: Dict[str, Dict[int, List[str]]] = field(default_factory=dict)  # split -> class -> its positives left out
 
     @property
     def num_classes(self) -> int:
@@ -93,19 +98,24 @@ def load_split_folder(root: str, cfg, progress: bool = False) -> LongTailData:
         root=root,
         boxes=boxes,
         test_ids=test_ids,
+        lists={split: os.path.join(root, split, "img_id.txt") for split in ("train", "test")},
     )
     if cfg.check_images:
         _leave_out_unreadable(data, cfg.on_bad_image, progress)
+    check_degenerate(data)
     return data
 
 
 def _leave_out_unreadable(data: LongTailData, policy: str, progress: bool) -> None:
     """Scan every image once before training. Policy ``error``: stop, naming the files; ``skip``:
-    leave them out, count them and say so (group statistics stay those of the split files)."""
+    leave them out, count them and say so (the groups stay those of the split files; the class
+    frequencies become those of the images that remain)."""
     bad = {split: find_unreadable(getattr(data, split).paths, f"checking {split} images", progress) for split in ("train", "test")}
     found = [(path, reason) for rows in bad.values() for _, path, reason in rows]
     if not found:
         return
+    data.lost = {split: _positives_by_class(getattr(data, split), [i for i, _, _ in rows]) for split, rows in bad.items()}
+    data.unreadable = {split: [path for _, path, _ in rows] for split, rows in bad.items()}
     listing = "; ".join(f"{p} ({r})" for p, r in found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
     if policy == "error":
         raise split_files.SplitFormatError(f"{len(found)} unreadable image(s): {listing} (data.on_bad_image=skip leaves them out)")
@@ -115,7 +125,75 @@ def _leave_out_unreadable(data: LongTailData, policy: str, progress: bool) -> No
             gone = {i for i, _, _ in rows}
             data.test_ids = [x for i, x in enumerate(data.test_ids) if i not in gone]
     data.skipped = found
+    data.class_freq = data.train.labels.sum(0).numpy().astype(np.int64)
     print(f"cssfe: left out {len(found)} unreadable image(s): {listing}", file=sys.stderr)
+
+
+def _positives_by_class(images: MultiLabelImages, indices: Sequence[int]) -> Dict[int, List[str]]:
+    """class -> files of ``images[indices]`` that are positives of it."""
+    out: Dict[int, List[str]] = {}
+    for i in indices:
+        for c in torch.nonzero(images.labels[i]).flatten().tolist():
+            out.setdefault(c, []).append(source_files(images.paths[i])[0])
+    return out
+
+
+def _class_list(data: LongTailData, classes: Sequence[int]) -> str:
+    return ", ".join(f"'{data.class_names[c]}' ({GROUP_NAMES[int(data.groups[c])]})" for c in classes)
+
+
+def check_degenerate(data: LongTailData) -> None:
+    """Data that cannot give a meaningful run, found before any training. Fatal (SplitFormatError
+    naming the list and the count): no training or no test image left. Said on stderr and kept in
+    ``data.notes``: a class with no training positive (named, and, when unreadable files took them
+    all, said so), a class with no test positive (its AP is undefined: named with the means it is
+    left out of)."""
+    lost = data.lost
+    for split, words in (("train", "training"), ("test", "test")):
+        if len(getattr(data, split)) == 0:
+            where = data.lists.get(split, f"the {words} list")
+            files = data.unreadable.get(split, [])
+            reason = (f"all {len(files)} of its images were unreadable and left out (first: {files[0]})" if files
+                      else "it holds no image")
+            raise split_files.SplitFormatError(
+                f"no readable {words} image: {where}: {reason}; nothing to {'train on' if split == 'train' else 'evaluate'}")
+    notes = []
+    train_pos = data.train.labels.sum(0)
+    empty = [c for c in range(data.num_classes) if train_pos[c] == 0]
+    lost_train = lost.get("train", {})
+    to_files = [c for c in empty if c in lost_train]
+    if to_files:
+        notes.append(f"class(es) {_class_list(data, to_files)} lost every training image to unreadable files "
+                     f"(e.g. {lost_train[to_files[0]][0]}): the model cannot learn them")
+    never = [c for c in empty if c not in lost_train]
+    if never:
+        notes.append(f"class(es) {_class_list(data, never)} have no positive among the {len(data.train)} training "
+                     f"images of {data.lists.get('train', 'the training list')}: the model cannot learn them")
+    test_pos = data.test.labels.sum(0)
+    undefined = [c for c in range(data.num_classes) if test_pos[c] == 0]
+    if undefined:
+        means = sorted({GROUP_NAMES[int(data.groups[c])] for c in undefined}, key=GROUP_NAMES.index)
+        lost_test = [c for c in undefined if c in lost.get("test", {})]
+        cause = f" (unreadable files took all of {_class_list(data, lost_test)})" if lost_test else ""
+        notes.append(f"class(es) {_class_list(data, undefined)} have no positive among the {len(data.test)} test "
+                     f"images of {data.lists.get('test', 'the test list')}{cause}: their AP is undefined and "
+                     f"left out of the total and {'/'.join(means)} mAP")
+    data.notes.extend(notes)
+    for note in notes:
+        print(f"cssfe: {note}", file=sys.stderr)
+
+
+def check_batch(data: LongTailData, batch_size: int, strict: bool = False) -> None:
+    """Fewer training images than one batch: each epoch is then one step on a partial batch (said
+    on stderr); ``strict`` (DeepSpeed, whose batch is fixed) makes it an error."""
+    n = len(data.train)
+    if n >= batch_size:
+        return
+    message = (f"the training set has {n} readable images ({data.lists.get('train', 'the training list')}), "
+               f"fewer than one batch (data.batch_size={batch_size})")
+    if strict:
+        raise ValueError(message)
+    print(f"cssfe: {message}: every epoch is a single step on a batch of {n}", file=sys.stderr)
 
 
 @DATASETS.register("bundled")
@@ -181,9 +259,11 @@ def load_annotated(cfg, layout: Layout, progress: bool = False, write_split_file
         class_freq=parts.train.labels.sum(0).astype(np.int64),
         root=cfg.root,
         test_ids=list(parts.test.ids),
+        lists=dict(parts.lists),
     )
     if cfg.check_images:
         _leave_out_unreadable(data, cfg.on_bad_image, progress)
+    check_degenerate(data)
     return data
 
 

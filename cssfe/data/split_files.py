@@ -13,6 +13,8 @@ A split folder holds::
 """
 from __future__ import annotations
 
+import importlib
+import io
 import os
 import pickle
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,6 +28,43 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 class SplitFormatError(ValueError):
     """A split file is missing, unreadable or disagrees with the others; the message names the file."""
+
+
+# What the published pickles (and the ones written here) are made of: containers and numbers, numpy
+# arrays, dtypes and scalars (numpy 1 pickles name numpy.core, numpy 2 numpy._core). Any other
+# global (a function such as os.system that a crafted file could ask to call) is refused.
+_ALLOWED_GLOBALS = {
+    "builtins": {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "bool", "str", "bytes", "bytearray"},
+    "numpy": {"ndarray", "dtype"},
+    "numpy._core.multiarray": {"_reconstruct", "scalar"},
+    "numpy._core.numeric": {"_frombuffer"},
+    "_codecs": {"encode"},  # how protocol-2 pickles store bytes (a numpy array's data)
+}
+_MODULE_ALIASES = {"numpy.core.multiarray": "numpy._core.multiarray", "numpy.core.numeric": "numpy._core.numeric",
+                   "__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+class _SplitUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="latin1")  # numpy arrays in Python 2 pickles
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        resolved = _MODULE_ALIASES.get(module, module)
+        if name in _ALLOWED_GLOBALS.get(resolved, ()):
+            return getattr(importlib.import_module(resolved), name)
+        if resolved == "numpy.dtypes" and name.endswith("DType"):  # numpy 2 dtype classes: plain data types
+            cls = getattr(importlib.import_module(resolved), name, None)
+            if isinstance(cls, type) and issubclass(cls, np.dtype):
+                return cls
+        raise SplitFormatError(
+            f"{self.path}: refused to unpickle: it asks for {module}.{name}, which a split file never holds "
+            f"(only containers, numbers and numpy arrays are admitted; the file may have been crafted to run code)")
+
+
+def load_pickle_bytes(raw: bytes, path: str):
+    """Unpickle ``raw`` (the contents of ``path``) admitting only what split files are made of."""
+    return _SplitUnpickler(io.BytesIO(raw), path).load()
 
 
 def class_statistics(labels: np.ndarray) -> Dict[str, np.ndarray]:
@@ -115,8 +154,10 @@ def _list_lines(path: str) -> List[str]:
         raw = f.read()
     if path.endswith(".pkl"):
         try:
-            obj = pickle.loads(raw)
+            obj = load_pickle_bytes(raw, path)
             return [str(x) for x in obj]
+        except SplitFormatError:
+            raise  # a pickle that asks for a forbidden global: never read it as text
         except Exception:
             pass  # the published LT-COCO id file is text despite its name
     try:
@@ -195,7 +236,9 @@ def read_pickle(path: str):
         raise SplitFormatError(f"split file not found: {path}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return load_pickle_bytes(f.read(), path)
+    except SplitFormatError:
+        raise
     except Exception as exc:
         raise SplitFormatError(f"{path}: cannot be unpickled ({type(exc).__name__}: {exc})") from None
 

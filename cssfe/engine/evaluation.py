@@ -93,7 +93,7 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
     loader = DataLoader(data.test, batch_size=cfg.data.eval_batch_size, shuffle=False)
     groups = trained.groups
     with backend:
-        metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=True)
+        metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=True, class_names=trained.class_names)
         if data.boxes is not None and isinstance(trained.model.head, CSSFEHead):
             metrics["pointing_game"] = pointing_scores(trained.model, data.test, data.test_ids, data.boxes, groups)
     os.makedirs(output_dir, exist_ok=True)
@@ -103,13 +103,13 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
     with open(os.path.join(output_dir, "per_class_ap.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "group", "train_positives", "ap"])
-        for i, name in enumerate(trained.class_names):
+        for i, name in enumerate(trained.class_names):  # an empty ap: no test positive, left out of the means
             writer.writerow([name, GROUP_NAMES[groups[i]], int(freq[i]), metrics["per_class_ap"][i]])
     per_class_chart(os.path.join(output_dir, "per_class_ap.png"), trained.class_names, metrics["per_class_ap"], groups, np.asarray(freq))
     rows = {"final": metrics["mAP"]}
     if "first_pass_mAP" in metrics:
         rows["first pass"] = metrics["first_pass_mAP"]
-    logger.info(format_table(rows))
+    logger.info(format_table(rows, left_out=metrics["left_out"]))
     f1 = metrics["f1"]
     logger.info(f"F1: weighted {f1['weighted']:.3f}, micro {f1['micro']:.3f}, macro {f1['macro']:.3f}")
     if "pointing_game" in metrics:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from cssfe import ops
 from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
+from cssfe.data.datasets import check_batch
 from cssfe.engine import distributed, tracking
 from cssfe.engine.checkpoint import load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
 from cssfe.engine.ema import ModelEMA
@@ -206,8 +207,10 @@ def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
 def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> Dict[str, Any]:
     """Load the newest complete DeepSpeed checkpoint; returns this rank's cssfe state (a rank that
     did not exist when it was written gets rank 0's, without its random state)."""
+    from cssfe.engine.checkpoint import load_checkpoint  # weights-only: a crafted file runs no code
+
     tag = _read_tag(ds_dir)
-    saved = torch.load(_ds_client_path(ds_dir, tag, 0), map_location="cpu", weights_only=False)
+    saved = load_checkpoint(_ds_client_path(ds_dir, tag, 0))
     if saved["world_size"] != ctx.world_size and not tag.endswith(UNIVERSAL_SUFFIX):
         raise ValueError(
             f"cannot resume {ds_dir} with {ctx.world_size} ranks: checkpoint {tag} was written by {saved['world_size']}. "
@@ -215,7 +218,7 @@ def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> Dict[str, Any]:
     client_path = _ds_client_path(ds_dir, tag, ctx.rank)
     if ctx.rank > 0:  # rank 0's own state is read above
         if os.path.isfile(client_path):  # this rank's own EMA, RNG state and position
-            saved = torch.load(client_path, map_location="cpu", weights_only=False)
+            saved = load_checkpoint(client_path)
         else:  # a rank added by resharding: rank 0's EMA and position, the seeded random state
             saved = {**saved, "rng": None}
     _check_resume_config(saved["config"], cfg, ds_dir)
@@ -302,8 +305,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
     batch_size = cfg.data.batch_size
     micro = ds_config["train_micro_batch_size_per_gpu"] if use_ds else batch_size
     accum = cfg.distributed.grad_accum if use_ds else 1
-    if use_ds and len(data.train) < batch_size:
-        raise ValueError(f"the training set has {len(data.train)} images, fewer than data.batch_size={batch_size}")
+    check_batch(data, batch_size, strict=use_ds)  # DeepSpeed's batch is fixed; otherwise said, and trained
     sampler = EpochShuffle(len(data.train), cfg.seed, ctx.rank, ctx.world_size, micro)
     train_loader = DataLoader(
         data.train,
@@ -495,7 +497,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
                 if ctx.world_size > 1:
                     distributed.broadcast_buffers(ema.module)
-                metrics = evaluate(ema.module, test_loader, data.groups, device, progress=show, gather=gather)
+                metrics = evaluate(ema.module, test_loader, data.groups, device, progress=show, gather=gather,
+                                   class_names=data.class_names)
                 record.update({k: metrics[k] for k in ("mAP", "f1", "first_pass_mAP") if k in metrics})
                 if metrics["mAP"]["total"] > run["best_total"]:
                     run.update(best_total=metrics["mAP"]["total"], best_metrics=metrics, best_epoch=epoch + 1)
@@ -537,7 +540,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
     if metrics is None:  # resumed a finished run: evaluate its final weights
         if ctx.world_size > 1:
             distributed.broadcast_buffers(ema.module)
-        metrics = evaluate(ema.module, test_loader, data.groups, device, gather=gather)
+        metrics = evaluate(ema.module, test_loader, data.groups, device, gather=gather, class_names=data.class_names)
     best_metrics, best_epoch = run["best_metrics"], run["best_epoch"]
     result = {"final": metrics, "best": best_metrics, "best_epoch": best_epoch,
               "groups": {n: int((data.groups == g).sum()) for g, n in enumerate(GROUP_NAMES)},
@@ -549,7 +552,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
         distributed.release_cpu_buffers(ctx)
     if ctx.main:
         rows = {**_metric_rows(metrics, "final"), f"best (epoch {best_epoch})": best_metrics["mAP"]}
-        logger.info(format_table(rows))
+        logger.info(format_table(rows, left_out=metrics.get("left_out")))
         logger.info(f"F1 (final): weighted {metrics['f1']['weighted']:.3f}, micro {metrics['f1']['micro']:.3f}, "
                     f"macro {metrics['f1']['macro']:.3f}")
         logger.info(f"outputs in {out_dir}")

@@ -6,7 +6,7 @@ with the VOC/COCO configs ``configs/{voc,coco}/LT_resnet50_pfc_DB.py`` of the sa
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,13 +26,35 @@ def class_frequencies(class_freq: ClassFreq, num_train: Optional[int], *, below_
     if freq.dim() != 1 or freq.numel() == 0:
         raise ValueError(f"class_freq must be a non-empty 1-D sequence, got shape {tuple(freq.shape)}")
     if not torch.isfinite(freq).all() or (freq <= 0).any():
-        raise ValueError("class_freq must be finite and > 0 for every class")
+        bad = torch.nonzero(~torch.isfinite(freq) | (freq <= 0)).flatten().tolist()
+        raise ValueError(f"class_freq must be finite and > 0 for every class; class index(es) {bad} are not "
+                         f"(a class without training positives cannot be weighted by its frequency)")
     if below_total:
         if num_train is None or num_train <= 0:
             raise ValueError(f"num_train must be a positive count, got {num_train!r}")
         if (freq >= num_train).any():
             raise ValueError("every class_freq must be < num_train (a class in every image has no prior log-odds)")
     return freq
+
+
+LOGIT_REG_KEYS = ("init_bias", "neg_scale")
+
+
+def logit_reg_params(logit_reg: Optional[Mapping[str, float]]):
+    """(init_bias, neg_scale) of a ``logit_reg`` option (the reference's defaults for a missing key:
+    no bias, scale 1); None for no regularisation. Unknown keys and ``neg_scale <= 0`` are refused."""
+    if logit_reg is None:
+        return None
+    if not isinstance(logit_reg, Mapping):
+        raise TypeError(f"logit_reg must be a mapping with keys {LOGIT_REG_KEYS}, got {type(logit_reg).__name__}")
+    unknown = sorted(set(logit_reg) - set(LOGIT_REG_KEYS))
+    if unknown:
+        raise ValueError(f"logit_reg got unknown key(s) {unknown}; it takes {list(LOGIT_REG_KEYS)}")
+    init_bias = float(logit_reg.get("init_bias", 0.0))
+    neg_scale = float(logit_reg.get("neg_scale", 1.0))
+    if neg_scale <= 0:
+        raise ValueError(f"logit_reg neg_scale must be > 0, got {neg_scale}")
+    return init_bias, neg_scale
 
 
 class _ResampleLoss(nn.Module):
@@ -53,6 +75,25 @@ class _ResampleLoss(nn.Module):
         self.balance_param = float(balance_param)
         self.loss_weight = float(loss_weight)
         self.reduction = check_reduction(reduction)
+
+    def _set_logit_reg(self, init_bias: float, neg_scale: float) -> None:
+        """Negative-tolerant regularisation (``ResampleLoss.logit_reg_functions``): class bias
+        ``b_k = -log(N/n_k - 1) * init_bias / neg_scale`` added to every logit, negatives' logits
+        scaled by ``neg_scale`` and their weight divided by it."""
+        self.neg_scale = float(neg_scale)
+        self.init_bias = float(init_bias)
+        if self.init_bias != 0.0:  # the prior log-odds need 0 < n_k < N
+            class_frequencies(self.class_freq, self.num_train, below_total=True)
+            bias = -torch.log(self.num_train / self.class_freq - 1) * self.init_bias / self.neg_scale
+        else:
+            bias = torch.zeros_like(self.class_freq)
+        self.register_buffer("logit_bias", bias, persistent=False)
+
+    def _regularise(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor):
+        z = logits + self.logit_bias.to(logits)
+        z = z * (1 - y) * self.neg_scale + z * y
+        weight = weight / self.neg_scale * (1 - y) + weight * y
+        return z, weight
 
     def _finish(self, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bce = binary_cross_entropy(z, y)
@@ -116,10 +157,7 @@ class DistributionBalancedLoss(_ResampleLoss):
         self.map_alpha = float(map_alpha)
         self.map_beta = float(map_beta)
         self.map_gamma = float(map_gamma)
-        self.neg_scale = float(neg_scale)
-        self.init_bias = float(init_bias)
-        bias = -torch.log(num_train / self.class_freq - 1) * self.init_bias / self.neg_scale
-        self.register_buffer("logit_bias", bias, persistent=False)
+        self._set_logit_reg(init_bias, neg_scale)
 
     def rebalance_weight(self, y: torch.Tensor) -> torch.Tensor:
         freq_inv = 1.0 / self.class_freq.to(y)
@@ -131,10 +169,7 @@ class DistributionBalancedLoss(_ResampleLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits, y = prepare_inputs(logits, targets, self.num_classes)
-        weight = self.rebalance_weight(y)
-        z = logits + self.logit_bias.to(logits)
-        z = z * (1 - y) * self.neg_scale + z * y
-        weight = weight / self.neg_scale * (1 - y) + weight * y
+        z, weight = self._regularise(logits, y, self.rebalance_weight(y))
         return self._finish(z, y, weight)
 
 
@@ -153,9 +188,13 @@ class ClassBalancedFocalLoss(_ResampleLoss):
         L = balance_param * w * (1 - p_t)^gamma * BCE(z, y),   p_t = exp(-BCE)
 
     with ``gamma = 2, balance_param = 2`` (reference focal defaults), averaged over B*C and times
-    ``loss_weight``. A sample with no positive label gets ``w = 1 - beta`` (the ``n -> inf`` limit,
+    ``loss_weight``. ``logit_reg=dict(init_bias=..., neg_scale=...)`` adds the DB loss's
+    negative-tolerant regularisation to the logits and weights first (reference: the same
+    ``logit_reg_functions``; a missing key means no bias / scale 1; default: none). CPRFL's LT-VOC
+    CB-Focal recipe is ``mode="by_class", logit_reg=dict(init_bias=0.05, neg_scale=5),
+    loss_weight=10``. A sample with no positive label gets ``w = 1 - beta`` (the ``n -> inf`` limit,
     which is what ``min_n`` yields); ``average_w``/``average_n`` give NaN there in the reference.
-    ``num_train`` is accepted for a uniform constructor but not used.
+    ``num_train`` is used only by ``logit_reg``'s ``init_bias`` (the prior log-odds).
     """
 
     MODES = ("average_w", "by_class", "average_n", "min_n")
@@ -168,6 +207,7 @@ class ClassBalancedFocalLoss(_ResampleLoss):
         mode: str = "average_w",
         gamma: float = 2.0,
         balance_param: float = 2.0,
+        logit_reg: Optional[Mapping[str, float]] = None,
         loss_weight: float = 1.0,
         reduction: str = "mean",
     ):
@@ -175,6 +215,10 @@ class ClassBalancedFocalLoss(_ResampleLoss):
             class_freq, num_train, below_total=False, focal=True, gamma=gamma,
             balance_param=balance_param, loss_weight=loss_weight, reduction=reduction,
         )
+        reg = logit_reg_params(logit_reg)
+        self.logit_reg = reg is not None
+        if reg is not None:
+            self._set_logit_reg(*reg)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         if mode not in self.MODES:
@@ -203,4 +247,7 @@ class ClassBalancedFocalLoss(_ResampleLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits, y = prepare_inputs(logits, targets, self.num_classes)
-        return self._finish(logits, y, self.cb_weight(y))
+        weight = self.cb_weight(y)
+        if self.logit_reg:
+            logits, weight = self._regularise(logits, y, weight)
+        return self._finish(logits, y, weight)

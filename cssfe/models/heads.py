@@ -41,6 +41,11 @@ def _lam_raw_from_scalar(state_dict, prefix, *args) -> None:
         state_dict[key] = state_dict[key].reshape(1)
 
 
+def _tracing() -> bool:
+    """Under torch.compile / torch.export the tensors are fakes without data: R is taken as it is."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 class CSSFEHead(nn.Module):
     """Label-dependent class activation maps, progressive enhancement, semantic fusion classifier.
 
@@ -89,17 +94,61 @@ class CSSFEHead(nn.Module):
         self.lam_raw = nn.Parameter(torch.full((1,), math.log(math.e - 1)))
         self._register_load_state_dict_pre_hook(_lam_raw_from_scalar)
         if not learnable_embeddings:
-            self.register_buffer("_affinity", ops.semantic_affinity(emb, self.groups, mask, tau), persistent=False)
+            # R is derived from the embeddings and the groups: a cache, never saved, recomputed
+            # whenever either changes (see affinity()); a buffer so that it follows the module
+            # across devices. Learnable (RIE) embeddings get R computed on every use instead.
+            with torch.no_grad():
+                self.register_buffer("_affinity", self._compute_affinity(mask), persistent=False)
+            self._affinity_source = self._source_key()
+            self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_affinity())
 
     @property
     def lam(self) -> torch.Tensor:
         return F.softplus(self.lam_raw).reshape(())
 
+    def _source_key(self):
+        """Identity and version of the tensors R is derived from: any in-place change (a
+        ``load_state_dict`` copy, an optimizer step), replacement or move changes it."""
+        tensors = tuple((t.data_ptr(), t._version, t.device, t.shape) for t in (self.embeddings, self.groups))
+        return tensors + (self.mask, self.tau)
+
+    def _compute_affinity(self, mask: bool) -> torch.Tensor:
+        # fp32 whatever autocast is active: R, its masked log-sum-exp and the softmax (SPEC section 1)
+        with torch.autocast(self.embeddings.device.type, enabled=False):
+            return ops.semantic_affinity(self.embeddings.float(), self.groups, mask, self.tau)
+
+    def refresh_affinity(self) -> None:
+        """Recompute the cached R from the current embeddings and groups."""
+        if self.learnable_embeddings:  # computed on use
+            return
+        with torch.no_grad():
+            self._affinity = self._compute_affinity(self.mask)
+        self._affinity_source = self._source_key()
+
+    def set_label_space(self, embeddings: Optional[torch.Tensor] = None, groups=None) -> None:
+        """Replace the label embeddings and / or the groups (same shapes), keeping R consistent."""
+        with torch.no_grad():
+            if embeddings is not None:
+                embeddings = torch.as_tensor(embeddings)
+                if embeddings.shape != self.embeddings.shape:
+                    raise ValueError(f"label embeddings must have shape {tuple(self.embeddings.shape)}, got {tuple(embeddings.shape)}")
+                self.embeddings.copy_(embeddings)
+            if groups is not None:
+                groups = torch.as_tensor(groups)
+                if groups.shape != self.groups.shape:
+                    raise ValueError(f"groups must have shape {tuple(self.groups.shape)}, got {tuple(groups.shape)}")
+                if groups.dtype.is_floating_point or not bool(((groups >= 0) & (groups <= 2)).all()):
+                    raise ValueError("groups must hold integers 0 (head), 1 (medium) or 2 (tail)")
+                self.groups.copy_(groups)
+        self.refresh_affinity()
+
     def affinity(self, mask: Optional[bool] = None) -> torch.Tensor:
-        """R under the model's mask setting, or under ``mask`` when given (for explanations)."""
+        """R under the model's mask setting, or under ``mask`` when given (for explanations); fp32."""
         if self.learnable_embeddings or (mask is not None and mask != self.mask):
-            # RIE: follow the embeddings as they learn
-            return ops.semantic_affinity(self.embeddings, self.groups, self.mask if mask is None else mask, self.tau)
+            # RIE: follow the embeddings as they learn (differentiably)
+            return self._compute_affinity(self.mask if mask is None else mask)
+        if not _tracing() and self._source_key() != self._affinity_source:  # embeddings or groups changed
+            self.refresh_affinity()
         return self._affinity
 
     def classify(self, z: torch.Tensor, q: torch.Tensor, pooled: Optional[torch.Tensor]) -> torch.Tensor:
@@ -124,7 +173,8 @@ class CSSFEHead(nn.Module):
             if return_maps:
                 out["maps"] = out["refined_maps"] = maps
             return out
-        gate = GATES[self.gate](torch.sigmoid(logits0.detach().float())).to(z0.dtype)
+        with torch.autocast(feats.device.type, enabled=False):  # the gate stays fp32, like R
+            gate = GATES[self.gate](torch.sigmoid(logits0.detach().float()))
         affinity = self.affinity(mask)
         z1 = ops.progressive_enhance(z0, affinity, self.groups, gate, self.lam)
         out["logits"] = self.classify(z1, q, pooled)

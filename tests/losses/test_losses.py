@@ -584,3 +584,105 @@ def test_fused_asl_matches_the_module(backend, params):
         v, g = value_and_grad(lambda t: fused(t, y), z.detach().requires_grad_())
     torch.testing.assert_close(v.double(), v_ref, rtol=2e-5, atol=1e-4)
     torch.testing.assert_close(g.double(), g_ref, rtol=2e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# (7) CB-Focal with logit regularisation and loss_weight, against a float64 transcription of the
+# reference ResampleLoss (wutong16/DistributionBalancedLoss, mllt/models/losses/resample_loss.py at
+# 2567764: reweight_func='CB', focal on, logit_reg=dict(neg_scale, init_bias)); mmdet's
+# binary_cross_entropy is BCE-with-logits with an elementwise weight, reduction 'none'.
+# --------------------------------------------------------------------------------------------------
+class ResampleLossCBTranscription:
+    def __init__(self, class_freq, train_num, CB_beta=0.9, CB_mode="average_w", gamma=2, balance_param=2.0,
+                 logit_reg=None, loss_weight=1.0):
+        self.class_freq = torch.tensor(class_freq, dtype=torch.float64)
+        self.train_num = float(train_num)
+        self.CB_beta, self.CB_mode = CB_beta, CB_mode
+        self.gamma, self.balance_param, self.loss_weight = gamma, balance_param, loss_weight
+        self.logit_reg = logit_reg or {}
+        self.neg_scale = self.logit_reg["neg_scale"] if "neg_scale" in self.logit_reg else 1.0
+        init_bias = self.logit_reg["init_bias"] if "init_bias" in self.logit_reg else 0.0
+        self.init_bias = -torch.log(self.train_num / self.class_freq - 1) * init_bias / self.neg_scale
+
+    def cb_weight(self, gt_labels):
+        cb = lambda n: torch.tensor(1 - self.CB_beta, dtype=torch.float64) / (1 - torch.pow(self.CB_beta, n))
+        if "by_class" in self.CB_mode:
+            return cb(self.class_freq)
+        if "average_n" in self.CB_mode:
+            return cb(torch.sum(gt_labels * self.class_freq, dim=1, keepdim=True) / torch.sum(gt_labels, dim=1, keepdim=True))
+        if "average_w" in self.CB_mode:
+            return torch.sum(gt_labels * cb(self.class_freq), dim=1, keepdim=True) / torch.sum(gt_labels, dim=1, keepdim=True)
+        min_n, _ = torch.min(gt_labels * self.class_freq + (1 - gt_labels) * 100000, dim=1, keepdim=True)
+        return cb(min_n)
+
+    def logit_reg_functions(self, labels, logits, weight):
+        if not self.logit_reg:
+            return logits, weight
+        if "init_bias" in self.logit_reg:
+            logits = logits + self.init_bias  # the reference adds in place; a copy here
+        if "neg_scale" in self.logit_reg:
+            logits = logits * (1 - labels) * self.neg_scale + logits * labels
+            weight = weight / self.neg_scale * (1 - labels) + weight * labels
+        return logits, weight
+
+    def __call__(self, cls_score, label):
+        label = label.double()
+        weight = self.cb_weight(label)
+        cls_score, weight = self.logit_reg_functions(label, cls_score, weight)
+        logpt = -nn.functional.binary_cross_entropy_with_logits(cls_score.clone(), label, reduction="none")
+        pt = torch.exp(logpt)
+        loss = nn.functional.binary_cross_entropy_with_logits(cls_score, label, weight=weight.expand_as(label),
+                                                              reduction="none")
+        loss = self.balance_param * ((1 - pt) ** self.gamma) * loss
+        return (self.loss_weight * loss).mean()  # mllt's parse_losses takes the mean
+
+
+CB_REFERENCE_CASES = [
+    # CPRFL's LT-VOC CB-Focal setup
+    dict(CB_mode="by_class", logit_reg=dict(init_bias=0.05, neg_scale=5.0), loss_weight=10.0),
+    dict(CB_mode="by_class", logit_reg=dict(init_bias=0.05, neg_scale=2.0), loss_weight=10.0),  # LT-COCO
+    dict(CB_mode="average_w", logit_reg=dict(neg_scale=3.0)),
+    dict(CB_mode="min_n", logit_reg=dict(init_bias=0.1), loss_weight=2.0),
+    dict(CB_mode="average_n", logit_reg=None, loss_weight=5.0),
+]
+
+
+@pytest.mark.parametrize("case", CB_REFERENCE_CASES)
+def test_cb_focal_logit_reg_and_loss_weight_match_the_reference(case):
+    z, y = make_batch(21)
+    reference = ResampleLossCBTranscription(FREQ, N_TRAIN, **case)
+    params = {"mode": case["CB_mode"], "loss_weight": case.get("loss_weight", 1.0)}
+    if case["logit_reg"] is not None:
+        params["logit_reg"] = case["logit_reg"]
+    loss = build_loss("cb_focal", FREQ, N_TRAIN, **params)
+    v, g = value_and_grad(lambda t: loss(t, y), z)
+    v_ref, g_ref = value_and_grad(lambda t: reference(t, y), z)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-12)
+    # the options change the loss: the transcription without them disagrees
+    plain = ResampleLossCBTranscription(FREQ, N_TRAIN, CB_mode=case["CB_mode"])
+    assert not torch.allclose(v, plain(z, y).detach(), rtol=1e-6)
+
+
+def test_cb_focal_defaults_unchanged_and_options_checked():
+    z, y = make_batch(22)
+    torch.testing.assert_close(build_loss("cb_focal", FREQ, N_TRAIN)(z, y),
+                               build_loss("cb_focal", FREQ, N_TRAIN, logit_reg=None, loss_weight=1.0)(z, y))
+    with pytest.raises(ValueError, match="unknown key.*neg_bias"):
+        build_loss("cb_focal", FREQ, N_TRAIN, logit_reg=dict(neg_bias=0.1))
+    with pytest.raises(ValueError, match="neg_scale must be > 0"):
+        build_loss("cb_focal", FREQ, N_TRAIN, logit_reg=dict(neg_scale=0))
+    with pytest.raises(ValueError, match="< num_train"):  # the prior log-odds need n_k < N
+        build_loss("cb_focal", [5, 100], 100, logit_reg=dict(init_bias=0.05))
+
+
+def test_cb_focal_logit_reg_from_the_config(tmp_path):
+    """``loss.params.logit_reg`` in a YAML config reaches the loss."""
+    from cssfe.config import load_config
+
+    path = tmp_path / "cb.yaml"
+    path.write_text("loss:\n  name: cb_focal\n  params:\n    mode: by_class\n    loss_weight: 10\n"
+                    "    logit_reg: {init_bias: 0.05, neg_scale: 5}\n")
+    cfg = load_config(str(path), [])
+    loss = build_loss(cfg.loss.name, FREQ, N_TRAIN, **cfg.loss.params)
+    assert (loss.init_bias, loss.neg_scale, loss.loss_weight, loss.mode) == (0.05, 5.0, 10.0, "by_class")

@@ -67,3 +67,90 @@ def test_rie_embeddings_learn_and_affinity_follows():
 def test_baseline_head():
     head = HEADS.build("baseline", D, C)
     assert head(torch.randn(2, D, 3, 3))["logits"].shape == (2, C)
+
+
+# --------------------------------------------------------------------------------------------------
+# R is derived state: it follows the embeddings and groups on every path that changes them
+# --------------------------------------------------------------------------------------------------
+from cssfe import ops  # noqa: E402
+
+OTHER_GROUPS = GROUPS[::-1].copy()  # the former tail classes become head
+
+
+def _expected_affinity(head):
+    return ops.semantic_affinity(head.embeddings.detach().float(), head.groups, head.mask, head.tau)
+
+
+def _assert_consistent(head):
+    r = head.affinity()
+    torch.testing.assert_close(r, _expected_affinity(head), rtol=0, atol=0)
+    groups = head.groups
+    forbidden = groups[None, :] >= groups[:, None]  # j may feed i only if group(j) < group(i)
+    assert (r[forbidden] == 0).all(), "a class receives information from a class the mask forbids"
+    out = head(torch.randn(2, D, 3, 3))
+    is_head = groups == 0
+    assert torch.equal(out["logits"][:, is_head], out["logits0"][:, is_head])  # head classes untouched
+
+
+def test_affinity_follows_load_state_dict_with_other_embeddings_and_groups():
+    head = _head()
+    torch.manual_seed(1)
+    other = CSSFEHead(D, C, torch.randn(C, 10), OTHER_GROUPS, dim=16)
+    head.load_state_dict(other.state_dict())
+    assert torch.equal(head.groups, torch.as_tensor(OTHER_GROUPS))
+    _assert_consistent(head)
+
+
+def test_affinity_follows_the_setter_and_in_place_or_replaced_tensors():
+    head = _head()
+    head.set_label_space(embeddings=torch.randn(C, 10), groups=OTHER_GROUPS)
+    _assert_consistent(head)
+    with torch.no_grad():
+        head.groups.copy_(torch.as_tensor(GROUPS))  # in place
+    _assert_consistent(head)
+    head.embeddings = torch.randn(C, 10)  # replaced
+    _assert_consistent(head)
+    with pytest.raises(ValueError, match="groups must have shape"):
+        head.set_label_space(groups=GROUPS[:-1])
+
+
+def test_rie_affinity_and_gate_stay_fp32_under_autocast(monkeypatch):
+    head = _head(learnable_embeddings=True)
+    with torch.no_grad():
+        head.embeddings.mul_(3.0)  # varied similarities: bf16 rounding of cos / tau shows
+    seen = []
+    real = ops.progressive_enhance
+
+    def recording(z, affinity, groups, gate, lam, **kw):
+        seen.append((affinity.detach().clone(), gate.detach().clone(), z.dtype))
+        return real(z, affinity, groups, gate, lam, **kw)
+
+    monkeypatch.setattr(ops, "progressive_enhance", recording)
+    feats = torch.randn(2, D, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(feats)
+        assert head.affinity().dtype == torch.float32
+    affinity, gate, z_dtype = seen[0]
+    assert z_dtype == torch.bfloat16  # the features themselves do run in bf16
+    assert affinity.dtype == gate.dtype == torch.float32
+    torch.testing.assert_close(affinity, _expected_affinity(head), rtol=1e-6, atol=1e-7)
+    p0 = torch.sigmoid(out["logits0"].float())
+    torch.testing.assert_close(gate, 1 - (2 * p0 - 1).abs(), rtol=0, atol=0)
+
+
+def test_head_exports_with_its_cached_affinity():
+    """torch.export traces fake tensors: the staleness check of R must not touch their data."""
+
+    class Logits(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, feats):
+            return self.head(feats)["logits"]
+
+    model = Logits(_head()).eval()
+    program = torch.export.export(model, (torch.randn(2, D, 3, 3),))
+    feats = torch.randn(2, D, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(feats), model(feats))
