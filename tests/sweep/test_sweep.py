@@ -4,6 +4,7 @@ sweep that resumes without training its finished trials again."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ ray = pytest.importorskip("ray")
 from cssfe.sweep import SweepOptions, load_study, run_sweep  # noqa: E402
 from cssfe.sweep.runner import current_records  # noqa: E402
 from cssfe.sweep.cli import main as sweep_main  # noqa: E402
+from cssfe.sweep.summary import summary_markdown  # noqa: E402
 from cssfe.sweep.trainable import FAIL_ONCE_ENV, trial_dir  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,10 +34,10 @@ def cluster(bundled_root):
     ray.shutdown()
 
 
-def _study_file(tmp_path, variants, seeds=(0, 1), **overrides):
+def _study_file(tmp_path, variants, seeds=(0, 1), config=None, **overrides):
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"title": "Tiny", "overrides": {**TINY, **overrides}, "seeds": list(seeds),
-                                    "variants": variants}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"title": "Tiny", "config": config, "overrides": {**TINY, **overrides},
+                                    "seeds": list(seeds), "variants": variants}, sort_keys=False))
     return str(path)
 
 
@@ -44,14 +46,18 @@ def _attempts(run_dir):
         return [json.loads(line)["action"] for line in f]
 
 
-def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
+def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path, monkeypatch):
+    # Relative paths everywhere, as a user types them: the study file, its base config, the storage
+    # and the output. Trials run in Tune's own working directories and must still find them.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": {"tau": 0.2}}))
     study = _study_file(tmp_path, {
         "mask": {},
         "no mask": {"model.mask": False},
         "GloVe": {"model.embedding": "glove", "model.embedding_options": {"path": str(tmp_path / "absent.txt")}},
-    })
+    }, config="base.yaml")
     out = tmp_path / "report"
-    rc = sweep_main(["--study", "custom", "--space", study, "--storage", str(tmp_path / "sweeps"), "--output", str(out)])
+    rc = sweep_main(["--study", "custom", "--space", "tiny.yaml", "--storage", "sweeps", "--output", "report"])
     assert rc == 0
 
     rows = {r["variant"]: r for r in csv.DictReader(open(out / "tiny.csv"))}
@@ -67,6 +73,10 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
               for s in (0, 1)]
     assert float(rows["mask"]["tail_mean"]) == pytest.approx(sum(finals) / 2, abs=1e-3)
     assert finals[0] != finals[1]  # the seeds are really different runs
+    saved = yaml.safe_load(open(os.path.join(trial_dir(plan, loaded, "mask", 0), "config.yaml")))
+    assert saved["model"]["tau"] == 0.2  # the base config reached the trial
+    # Tune's trial folders are named by variant and seed.
+    assert sum(name.startswith(("mask_s0_", "no_mask_s1_")) for name in os.listdir(tmp_path / "sweeps" / "tiny")) == 2
 
     table = (out / "tiny.md").read_text()
     assert "| mask | " in table and "| no mask | " in table and "skipped **GloVe**" in table
@@ -78,8 +88,13 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
     options = SweepOptions(storage_path=str(tmp_path / "sweeps"), name="again", verbose=0)
     again = run_sweep(load_study(study, variants=["mask"]), options)["records"]
     assert [(r["reused"], r["attempts"]) for r in again] == [(True, 0), (True, 0)]
-    first = current_records(SweepOptions(storage_path=str(tmp_path / "sweeps")), loaded)["records"]
-    assert {(r["reused"], r["attempts"]) for r in first if r["variant"] == "mask"} == {(False, 1)}
+
+    # The table comes from what the trials reported to Ray, not from their folders, which a driver
+    # on another node may not see.
+    shutil.rmtree(tmp_path / "sweeps" / "trials")
+    outcome = current_records(SweepOptions(storage_path="sweeps"), loaded)
+    assert summary_markdown(outcome["study"], outcome["records"]) == table
+    assert {(r["reused"], r["attempts"]) for r in outcome["records"] if r["variant"] == "mask"} == {(False, 1)}
 
 
 def test_a_trial_that_raises_is_retried_from_its_checkpoint(cluster, tmp_path, monkeypatch):
