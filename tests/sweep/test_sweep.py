@@ -13,6 +13,8 @@ import time
 import pytest
 import yaml
 
+from cssfe.config import ConfigError
+
 ray = pytest.importorskip("ray")
 
 from cssfe.sweep import SweepOptions, load_study, run_sweep  # noqa: E402
@@ -97,10 +99,12 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path, monkeypatch):
     assert {(r["reused"], r["attempts"]) for r in outcome["records"] if r["variant"] == "mask"} == {(False, 1)}
 
 
-def test_a_trial_that_raises_is_retried_from_its_checkpoint(cluster, tmp_path, monkeypatch):
+def test_a_trial_that_raises_is_retried_from_its_tune_checkpoint(cluster, tmp_path, monkeypatch):
     fail_dir = tmp_path / "fail"
     fail_dir.mkdir()
-    (fail_dir / "mask_s0.fail").touch()  # only this trial fails, once, after its first epoch
+    # Only this trial fails, once, after its first epoch, and its run folder is emptied first: as if
+    # the retry ran on another node. It must continue from Ray's copy of its epoch checkpoint.
+    (fail_dir / "mask_s0.fail").write_text("lose-run-folder")
     monkeypatch.setenv(FAIL_ONCE_ENV, str(fail_dir))
     study = load_study(_study_file(tmp_path, {"mask": {}}, **{"optim.epochs": 2}))
     outcome = run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), max_failures=1, verbose=0))
@@ -112,6 +116,46 @@ def test_a_trial_that_raises_is_retried_from_its_checkpoint(cluster, tmp_path, m
     assert _attempts(records[1]["run_dir"]) == ["start"]
     log = [json.loads(line)["epoch"] for line in open(os.path.join(records[0]["run_dir"], "log.jsonl"))]
     assert log == [1, 2]
+    # Result.checkpoint is the complete run.
+    for result in outcome["results"]:
+        with result.checkpoint.as_directory() as folder:
+            assert os.path.isfile(os.path.join(folder, "metrics.json"))
+            assert os.path.isfile(os.path.join(folder, "checkpoints", "last.pt"))
+
+    # A restore of this sweep with other seeds would silently run the old ones: refused.
+    with pytest.raises(ConfigError, match=r"seeds \[0, 1, 2\] \(the sweep has \[0, 1\]\)"):
+        run_sweep(load_study(_study_file(tmp_path, {"mask": {}}, seeds=(0, 1, 2), **{"optim.epochs": 2})),
+                  SweepOptions(storage_path=str(tmp_path / "sweeps"), verbose=0))
+
+
+def test_asha_with_eval_every_and_fresh_start_over(cluster, tmp_path):
+    """ASHA ranks by total mAP, which epochs without evaluation do not have; --fresh trains again."""
+    study = load_study(_study_file(tmp_path, {"mask": {}}, seeds=(0,), **{"optim.epochs": 2, "eval_every": 2}))
+    options = SweepOptions(storage_path=str(tmp_path / "sweeps"), asha=True, asha_grace_epochs=1, verbose=0)
+    (record,) = run_sweep(study, options)["records"]
+    assert record["status"] == "finished" and record["epochs"] == 2
+    metrics_file = os.path.join(record["run_dir"], "metrics.json")
+    first = os.path.getmtime(metrics_file)
+
+    options.restore = False  # --fresh
+    (again,) = run_sweep(study, options)["records"]
+    assert again["status"] == "finished" and again["attempts"] == 1 and not again["reused"]
+    assert _attempts(again["run_dir"]) == ["start"]  # a new run, not a reuse of the finished one
+    assert os.path.getmtime(metrics_file) > first
+
+
+def test_requests_the_cluster_cannot_honour_are_refused(cluster, tmp_path, monkeypatch):
+    study = load_study(_study_file(tmp_path, {"mask": {}}, seeds=(0,)))
+    options = SweepOptions(storage_path=str(tmp_path / "sweeps"), verbose=0)
+    # A cluster with GPUs (faked): a sweep that asks for none would put every trial on cuda:0.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0, "memory": 1e10})
+    with pytest.raises(ConfigError, match=r"the cluster has 4 GPUs but --gpus-per-trial is 0.*device=cpu"):
+        run_sweep(study, options)
+    monkeypatch.undo()
+    options.trial_resources = {"non_preemptible": 0.01}
+    with pytest.raises(ConfigError, match=r"no node offers the custom resource 'non_preemptible'"):
+        run_sweep(study, options)
+    assert not os.path.exists(tmp_path / "sweeps" / "tiny" / "sweep_plan.json")
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, tmp_path):
@@ -183,7 +227,7 @@ def test_distributed_batch_arithmetic_is_checked_before_any_trial(tmp_path):
     with pytest.raises(ValueError, match=r"variant 'odd batch' with 2 workers.*data\.batch_size.*33"):
         run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2, verbose=0))
     assert not (tmp_path / "sweeps").exists()
-    with pytest.raises(ValueError, match=r"gpus_per_trial=1 over 2 workers gives 0.5 GPU each"):
+    with pytest.raises(ValueError, match=r"--gpus-per-trial 1 with 2 worker\(s\) per trial: each process"):
         run_sweep(load_study(_study_file(tmp_path, {"mask": {}})),
                   SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2, gpus_per_trial=1, verbose=0))
     assert not (tmp_path / "sweeps").exists()
