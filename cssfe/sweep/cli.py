@@ -8,11 +8,12 @@ same format. ``key=value`` arguments override the config of every trial.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
 from typing import Dict, List, Optional
 
 from cssfe.config import ConfigError
+from cssfe.sweep import storage
 from cssfe.sweep.runner import SweepOptions, current_records, experiment_dir, run_sweep
 from cssfe.sweep.studies import available_studies, load_study
 from cssfe.sweep.summary import summary_markdown, write_summary
@@ -98,7 +99,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     study, records = outcome["study"], outcome["records"]
     print(summary_markdown(study, records))
-    for out_dir in filter(None, (os.path.join(experiment_dir(options, study), "report"), args.output)):
+    report_dir = storage.join(experiment_dir(options, study), "report")
+    for out_dir in filter(None, (report_dir, args.output)):
+        if storage.is_uri(out_dir):  # written here, then copied beside the experiment
+            with tempfile.TemporaryDirectory() as local:
+                write_summary(study, records, local)
+                storage.upload_dir(local, out_dir)
+            print(f"wrote the report: {out_dir}")
+            continue
         for kind, path in write_summary(study, records, out_dir).items():
             print(f"wrote {kind}: {path}")
     return 0 if all(r["status"] == "finished" for r in records) else 1  # also while unfinished (--report-only)

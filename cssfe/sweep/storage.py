@@ -54,6 +54,15 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode("utf-8"))
 
 
+def upload_dir(local: str, destination: str) -> None:
+    """Copy a local folder's files to ``destination`` (a folder or a URI)."""
+    import pyarrow.fs
+
+    fs, inner = _fs(destination)
+    fs.create_dir(inner, recursive=True)
+    pyarrow.fs.copy_files(local, inner, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def remove_tree(path: str) -> None:
     import pyarrow.fs
 

@@ -99,11 +99,12 @@ def trial_dir(plan: Dict[str, Any], study: Study, variant: str, seed: int) -> Op
     return os.path.join(plan["trials_dir"], f"s{seed}-{key}{suffix}")
 
 
-def local_run_dir(plan: Dict[str, Any], variant: str, seed: int) -> str:
-    """A trial's node-local folder when the storage is a URI (one per experiment and trial)."""
+def local_run_dir(plan: Dict[str, Any], variant: str, seed: int, trial_id: str) -> str:
+    """A trial's node-local folder when the storage is a URI. Named by Tune's trial id, which a
+    restore keeps and a new sweep (another storage, --fresh) does not: no run is reused from there."""
     import tempfile
 
-    return os.path.join(tempfile.gettempdir(), "cssfe-sweeps", experiment_name(plan), trial_key(variant, seed))
+    return os.path.join(tempfile.gettempdir(), "cssfe-sweeps", experiment_name(plan), f"{trial_key(variant, seed)}_{trial_id}")
 
 
 def experiment_name(plan: Dict[str, Any]) -> str:
@@ -130,7 +131,7 @@ def run_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
     variant, seed = config["trial"]["variant"], int(config["trial"]["seed"])
     key = trial_key(variant, seed)
     study = Study.from_dict(plan["study"])
-    run_dir = trial_dir(plan, study, variant, seed) or local_run_dir(plan, variant, seed)
+    run_dir = trial_dir(plan, study, variant, seed) or local_run_dir(plan, variant, seed, tune.get_context().get_trial_id())
     # As many threads as the trial was given CPUs: trials side by side must not oversubscribe cores.
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
@@ -226,6 +227,7 @@ def distributed_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
     finds Ray Train's own checkpoints under that name. This function itself only waits.
     """
     import ray.train
+    from ray import tune
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -236,7 +238,7 @@ def distributed_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
     gpu = resources.get("GPU", 0) > 0
     trainer = TorchTrainer(
         _distributed_worker,
-        train_loop_config={"trial": config["trial"], "plan": plan},
+        train_loop_config={"trial": config["trial"], "plan": plan, "trial_id": tune.get_context().get_trial_id()},
         scaling_config=ray.train.ScalingConfig(num_workers=plan["workers_per_trial"], use_gpu=gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=plan.get("placement", "PACK")),
@@ -275,7 +277,7 @@ def _distributed_worker(loop_config: Dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, local_rank = context.get_world_rank(), context.get_local_rank()
     shared_dir = trial_dir(plan, study, variant, seed)
-    run_dir = shared_dir or local_run_dir(plan, variant, seed)
+    run_dir = shared_dir or local_run_dir(plan, variant, seed, loop_config["trial_id"])
     torch.set_num_threads(max(1, int(worker_resources(plan)["CPU"])))
     cfg = _trial_config(plan, study, variant, seed, run_dir)
     if cfg.device != "cpu":
