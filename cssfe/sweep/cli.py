@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 from cssfe.config import ConfigError
 from cssfe.sweep import storage
+from cssfe.sweep.resources import PLACEMENT_STRATEGIES
 from cssfe.sweep.runner import SweepOptions, current_records, experiment_dir, run_sweep
 from cssfe.sweep.studies import available_studies, load_study
 from cssfe.sweep.summary import summary_markdown, write_summary
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="one per process: equal to --workers-per-trial (required when the cluster has GPUs, unless device=cpu)")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="processes per trial; > 1 is a distributed trial: Ray Train workers running DeepSpeed, sharing the trial's CPUs and GPUs")
-    p.add_argument("--placement", default="PACK", choices=("PACK", "STRICT_PACK", "SPREAD"),
+    p.add_argument("--placement", default="PACK", choices=PLACEMENT_STRATEGIES,
                    help="where a distributed trial's workers go: PACK (few nodes), STRICT_PACK (one node), SPREAD")
     p.add_argument("--trial-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help="a custom Ray resource each trial's own process needs, e.g. non_preemptible=0.01 (repeatable)")
