@@ -100,6 +100,8 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path, monkeypatch):
 
 
 def test_a_trial_that_raises_is_retried_from_its_tune_checkpoint(cluster, tmp_path, monkeypatch):
+    """On a URI storage (file:// here; s3:// or gs:// on a cluster) trials train in node-local
+    folders and keep their state in Tune's checkpoints only."""
     fail_dir = tmp_path / "fail"
     fail_dir.mkdir()
     # Only this trial fails, once, after its first epoch, and its run folder is emptied first: as if
@@ -107,13 +109,15 @@ def test_a_trial_that_raises_is_retried_from_its_tune_checkpoint(cluster, tmp_pa
     (fail_dir / "mask_s0.fail").write_text("lose-run-folder")
     monkeypatch.setenv(FAIL_ONCE_ENV, str(fail_dir))
     study = load_study(_study_file(tmp_path, {"mask": {}}, **{"optim.epochs": 2}))
-    outcome = run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), max_failures=1, verbose=0))
+    storage = f"file://{tmp_path}/sweeps"
+    outcome = run_sweep(study, SweepOptions(storage_path=storage, max_failures=1, verbose=0))
 
     records = {r["seed"]: r for r in outcome["records"]}
     assert (fail_dir / "mask_s0.failed").exists()
     assert all(r["status"] == "finished" and r["epochs"] == 2 for r in records.values())
     assert _attempts(records[0]["run_dir"]) == ["start", "resume"]  # continued after epoch 1, not from scratch
     assert _attempts(records[1]["run_dir"]) == ["start"]
+    assert not os.path.isdir(tmp_path / "sweeps" / "trials") and (tmp_path / "sweeps" / "tiny" / "sweep_plan.json").is_file()
     log = [json.loads(line)["epoch"] for line in open(os.path.join(records[0]["run_dir"], "log.jsonl"))]
     assert log == [1, 2]
     # Result.checkpoint is the complete run.
@@ -125,7 +129,10 @@ def test_a_trial_that_raises_is_retried_from_its_tune_checkpoint(cluster, tmp_pa
     # A restore of this sweep with other seeds would silently run the old ones: refused.
     with pytest.raises(ConfigError, match=r"seeds \[0, 1, 2\] \(the sweep has \[0, 1\]\)"):
         run_sweep(load_study(_study_file(tmp_path, {"mask": {}}, seeds=(0, 1, 2), **{"optim.epochs": 2})),
-                  SweepOptions(storage_path=str(tmp_path / "sweeps"), verbose=0))
+                  SweepOptions(storage_path=storage, verbose=0))
+    for record in records.values():  # the node-local folders
+        shutil.rmtree(record["run_dir"])
+    shutil.rmtree(os.path.dirname(records[0]["run_dir"]), ignore_errors=True)
 
 
 def test_asha_with_eval_every_and_fresh_start_over(cluster, tmp_path):
