@@ -107,8 +107,9 @@ EXTRAS = {
     "datasets": ["pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0"],
     # GloVe and Word2Vec label embeddings (BERT uses transformers, already required).
     "embeddings": ["gensim>=4.0"],
-    # Ablation sweeps (launch/sweep.py): ray.tune.RunConfig / FailureConfig and ray.tune.report.
-    "sweep": ["ray[tune]>=2.40"],
+    # Ablation sweeps (launch/sweep.py): tune.report(checkpoint=...), Ray Train V2 (the default from 2.51) with
+    # TuneReportCallback and restore by run name for distributed trials, which run DeepSpeed.
+    "sweep": ["ray[tune,train]>=2.51", "deepspeed>=0.16"],
     # Multi-process / multi-node training (deepspeed launch/train.py), CPU ranks included.
     "distributed": ["deepspeed>=0.16"],
     "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0", "ray[tune]>=2.40",

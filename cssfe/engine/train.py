@@ -284,7 +284,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
     if use_ds:
         ctx = distributed.init(device.type)
         if device.type == "cuda":
-            device = torch.device("cuda", ctx.local_rank)
+            if device.index is None:  # an explicit cuda:N is the launcher's choice (Ray Train's get_device())
+                device = torch.device("cuda", ctx.local_rank)
             torch.cuda.set_device(device)
     show = cfg.progress and ctx.main  # rank 0 alone prints progress
     cache_dir = cfg.cache_dir or default_cache_dir()

@@ -13,17 +13,11 @@ from typing import Dict, Optional
 from cssfe.sweep.studies import Study
 
 
-def check_distributed(study: Study, workers: int, gpus_per_trial: float = 0.0) -> None:
-    """A distributed trial's GPUs (whole ones per worker: one rank per device), batch arithmetic
-    (global batch = micro-batch x accumulation x workers) and DeepSpeed config file, checked for
-    every variant before anything is scheduled."""
-    from cssfe.config import ConfigError
+def check_distributed(study: Study, workers: int) -> None:
+    """A distributed trial's batch arithmetic (global batch = micro-batch x accumulation x workers)
+    and DeepSpeed config file, checked for every variant before anything is scheduled."""
     from cssfe.engine.distributed import deepspeed_config
 
-    per_worker = gpus_per_trial / workers
-    if gpus_per_trial and (per_worker < 1 or per_worker != int(per_worker)):
-        raise ConfigError(f"gpus_per_trial={gpus_per_trial:g} over {workers} workers gives {per_worker:g} GPU each; "
-                          "each worker (DeepSpeed rank) needs whole GPUs of its own: use a multiple of the worker count")
     for label in study.variants:
         cfg = study.trial_config(label, study.seeds[0])
         try:

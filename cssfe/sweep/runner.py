@@ -2,27 +2,31 @@
 
 ``run_sweep(study, SweepOptions(...))`` starts a local Ray cluster (or joins one at ``address``),
 skips the variants that cannot be built here, and runs the rest as a grid of trials under
-``<storage_path>/<name>/``. If that folder already holds the same sweep, interrupted, it is
-restored with ``Tuner.restore``: finished trials are kept, unfinished and errored ones continue
-from their last epoch checkpoint. Returns the trial records that :mod:`cssfe.sweep.summary`
-turns into tables.
+``<storage_path>/<name>/`` (a folder every node sees, or a cloud URI). If that experiment already
+holds the same sweep, interrupted, it is restored with ``Tuner.restore``: finished trials are kept,
+unfinished and errored ones continue from their last epoch checkpoint, which each trial reports to
+Tune (``tune.report(..., checkpoint=...)``). The records that :mod:`cssfe.sweep.summary` turns into
+tables come from Ray's results (the metrics the trials reported), not from trial folders: they are
+right whichever node ran a trial.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from cssfe.sweep.studies import Study
-from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, experiment_name, trial_dir
+from cssfe.config import ConfigError
+from cssfe.sweep import storage
+from cssfe.sweep.studies import Study, trial_key
+from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
 
 PLAN_FILE = "sweep_plan.json"  # the study as the sweep first ran it: a restore reruns exactly this
 
 
 @dataclass
 class SweepOptions:
-    storage_path: str = "runs/sweeps"  # must be reachable from every node when joining a cluster
+    storage_path: str = "runs/sweeps"  # a folder every node sees, or a URI (s3://, gs://); absolute with a cluster
     name: Optional[str] = None  # experiment folder name (default: the study's name)
     address: Optional[str] = None  # None: start a local cluster; "auto" or "HOST:PORT": join one
     num_cpus: Optional[int] = None  # CPUs of a local cluster (None: all)
@@ -35,25 +39,34 @@ class SweepOptions:
     asha_grace_epochs: int = 5
     restore: bool = True  # continue an interrupted sweep of the same name
     verbose: int = 1  # Ray Tune's console output: 0 silent, 1 status, 2 every result
+    placement: str = "PACK"  # placement group strategy of a distributed trial's workers: PACK | STRICT_PACK | SPREAD
+    trial_resources: Dict[str, float] = field(default_factory=dict)  # custom resources of each trial's own process
+    ship_code: bool = False  # send this package to the nodes with the job (runtime_env py_modules)
 
 
 def experiment_dir(options: SweepOptions, study: Study) -> str:
-    return os.path.join(os.path.abspath(options.storage_path), options.name or study.name)
+    """``<storage>/<name>``: an absolute folder, or a URI kept as a URI."""
+    return storage.join(storage.resolve(options.storage_path), options.name or study.name)
 
 
 def make_plan(study: Study, options: SweepOptions, exp_dir: str) -> Dict[str, Any]:
     """Everything a trial needs besides its (variant, seed): plain data, saved beside the experiment."""
     from cssfe.engine.train import default_cache_dir
 
+    base = exp_dir.rsplit("/", 1)[0] if storage.is_uri(exp_dir) else os.path.dirname(exp_dir)
     plan = {
         "study": study.to_dict(),
-        # Beside the experiments, not inside one: studies that share a config share its run.
-        "trials_dir": os.path.join(os.path.dirname(exp_dir), "trials"),
+        # Beside the experiments, not inside one: studies that share a config share its run. On a
+        # URI, trials train in node-local folders and keep their state in Tune's checkpoints.
+        "trials_dir": None if storage.is_uri(exp_dir) else os.path.join(base, "trials"),
+        # Ray Train's runs of distributed trials (their checkpoints), named by trial.
+        "train_storage": storage.join(exp_dir, "train"),
         "cache_dir": os.path.abspath(default_cache_dir()),
-        "experiment": os.path.basename(exp_dir),
+        "experiment": exp_dir.rsplit("/", 1)[-1],
         "workers_per_trial": options.workers_per_trial,
         "cpus_per_trial": options.cpus_per_trial,
         "gpus_per_trial": options.gpus_per_trial,
+        "placement": options.placement,
         "fail_once_dir": os.environ.get(FAIL_ONCE_ENV),
     }
     plan["trial_dirs"] = {f"{v}|{s}": trial_dir(plan, study, v, s) for v in study.variants if v not in study.skipped
@@ -62,27 +75,28 @@ def make_plan(study: Study, options: SweepOptions, exp_dir: str) -> Dict[str, An
 
 
 def _ensure_ray(options: SweepOptions) -> bool:
-    """Start or join a cluster unless this process is connected already; True if we started it."""
+    """Start or join a cluster unless this process is connected already; True if we started it.
+    Trials on every node get the driver's relevant environment and, if asked, this package."""
     import ray
+
+    from cssfe.sweep.resources import runtime_env
 
     if ray.is_initialized():
         return False
     if options.address:
-        ray.init(address=options.address)
+        ray.init(address=options.address, runtime_env=runtime_env(options))
     else:
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False)
+        ray.init(num_cpus=options.num_cpus, include_dashboard=False, runtime_env=runtime_env(options))
     return True
 
 
 def _trainable(plan: Dict[str, Any], options: SweepOptions):
     from ray import tune
 
-    distributed = plan.get("workers_per_trial", 1) > 1
-    runner = TRIAL_RUNNERS["distributed" if distributed else "single"]
-    # A distributed trial's own process only waits for its Ray Train workers, which hold the CPUs and
-    # GPUs; Tune needs some request, so it asks for a byte of memory.
-    resources = {"cpu": 0, "gpu": 0, "memory": 1} if distributed else {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(runner, plan=plan), resources)
+    from cssfe.sweep.resources import trial_actor_resources
+
+    runner = TRIAL_RUNNERS["distributed" if plan.get("workers_per_trial", 1) > 1 else "single"]
+    return tune.with_resources(tune.with_parameters(runner, plan=plan), trial_actor_resources(options))
 
 
 def _max_concurrent(options: SweepOptions, plan: Dict[str, Any]) -> Optional[int]:
@@ -100,36 +114,23 @@ def _max_concurrent(options: SweepOptions, plan: Dict[str, Any]) -> Optional[int
     return max(1, int(min(fits))) if fits else None
 
 
-def trial_record(study: Study, plan: Dict[str, Any], variant: str, seed: int, tune_status: Optional[str] = None,
-                 error: Optional[BaseException] = None) -> Dict[str, Any]:
-    """One trial as its run folder shows it: final metrics from metrics.json when it finished, else
-    those of its last logged epoch. ``tune_status`` (from Ray's results) tells a trial the scheduler
-    stopped (ASHA) from one that has not ended yet."""
-    run_dir = trial_dir(plan, study, variant, seed)
-    log_path, final_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "metrics.json")
-    record: Dict[str, Any] = {"variant": variant, "seed": seed, "epochs": 0, "lambda": None, "error": None, "run_dir": run_dir,
-                              **{g: None for g in ("total", "head", "medium", "tail")}}
-    if os.path.isfile(log_path):
-        with open(log_path) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        if lines:
-            last = lines[-1]
-            record.update(epochs=last["epoch"], **{"lambda": last.get("lambda")}, **(last.get("mAP") or {}))
-    if os.path.isfile(final_path):
-        with open(final_path) as f:
-            record.update(json.load(f)["final"]["mAP"])
+def trial_record(config: Dict[str, Any], metrics: Optional[Dict[str, Any]], error: Optional[BaseException] = None,
+                 ended: bool = True) -> Dict[str, Any]:
+    """One trial from what it reported to Tune (``Result.metrics``: its last report). ``ended``: the
+    sweep is over, so a trial that neither finished nor failed was stopped by the scheduler (ASHA)."""
+    metrics = metrics or {}
+    variant, seed = config["trial"]["variant"], int(config["trial"]["seed"])
+    record: Dict[str, Any] = {"variant": variant, "seed": seed, "epochs": metrics.get("epoch", 0),
+                              "lambda": metrics.get("lambda"), "error": None, "run_dir": metrics.get("run_dir"),
+                              "attempts": metrics.get("attempts", 0), "reused": bool(metrics.get("reused", False)),
+                              **{g: metrics.get(f"map_{g}") for g in ("total", "head", "medium", "tail")}}
+    if metrics.get("finished"):
         record["status"] = "finished"
     elif error is not None:
         record["status"] = "failed"
         record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     else:
-        record["status"] = "stopped early" if tune_status == "done" else "unfinished"
-    attempts = os.path.join(run_dir, "attempts.jsonl")
-    lines = [json.loads(line) for line in open(attempts) if line.strip()] if os.path.isfile(attempts) else []
-    # The folder may serve several studies with this config: count only this sweep's starts.
-    actions = [a["action"] for a in lines if a.get("experiment") == experiment_name(plan)]
-    record["attempts"] = sum(a != "reuse" for a in actions)  # training starts; "reuse" trains nothing
-    record["reused"] = bool(actions) and all(a == "reuse" for a in actions)  # trained by another sweep
+        record["status"] = "stopped early" if ended else "unfinished"
     return record
 
 
@@ -138,88 +139,163 @@ def _order(study: Study, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return sorted(records, key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
 
 
-def _records(study: Study, plan: Dict[str, Any], grid) -> List[Dict[str, Any]]:
-    return _order(study, [trial_record(study, plan, r.config["trial"]["variant"], int(r.config["trial"]["seed"]),
-                                       tune_status="done", error=r.error) for r in grid])
+def records_from_results(study: Study, results, ended: bool = True) -> List[Dict[str, Any]]:
+    """The table's records from a ``ResultGrid`` (or any ``Result`` list): reported metrics only."""
+    return _order(study, [trial_record(r.config, r.metrics, r.error, ended) for r in results])
+
+
+def _read_plan(exp_dir: str) -> Optional[Dict[str, Any]]:
+    text = storage.read_text(storage.join(exp_dir, PLAN_FILE))
+    return json.loads(text) if text is not None else None
 
 
 def current_records(options: SweepOptions, study: Study) -> Dict[str, Any]:
-    """The sweep as its folders show it now, without Ray: for a table of a sweep still running
-    (unfinished trials are listed, not averaged). Returns what :func:`run_sweep` returns."""
+    """The sweep as Ray's experiment state shows it now (saved every second while it runs): for a
+    table of a sweep still running (unfinished trials are listed, not averaged). Returns what
+    :func:`run_sweep` returns."""
+    from ray.tune import ExperimentAnalysis
+
     exp_dir = experiment_dir(options, study)
-    plan_path = os.path.join(exp_dir, PLAN_FILE)
-    if not os.path.isfile(plan_path):
+    plan = _read_plan(exp_dir)
+    if plan is None:
         raise FileNotFoundError(f"no sweep in {exp_dir} (no {PLAN_FILE})")
-    with open(plan_path) as f:
-        plan = json.load(f)
     study = Study.from_dict(plan["study"])
-    records = [trial_record(study, plan, v, s) for v in study.variants if v not in study.skipped for s in study.seeds]
+    analysis = ExperimentAnalysis(exp_dir)
+    records = [trial_record(t.config, t.last_result, _trial_error(t), ended=t.status in ("TERMINATED", "ERROR"))
+               for t in analysis.trials]
     return {"study": study, "records": _order(study, records), "experiment_dir": exp_dir}
 
 
-def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
-    """Run (or continue) the sweep; returns {"study", "records", "experiment_dir"}."""
-    import ray
-    from ray import tune
+def _trial_error(trial) -> Optional[BaseException]:
+    if trial.status != "ERROR":
+        return None
+    return RuntimeError((trial.error_message or "failed").strip().splitlines()[-1])
 
-    from cssfe.sweep.preflight import check_distributed, check_variants
+
+def restore_conflicts(planned: Study, requested: Study) -> List[str]:
+    """What a restore would not honour: the interrupted sweep reruns its own seeds, variants and
+    overrides. Empty when the request is the same sweep."""
+    differences = []
+    if requested.seeds != planned.seeds:
+        differences.append(f"seeds {requested.seeds} (the sweep has {planned.seeds})")
+    if list(requested.variants) != list(planned.variants):
+        differences.append(f"variants {list(requested.variants)} (the sweep has {list(planned.variants)})")
+    elif requested.variants != planned.variants:
+        changed = [v for v in requested.variants if requested.variants[v] != planned.variants[v]]
+        differences.append(f"other overrides for variants {changed}")
+    if requested.overrides != planned.overrides or requested.config != planned.config:
+        changed = sorted(k for k in set(requested.overrides) | set(planned.overrides)
+                         if requested.overrides.get(k) != planned.overrides.get(k))
+        differences.append(f"other overrides ({', '.join(changed) or 'config'}) for every trial")
+    return differences
+
+
+def _prepare(study: Study, options: SweepOptions) -> None:
+    """Checks that need no cluster, before anything else."""
+    from cssfe.sweep.preflight import check_distributed
+    from cssfe.sweep.resources import check_placement
 
     if options.workers_per_trial < 1:
         raise ValueError(f"workers_per_trial must be >= 1, got {options.workers_per_trial}")
+    storage.check_cluster_storage(options.storage_path, options.address)
+    check_placement(options)
+    if options.workers_per_trial > 1:
+        check_distributed(study, options.workers_per_trial)
+
+
+def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
+    """Run (or continue) the sweep; returns {"study", "records", "experiment_dir", "results"}."""
+    import ray
+    from ray import tune
+
+    from cssfe.sweep.paths import pin_paths
+    from cssfe.sweep.preflight import check_variants
+    from cssfe.sweep.resources import check_resources
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    study = pin_paths(study)  # trials run in their own working directories, maybe on other nodes
+    _prepare(study, options)
     exp_dir = experiment_dir(options, study)
-    plan_path = os.path.join(exp_dir, PLAN_FILE)
     # The experiment state is tiny: save it every second so that a trial that finished just before
     # an interruption is known as finished (Ray's default waits up to 10 s).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    restoring = options.restore and os.path.isfile(plan_path) and tune.Tuner.can_restore(exp_dir)
+    plan = _read_plan(exp_dir)
+    if not options.restore and plan is not None:  # --fresh: the experiment and its trials' runs start over
+        for folder in filter(None, plan.get("trial_dirs", {}).values()):
+            storage.remove_tree(folder)
+        storage.remove_tree(exp_dir)
+        plan = None
+    restoring = plan is not None and tune.Tuner.can_restore(exp_dir)
     if restoring:
-        with open(plan_path) as f:
-            plan = json.load(f)
+        conflicts = restore_conflicts(Study.from_dict({**plan["study"], "skipped": {}}),
+                                      Study(**{**study.to_dict(), "skipped": {}}))
+        if conflicts:
+            raise ConfigError(f"{exp_dir} holds an interrupted sweep that a restore would continue as it started, "
+                              f"not with {'; '.join(conflicts)}: rerun without them, or start over with --fresh, "
+                              "or give another --name")
         study = Study.from_dict(plan["study"])
         print(f"sweep: continuing the interrupted sweep in {exp_dir}", flush=True)
     else:
-        if options.workers_per_trial > 1:
-            check_distributed(study, options.workers_per_trial, options.gpus_per_trial)
         check_variants(study)
         for label, reason in study.skipped.items():
             print(f"sweep: skipping variant {label!r}: {reason}", flush=True)
-        os.makedirs(exp_dir, exist_ok=True)
         plan = make_plan(study, options, exp_dir)
-        with open(plan_path, "w") as f:
-            json.dump(plan, f, indent=1)
     runnable = [label for label in study.variants if label not in study.skipped]
     started = _ensure_ray(options)
     try:
+        check_resources(study, options, ray.cluster_resources())
+        if options.address:
+            missing = storage.nodes_not_seeing(storage.resolve(options.storage_path))
+            if missing:
+                raise ConfigError(f"--storage {options.storage_path}: nodes {', '.join(missing)} do not see this folder "
+                                  "(node-local storage); give a folder shared by all nodes or a cloud URI")
+        if not restoring:
+            storage.write_text(storage.join(exp_dir, PLAN_FILE), json.dumps(plan, indent=1))
         if not runnable:
-            return {"study": study, "records": [], "experiment_dir": exp_dir}
+            return {"study": study, "records": [], "experiment_dir": exp_dir, "results": None}
         trainable = _trainable(plan, options)
         if restoring:
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            scheduler = None
-            if options.asha:
-                from ray.tune.schedulers import ASHAScheduler
-
-                epochs = study.trial_config(runnable[0], study.seeds[0]).optim.epochs
-                # max_t one past the last epoch: at max_t ASHA stops a trial, which would cut the
-                # trial off between its last report and the metrics.json that train() writes after it.
-                scheduler = ASHAScheduler(time_attr="epoch", metric="map_total", mode="max", max_t=epochs + 1,
-                                          grace_period=min(options.asha_grace_epochs, epochs))
-            tuner = tune.Tuner(
-                trainable,
-                # One grid dimension in an explicit order, seed by seed: a sweep cut short has every
-                # variant at the same number of seeds.
-                param_space={"trial": tune.grid_search([{"variant": v, "seed": s} for s in study.seeds for v in runnable])},
-                tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=_max_concurrent(options, plan)),
-                run_config=tune.RunConfig(
-                    name=os.path.basename(exp_dir),
-                    storage_path=os.path.dirname(exp_dir),
-                    failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                    verbose=options.verbose,
-                ),
-            )
+            tuner = _new_tuner(study, options, plan, trainable, runnable, exp_dir)
         grid = tuner.fit()
-        return {"study": study, "records": _records(study, plan, grid), "experiment_dir": exp_dir}
+        return {"study": study, "records": records_from_results(study, grid), "experiment_dir": exp_dir, "results": grid}
     finally:
         if started:
             ray.shutdown()
+
+
+def _trial_dirname(trial) -> str:
+    """Tune's folder of a trial, by variant and seed (Ray's default is a hash of the config)."""
+    return f"{trial_key(trial.config['trial']['variant'], trial.config['trial']['seed'])}_{trial.trial_id}"
+
+
+def _new_tuner(study: Study, options: SweepOptions, plan: Dict[str, Any], trainable, runnable: List[str], exp_dir: str):
+    from ray import tune
+
+    scheduler = None
+    if options.asha:
+        from ray.tune.schedulers import ASHAScheduler
+
+        epochs = study.trial_config(runnable[0], study.seeds[0]).optim.epochs
+        # max_t one past the last epoch: at max_t ASHA stops a trial, which would cut the trial off
+        # between its last epoch's report and the report of its complete run (metrics.json).
+        scheduler = ASHAScheduler(time_attr="epoch", metric="map_total", mode="max", max_t=epochs + 1,
+                                  grace_period=min(options.asha_grace_epochs, epochs))
+    base = exp_dir.rsplit("/", 1)[0] if storage.is_uri(exp_dir) else os.path.dirname(exp_dir)
+    return tune.Tuner(
+        trainable,
+        # One grid dimension in an explicit order, seed by seed: a sweep cut short has every
+        # variant at the same number of seeds.
+        param_space={"trial": tune.grid_search([{"variant": v, "seed": s} for s in study.seeds for v in runnable])},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=_max_concurrent(options, plan),
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=plan["experiment"],
+            storage_path=base,
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            # The newest epoch checkpoint is all a retry or a restore needs.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=options.verbose,
+        ),
+    )

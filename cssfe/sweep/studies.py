@@ -61,19 +61,19 @@ class Study:
         return cls(**values)
 
 
-def _expand_env(value: Any) -> Any:
+def expand_env(value: Any) -> Any:
     if isinstance(value, str):
         return os.path.expandvars(value)
     if isinstance(value, dict):
-        return {k: _expand_env(v) for k, v in value.items()}
+        return {k: expand_env(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v) for v in value]
+        return [expand_env(v) for v in value]
     return value
 
 
 def _as_override(key: str, value: Any) -> str:
     # JSON is valid YAML, so cssfe.config.parse_override reads the value back unchanged.
-    return f"{key}={json.dumps(_expand_env(value))}"
+    return f"{key}={json.dumps(expand_env(value))}"
 
 
 def trial_key(variant: str, seed: int) -> str:

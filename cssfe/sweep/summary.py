@@ -25,13 +25,28 @@ def finished_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str
     return out
 
 
+def stopped_notes(study: Study, records: List[Dict[str, Any]]) -> Dict[str, str]:
+    """{variant: note} for the variants of which the scheduler (ASHA) stopped some seeds early: the
+    table's mean is then over the seeds it kept, which are the better ones."""
+    out = {}
+    for label in study.variants:
+        mine = [r for r in records if r["variant"] == label]
+        stopped = [str(r["seed"]) for r in mine if r["status"] == "stopped early"]
+        if stopped:
+            kept = sum(r["status"] == "finished" for r in mine)
+            out[label] = (f"ASHA kept {kept} of {len(mine)} seeds of **{label}** (stopped early: seed "
+                          f"{', '.join(stopped)}); its mean is over the kept ones")
+    return out
+
+
 def summary_markdown(study: Study, records: List[Dict[str, Any]]) -> str:
     variants = finished_by_variant(study, records)
     lines = [f"### {study.title}", "", "mAP (%) of the final EMA model, mean ± sample std over seeds (n: finished trials).", ""]
     lines.append(markdown_table(variants) if variants else "(no finished trial)")
     notes = [f"- skipped **{label}**: {reason}" for label, reason in study.skipped.items()]
+    notes += [f"- {line}" for line in stopped_notes(study, records).values()]
     notes += [f"- {r['status']} **{r['variant']}** seed {r['seed']} at epoch {r['epochs']}, after {r['attempts']} start(s)"
-              + (f": {r['error']}" if r["error"] else "") for r in records if r["status"] != "finished"]
+              + (f": {r['error']}" if r["error"] else "") for r in records if r["status"] not in ("finished", "stopped early")]
     retried = [r for r in records if r["status"] == "finished" and r["attempts"] > 1]
     notes += [f"- restarted **{r['variant']}** seed {r['seed']}: finished after {r['attempts']} starts, each continuing "
               "from the last epoch checkpoint (after a failure or an interrupted sweep)" for r in retried]
@@ -59,6 +74,7 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> 
     with open(paths["markdown"], "w") as f:
         f.write(summary_markdown(study, records))
     variants = finished_by_variant(study, records)
+    stopped = stopped_notes(study, records)
     rows = []
     for label in study.variants:
         if label in study.skipped:
@@ -70,7 +86,8 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> 
             continue
         mean = np.nanmean(values, axis=0)
         std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
-        rows.append([label, len(values), *[f"{x:.4f}" for pair in zip(mean, std) for x in pair], ""])
+        note = stopped.get(label, "").replace("**", "")
+        rows.append([label, len(values), *[f"{x:.4f}" for pair in zip(mean, std) for x in pair], note])
     _write_csv(paths["csv"], ["variant", "n", *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")], "note"], rows)
     _write_csv(paths["trials"], TRIAL_FIELDS, [[r.get(k) for k in TRIAL_FIELDS] for r in records])
     if variants:

@@ -1,7 +1,12 @@
 """Studies as data (no Ray needed): the shipped studies load, grids expand, mistakes are named, and
 the summary lists what did not finish."""
+import csv
+import os
+
 import pytest
 import yaml
+
+import cssfe
 
 from cssfe.config import ConfigError
 from cssfe.sweep.studies import available_studies, config_hash, load_study, trial_key
@@ -76,3 +81,106 @@ def test_summary_lists_skipped_failed_and_retried_trials(tmp_path):
     assert set(paths) == {"markdown", "csv", "trials", "png"}
     csv_text = open(paths["csv"]).read()
     assert "b,0," in csv_text and "no finished trial" in csv_text and "skipped: RuntimeError" in csv_text
+
+
+def test_the_reuse_key_changes_with_device_and_precision(tmp_path):
+    """A GPU sweep on shared storage must not reuse CPU runs of the same config, nor bf16 runs fp32 ones."""
+    from cssfe.sweep.trainable import trial_dir
+
+    study = load_study(_write(tmp_path, {"variants": {"a": {}, "no amp": {"optim.amp": "off"},
+                                                      "bf16": {"distributed.precision": "bf16"}}}))
+    on_cpu = load_study(_write(tmp_path, {"variants": {"cpu": {"device": "cpu"}}}))
+    base = {"trials_dir": str(tmp_path / "trials")}
+    cpu, gpu = dict(base), {**base, "gpus_per_trial": 1}
+    assert trial_dir(cpu, study, "a", 0) != trial_dir(gpu, study, "a", 0)  # device (and amp "auto" with it)
+    assert trial_dir(gpu, study, "a", 0) != trial_dir(gpu, study, "no amp", 0)  # amp on CUDA vs fp32
+    assert trial_dir(gpu, on_cpu, "cpu", 0) == trial_dir(cpu, study, "a", 0)  # device=cpu trains on CPU anyway
+    ds, ds_gpu = {**base, "workers_per_trial": 2}, {**base, "workers_per_trial": 2, "gpus_per_trial": 2}
+    assert trial_dir(ds, study, "a", 0) != trial_dir(ds, study, "bf16", 0)  # DeepSpeed precision
+    assert trial_dir(ds, study, "a", 0) != trial_dir(ds_gpu, study, "a", 0)
+
+
+def test_relative_paths_and_variables_are_pinned_in_the_driver(tmp_path, monkeypatch):
+    from cssfe.sweep.paths import pin_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text("optim: {epochs: 2}\n")
+    (tmp_path / "w.pt").write_bytes(b"")
+    (tmp_path / "vectors.txt").write_text("")
+    monkeypatch.setenv("VECTORS", "vectors.txt")
+    study = load_study(_write(tmp_path, {"config": "base.yaml", "overrides": {"data.root": "data/voc"}, "variants": {
+        "glove": {"model.embedding": "glove", "model.embedding_options": {"path": "$VECTORS"}},
+        "clip": {"model.embedding": "clip", "model.embedding_options": {"pretrained": "openai"}, "model.weights_path": "w.pt",
+                 "cache_dir": "~/c"},
+    }}))
+    pin_paths(study)
+    monkeypatch.chdir("/")  # a trial's working directory
+    monkeypatch.delenv("VECTORS")  # and environment
+    glove, clip = study.trial_config("glove", 0), study.trial_config("clip", 0)
+    assert study.config == str(tmp_path / "base.yaml") and glove.optim.epochs == 2
+    assert glove.data.root == clip.data.root == str(tmp_path / "data" / "voc")
+    assert glove.model.embedding_options == {"path": str(tmp_path / "vectors.txt")}
+    assert clip.model.embedding_options == {"pretrained": "openai"}  # a name, not a file here
+    assert clip.model.weights_path == str(tmp_path / "w.pt")
+    assert clip.cache_dir.startswith(os.path.expanduser("~"))
+
+
+def test_storage_uris_stay_uris_and_a_cluster_needs_shared_storage(tmp_path, capsys):
+    from cssfe.sweep.cli import main as sweep_main
+    from cssfe.sweep.runner import SweepOptions, experiment_dir, make_plan
+    from cssfe.sweep.storage import check_cluster_storage
+
+    study = load_study(_write(tmp_path, {"variants": {"a": {}}}))
+    exp_dir = experiment_dir(SweepOptions(storage_path="s3://bucket/sweeps/"), study)
+    assert exp_dir == "s3://bucket/sweeps/study"
+    plan = make_plan(study, SweepOptions(storage_path="s3://bucket/sweeps/"), exp_dir)
+    assert plan["trials_dir"] is None and plan["train_storage"] == "s3://bucket/sweeps/study/train"
+    assert plan["experiment"] == "study" and set(plan["trial_dirs"].values()) == {None}
+    check_cluster_storage("gs://bucket/sweeps", "auto")  # a URI every node reaches
+    check_cluster_storage(str(tmp_path), "auto")  # absolute: then asked of every node, once Ray runs
+    rc = sweep_main(["--study", _write(tmp_path, {"variants": {"a": {}}}), "--address", "10.0.0.1:6379", "--storage", "runs/sweeps"])
+    assert rc == 2
+    assert "--storage 'runs/sweeps' is a relative path; with --address" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_a_restore_says_what_it_would_not_honour(tmp_path):
+    from cssfe.sweep.runner import restore_conflicts
+
+    path = _write(tmp_path, {"seeds": [0, 1], "variants": {"a": {}, "b": {"model.mask": False}}})
+    planned = load_study(path)
+    assert restore_conflicts(planned, load_study(path)) == []
+    assert restore_conflicts(planned, load_study(path, seeds=[0, 1, 2])) == ["seeds [0, 1, 2] (the sweep has [0, 1])"]
+    assert restore_conflicts(planned, load_study(path, variants=["a"])) == ["variants ['a'] (the sweep has ['a', 'b'])"]
+    assert restore_conflicts(planned, load_study(path, overrides=["optim.lr=0.1"])) == [
+        "other overrides (optim.lr) for every trial"]
+
+
+def test_summary_says_how_many_seeds_asha_kept(tmp_path):
+    study = load_study(_write(tmp_path, {"title": "T", "variants": {"a": {}, "b": {"model.mask": False}}}))
+    row = dict(epochs=4, total=50.0, head=70.0, medium=50.0, tail=30.0, error=None, attempts=1)
+    records = [{**row, "variant": "a", "seed": s, "status": "finished"} for s in (0, 1, 2)]
+    records += [{**row, "variant": "b", "seed": 0, "status": "finished"},
+                {**row, "variant": "b", "seed": 1, "status": "stopped early", "epochs": 1},
+                {**row, "variant": "b", "seed": 2, "status": "stopped early", "epochs": 1}]
+    text = summary_markdown(study, records)
+    assert "ASHA kept 1 of 3 seeds of **b** (stopped early: seed 1, 2)" in text
+    assert "seeds of **a**" not in text
+    rows = {r[0]: r for r in csv.reader(open(write_summary(study, records, str(tmp_path / "out"))["csv"]))}
+    assert rows["b"][1] == "1" and rows["b"][-1].startswith("ASHA kept 1 of 3 seeds of b")
+
+
+def test_trials_get_the_driver_environment_and_their_resources(monkeypatch):
+    from cssfe.sweep.resources import runtime_env, trial_actor_resources
+    from cssfe.sweep.runner import SweepOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CSSFE_CACHE", "/shared/cache")
+    env = runtime_env(SweepOptions(ship_code=True))
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["CSSFE_CACHE"] == "/shared/cache"
+    assert env["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
+    assert env["py_modules"] == [os.path.dirname(os.path.abspath(cssfe.__file__))]
+    assert "py_modules" not in runtime_env(SweepOptions())
+    pinned = SweepOptions(trial_resources={"non_preemptible": 0.01}, workers_per_trial=2, cpus_per_trial=4)
+    assert trial_actor_resources(pinned) == {"cpu": 0, "gpu": 0, "memory": 1, "non_preemptible": 0.01}
+    assert trial_actor_resources(SweepOptions(gpus_per_trial=1)) == {"cpu": 1.0, "gpu": 1}

@@ -4,6 +4,7 @@ sweep that resumes without training its finished trials again."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +13,14 @@ import time
 import pytest
 import yaml
 
+from cssfe.config import ConfigError
+
 ray = pytest.importorskip("ray")
 
 from cssfe.sweep import SweepOptions, load_study, run_sweep  # noqa: E402
 from cssfe.sweep.runner import current_records  # noqa: E402
 from cssfe.sweep.cli import main as sweep_main  # noqa: E402
+from cssfe.sweep.summary import summary_markdown  # noqa: E402
 from cssfe.sweep.trainable import FAIL_ONCE_ENV, trial_dir  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,10 +36,10 @@ def cluster(bundled_root):
     ray.shutdown()
 
 
-def _study_file(tmp_path, variants, seeds=(0, 1), **overrides):
+def _study_file(tmp_path, variants, seeds=(0, 1), config=None, **overrides):
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"title": "Tiny", "overrides": {**TINY, **overrides}, "seeds": list(seeds),
-                                    "variants": variants}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"title": "Tiny", "config": config, "overrides": {**TINY, **overrides},
+                                    "seeds": list(seeds), "variants": variants}, sort_keys=False))
     return str(path)
 
 
@@ -44,14 +48,18 @@ def _attempts(run_dir):
         return [json.loads(line)["action"] for line in f]
 
 
-def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
+def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path, monkeypatch):
+    # Relative paths everywhere, as a user types them: the study file, its base config, the storage
+    # and the output. Trials run in Tune's own working directories and must still find them.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": {"tau": 0.2}}))
     study = _study_file(tmp_path, {
         "mask": {},
         "no mask": {"model.mask": False},
         "GloVe": {"model.embedding": "glove", "model.embedding_options": {"path": str(tmp_path / "absent.txt")}},
-    })
+    }, config="base.yaml")
     out = tmp_path / "report"
-    rc = sweep_main(["--study", "custom", "--space", study, "--storage", str(tmp_path / "sweeps"), "--output", str(out)])
+    rc = sweep_main(["--study", "custom", "--space", "tiny.yaml", "--storage", "sweeps", "--output", "report"])
     assert rc == 0
 
     rows = {r["variant"]: r for r in csv.DictReader(open(out / "tiny.csv"))}
@@ -73,6 +81,10 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
     for t in trials:
         assert os.path.commonpath([t["run_dir"], str(tmp_path / "sweeps")]) == str(tmp_path / "sweeps")
         assert any(name.startswith("events.out.tfevents.") for name in os.listdir(os.path.join(t["run_dir"], "tensorboard")))
+    saved = yaml.safe_load(open(os.path.join(trial_dir(plan, loaded, "mask", 0), "config.yaml")))
+    assert saved["model"]["tau"] == 0.2  # the base config reached the trial
+    # Tune's trial folders are named by variant and seed.
+    assert sum(name.startswith(("mask_s0_", "no_mask_s1_")) for name in os.listdir(tmp_path / "sweeps" / "tiny")) == 2
 
     table = (out / "tiny.md").read_text()
     assert "| mask | " in table and "| no mask | " in table and "skipped **GloVe**" in table
@@ -84,25 +96,79 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path):
     options = SweepOptions(storage_path=str(tmp_path / "sweeps"), name="again", verbose=0)
     again = run_sweep(load_study(study, variants=["mask"]), options)["records"]
     assert [(r["reused"], r["attempts"]) for r in again] == [(True, 0), (True, 0)]
-    first = current_records(SweepOptions(storage_path=str(tmp_path / "sweeps")), loaded)["records"]
-    assert {(r["reused"], r["attempts"]) for r in first if r["variant"] == "mask"} == {(False, 1)}
+
+    # The table comes from what the trials reported to Ray, not from their folders, which a driver
+    # on another node may not see.
+    shutil.rmtree(tmp_path / "sweeps" / "trials")
+    outcome = current_records(SweepOptions(storage_path="sweeps"), loaded)
+    assert summary_markdown(outcome["study"], outcome["records"]) == table
+    assert {(r["reused"], r["attempts"]) for r in outcome["records"] if r["variant"] == "mask"} == {(False, 1)}
 
 
-def test_a_trial_that_raises_is_retried_from_its_checkpoint(cluster, tmp_path, monkeypatch):
+def test_a_trial_that_raises_is_retried_from_its_tune_checkpoint(cluster, tmp_path, monkeypatch):
+    """On a URI storage (file:// here; s3:// or gs:// on a cluster) trials train in node-local
+    folders and keep their state in Tune's checkpoints only."""
     fail_dir = tmp_path / "fail"
     fail_dir.mkdir()
-    (fail_dir / "mask_s0.fail").touch()  # only this trial fails, once, after its first epoch
+    # Only this trial fails, once, after its first epoch, and its run folder is emptied first: as if
+    # the retry ran on another node. It must continue from Ray's copy of its epoch checkpoint.
+    (fail_dir / "mask_s0.fail").write_text("lose-run-folder")
     monkeypatch.setenv(FAIL_ONCE_ENV, str(fail_dir))
     study = load_study(_study_file(tmp_path, {"mask": {}}, **{"optim.epochs": 2}))
-    outcome = run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), max_failures=1, verbose=0))
+    storage = f"file://{tmp_path}/sweeps"
+    outcome = run_sweep(study, SweepOptions(storage_path=storage, max_failures=1, verbose=0))
 
     records = {r["seed"]: r for r in outcome["records"]}
     assert (fail_dir / "mask_s0.failed").exists()
     assert all(r["status"] == "finished" and r["epochs"] == 2 for r in records.values())
     assert _attempts(records[0]["run_dir"]) == ["start", "resume"]  # continued after epoch 1, not from scratch
     assert _attempts(records[1]["run_dir"]) == ["start"]
+    assert not os.path.isdir(tmp_path / "sweeps" / "trials") and (tmp_path / "sweeps" / "tiny" / "sweep_plan.json").is_file()
     log = [json.loads(line)["epoch"] for line in open(os.path.join(records[0]["run_dir"], "log.jsonl"))]
     assert log == [1, 2]
+    # Result.checkpoint is the complete run.
+    for result in outcome["results"]:
+        with result.checkpoint.as_directory() as folder:
+            assert os.path.isfile(os.path.join(folder, "metrics.json"))
+            assert os.path.isfile(os.path.join(folder, "checkpoints", "last.pt"))
+
+    # A restore of this sweep with other seeds would silently run the old ones: refused.
+    with pytest.raises(ConfigError, match=r"seeds \[0, 1, 2\] \(the sweep has \[0, 1\]\)"):
+        run_sweep(load_study(_study_file(tmp_path, {"mask": {}}, seeds=(0, 1, 2), **{"optim.epochs": 2})),
+                  SweepOptions(storage_path=storage, verbose=0))
+    for record in records.values():  # the node-local folders
+        shutil.rmtree(record["run_dir"])
+    shutil.rmtree(os.path.dirname(records[0]["run_dir"]), ignore_errors=True)
+
+
+def test_asha_with_eval_every_and_fresh_start_over(cluster, tmp_path):
+    """ASHA ranks by total mAP, which epochs without evaluation do not have; --fresh trains again."""
+    study = load_study(_study_file(tmp_path, {"mask": {}}, seeds=(0,), **{"optim.epochs": 2, "eval_every": 2}))
+    options = SweepOptions(storage_path=str(tmp_path / "sweeps"), asha=True, asha_grace_epochs=1, verbose=0)
+    (record,) = run_sweep(study, options)["records"]
+    assert record["status"] == "finished" and record["epochs"] == 2
+    metrics_file = os.path.join(record["run_dir"], "metrics.json")
+    first = os.path.getmtime(metrics_file)
+
+    options.restore = False  # --fresh
+    (again,) = run_sweep(study, options)["records"]
+    assert again["status"] == "finished" and again["attempts"] == 1 and not again["reused"]
+    assert _attempts(again["run_dir"]) == ["start"]  # a new run, not a reuse of the finished one
+    assert os.path.getmtime(metrics_file) > first
+
+
+def test_requests_the_cluster_cannot_honour_are_refused(cluster, tmp_path, monkeypatch):
+    study = load_study(_study_file(tmp_path, {"mask": {}}, seeds=(0,)))
+    options = SweepOptions(storage_path=str(tmp_path / "sweeps"), verbose=0)
+    # A cluster with GPUs (faked): a sweep that asks for none would put every trial on cuda:0.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0, "memory": 1e10})
+    with pytest.raises(ConfigError, match=r"the cluster has 4 GPUs but --gpus-per-trial is 0.*device=cpu"):
+        run_sweep(study, options)
+    monkeypatch.undo()
+    options.trial_resources = {"non_preemptible": 0.01}
+    with pytest.raises(ConfigError, match=r"no node offers the custom resource 'non_preemptible'"):
+        run_sweep(study, options)
+    assert not os.path.exists(tmp_path / "sweeps" / "tiny" / "sweep_plan.json")
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, tmp_path):
@@ -174,7 +240,7 @@ def test_distributed_batch_arithmetic_is_checked_before_any_trial(tmp_path):
     with pytest.raises(ValueError, match=r"variant 'odd batch' with 2 workers.*data\.batch_size.*33"):
         run_sweep(study, SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2, verbose=0))
     assert not (tmp_path / "sweeps").exists()
-    with pytest.raises(ValueError, match=r"gpus_per_trial=1 over 2 workers gives 0.5 GPU each"):
+    with pytest.raises(ValueError, match=r"--gpus-per-trial 1 with 2 worker\(s\) per trial: each process"):
         run_sweep(load_study(_study_file(tmp_path, {"mask": {}})),
                   SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2, gpus_per_trial=1, verbose=0))
     assert not (tmp_path / "sweeps").exists()
