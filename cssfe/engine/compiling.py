@@ -8,14 +8,15 @@ only while warming up, so ``reduce-overhead`` (CUDA graphs) can capture the step
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 MODES = ("default", "max-autotune", "reduce-overhead")
-# The compiler backend. Tests trace with "aot_eager" (no C++ code generation); ``mode`` is an
-# option of inductor only.
-BACKEND = "inductor"
+# The compiler backend: inductor, or CSSFE_COMPILE_BACKEND (tests and CPU dry runs trace with
+# "aot_eager": no C++ code generation, which takes minutes on a small CPU); ``mode`` is inductor's.
+BACKEND = os.environ.get("CSSFE_COMPILE_BACKEND") or "inductor"
 
 
 def compile_module(module: torch.nn.Module, mode: str) -> torch.nn.Module:
