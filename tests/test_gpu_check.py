@@ -123,6 +123,10 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert ds["trains"] and ds["killed_mid_run"] and ds["resumed_same_loss"], ds
     assert ds["final_loss_rel_diff"] <= 1e-3 and len(ds["images_per_s"]) == 2 and all(x > 0 for x in ds["images_per_s"])
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_") and f not in shm_before]
+    training = data["goals"]["training"]
+    assert training["deepspeed"]["resumed_same_loss"] and set(training["fastest_step"]) == {"baseline", "cssfe"}
+    default = next(r for r in rows if (r["head"], r["compile"], r["kernels"]) == ("cssfe", "off", "auto"))
+    assert training["cssfe_default_vs_baseline"]["value"] == default["vs_baseline"]
     summary = (tmp_path / "summary.md").read_text()
     assert "## Training step" in summary and "| reduce-overhead | cssfe | cpu |" in summary
     assert "resumes to the same loss: True" in summary
