@@ -2152,7 +2152,7 @@ def main(argv=None) -> int:
                    help="comma-separated class counts for the enhance family (default: the main case's)")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="same code path on CPU: tiny shapes, backends reference + cpu (+ triton with TRITON_INTERPRET=1)")
-    p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 455 on GPU, 500 dry-run)")
+    p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 455 on GPU, 700 dry-run)")
     p.add_argument("--build-timeout-s", type=float, default=None,
                    help="cap on the extension build (default: the budget less 30 s, at most 300)")
     p.add_argument("--families", default="asl,attention,enhance,blocks,grid",
@@ -2167,9 +2167,9 @@ def main(argv=None) -> int:
     p.add_argument("--task-timeout-s", type=float, default=None,
                    help="watchdog per benchmark task (default 300 s for torch.compile, 150 s otherwise)")
     p.add_argument("--train-step-s", type=float, default=None,
-                   help="cap on the ResNet50 training-step benchmark (default 140 s on a GPU, 120 dry-run)")
+                   help="cap on the ResNet50 training-step benchmark (default 170 s on a GPU, 120 dry-run)")
     p.add_argument("--deepspeed-s", type=float, default=None,
-                   help="cap on the DeepSpeed run, killed and resumed (default 120 s on a GPU, 200 dry-run)")
+                   help="cap on the DeepSpeed run, killed and resumed (default 110 s on a GPU, 330 dry-run: three launches of CPU ranks)")
     p.add_argument("--no-train-step", action="store_true", help="skip the training-step benchmark")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -2180,11 +2180,11 @@ def main(argv=None) -> int:
     if not args.out:
         p.error("--out is required")
     if args.budget_s is None:
-        args.budget_s = 500.0 if args.cpu_dry_run else 455.0
+        args.budget_s = 700.0 if args.cpu_dry_run else 455.0
     if args.train_step_s is None:
-        args.train_step_s = 120.0 if args.cpu_dry_run else 140.0
+        args.train_step_s = 120.0 if args.cpu_dry_run else 170.0
     if args.deepspeed_s is None:
-        args.deepspeed_s = 200.0 if args.cpu_dry_run else 120.0
+        args.deepspeed_s = 330.0 if args.cpu_dry_run else 110.0
     if args.build_timeout_s is None:
         # nothing else of the CUDA backend runs without the build: it may take all but 30 s
         args.build_timeout_s = min(300.0, max(60.0, args.budget_s - 30))

@@ -171,6 +171,9 @@ def main(argv=None) -> int:
         if kernels not in ops.dispatch.CHOICES:
             p.error(f"--kernels: unknown backend {kernels!r}; choose from {', '.join(ops.dispatch.CHOICES)}")
     first_kernels = args.kernels.split(",")[0]
+    # Under a time limit the cheap rows come first: every eager case, then each compile setting with the
+    # first kernels named, then the other kernels compiled (a compiled case spends most of its time compiling).
+    cases.sort(key=lambda c: 0 if c[0] == "off" else 1 if c[2] == first_kernels else 2)
     for mode, head, kernels in cases:
         if head != "cssfe" and kernels != first_kernels:
             continue  # the baseline head uses no CSSFE op: one row per compile setting is enough
