@@ -58,12 +58,12 @@ RESERVE_S = 8.0  # kept at the end of the budget to write the JSON and the summa
 IDLE_TIMEOUT_S = 120.0  # a worker that reports nothing this long outside a task is killed (start-up/exit hang)
 
 # The GPU parity tests of each backend (the NaN / inf, earlier_only, opcheck and d = 256 / 512 / 768
-# cases live in them): the whole CUDA file but its slow nvcc-only check; of the Triton file, the GPU
-# test (the other one runs the interpreter on the host). The dry run selects the GPU tests alone
+# cases live in them): the whole CUDA file but its slow nvcc-only check, and the check that a
+# warmed-up model + loss step reads nothing back from the device; of the Triton file, the GPU test (the other one runs the interpreter on the host). The dry run selects the GPU tests alone
 # (they skip without a device).
 PYTEST_NODES = {
     "triton": ["tests/ops/test_triton.py::test_triton_kernels_on_gpu"],
-    "cuda": ["tests/ops/test_cuda.py"],
+    "cuda": ["tests/ops/test_cuda.py", "tests/ops/test_host_sync.py::test_cuda_step_reads_nothing_back_after_warm_up_on_gpu"],
 }
 PYTEST_DRY_SELECT = {"triton": "on_gpu", "cuda": "on_gpu"}
 TRAIN = os.path.join(ROOT, "launch", "train.py")

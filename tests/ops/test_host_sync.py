@@ -152,7 +152,7 @@ def _host_tensors():
     return [entry[2] for entry in library._PLANS.values()]
 
 
-def check_step(backend: str) -> dict:
+def check_step(backend: str, device: str = "cpu") -> dict:
     """Two warm-up steps (the plan and the stage flags are read back once there), then one step under
     NoHostReads, for the model's fixed affinity and for a learnable one. Returns the host reads seen
     and the ATen calls per step."""
@@ -162,7 +162,8 @@ def check_step(backend: str) -> dict:
     with ops.use_backend(backend):
         for learnable in (False, True):
             model, loss_fn = _model_and_loss(learnable)
-            x, y = torch.randn(4, 3, 16, 16), torch.rand(4, 6) < 0.3
+            model = model.to(device)
+            x, y = torch.randn(4, 3, 16, 16, device=device), torch.rand(4, 6, device=device) < 0.3
             for _ in range(2):
                 _step(model, loss_fn, x, y)
             mode = NoHostReads(_host_tensors())
@@ -272,6 +273,18 @@ def test_triton_interpreter_step_reads_nothing_back_after_warm_up():
     _assert_no_reads(result["step"])
     for name, rec in result["ops"].items():
         assert rec["reads"] == [], (name, rec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+def test_cuda_step_reads_nothing_back_after_warm_up_on_gpu(backend):
+    """On a GPU every read of a device value is a real synchronisation (and breaks a CUDA graph)."""
+    from cssfe import ops
+
+    ok, reason = ops.backend_status(backend, build=backend == "cuda")
+    if not ok:
+        pytest.skip(reason)
+    _assert_no_reads(check_step(backend, "cuda"))
 
 
 if __name__ == "__main__":
