@@ -2,7 +2,7 @@
 """One-shot GPU check of the cssfe kernels: environment, CUDA extension build, parity, benchmarks.
 
     bash benchmarks/run_gpu_check.sh OUT_DIR            # on the GPU machine (sets MAX_JOBS, caches, timeout)
-    python benchmarks/gpu_check.py --out DIR [--quick] [--budget-s 400]
+    python benchmarks/gpu_check.py --out DIR [--quick] [--budget-s 455]
     python benchmarks/gpu_check.py --out DIR --cpu-dry-run   # same code path on CPU, tiny sizes
 
 Writes ``DIR/gpu_check.json`` (one object, rewritten after every step, so a kill leaves the latest
@@ -57,10 +57,16 @@ SCHEMA = 1
 RESERVE_S = 8.0  # kept at the end of the budget to write the JSON and the summary
 IDLE_TIMEOUT_S = 120.0  # a worker that reports nothing this long outside a task is killed (start-up/exit hang)
 
+# The GPU parity tests of each backend (the NaN / inf, earlier_only, opcheck and d = 256 / 512 / 768
+# cases live in them): the whole CUDA file but its slow nvcc-only check, and the check that a
+# warmed-up model + loss step reads nothing back from the device; of the Triton file, the GPU test (the other one runs the interpreter on the host). The dry run selects the GPU tests alone
+# (they skip without a device).
 PYTEST_NODES = {
-    "triton": "tests/ops/test_triton.py::test_triton_kernels_on_gpu",
-    "cuda": "tests/ops/test_cuda.py::test_cuda_backend_on_gpu",
+    "triton": ["tests/ops/test_triton.py::test_triton_kernels_on_gpu"],
+    "cuda": ["tests/ops/test_cuda.py", "tests/ops/test_host_sync.py::test_cuda_step_reads_nothing_back_after_warm_up_on_gpu"],
 }
+PYTEST_DRY_SELECT = {"triton": "on_gpu", "cuda": "on_gpu"}
+TRAIN = os.path.join(ROOT, "launch", "train.py")
 
 DEFINITIONS = {
     "timing": "forward+backward per call; GPU: CUDA events around each call, L2 flushed (256 MB write) "
@@ -97,6 +103,7 @@ PROVIDER_DOC = {
     "eager_module": "cssfe.losses.AsymmetricLoss with autograd (the unfused loss)",
     "compile": "torch.compile of the plain-PyTorch reference functions (ASL: closed-form loss+grad "
                "reference_impl.asl; attention: reference_impl.attention_fwd + enhance_fwd, autograd)",
+    "compile_ro": "compile with mode='reduce-overhead' (CUDA graphs; the dry run's aot_eager has no modes)",
     "compile_autograd": "torch.compile(cssfe.losses.AsymmetricLoss) with autograd",
     "triton": "ops.* with backend='triton' (autograd through the op); attention: the strategy its width picks "
               "(cssfe/ops/triton/attention.py strategy_for: flash up to d=128, GEMM above)",
@@ -586,6 +593,23 @@ def _leaf(t, precise):
     return out.requires_grad_() if t.requires_grad else out
 
 
+def _compiled(ctx, f, provider):
+    """torch.compile of ``f`` for provider compile (default mode) or compile_ro (reduce-overhead:
+    CUDA graphs, inductor only), shapes static."""
+    torch = ctx.torch
+    torch._dynamo.reset()
+    backend = ctx.opts["compile_backend"]
+    mode = "reduce-overhead" if provider == "compile_ro" and backend == "inductor" else None
+    cf = torch.compile(f, dynamic=False, backend=backend, mode=mode)
+    if mode is None:
+        return cf
+
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: its graph may be replayed
+        return cf(*args)
+    return call
+
+
 def _asl_fn(provider, case, ctx):
     torch = ctx.torch
     import cssfe.ops as ops
@@ -611,10 +635,8 @@ def _asl_fn(provider, case, ctx):
         return autograd_of(lambda a, b: ops.asymmetric_loss(a, b, backend="reference"))
     if provider == "eager_module":
         return autograd_of(module())
-    if provider == "compile":
-        torch._dynamo.reset()
-        f = torch.compile(lambda a, b: reference_impl.asl(a, b, gp, gn, clip, eps, False, False, True),
-                          dynamic=False, backend=ctx.opts["compile_backend"])
+    if provider in ("compile", "compile_ro"):
+        f = _compiled(ctx, lambda a, b: reference_impl.asl(a, b, gp, gn, clip, eps, False, False, True), provider)
         xd = x.detach()
         return lambda: f(xd, y)
     if provider == "compile_autograd":
@@ -734,13 +756,12 @@ def _attn_fns(provider, case, ctx):
         be = "reference" if provider == "eager" else provider
         return with_grad(lambda: ops.progressive_enhance(ops.class_attention(q, k, v, backend=be), R, groups, gate,
                                                          lam, backend=be))
-    if provider == "compile":
+    if provider in ("compile", "compile_ro"):
         def f(q_, k_, v_, lam_):
             z0, _ = reference_impl.attention_fwd(q_.unsqueeze(0), k_, v_)
             return reference_impl.enhance_fwd(z0, R, groups, (lam_.float() * gate.float()).contiguous())
 
-        torch._dynamo.reset()
-        cf = torch.compile(f, dynamic=False, backend=ctx.opts["compile_backend"])
+        cf = _compiled(ctx, f, provider)
         return with_grad(lambda: cf(q, k, v, lam))[0], None
     if provider.startswith("sdpa"):
         import torch.nn.functional as F
@@ -1372,7 +1393,8 @@ class Orchestrator:
         """pytest test ``node`` when pytest is importable, else the direct checks of ``backend``;
         returns 'passed' | 'failed' | 'error' | 'skipped' for the summary."""
         if self.R["environment"].get("pytest_available") and not self.args.no_pytest:
-            run = self.run_pytest(node, [PYTEST_NODES[node]], cap_s, lane)
+            nodes = PYTEST_NODES[node] + (["-k", PYTEST_DRY_SELECT[node]] if self.dry else [])
+            run = self.run_pytest(node, nodes, cap_s, lane)
             counts = run.get("counts", {})
             if run.get("skipped") or run.get("error") or not run.get("tests"):
                 return "error"
@@ -1406,9 +1428,9 @@ class Orchestrator:
     def _providers(self, triton_ok, native_ok):
         a = self.args
         plist = {
-            "asl": ["eager", "eager_module", "compile"] + ([] if a.quick else ["compile_autograd"])
+            "asl": ["eager", "eager_module", "compile", "compile_ro"] + ([] if a.quick else ["compile_autograd"])
                    + (["triton", "triton_kernel"] if triton_ok else []) + ([self.native, self.native + "_kernel"] if native_ok else []),
-            "attention": ["eager", "compile", "auto"] + (["triton", "triton_flash", "triton_gemm"] if triton_ok else [])
+            "attention": ["eager", "compile", "compile_ro", "auto"] + (["triton", "triton_flash", "triton_gemm"] if triton_ok else [])
                          + ([self.native] if native_ok else [])
                          + ["sdpa"] + (["sdpa_math"] if self.dry else ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]),
             "enhance": ["eager"] + ([] if a.quick else ["compile"]) + (["triton"] if triton_ok else [])
@@ -1568,8 +1590,8 @@ class Orchestrator:
             with self.lock:
                 self.R["benchmarks"]["skipped"] = "torch sees no CUDA device (see environment.errors)"
             tasks = []
-        if tasks:
-            self.run_worker("bench", tasks, cap_s=self.time_left(), lane="main")
+        if tasks:  # the training steps of phase 3 keep their share of the budget
+            self.run_worker("bench", tasks, cap_s=max(30.0, self.time_left() - self.training_reserve_s()), lane="main")
         if diag:
             with self.lock:
                 for s in self.R["parity"]["direct"].get("suites", []):
@@ -1579,6 +1601,158 @@ class Orchestrator:
                         self.R["parity"]["summary"][f"{key}_direct"] = "failed"
                     else:
                         self.R["parity"]["summary"].setdefault(f"{key}_direct", "passed")
+
+    # -------------------------------------------------------------- phase 3: training steps
+    def training_reserve_s(self):
+        a = self.args
+        return (0 if a.no_train_step else a.train_step_s) + (0 if a.no_deepspeed else a.deepspeed_s)
+
+    def run_command(self, name, cmd, cap_s, env=None, wait=True):
+        """A subprocess in its own process group, output to logs/NAME.log; returns (proc, record)."""
+        log_path = os.path.join(self.logs, f"{name}.log")
+        rec = {"cmd": " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd), "log": f"logs/{name}.log"}
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**self.child_env, **(env or {})}, start_new_session=True)
+        self._register(proc)
+        rec["t0"] = time.time()
+        if wait:
+            self.wait_command(proc, rec, cap_s)
+        return proc, rec
+
+    def wait_command(self, proc, rec, cap_s):
+        try:
+            proc.wait(timeout=max(1.0, cap_s))
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+            rec["error"] = f"ran over {cap_s:.0f} s and was killed"
+        self._unregister(proc)
+        rec["rc"] = proc.returncode
+        rec["seconds"] = round(time.time() - rec.pop("t0"), 2)
+        rec["output_tail"] = _tail(os.path.join(self.out, rec["log"]), 3000)
+        return rec
+
+    def train_step_args(self):
+        """ResNet50 448 px b32 bf16 on a GPU: the baseline head and CSSFE under each kernels x compile
+        setting, eager first (a compiled case spends most of its time compiling)."""
+        if self.dry:
+            # aot_eager has no modes: default and reduce-overhead would be the same run
+            return ["--backbone", "smallcnn", "--image-size", "32", "--batch-size", "2", "--classes", "8",
+                    "--precision", "bf16", "--kernels", "auto,cpu", "--compile", "off,default",
+                    "--warmup", "1", "--repeats", "2", "--device", "cpu", "--compile-backend",
+                    self.args.compile_backend or "aot_eager"]
+        return ["--backbone", "resnet50", "--image-size", "448", "--batch-size", "32", "--classes", "80",
+                "--precision", "bf16", "--kernels", "auto,cuda,triton,reference", "--compile", "off,default,reduce-overhead",
+                "--warmup", "3", "--repeats", "10", "--device", "cuda"]
+
+    def step_train_step(self):
+        cap = min(self.args.train_step_s, self.time_left() - (0 if self.args.no_deepspeed else self.args.deepspeed_s))
+        info = self.step_record("train_step", "main", log="logs/train_step.log")
+        out = os.path.join(self.work, "train_step")
+        if cap < 20:
+            info["status"] = "skipped: time budget"
+            with self.lock:
+                self.R["train_step"] = {"skipped": "time budget"}
+            return
+        _, rec = self.run_command("train_step", [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
+                                                 *self.train_step_args(), "--out", out], cap)
+        rows = []
+        with contextlib.suppress(OSError):
+            with open(os.path.join(out, "train_step.jsonl")) as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+        base = {(r["compile"], r["precision"]): r for r in rows if r["head"] == "baseline"}
+        for r in rows:
+            b = base.get((r["compile"], r["precision"]))
+            if r["head"] == "cssfe" and b:
+                r["vs_baseline"] = r["images_per_s"] / b["images_per_s"]
+        rec["rows"] = rows
+        info.update(seconds=rec["seconds"], status=rec.get("error") or f"rc={rec['rc']}, {len(rows)} rows")
+        with self.lock:
+            self.R["train_step"] = rec
+        self.save()
+
+    def deepspeed_args(self):
+        """(config overrides, kill once this checkpoint tag prefix is written, steps per checkpoint)."""
+        zero2 = os.path.join(ROOT, "configs", "deepspeed", "zero2.yaml")
+        # group norm: DeepSpeed's bf16 module keeps batch norm's running statistics in fp32, which
+        # CPU batch norm refuses beside bf16 weights (the dry run); no download: rie embeddings
+        common = ["model.backbone=smallcnn_gn", "model.embedding=rie", "progress=false", "compile=true",
+                  f"distributed.deepspeed_config={zero2}", "distributed.precision=bf16"]
+        if self.dry:  # 2 epochs of 9 steps at 16 px
+            return common + ["data.image_size=16", "data.batch_size=128", "optim.epochs=2", "model.dim=16",
+                             "checkpoint_every_steps=3"], "epoch0001-step"
+        # about 35 steps an epoch at batch 32: 280 steps, killed in epoch 5
+        return common + ["data.image_size=64", "optim.epochs=8", "checkpoint_every_steps=20"], "epoch0004-step"
+
+    def step_deepspeed(self):
+        """``deepspeed --num_gpus 1 launch/train.py``, ZeRO-2 bf16, compiled: an uninterrupted run, then
+        one killed (SIGKILL to the launcher and its rank) after a mid-epoch checkpoint and resumed."""
+        cap = min(self.args.deepspeed_s, self.time_left())
+        info = self.step_record("deepspeed", "main", log="logs/deepspeed_*.log")
+        if cap < 30:
+            info["status"] = "skipped: time budget"
+            with self.lock:
+                self.R["deepspeed"] = {"skipped": "time budget"}
+            return
+        import glob
+        import socket
+
+        shm_before = set(glob.glob("/dev/shm/deepspeed_*"))
+        overrides, kill_at = self.deepspeed_args()
+        env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+               "CSSFE_COMPILE_BACKEND": self.args.compile_backend or "aot_eager"} if self.dry else {}
+        deadline = time.time() + cap
+
+        def launch(name, out, resume=False, wait=True):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(port),
+                   TRAIN, "--output-dir", out, *(["--resume"] if resume else []), *overrides]
+            return self.run_command(f"deepspeed_{name}", cmd, deadline - time.time(), env=env, wait=wait)
+
+        R = {"overrides": overrides, "kill_after_checkpoint": kill_at, "runs": {}}
+        whole, cut = os.path.join(self.work, "ds_whole"), os.path.join(self.work, "ds_killed")
+        try:
+            # dry run: the uninterrupted run beside the killed one (the launchers' start-up dominates on
+            # CPU); on a GPU one after the other, so that the images/s are the card's alone
+            whole_proc, whole_rec = launch("whole", whole, wait=not self.dry)
+            if not self.dry:
+                R["runs"]["whole"] = whole_rec
+            proc, rec = launch("killed", cut, wait=False)
+            latest = os.path.join(cut, "checkpoints", "deepspeed", "latest")
+            while proc.poll() is None and time.time() < deadline:
+                with contextlib.suppress(OSError):
+                    with open(latest) as fh:
+                        if fh.read().strip().startswith(kill_at):
+                            os.killpg(proc.pid, signal.SIGKILL)
+                            rec["killed_at"] = kill_at
+                            break
+                time.sleep(0.05)
+            R["runs"]["killed"] = self.wait_command(proc, rec, max(1.0, deadline - time.time()))
+            if self.dry:
+                R["runs"]["whole"] = self.wait_command(whole_proc, whole_rec, max(1.0, deadline - time.time()))
+            R["runs"]["resumed"] = launch("resumed", cut, resume=True)[1]
+            R.update(_deepspeed_outcome(whole, cut, R["runs"]))
+        finally:
+            for path in set(glob.glob("/dev/shm/deepspeed_*")) - shm_before:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        info.update(seconds=round(sum(r.get("seconds", 0) for r in R["runs"].values()), 2),
+                    status=f"trains {R.get('trains')}, resumes to the same loss {R.get('resumed_same_loss')}")
+        with self.lock:
+            self.R["deepspeed"] = R
+        self.save()
+
+    def phase3(self):
+        if not self.dry and not self.R["environment"].get("cuda_available"):
+            with self.lock:
+                self.R["train_step"] = self.R["deepspeed"] = {"skipped": "torch sees no CUDA device"}
+            return
+        if not self.args.no_train_step:
+            self._guard(self.step_train_step, "train_step")
+        if not self.args.no_deepspeed:
+            self._guard(self.step_deepspeed, "deepspeed")
 
     def _guard(self, fn, where):
         try:
@@ -1674,7 +1848,7 @@ class Orchestrator:
         with self.lock:
             self.R["environment"].update(host_env())
         self.save()
-        for phase in (self.phase1, self.phase2):
+        for phase in (self.phase1, self.phase2, self.phase3):
             try:
                 phase()
             except Exception as exc:  # noqa: BLE001
@@ -1683,6 +1857,75 @@ class Orchestrator:
         text = self.finish()
         print(text, flush=True)
         return 0
+
+
+def _training_lines(R) -> list:
+    """The summary's sections of phase 3: the training-step table and the DeepSpeed run."""
+    lines = []
+    ts = R.get("train_step")
+    if ts:
+        lines += ["", "## Training step (forward + loss + backward + AdamW)", ""]
+        if ts.get("skipped") or ts.get("error"):
+            lines.append(f"- {ts.get('skipped') or ts.get('error')}")
+        rows = ts.get("rows", [])
+        if rows:
+            r0 = rows[0]
+            lines.append(f"- {r0['backbone']} {r0['image_size']} px, batch {r0['batch']}, {r0['precision']}, "
+                         f"{r0['classes']} classes; `{ts.get('cmd')}`")
+            lines += ["", "| compile | head | kernels | images/s | vs baseline | step p50 ms | first step s | peak MiB |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in rows:
+                peak = r.get("peak_memory_bytes")
+                lines.append(f"| {r['compile']} | {r['head']} | {r['kernels']} | {_fmt(r['images_per_s'], 1)} | "
+                             f"{_fmt(r.get('vs_baseline'))} | {_fmt(r['step_s_p50'] * 1e3, 2)} | {_fmt(r.get('first_step_s'), 1)} | "
+                             f"{_fmt(peak / 2**20, 0) if peak else ''} |")
+    ds = R.get("deepspeed")
+    if ds:
+        lines += ["", "## DeepSpeed (ZeRO-2, bf16, compiled, one rank): killed and resumed", ""]
+        if ds.get("skipped"):
+            lines.append(f"- {ds['skipped']}")
+        for name, run in ds.get("runs", {}).items():
+            lines.append(f"- {name}: rc {run.get('rc')} in {run.get('seconds')} s" + (f" ({run['error']})" if run.get("error") else "")
+                         + (f", killed once `{run['killed_at']}*` was written" if run.get("killed_at") else ""))
+        if "trains" in ds:
+            ips = ds.get("images_per_s") or []
+            lines.append(f"- trains: {ds['trains']} ({ds.get('steps')} steps, loss {ds.get('train_loss', {}).get('whole')}); "
+                         f"resumes to the same loss: {ds.get('resumed_same_loss')} (final loss relative difference "
+                         f"{_fmt(ds.get('final_loss_rel_diff'), 6)}, mAP {ds.get('final_map')}); images/s per epoch "
+                         + ", ".join(_fmt(x, 1) for x in ips))
+    return lines
+
+
+def _read_jsonl(path):
+    with contextlib.suppress(OSError):
+        with open(path) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    return []
+
+
+def _deepspeed_outcome(whole, cut, runs) -> dict:
+    """Did the run train (finite, falling loss), does the killed-and-resumed run end where the
+    uninterrupted one does (final loss and mAP), and its images/s (training steps only)."""
+    logs = {name: _read_jsonl(os.path.join(path, "log.jsonl")) for name, path in (("whole", whole), ("resumed", cut))}
+    out = {"train_loss": {k: [r.get("train_loss") for r in v] for k, v in logs.items()}}
+    w, r = logs["whole"], logs["resumed"]
+    losses = [x.get("train_loss") for x in w]
+    out["trains"] = bool(losses) and all(isinstance(x, float) and math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    out["killed_mid_run"] = runs.get("killed", {}).get("rc") not in (0, None) and bool(runs["killed"].get("killed_at"))
+    if w and r and len(w) == len(r):
+        rel = abs(r[-1]["train_loss"] - w[-1]["train_loss"]) / max(abs(w[-1]["train_loss"]), 1e-12)
+        out["final_loss_rel_diff"] = rel
+        out["final_map"] = {"whole": w[-1].get("mAP", {}).get("total"), "resumed": r[-1].get("mAP", {}).get("total")}
+        out["resumed_same_loss"] = out["killed_mid_run"] and rel <= 1e-3
+    else:
+        out["resumed_same_loss"] = False
+    # images/s of each epoch's training steps (evaluation excluded), from rank 0's own log; the first
+    # epoch includes the compilation, the last is the steady state
+    ranks = _read_jsonl(os.path.join(whole, "ranks", "rank0.log"))
+    out["images_per_s"] = [x["micro_batches"] * x["micro_batch"] * x["world_size"] / x["epoch_seconds"]
+                           for x in ranks if x.get("epoch_seconds")]
+    out["steps"] = sum(x["micro_batches"] for x in ranks)
+    return out
 
 
 def _task_fields(task):
@@ -1886,6 +2129,7 @@ def summarize(R) -> str:
                 else:
                     cells.append(_fmt(r.get("median_ms")) + ("" if r.get("check", {}).get("agrees") else "*"))
             lines.append(f"| {c} | {n} | {d} | " + " | ".join(cells) + " |")
+    lines += _training_lines(R)
     errs = []
     for fam in BENCH_FAMILIES:
         for r in bench.get(fam, []):
@@ -1915,7 +2159,7 @@ def main(argv=None) -> int:
                    help="comma-separated class counts for the enhance family (default: the main case's)")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="same code path on CPU: tiny shapes, backends reference + cpu (+ triton with TRITON_INTERPRET=1)")
-    p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 400 on GPU, 300 dry-run)")
+    p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 455 on GPU, 700 dry-run)")
     p.add_argument("--build-timeout-s", type=float, default=None,
                    help="cap on the extension build (default: the budget less 30 s, at most 300)")
     p.add_argument("--families", default="asl,attention,enhance,blocks,grid",
@@ -1929,6 +2173,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-prewarm", action="store_true", help="no cache warm-up beside the build")
     p.add_argument("--task-timeout-s", type=float, default=None,
                    help="watchdog per benchmark task (default 300 s for torch.compile, 150 s otherwise)")
+    p.add_argument("--train-step-s", type=float, default=None,
+                   help="cap on the ResNet50 training-step benchmark (default 170 s on a GPU, 120 dry-run)")
+    p.add_argument("--deepspeed-s", type=float, default=None,
+                   help="cap on the DeepSpeed run, killed and resumed (default 110 s on a GPU, 330 dry-run: three launches of CPU ranks)")
+    p.add_argument("--no-train-step", action="store_true", help="skip the training-step benchmark")
+    p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1937,7 +2187,11 @@ def main(argv=None) -> int:
     if not args.out:
         p.error("--out is required")
     if args.budget_s is None:
-        args.budget_s = 300.0 if args.cpu_dry_run else 400.0
+        args.budget_s = 700.0 if args.cpu_dry_run else 455.0
+    if args.train_step_s is None:
+        args.train_step_s = 120.0 if args.cpu_dry_run else 170.0
+    if args.deepspeed_s is None:
+        args.deepspeed_s = 330.0 if args.cpu_dry_run else 110.0
     if args.build_timeout_s is None:
         # nothing else of the CUDA backend runs without the build: it may take all but 30 s
         args.build_timeout_s = min(300.0, max(60.0, args.budget_s - 30))

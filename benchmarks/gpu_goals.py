@@ -50,7 +50,7 @@ GOALS = (
 )
 
 # Providers that are not ours (the baselines the goals compare against).
-BASELINES = {"eager", "eager_module", "compile", "compile_autograd", "sdpa", "sdpa_flash", "sdpa_efficient",
+BASELINES = {"eager", "eager_module", "compile", "compile_ro", "compile_autograd", "sdpa", "sdpa_flash", "sdpa_efficient",
              "sdpa_cudnn", "sdpa_math"}
 # Providers that are a whole call through the op with one backend: provider -> backend name.
 THROUGH_OP = {"eager": "reference", "triton": "triton", "cuda": "cuda", "cpu": "cpu"}
@@ -132,7 +132,36 @@ def evaluate(result: dict) -> dict:
                 best = min(times, key=times.get)
                 fastest.append({"op": family, "case": _case_name(case, family), "dtype": dtype, "backend": best,
                                 "median_ms": times})
-    return {"goals": goals, "fastest_backend": fastest}
+    out = {"goals": goals, "fastest_backend": fastest}
+    training = _training(result)
+    if training:  # a run with the training steps of phase 3
+        out["training"] = training
+    return out
+
+
+# The training step goal: CSSFE with the default settings (compile off, kernels auto) within 5 % of
+# the baseline head's images/s.
+STEP_GOAL = 0.95
+DEFAULT_STEP = ("off", "auto")
+
+
+def _training(result: dict) -> dict:
+    """The training-step goal, the fastest (compile, kernels) setting per head (what the defaults
+    ``compile`` and ``kernels: auto`` should be on this card), and the DeepSpeed verdicts."""
+    rows = [r for r in (result.get("train_step") or {}).get("rows", []) if r.get("images_per_s")]
+    out: dict = {}
+    default = [r for r in rows if r["head"] == "cssfe" and (r["compile"], r["kernels"]) == DEFAULT_STEP]
+    if default and default[0].get("vs_baseline"):
+        v = default[0]["vs_baseline"]
+        out["cssfe_default_vs_baseline"] = {"value": v, "target": STEP_GOAL, "met": v >= STEP_GOAL}
+    for head in sorted({r["head"] for r in rows}):
+        best = max((r for r in rows if r["head"] == head), key=lambda r: r["images_per_s"])
+        out.setdefault("fastest_step", {})[head] = {k: best.get(k) for k in ("compile", "kernels", "images_per_s",
+                                                                             "vs_baseline")}
+    ds = result.get("deepspeed") or {}
+    if "trains" in ds:
+        out["deepspeed"] = {k: ds.get(k) for k in ("trains", "resumed_same_loss", "images_per_s")}
+    return out
 
 
 def _cell(goal: dict) -> str:
@@ -148,7 +177,7 @@ def markdown(evaluation: dict) -> List[str]:
     """The summary's goal section (empty when nothing could be judged): a table per family, one row
     per dtype and provider, one column per goal."""
     goals, fastest = evaluation.get("goals", []), evaluation.get("fastest_backend", [])
-    if not goals and not fastest:
+    if not goals and not fastest and not evaluation.get("training"):
         return []
     lines = ["## Goals", "", "Judged at each family's main case, only on rows that agree with eager PyTorch."]
     for family in CASE_FIELDS:
@@ -166,6 +195,17 @@ def markdown(evaluation: dict) -> List[str]:
             cells = [_cell(mine[x.id]) if x.id in mine else "" for x in order]
             notes = sorted({g["note"] for g in mine.values() if g["note"] and g["note"] != "not measured"})
             lines.append(f"| {dtype} | {provider} | " + " | ".join(cells) + f" | {'; '.join(notes)} |")
+    training = evaluation.get("training") or {}
+    if training.get("cssfe_default_vs_baseline"):
+        g = training["cssfe_default_vs_baseline"]
+        lines += ["", f"- training step, CSSFE with the defaults (compile off, kernels auto) vs the baseline head: "
+                      f"{g['value']:.3f} (>= {g['target']}) {'met' if g['met'] else '**not met**'}"]
+    for head, r in (training.get("fastest_step") or {}).items():
+        lines.append(f"- fastest training step, {head}: compile {r['compile']}, kernels {r['kernels']} "
+                     f"({r['images_per_s']:.1f} images/s)")
+    if training.get("deepspeed"):
+        d = training["deepspeed"]
+        lines.append(f"- DeepSpeed: trains {d['trains']}, resumes to the same loss {d['resumed_same_loss']}")
     if fastest:
         lines += ["", "Fastest backend through the op (what `kernels: auto` should pick on this card):", ""]
         for f in fastest:

@@ -9,7 +9,7 @@
 #
 # Environment (all optional):
 #   PYTHON              interpreter to use (default: the first of python3, python that imports torch)
-#   GPU_CHECK_TIMEOUT   hard wall-clock limit in seconds (default 420); gpu_check.py gets a budget
+#   GPU_CHECK_TIMEOUT   hard wall-clock limit in seconds (default 480: 8 minutes); gpu_check.py gets a budget
 #                       25 s shorter and writes its JSON before it, `timeout` is the safety net
 #   MAX_JOBS            parallel compile jobs (default: nproc)
 #   TORCH_CUDA_ARCH_LIST  default: the local card's capability (nvidia-smi, else torch)
@@ -56,7 +56,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset CSSFE_NO_CUDA CSSFE_NO_JIT CSSFE_KERNEL_BACKEND TRITON_INTERPRET
 
-LIMIT=${GPU_CHECK_TIMEOUT:-420}
+LIMIT=${GPU_CHECK_TIMEOUT:-480}
 BUDGET=$((LIMIT - 25))
 if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
 PGIDS=$(mktemp "$TMP_BASE/cssfe_gpu_check_pgids.XXXXXX")

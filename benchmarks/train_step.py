@@ -6,7 +6,11 @@ the CSSFE head + loss in it, per backbone x head. Appends one JSON row per case 
     python benchmarks/train_step.py --backbone resnet50 --image-size 224 --batch-size 8
     python benchmarks/train_step.py --smoke               # tiny, for CI
     python benchmarks/train_step.py --backbone resnet50 --image-size 448 --precision bf16 \
-        --kernels auto,reference --out DIR                # on a GPU; rows go to DIR/train_step.jsonl
+        --kernels auto,reference --compile off,default,reduce-overhead --out DIR
+                                                          # on a GPU; rows go to DIR/train_step.jsonl
+
+``--compile``: the training config's ``compile`` / ``compile_mode`` settings (``off``: eager); the
+model and the loss are compiled in place as training compiles them (cssfe/engine/compiling.py).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import append_rows, meta  # noqa: E402
 from cssfe import ops  # noqa: E402
+from cssfe.engine import compiling  # noqa: E402
 from cssfe.losses import build_loss  # noqa: E402
 from cssfe.models.backbones import build_backbone  # noqa: E402
 from cssfe.models.heads import HEADS  # noqa: E402
@@ -52,7 +57,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, classes: int, device, warmup: int,
-               repeats: int, precision: str = "fp32", kernels: str = "auto") -> dict:
+               repeats: int, precision: str = "fp32", kernels: str = "auto", compile_mode: str = "off") -> dict:
     torch.manual_seed(0)
     groups = np.repeat([0, 1, 2], [classes // 3, classes // 3, classes - 2 * (classes // 3)])
     backbone = build_backbone(backbone_name, image_size=image_size)
@@ -63,6 +68,9 @@ def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, 
     freq = np.maximum(1, (1000 * np.linspace(1, 0.01, classes)).astype(int))
     loss_fn = build_loss("asl", freq, 2000)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if compile_mode != "off":  # after the optimizer took the parameters: compiling in place keeps them
+        torch._dynamo.reset()
+        compiling.compile_for_training(model, None, loss_fn, compile_mode)
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     y = (torch.rand(batch, classes, device=device) < 0.1).float()
 
@@ -98,9 +106,13 @@ def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, 
     with ops.use_backend(kernels):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()  # the first step alone: with compile, the compilation time
+        _sync(device)
+        first_step_s = time.perf_counter() - t0
         full = time_it(step, device, warmup, repeats)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-        part = time_it(head_step, device, warmup, repeats)
+        part = time_it(head_step, device, warmup, repeats) if compile_mode == "off" else None
     p20, p50, p80 = np.percentile(full, [20, 50, 80])
     return {
         "benchmark": "train_step",
@@ -108,6 +120,7 @@ def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, 
         "head": head_name,
         "precision": precision,
         "kernels": kernels,
+        "compile": compile_mode,
         "image_size": image_size,
         "batch": batch,
         "classes": classes,
@@ -115,8 +128,10 @@ def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, 
         "step_s_p20": p20,
         "step_s_p80": p80,
         "images_per_s": batch / p50,
-        "head_loss_s_p50": float(np.median(part)),
-        "head_loss_share": float(np.median(part) / p50),
+        # the head + loss alone, eager only (the compiled model is one graph)
+        "head_loss_s_p50": float(np.median(part)) if part is not None else None,
+        "head_loss_share": float(np.median(part) / p50) if part is not None else None,
+        "first_step_s": first_step_s,
         "peak_memory_bytes": peak,
     }
 
@@ -133,6 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast dtype of the step")
     p.add_argument("--kernels", default="auto", help="comma-separated kernel backends to compare (auto, reference, cuda, triton, cpu)")
+    p.add_argument("--compile", default="off",
+                   help="comma-separated compile settings: off, default, max-autotune, reduce-overhead")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager: no codegen)")
     p.add_argument("--out", default=None, help="folder for train_step.jsonl (default benchmarks/results)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, few repeats; results are not appended")
     args = p.parse_args(argv)
@@ -142,28 +160,39 @@ def main(argv=None) -> int:
     info = meta()
     rows = []
     failed = False
-    cases = [(h, k) for h in args.heads.split(",") for k in args.kernels.split(",")]
-    for kernels in {k for _, k in cases}:
+    if args.compile_backend:
+        compiling.BACKEND = args.compile_backend
+    modes = args.compile.split(",")
+    for mode in modes:
+        if mode != "off" and mode not in compiling.MODES:
+            p.error(f"--compile: unknown setting {mode!r}; choose from off, {', '.join(compiling.MODES)}")
+    cases = [(c, h, k) for c in modes for h in args.heads.split(",") for k in args.kernels.split(",")]
+    for kernels in {k for _, _, k in cases}:
         if kernels not in ops.dispatch.CHOICES:
             p.error(f"--kernels: unknown backend {kernels!r}; choose from {', '.join(ops.dispatch.CHOICES)}")
-    for head, kernels in cases:
-        if head != "cssfe" and kernels != cases[0][1]:
-            continue  # the baseline head uses no CSSFE op: one row is enough
+    first_kernels = args.kernels.split(",")[0]
+    # Under a time limit the cheap rows come first: every eager case, then each compile setting with the
+    # first kernels named, then the other kernels compiled (a compiled case spends most of its time compiling).
+    cases.sort(key=lambda c: 0 if c[0] == "off" else 1 if c[2] == first_kernels else 2)
+    for mode, head, kernels in cases:
+        if head != "cssfe" and kernels != first_kernels:
+            continue  # the baseline head uses no CSSFE op: one row per compile setting is enough
         try:
             row = {**bench_case(args.backbone, head, args.image_size, args.batch_size, args.classes, device, args.warmup,
-                                args.repeats, args.precision, kernels), **info}
+                                args.repeats, args.precision, kernels, mode), **info}
         except Exception as exc:  # one broken backend must not hide the other rows
-            print(f"{args.backbone:>9} {head:>8} {kernels:>9}: FAILED {type(exc).__name__}: {exc}")
+            print(f"{args.backbone:>9} {head:>8} {kernels:>9} compile={mode}: FAILED {type(exc).__name__}: {exc}")
             failed = True
             continue
         rows.append(row)
+        share = "" if row["head_loss_share"] is None else f", head+loss {100 * row['head_loss_share']:.1f} %"
         print(
-            f"{row['backbone']:>9} {row['head']:>8} {kernels:>9} {args.precision} {args.image_size}px b{args.batch_size}: "
-            f"{row['images_per_s']:8.1f} img/s (step p50 {row['step_s_p50'] * 1e3:.1f} ms, "
-            f"p20-p80 {row['step_s_p20'] * 1e3:.1f}-{row['step_s_p80'] * 1e3:.1f}), head+loss {100 * row['head_loss_share']:.1f} %"
-        )
-    if not args.smoke:
-        print(f"appended {len(rows)} rows to {append_rows('train_step.jsonl', rows, args.out)}")
+            f"{row['backbone']:>9} {row['head']:>8} {kernels:>9} compile={mode} {args.precision} {args.image_size}px "
+            f"b{args.batch_size}: {row['images_per_s']:8.1f} img/s (step p50 {row['step_s_p50'] * 1e3:.1f} ms, "
+            f"p20-p80 {row['step_s_p20'] * 1e3:.1f}-{row['step_s_p80'] * 1e3:.1f}; first step {row['first_step_s']:.1f} s)"
+            f"{share}", flush=True)
+        if not args.smoke or args.out:  # row by row: a run stopped by a time limit keeps the rows it has
+            append_rows("train_step.jsonl", [row], args.out)
     return 1 if failed else 0
 
 

@@ -110,6 +110,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     kernels: str = "auto"  # backend of the CSSFE ops: auto | reference | cpu | cuda | triton (see cssfe/ops)
+    compile: bool = False  # torch.compile the model and the loss, for training and evaluation (docs/performance.md)
+    compile_mode: str = "default"  # default | max-autotune | reduce-overhead (CUDA graphs)
     output_dir: str = "runs/default"
     eval_every: int = 1
     checkpoint_every_steps: int = 0  # also checkpoint inside epochs (0: at epoch ends only)
@@ -303,6 +305,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.kernels not in ("auto", "reference", "cpu", "cuda", "triton"):
         raise ConfigError(f"config key 'kernels' must be auto, reference, cpu, cuda or triton, got {cfg.kernels!r}")
+    if cfg.compile_mode not in ("default", "max-autotune", "reduce-overhead"):
+        raise ConfigError(f"config key 'compile_mode' must be default, max-autotune or reduce-overhead, got {cfg.compile_mode!r}")
     if not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {cfg.data.test_fraction}")
     if cfg.data.on_bad_image not in ("skip", "error"):

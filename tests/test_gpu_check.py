@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py end to end on CPU (--cpu-dry-run): the same orchestration, workers,
-parity and benchmark code as on a GPU, with tiny shapes and CPU timers. Two faults are injected
+parity, benchmark and training code (the training-step benchmark under each kernels x compile
+setting, a DeepSpeed run killed and resumed) as on a GPU, with tiny shapes and CPU timers. Two faults are injected
 (a worker crash and a hang) to check that they are recorded and the rest still runs."""
 import json
 import os
@@ -20,8 +21,9 @@ def _num(x):
 def test_gpu_check_cpu_dry_run(tmp_path):
     env = dict(os.environ, GPU_CHECK_FAULT="sdpa_math:bfloat16=crash,sdpa_math:float32=hang")
     env.pop("TRITON_INTERPRET", None)
+    shm_before = set(os.listdir("/dev/shm"))
     cmd = [sys.executable, SCRIPT, "--cpu-dry-run", "--out", str(tmp_path), "--task-timeout-s", "15"]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, out
     data = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -45,18 +47,20 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert {c["op"] for c in checks} == {"attention", "enhance", "asl"}
     assert parity["summary"]["cuda_direct"] == "passed"
     tests = [t for run in parity["pytest"]["runs"] for t in run["tests"]]
-    assert [t["outcome"] for t in tests] == ["skipped"], parity["pytest"]  # the GPU test, on CPU
+    # the GPU tests, on CPU: the CUDA backend's and the host-read check of a warmed-up step (3 backends)
+    assert [t["outcome"] for t in tests] == ["skipped"] * 4, parity["pytest"]
+    assert sum("test_host_sync" in t["id"] for t in tests) == 3, tests
 
     bench = data["benchmarks"]
     asl = {(r["provider"], r["B"], r["C"], r["dtype"]): r for r in bench["asl"]}
-    for provider in ("eager", "eager_module", "compile", "compile_autograd", "cpu", "cpu_kernel"):
+    for provider in ("eager", "eager_module", "compile", "compile_ro", "compile_autograd", "cpu", "cpu_kernel"):
         for dtype in ("float32", "bfloat16"):
             r = asl[(provider, 64, 20, dtype)]
             assert r["ok"] and r["check"]["agrees"], r
             for key in ("median_ms", "p20_ms", "p80_ms", "gbps", "copy_fraction", "speedup_vs_eager"):
                 assert _num(r[key]) and r[key] > 0, (key, r)
     attn = {(r["provider"], r["dtype"]): r for r in bench["attention"]}
-    for provider in ("eager", "compile", "cpu", "sdpa"):
+    for provider in ("eager", "compile", "compile_ro", "cpu", "sdpa"):
         for dtype in ("float32", "bfloat16"):
             r = attn[(provider, dtype)]
             assert r["ok"] and r["check"]["agrees"], r
@@ -105,7 +109,29 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     fastest = {(f["op"], f["dtype"]): f for f in data["goals"]["fastest_backend"]}
     assert set(fastest[("asl", "float32")]["median_ms"]) == {"reference", "cpu"}
     assert set(fastest[("enhance", "bfloat16")]["median_ms"]) == {"reference", "cpu"}
+    # the training step: the baseline head and CSSFE under every kernels x compile setting
+    rows = data["train_step"]["rows"]
+    assert data["train_step"]["rc"] == 0, data["train_step"]["output_tail"]
+    settings = ("off", "default")
+    assert {(r["compile"], r["head"], r["kernels"]) for r in rows} == (
+        {(c, "cssfe", k) for c in settings for k in ("auto", "cpu")} | {(c, "baseline", "auto") for c in settings})
+    for r in rows:
+        assert _num(r["images_per_s"]) and r["images_per_s"] > 0 and r["precision"] == "bf16", r
+        assert r["head"] == "baseline" or (_num(r["vs_baseline"]) and r["vs_baseline"] > 0), r
+    # DeepSpeed, ZeRO-2 bf16 compiled: trained, killed by SIGKILL after a mid-epoch checkpoint, resumed to the
+    # uninterrupted run's loss
+    ds = data["deepspeed"]
+    assert {name: run["rc"] for name, run in ds["runs"].items()} == {"whole": 0, "killed": -9, "resumed": 0}, ds["runs"]
+    assert ds["trains"] and ds["killed_mid_run"] and ds["resumed_same_loss"], ds
+    assert ds["final_loss_rel_diff"] <= 1e-3 and len(ds["images_per_s"]) == 2 and all(x > 0 for x in ds["images_per_s"])
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_") and f not in shm_before]
+    training = data["goals"]["training"]
+    assert training["deepspeed"]["resumed_same_loss"] and set(training["fastest_step"]) == {"baseline", "cssfe"}
+    default = next(r for r in rows if (r["head"], r["compile"], r["kernels"]) == ("cssfe", "off", "auto"))
+    assert training["cssfe_default_vs_baseline"]["value"] == default["vs_baseline"]
     summary = (tmp_path / "summary.md").read_text()
+    assert "## Training step" in summary and "| default | cssfe | cpu |" in summary
+    assert "resumes to the same loss: True" in summary
     assert "## Goals" in summary and summary.index("## Goals") < summary.index("## ASL forward+backward")
     assert "| bfloat16 | auto (class_attention: cpu, progressive_enhance: cpu) |" in summary
     assert "## progressive_enhance alone" in summary and "- progressive_enhance bfloat16 at B=2 C=8 L=32" in summary

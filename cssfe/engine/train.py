@@ -25,7 +25,7 @@ from cssfe import ops
 from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
 from cssfe.data.datasets import check_batch
-from cssfe.engine import distributed, tracking
+from cssfe.engine import compiling, distributed, tracking
 from cssfe.engine.checkpoint import load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
 from cssfe.engine.ema import ModelEMA
 from cssfe.engine.evaluate import evaluate, format_table
@@ -39,6 +39,7 @@ RESUMABLE_CHANGES = {
     "progress", "device", "eval_every", "output_dir", "cache_dir", "checkpoint_every_steps", "max_nonfinite_steps",
     "data.num_workers", "data.eval_batch_size", "data.check_images", "data.on_bad_image",
     "logging.log_level", "logging.tensorboard", "logging.wandb", "logging.wandb_project", "logging.step_every",
+    "compile", "compile_mode",
 }
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
     if ctx.world_size > 1 and ctx.main:
         torch.distributed.barrier()
     ema = ModelEMA(model, cfg.optim.ema_decay)  # before DeepSpeed: ZeRO-3 partitions the model's parameters
+    if cfg.compile:  # in place, after the EMA copy (each compiles its own graph); state_dict keys unchanged
+        compiling.compile_for_training(model, ema.module, loss_fn, cfg.compile_mode)
 
     batch_size = cfg.data.batch_size
     micro = ds_config["train_micro_batch_size_per_gpu"] if use_ds else batch_size

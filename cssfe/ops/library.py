@@ -236,6 +236,7 @@ class _EagerASL(torch.autograd.Function):
     def forward(ctx, logits, targets, *args):
         loss, grad = _asl_kernel(logits, targets, *args)
         _asl_setup(ctx, None, (loss, grad))
+        ctx.set_materialize_grads(False)  # no zeros for the gradient output's (unused) gradient in backward
         ctx.backend = args[-1]
         ctx.grad_handed_on = False
         return loss, grad
@@ -349,6 +350,7 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, backend):
         z, lse = _attn_kernel(q, k, v, backend)
         _attn_setup(ctx, (q, k, v, backend), (z, lse))
+        ctx.set_materialize_grads(False)  # no zeros for lse's (unused) gradient in backward
         return z, lse
 
     @staticmethod
