@@ -50,7 +50,7 @@ class ModelConfig:
     backbone: str = "smallcnn"
     pretrained: bool = False
     weights_path: Optional[str] = None  # local backbone weights, used instead of a download
-    head: str = "cssfe"  # cssfe | baseline
+    head: str = "cssfe"  # cssfe | cprfl | baseline
     embedding: str = "minilm"  # text encoder: rie | minilm | clip
     embedding_options: Dict[str, Any] = field(default_factory=dict)
     prompt: str = "a photo of {}."
@@ -61,6 +61,7 @@ class ModelConfig:
     gate: str = "uncertainty"  # uncertainty: 1 - |2p - 1| | absence: 1 - p
     tau: float = 0.1  # temperature of the semantic affinity
     aux_weight: float = 0.5  # weight of the loss on first-pass logits
+    head_options: Dict[str, Any] = field(default_factory=dict)  # cprfl: depth, heads, dropout, stop_*_grad... (docs/method.md)
 
 
 @dataclass

@@ -142,3 +142,7 @@ def _cssfe(in_channels: int, num_classes: int, embeddings: torch.Tensor, groups,
 @HEADS.register("baseline")
 def _baseline(in_channels: int, num_classes: int, embeddings=None, groups=None, **options) -> nn.Module:
     return BaselineHead(in_channels, num_classes)
+
+
+# Heads in their own modules register themselves on import (at the end: they import HEADS from here).
+from cssfe.models import cprfl  # noqa: E402,F401
