@@ -50,6 +50,8 @@ class CSSFEHead(nn.Module):
     enhancement of Z0 under the affinity R (masked or not); final logits = logit(Z').
     """
 
+    has_class_maps = True  # forward(return_maps=True) gives "maps" (and "refined_maps")
+
     def __init__(
         self,
         in_channels: int,
