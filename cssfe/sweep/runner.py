@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from cssfe.sweep.studies import Study
+from cssfe.sweep.summary import F1_FIELDS
 from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, experiment_name, trial_dir
 
 PLAN_FILE = "sweep_plan.json"  # the study as the sweep first ran it: a restore reruns exactly this
@@ -108,7 +109,7 @@ def trial_record(study: Study, plan: Dict[str, Any], variant: str, seed: int, tu
     run_dir = trial_dir(plan, study, variant, seed)
     log_path, final_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "metrics.json")
     record: Dict[str, Any] = {"variant": variant, "seed": seed, "epochs": 0, "lambda": None, "error": None, "run_dir": run_dir,
-                              **{g: None for g in ("total", "head", "medium", "tail")}}
+                              **{g: None for g in ("total", "head", "medium", "tail")}, **{f: None for f in F1_FIELDS}}
     if os.path.isfile(log_path):
         with open(log_path) as f:
             lines = [json.loads(line) for line in f if line.strip()]
@@ -117,7 +118,9 @@ def trial_record(study: Study, plan: Dict[str, Any], variant: str, seed: int, tu
             record.update(epochs=last["epoch"], **{"lambda": last.get("lambda")}, **(last.get("mAP") or {}))
     if os.path.isfile(final_path):
         with open(final_path) as f:
-            record.update(json.load(f)["final"]["mAP"])
+            final = json.load(f)["final"]
+        record.update(final["mAP"])
+        record.update({f"f1_{k}": v for k, v in (final.get("f1") or {}).items() if f"f1_{k}" in F1_FIELDS})
         record["status"] = "finished"
     elif error is not None:
         record["status"] = "failed"

@@ -155,7 +155,10 @@ def load_study(name_or_path: str, seeds: Optional[Sequence[int]] = None, overrid
         key, _, value = item.partition("=")
         common[key.strip()] = yaml.safe_load(value) if value != "" else ""
     name = os.path.splitext(os.path.basename(path))[0]
-    study = Study(name=name, title=str(raw.get("title") or name), config=raw.get("config"), overrides=common,
+    config = raw.get("config")
+    if config and not os.path.isabs(config) and not os.path.isfile(config):  # a shipped config: from the repository root
+        config = os.path.join(os.path.dirname(os.path.dirname(STUDY_DIR)), config)
+    study = Study(name=name, title=str(raw.get("title") or name), config=config, overrides=common,
                   seeds=[int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0])],
                   variants=found, source=path)
     seen: Dict[str, str] = {}

@@ -202,3 +202,40 @@ def test_trained_head_round_trips_evaluates_predicts_visualizes_and_exports(cprf
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"scores"' in proc.stdout
+
+
+def test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1(tmp_path):
+    import json
+
+    from cssfe.config import to_dict
+    from cssfe.sweep.runner import trial_record
+    from cssfe.sweep.studies import load_study
+    from cssfe.sweep.summary import summary_markdown, write_summary
+
+    for name, data in (("methods", "bundled"), ("methods_lt_voc", "lt_voc"), ("methods_lt_coco", "lt_coco"), ("methods_odir5k", "odir5k")):
+        study = load_study(name)
+        configs = [to_dict(study.trial_config(label, 0)) for label in study.variants]
+        assert [c["model"]["head"] for c in configs] == ["baseline", "cssfe", "cprfl"], name
+        assert {c["data"]["name"] for c in configs} == {data} and study.seeds == [0, 1, 2]
+        for c in configs:  # the same recipe: only the head differs
+            c["model"]["head"] = None
+        assert all(c == configs[0] for c in configs), name
+
+    # a finished trial's record carries the F1 of its metrics.json; the report has the F1 table
+    study = load_study("methods")
+    records = []
+    for label, seed, f1 in (("CSSFE", 0, 0.7), ("CSSFE", 1, 0.8), ("CPRFL", 0, 0.6)):
+        run = tmp_path / f"{label}{seed}"
+        run.mkdir()
+        mAP = {"total": 50.0, "head": 60.0, "medium": 50.0, "tail": 40.0}
+        (run / "metrics.json").write_text(json.dumps({"final": {"mAP": mAP, "f1": {"weighted": f1, "micro": f1 - 0.1, "macro": f1 - 0.2}}}))
+        plan = {"trial_dirs": {f"{label}|{seed}": str(run)}, "experiment": "methods"}
+        records.append(trial_record(study, plan, label, seed))
+    assert records[0]["f1_weighted"] == 0.7 and records[2]["f1_macro"] == pytest.approx(0.4)
+    text = summary_markdown(study, records)
+    assert "| variant | class-weighted F1 | micro F1 | macro F1 | n |" in text and "threshold 0.5" in text
+    assert "| CSSFE | 0.750 ± 0.071 | 0.650 ± 0.071 | 0.550 ± 0.071 | 2 |" in text
+    assert "| CPRFL | 0.600 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 | 1 |" in text
+    paths = write_summary(study, records, str(tmp_path / "report"))
+    rows = open(paths["f1_csv"]).read().splitlines()
+    assert rows[0].startswith("variant,n,f1_weighted_mean,f1_weighted_std") and rows[1].startswith("CSSFE,2,0.7500,0.0707")
