@@ -1,5 +1,7 @@
 """The CPRFL head: shapes, gradients and its two gradient stops, every kernels setting, and one tiny
 training through the command line followed by checkpoint loading, evaluate, predict, visualize, export."""
+import io
+import json
 import os
 import subprocess
 import sys
@@ -119,24 +121,25 @@ def test_uses_no_custom_kernel(monkeypatch):
     out["logits"].sum().backward()
 
 
-def test_config_options_reach_the_head_and_bad_keys_are_named():
+def test_config_options_reach_the_head_and_bad_keys_are_named(tmp_path):
     from cssfe.config import load_config
     from cssfe.models.model import build_model
 
     cfg = load_config(None, ["model.head=cprfl", "model.embedding=rie", "model.dim=32",
                              "model.head_options={depth: 2, heads: 4, stop_prompt_grad: true}"])
-    model = build_model(cfg.model, [f"c{i}" for i in range(C)], [0, 0, 1, 2, 2], 32, cache_dir="unused")
+    model = build_model(cfg.model, [f"c{i}" for i in range(C)], [0, 0, 1, 2, 2], 32, cache_dir=str(tmp_path))
     head = model.head
     assert isinstance(head, CPRFLHead) and len(head.layers) == 2 and head.layers[0].heads == 4
     assert head.stop_prompt_grad and isinstance(head.embeddings, torch.nn.Parameter)  # RIE: learnable prompts
     bad = load_config(None, ["model.head=cprfl", "model.embedding=rie", "model.head_options={depht: 2}"])
     with pytest.raises(ValueError, match="model.head_options.*'depht'"):
-        build_model(bad.model, ["a", "b"], [0, 1], 32, cache_dir="unused")
+        build_model(bad.model, ["a", "b"], [0, 1], 32, cache_dir=str(tmp_path))
 
 
 @pytest.fixture(scope="module")
 def cprfl_run(tmp_path_factory):
-    """One epoch of CPRFL through the training command, on a tiny LT-VOC tree (24 + 6 images, 32 px)."""
+    """One epoch of CPRFL through the training command, on a tiny LT-VOC tree (24 + 6 images, 32 px),
+    with learnable random label embeddings (no text model to load; the checkpoint must carry them)."""
     sys.path.insert(0, os.path.join(ROOT, "tests", "data"))
     from format_builders import make_lt_voc
 
@@ -145,7 +148,7 @@ def cprfl_run(tmp_path_factory):
     out = root / "run"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--output-dir", str(out), "model.head=cprfl",
-         "data.name=lt_voc", f"data.root={root}", "data.image_size=32", "data.batch_size=8", "optim.epochs=1",
+         "data.name=lt_voc", f"data.root={root}", "data.image_size=32", "data.batch_size=8", "optim.epochs=1", "model.embedding=rie", "model.dim=32",
          "progress=false"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,7 +158,10 @@ def cprfl_run(tmp_path_factory):
 def test_trained_head_round_trips_evaluates_predicts_visualizes_and_exports(cprfl_run, tmp_path):
     from PIL import Image
 
+    from cssfe.data.images import read_rgb
+    from cssfe.data.transforms import build_transform
     from cssfe.engine.evaluation import evaluate_checkpoint
+    from cssfe.engine.prediction import predict_files
     from cssfe.engine.export import export_model
     from cssfe.engine.inference import load_trained
     from cssfe.engine.train import kernel_backend
@@ -187,6 +193,9 @@ def test_trained_head_round_trips_evaluates_predicts_visualizes_and_exports(cprf
     assert "reference" in ran and len(ran) >= 2, ran
 
     sample = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", "000001.jpg")
+
+    def read_image(path):
+        return build_transform(trained.cfg.data.image_size, train=False)(read_rgb(path))[None]
     grid = render_grid(trained, str(tmp_path / "grid.png"), sample, classes=[0, 1])
     with Image.open(grid) as img:
         assert img.size[0] >= int(3 * 2.1 * 90) - 5  # image, prompt attention, Grad-CAM
@@ -198,15 +207,14 @@ def test_trained_head_round_trips_evaluates_predicts_visualizes_and_exports(cprf
         torch.testing.assert_close(exported(x), torch.sigmoid(want), atol=1e-5, rtol=0)
     assert diff <= 1e-5
 
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "predict.py"), "--checkpoint", str(ckpt), sample],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert '"scores"' in proc.stdout
+    lines = io.StringIO()
+    assert predict_files(trained, [sample], out=lines) == []
+    line = json.loads(lines.getvalue())
+    assert list(line["scores"]) == trained.class_names
+    assert list(line["scores"].values()) == pytest.approx(torch.sigmoid(trained.model(read_image(sample))["logits"])[0].tolist(), abs=1e-6)
 
 
 def test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1(tmp_path):
-    import json
-
     from cssfe.config import to_dict
     from cssfe.sweep.runner import trial_record
     from cssfe.sweep.studies import load_study
