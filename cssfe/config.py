@@ -297,6 +297,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'model.gate' must be 'uncertainty' or 'absence', got {cfg.model.gate!r}")
     if cfg.optim.amp not in ("auto", "on", "off"):
         raise ConfigError(f"config key 'optim.amp' must be auto, on or off, got {cfg.optim.amp!r}")
+    if cfg.model.head_options:  # only CPRFL takes head options
+        if cfg.model.head != "cprfl":
+            raise ConfigError(f"config key 'model.head_options' applies to model.head=cprfl, not {cfg.model.head!r}")
+        from cssfe.models.cprfl import check_options
+
+        check_options(cfg.model.head_options)
     if "{}" not in cfg.model.prompt and "{class}" not in cfg.model.prompt:
         raise ConfigError(f"config key 'model.prompt' must contain '{{}}' or '{{class}}' for the class name, got {cfg.model.prompt!r}")
     if cfg.model.weights_path is not None and not os.path.isfile(cfg.model.weights_path):

@@ -122,14 +122,26 @@ class CPRFLHead(nn.Module):
         return out
 
 
+# What ``model.head_options`` may set (``model.dim`` is the width d).
+OPTION_NAMES = ("depth", "heads", "dim_head", "mlp_dim", "prompt_expand", "dropout", "residual",
+                "stop_feature_grad", "stop_prompt_grad")
+
+
+def check_options(options: Dict) -> None:
+    """Raise ConfigError naming ``model.head_options`` and the key at fault (called by config validation)."""
+    from cssfe.config import ConfigError
+
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ConfigError(f"config key 'model.head_options': unknown cprfl option {unknown[0]!r}; valid: {', '.join(OPTION_NAMES)}")
+    if options.get("stop_feature_grad") and options.get("stop_prompt_grad"):
+        raise ConfigError("config key 'model.head_options': stop_feature_grad and stop_prompt_grad together leave no gradient")
+
+
 def config_options(cfg, learnable_embeddings: bool) -> Dict:
     """The head's keyword arguments from a :class:`cssfe.config.ModelConfig` (``model.dim`` and
-    ``model.head_options``), checked so that a wrong key names the config field at fault."""
-    allowed = {"depth", "heads", "dim_head", "mlp_dim", "prompt_expand", "dropout", "residual",
-               "stop_feature_grad", "stop_prompt_grad"}
-    unknown = sorted(set(cfg.head_options) - allowed)
-    if unknown:
-        raise ValueError(f"config key 'model.head_options': unknown cprfl option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
+    ``model.head_options``)."""
+    check_options(cfg.head_options)
     return dict(dim=cfg.dim, learnable_embeddings=learnable_embeddings, **cfg.head_options)
 
 

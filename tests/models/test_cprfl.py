@@ -122,7 +122,7 @@ def test_uses_no_custom_kernel(monkeypatch):
 
 
 def test_config_options_reach_the_head_and_bad_keys_are_named(tmp_path):
-    from cssfe.config import load_config
+    from cssfe.config import ConfigError, load_config
     from cssfe.models.model import build_model
 
     cfg = load_config(None, ["model.head=cprfl", "model.embedding=rie", "model.dim=32",
@@ -131,9 +131,13 @@ def test_config_options_reach_the_head_and_bad_keys_are_named(tmp_path):
     head = model.head
     assert isinstance(head, CPRFLHead) and len(head.layers) == 2 and head.layers[0].heads == 4
     assert head.stop_prompt_grad and isinstance(head.embeddings, torch.nn.Parameter)  # RIE: learnable prompts
-    bad = load_config(None, ["model.head=cprfl", "model.embedding=rie", "model.head_options={depht: 2}"])
-    with pytest.raises(ValueError, match="model.head_options.*'depht'"):
-        build_model(bad.model, ["a", "b"], [0, 1], 32, cache_dir=str(tmp_path))
+    # mistakes are named when the config is read, before any data or model is built
+    with pytest.raises(ConfigError, match="model.head_options.*'depht'"):
+        load_config(None, ["model.head=cprfl", "model.head_options={depht: 2}"])
+    with pytest.raises(ConfigError, match="model.head_options.*together"):
+        load_config(None, ["model.head=cprfl", "model.head_options={stop_feature_grad: true, stop_prompt_grad: true}"])
+    with pytest.raises(ConfigError, match="model.head_options' applies to model.head=cprfl, not 'cssfe'"):
+        load_config(None, ["model.head_options={depth: 2}"])
 
 
 @pytest.fixture(scope="module")
