@@ -82,6 +82,10 @@ def trial_key(variant: str, seed: int) -> str:
     return f"{slug}_s{seed}"
 
 
+# Keys added after runs were trained: left at their empty default they leave those runs' digests as they were.
+UNSET_IS_ABSENT = ("model.head_options",)
+
+
 def config_hash(cfg: TrainConfig) -> str:
     """A digest of what changes a run's numbers (not where it writes, its cache or its console):
     trials of the same config in different studies share one run folder, and train once."""
@@ -92,7 +96,7 @@ def config_hash(cfg: TrainConfig) -> str:
 
     def strip(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("params", "embedding_options") else v
-                for k, v in d.items() if prefix + k not in RESUMABLE_CHANGES}
+                for k, v in d.items() if prefix + k not in RESUMABLE_CHANGES and not (prefix + k in UNSET_IS_ABSENT and v == {})}
 
     blob = json.dumps(strip(to_dict(cfg)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -251,3 +251,25 @@ def test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1(tmp_path)
     paths = write_summary(study, records, str(tmp_path / "report"))
     rows = open(paths["f1_csv"]).read().splitlines()
     assert rows[0].startswith("variant,n,f1_weighted_mean,f1_weighted_std") and rows[1].startswith("CSSFE,2,0.7500,0.0707")
+
+
+def test_sweep_digests_of_runs_from_before_head_options_are_unchanged(monkeypatch):
+    """Trials are reused across studies by config digest: the new key, left empty, must not move them."""
+    import cssfe.config
+    from cssfe.config import load_config
+    from cssfe.sweep.studies import config_hash
+
+    cfg = load_config(None)
+    with_key = config_hash(cfg)
+    real = cssfe.config.to_dict
+
+    def schema_before(c):
+        values = real(c)
+        del values["model"]["head_options"]
+        return values
+
+    monkeypatch.setattr(cssfe.config, "to_dict", schema_before)
+    assert config_hash(cfg) == with_key
+    monkeypatch.undo()
+    assert config_hash(load_config(None, ["model.head=cprfl", "model.head_options={depth: 2}"])) != \
+        config_hash(load_config(None, ["model.head=cprfl"]))
