@@ -39,10 +39,15 @@ def f1_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str, np.n
     return out
 
 
+def _mean_std(values: np.ndarray):
+    """Mean and sample std over trials (rows); std 0 for a single trial."""
+    return np.nanmean(values, axis=0), (np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1]))
+
+
 def f1_markdown(variants: Dict[str, np.ndarray]) -> str:
     lines = ["| variant | class-weighted F1 | micro F1 | macro F1 | n |", "|---|---|---|---|---|"]
     for name, values in variants.items():
-        mean, std = np.nanmean(values, axis=0), (np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(3))
+        mean, std = _mean_std(values)
         lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std)) + f" | {len(values)} |")
     return "\n".join(lines)
 
@@ -103,8 +108,7 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> 
     if f1:  # one row per variant with an F1: class-weighted, micro, macro (mean, std)
         paths["f1_csv"] = os.path.join(out_dir, f"{study.name}_f1.csv")
         _write_csv(paths["f1_csv"], ["variant", "n", *[f"{c}_{s}" for c in F1_FIELDS for s in ("mean", "std")]],
-                   [[label, len(v), *[f"{x:.4f}" for pair in zip(np.nanmean(v, axis=0), np.nanstd(v, axis=0, ddof=1) if len(v) > 1
-                                                              else np.zeros(3)) for x in pair]] for label, v in f1.items()])
+                   [[label, len(v), *[f"{x:.4f}" for pair in zip(*_mean_std(v)) for x in pair]] for label, v in f1.items()])
     if variants:
         bar_chart(variants, paths["png"], title=f"{study.title}: mAP (%), mean ± std over seeds")
     else:
