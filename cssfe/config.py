@@ -50,7 +50,7 @@ class ModelConfig:
     backbone: str = "smallcnn"
     pretrained: bool = False
     weights_path: Optional[str] = None  # local backbone weights, used instead of a download
-    head: str = "cssfe"  # cssfe | baseline
+    head: str = "cssfe"  # cssfe | cprfl | baseline
     embedding: str = "minilm"  # text encoder: rie | minilm | clip
     embedding_options: Dict[str, Any] = field(default_factory=dict)
     prompt: str = "a photo of {}."
@@ -61,6 +61,7 @@ class ModelConfig:
     gate: str = "uncertainty"  # uncertainty: 1 - |2p - 1| | absence: 1 - p
     tau: float = 0.1  # temperature of the semantic affinity
     aux_weight: float = 0.5  # weight of the loss on first-pass logits
+    head_options: Dict[str, Any] = field(default_factory=dict)  # cprfl: depth, heads, dropout, stop_*_grad... (docs/method.md)
 
 
 @dataclass
@@ -315,6 +316,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'model.gate' must be 'uncertainty' or 'absence', got {cfg.model.gate!r}")
     if cfg.optim.amp not in ("auto", "on", "off"):
         raise ConfigError(f"config key 'optim.amp' must be auto, on or off, got {cfg.optim.amp!r}")
+    if cfg.model.head_options:  # only CPRFL takes head options
+        if cfg.model.head != "cprfl":
+            raise ConfigError(f"config key 'model.head_options' applies to model.head=cprfl, not {cfg.model.head!r}")
+        from cssfe.models.cprfl import check_options
+
+        check_options(cfg.model.head_options)
     if "{}" not in cfg.model.prompt and "{class}" not in cfg.model.prompt:
         raise ConfigError(f"config key 'model.prompt' must contain '{{}}' or '{{class}}' for the class name, got {cfg.model.prompt!r}")
     if cfg.model.weights_path is not None and not os.path.isfile(cfg.model.weights_path):

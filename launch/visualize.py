@@ -2,7 +2,8 @@
 """Class activation maps and Grad-CAM: ``python launch/visualize.py --checkpoint CKPT [--images IMG ...] [--output-dir DIR]``.
 
 Without --images, draws a head, a medium and a tail example of the checkpoint's test set. One PNG per
-image: the first-pass map A, the refined map A' with and without the distribution-aware mask, Grad-CAM.
+image: the first-pass map A, the refined map A' with and without the distribution-aware mask, Grad-CAM
+(a CPRFL head: each prompt's attention over the image and Grad-CAM; the baseline head: Grad-CAM).
 """
 import argparse
 import os

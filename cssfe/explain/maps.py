@@ -1,8 +1,8 @@
-"""Class activation maps of a CSSFE model, and Grad-CAM on the backbone's last stage.
+"""Class activation maps of a model whose head has them, and Grad-CAM on the backbone's last stage.
 
-``class_maps`` gives the first-pass maps A and the refined maps A' (SPEC section 1) under the
+``class_maps`` gives a CSSFE head's first-pass maps A and refined maps A' (SPEC section 1) under the
 model's own mask setting and under the other one (same weights, only the enhancement's mask
-changes), all upsampled to the image size.
+changes), a CPRFL head's attention of each prompt over the image, all upsampled to the image size.
 """
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-
-from cssfe.models.heads import CSSFEHead
 
 
 def _upsample(maps: torch.Tensor, h: int, w: int, size) -> torch.Tensor:
@@ -22,10 +20,11 @@ def _upsample(maps: torch.Tensor, h: int, w: int, size) -> torch.Tensor:
 @torch.no_grad()
 def class_maps(model: torch.nn.Module, images: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
     """``{"maps", "refined_mask", "refined_nomask", "probs"}``: maps [B, C, H, W] upsampled to
-    ``size`` (default: the input size), probs [B, C] of the model as trained."""
+    ``size`` (default: the input size), probs [B, C] of the model as trained. A head without
+    refined maps (CPRFL: attention of each prompt) gives ``{"maps", "probs"}``."""
     head = model.head
-    if not isinstance(head, CSSFEHead):
-        raise TypeError("class activation maps need a CSSFE head; the baseline head has none (use gradcam)")
+    if not getattr(head, "has_class_maps", False):
+        raise TypeError(f"class activation maps need a head that has them (cssfe, cprfl); {type(head).__name__} has none (use gradcam)")
     feats = model.backbone(images)
     h, w = feats.shape[-2:]
     size = tuple(size or images.shape[-2:])
@@ -33,6 +32,9 @@ def class_maps(model: torch.nn.Module, images: torch.Tensor, size: Optional[Tupl
     for mask in (True, False):
         result = head(feats, return_maps=True, mask=mask)
         out["maps"] = _upsample(result["maps"], h, w, size)
+        if "refined_maps" not in result:  # nothing that the mask changes
+            out["probs"] = torch.sigmoid(result["logits"].float())
+            return out
         out["refined_mask" if mask else "refined_nomask"] = _upsample(result["refined_maps"], h, w, size)
         if mask == head.mask:
             out["probs"] = torch.sigmoid(result["logits"].float())

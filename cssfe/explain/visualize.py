@@ -3,7 +3,8 @@
 One PNG per image; one row per class shown (the image's labels when known, else the top
 predictions); columns: the image, the first-pass map A, the refined map A' with the
 distribution-aware mask and without it (same weights, only the enhancement's mask changes), and
-Grad-CAM on the backbone's last stage of the logits with and without the mask.
+Grad-CAM on the backbone's last stage of the logits with and without the mask. A CPRFL head shows
+each prompt's attention over the image and Grad-CAM; the baseline head, Grad-CAM alone.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from cssfe.data.images import ImageSource, read_rgb, source_files
 from cssfe.data.transforms import build_transform
 from cssfe.engine.inference import TrainedModel
 from cssfe.explain.maps import class_maps, gradcam
-from cssfe.models.heads import CSSFEHead
 
 COLUMNS = {
     "maps": "map A (1st pass)",
@@ -27,6 +27,8 @@ COLUMNS = {
     "gradcam_mask": "Grad-CAM with mask",
     "gradcam_nomask": "Grad-CAM without mask",
 }
+# A head whose maps have no refinement to compare (CPRFL): its one map per class, and Grad-CAM.
+SINGLE_MAP_COLUMNS = {"maps": "prompt attention", "gradcam": "Grad-CAM"}
 
 
 def pick_examples(labels: np.ndarray, groups: np.ndarray) -> Dict[str, int]:
@@ -53,16 +55,17 @@ def render_grid(
     rgb = read_rgb(image_path)  # a file, or ODIR-5K's two eyes side by side (what the model saw)
     size = (rgb.height, rgb.width)
     x = build_transform(trained.cfg.data.image_size, train=False)(rgb)[None]
-    has_maps = isinstance(model.head, CSSFEHead)
-    if has_maps:
+    titles = {"gradcam": "Grad-CAM"}
+    if getattr(model.head, "has_class_maps", False):
         maps = class_maps(model, x, size=size)
         probs = maps["probs"][0]
+        titles = COLUMNS if "refined_mask" in maps else SINGLE_MAP_COLUMNS
     else:
         with torch.no_grad():
             probs = torch.sigmoid(model(x)["logits"].float())[0]
     if classes is None:
         classes = torch.argsort(probs, descending=True)[:top_k].tolist()
-    columns = list(COLUMNS) if has_maps else ["gradcam"]
+    columns = list(titles)
     fig, axes = plt.subplots(len(classes), len(columns) + 1, figsize=(2.1 * (len(columns) + 1), 2.2 * len(classes)), dpi=90, squeeze=False)
     image = np.asarray(rgb)
     for row, cls in enumerate(classes):
@@ -78,7 +81,7 @@ def render_grid(
             axes[row, col].imshow(image)
             axes[row, col].imshow(heat.numpy(), cmap="jet", alpha=0.5)
             if row == 0:
-                axes[row, col].set_title(COLUMNS.get(key, "Grad-CAM"), fontsize=8)
+                axes[row, col].set_title(titles[key], fontsize=8)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])

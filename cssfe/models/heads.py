@@ -55,6 +55,8 @@ class CSSFEHead(nn.Module):
     enhancement of Z0 under the affinity R (masked or not); final logits = logit(Z').
     """
 
+    has_class_maps = True  # forward(return_maps=True) gives "maps" (and "refined_maps")
+
     def __init__(
         self,
         in_channels: int,
@@ -192,3 +194,7 @@ def _cssfe(in_channels: int, num_classes: int, embeddings: torch.Tensor, groups,
 @HEADS.register("baseline")
 def _baseline(in_channels: int, num_classes: int, embeddings=None, groups=None, **options) -> nn.Module:
     return BaselineHead(in_channels, num_classes)
+
+
+# Heads in their own modules register themselves on import (at the end: they import HEADS from here).
+from cssfe.models import cprfl  # noqa: E402,F401

@@ -7,8 +7,12 @@ import torch
 import torch.nn as nn
 
 from cssfe.models.backbones import build_backbone
+from cssfe.models.cprfl import config_options as cprfl_options
 from cssfe.models.heads import HEADS
 from cssfe.models.text_encoders import is_learnable, label_embeddings
+
+# Heads that read their classes from the label embeddings of a text encoder.
+TEXT_HEADS = ("cssfe", "cprfl")
 
 
 class MultiLabelClassifier(nn.Module):
@@ -28,8 +32,10 @@ def build_model(
     HEADS.check(cfg.head)
     backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights_path, image_size=image_size)
     options = {}
-    if cfg.head == "cssfe" and embeddings is None:
+    if cfg.head in TEXT_HEADS and embeddings is None:
         embeddings = label_embeddings(cfg.embedding, class_names, prompt=cfg.prompt, cache_dir=cache_dir, **cfg.embedding_options)
+    if cfg.head == "cprfl":
+        options = cprfl_options(cfg, learnable_embeddings=is_learnable(cfg.embedding))
     if cfg.head == "cssfe":
         options = dict(
             dim=cfg.dim,

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from cssfe.config import ConfigError
 from cssfe.sweep import storage
 from cssfe.sweep.studies import Study, trial_key
+from cssfe.sweep.summary import F1_FIELDS
 from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
 
 PLAN_FILE = "sweep_plan.json"  # the study as the sweep first ran it: a restore reruns exactly this
@@ -123,7 +124,8 @@ def trial_record(config: Dict[str, Any], metrics: Optional[Dict[str, Any]], erro
     record: Dict[str, Any] = {"variant": variant, "seed": seed, "epochs": metrics.get("epoch", 0),
                               "lambda": metrics.get("lambda"), "error": None, "run_dir": metrics.get("run_dir"),
                               "attempts": metrics.get("attempts", 0), "reused": bool(metrics.get("reused", False)),
-                              **{g: metrics.get(f"map_{g}") for g in ("total", "head", "medium", "tail")}}
+                              **{g: metrics.get(f"map_{g}") for g in ("total", "head", "medium", "tail")},
+                              **{f: metrics.get(f) for f in F1_FIELDS}}
     if metrics.get("finished"):
         record["status"] = "finished"
     elif error is not None:

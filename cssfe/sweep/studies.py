@@ -82,6 +82,10 @@ def trial_key(variant: str, seed: int) -> str:
     return f"{slug}_s{seed}"
 
 
+# Keys added after runs were trained: left at their empty default they leave those runs' digests as they were.
+UNSET_IS_ABSENT = ("model.head_options",)
+
+
 def config_hash(cfg: TrainConfig) -> str:
     """A digest of what changes a run's numbers (not where it writes, its cache or its console):
     trials of the same config in different studies share one run folder, and train once."""
@@ -92,7 +96,7 @@ def config_hash(cfg: TrainConfig) -> str:
 
     def strip(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("params", "embedding_options") else v
-                for k, v in d.items() if prefix + k not in RESUMABLE_CHANGES}
+                for k, v in d.items() if prefix + k not in RESUMABLE_CHANGES and not (prefix + k in UNSET_IS_ABSENT and v == {})}
 
     blob = json.dumps(strip(to_dict(cfg)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -155,7 +159,10 @@ def load_study(name_or_path: str, seeds: Optional[Sequence[int]] = None, overrid
         key, _, value = item.partition("=")
         common[key.strip()] = yaml.safe_load(value) if value != "" else ""
     name = os.path.splitext(os.path.basename(path))[0]
-    study = Study(name=name, title=str(raw.get("title") or name), config=raw.get("config"), overrides=common,
+    config = raw.get("config")
+    if config and not os.path.isabs(config) and not os.path.isfile(config):  # a shipped config: from the repository root
+        config = os.path.join(os.path.dirname(os.path.dirname(STUDY_DIR)), config)
+    study = Study(name=name, title=str(raw.get("title") or name), config=config, overrides=common,
                   seeds=[int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0])],
                   variants=found, source=path)
     seen: Dict[str, str] = {}

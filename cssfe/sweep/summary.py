@@ -1,6 +1,7 @@
 """A finished sweep as the supplement shows its ablations: a table (rows = variants, columns =
-Total / Head / Medium / Tail mAP, mean ± std over seeds) in Markdown and CSV, the per-trial numbers
-in CSV, and a grouped bar chart (PNG). The table and the chart are those of :mod:`cssfe.report`."""
+Total / Head / Medium / Tail mAP, mean ± std over seeds) in Markdown and CSV, the class-weighted,
+micro and macro F1 table (Markdown and ``<study>_f1.csv``) where the trials have F1, the per-trial
+numbers in CSV, and a grouped bar chart (PNG). The table and the chart are those of :mod:`cssfe.report`."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,10 @@ import numpy as np
 from cssfe.report import COLUMNS, bar_chart, markdown_table
 from cssfe.sweep.studies import Study
 
-TRIAL_FIELDS = ("variant", "seed", "status", "epochs", *COLUMNS, "lambda", "attempts", "reused", "error", "run_dir")
+# F1 of the final EMA model at the fixed threshold 0.5 on the sigmoid score (cssfe.metrics; supplement Table 3).
+F1_FIELDS = ("f1_weighted", "f1_micro", "f1_macro")
+TRIAL_FIELDS = ("variant", "seed", "status", "epochs", *COLUMNS, *F1_FIELDS, "lambda", "attempts", "reused", "error",
+                "run_dir")
 
 
 def finished_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
@@ -39,10 +43,38 @@ def stopped_notes(study: Study, records: List[Dict[str, Any]]) -> Dict[str, str]
     return out
 
 
+def f1_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
+    """{variant: [finished trials with F1, 3]} (class-weighted, micro, macro), in the study's order."""
+    out = {}
+    for label in study.variants:
+        rows = [[r[c] for c in F1_FIELDS] for r in records
+                if r["variant"] == label and r["status"] == "finished" and r.get(F1_FIELDS[0]) is not None]
+        if rows:
+            out[label] = np.asarray(rows, dtype=np.float64)
+    return out
+
+
+def _mean_std(values: np.ndarray):
+    """Mean and sample std over trials (rows); std 0 for a single trial."""
+    return np.nanmean(values, axis=0), (np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1]))
+
+
+def f1_markdown(variants: Dict[str, np.ndarray]) -> str:
+    lines = ["| variant | class-weighted F1 | micro F1 | macro F1 | n |", "|---|---|---|---|---|"]
+    for name, values in variants.items():
+        mean, std = _mean_std(values)
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std)) + f" | {len(values)} |")
+    return "\n".join(lines)
+
+
 def summary_markdown(study: Study, records: List[Dict[str, Any]]) -> str:
     variants = finished_by_variant(study, records)
     lines = [f"### {study.title}", "", "mAP (%) of the final EMA model, mean ± sample std over seeds (n: finished trials).", ""]
     lines.append(markdown_table(variants) if variants else "(no finished trial)")
+    f1 = f1_by_variant(study, records)
+    if f1:
+        lines += ["", "F1 (fractions) of the same models at the fixed threshold 0.5 on the sigmoid score "
+                  "(not tuned on the test set), mean ± sample std over seeds.", "", f1_markdown(f1)]
     notes = [f"- skipped **{label}**: {reason}" for label, reason in study.skipped.items()]
     notes += [f"- {line}" for line in stopped_notes(study, records).values()]
     notes += [f"- {r['status']} **{r['variant']}** seed {r['seed']} at epoch {r['epochs']}, after {r['attempts']} start(s)"
@@ -90,6 +122,11 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> 
         rows.append([label, len(values), *[f"{x:.4f}" for pair in zip(mean, std) for x in pair], note])
     _write_csv(paths["csv"], ["variant", "n", *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")], "note"], rows)
     _write_csv(paths["trials"], TRIAL_FIELDS, [[r.get(k) for k in TRIAL_FIELDS] for r in records])
+    f1 = f1_by_variant(study, records)
+    if f1:  # one row per variant with an F1: class-weighted, micro, macro (mean, std)
+        paths["f1_csv"] = os.path.join(out_dir, f"{study.name}_f1.csv")
+        _write_csv(paths["f1_csv"], ["variant", "n", *[f"{c}_{s}" for c in F1_FIELDS for s in ("mean", "std")]],
+                   [[label, len(v), *[f"{x:.4f}" for pair in zip(*_mean_std(v)) for x in pair]] for label, v in f1.items()])
     if variants:
         bar_chart(variants, paths["png"], title=f"{study.title}: mAP (%), mean ± std over seeds")
     else:

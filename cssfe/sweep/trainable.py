@@ -43,8 +43,11 @@ def epoch_metrics(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def final_metrics(cfg, final: Dict[str, Any]) -> Dict[str, Any]:
-    """A finished run's final metrics (``metrics.json``'s "final") as one last epoch report."""
-    return epoch_metrics({"epoch": cfg.optim.epochs, **final})
+    """A finished run's final metrics (``metrics.json``'s "final") as one last epoch report, with
+    its F1 scores (``f1_weighted``, ``f1_micro``, ``f1_macro``)."""
+    out = epoch_metrics({"epoch": cfg.optim.epochs, **final})
+    out.update({f"f1_{name}": value for name, value in (final.get("f1") or {}).items()})
+    return out
 
 
 def _maybe_fail_once(plan: Dict[str, Any], key: str, run_dir: str) -> None:
