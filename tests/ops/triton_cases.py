@@ -57,7 +57,9 @@ def main():
                     continue
                 kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 0, seed=30 + i)
                 n += 1
-        for i, shape in enumerate(kc.ENHANCE_SHAPES + [(2, 300, 17)]):  # 300: several blocks of classes
+        # 300: several blocks of classes; L = 520: several programs per image (in the interpreter too),
+        # whose shares of the gate gradient are summed afterwards
+        for i, shape in enumerate(kc.ENHANCE_SHAPES + [(2, 300, 17), (2, 7, 520)]):
             for mask in (True, False):  # masked: each stage's sources end where its group starts
                 kc.check_enhance("triton", shape, dtype, mask=mask, seed=i)
                 n += 1
