@@ -105,7 +105,8 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None):
     b, c, length = shape
     groups = groups_for(c, seed) if groups is None else torch.as_tensor(groups)
     z64 = torch.randn(b, c, length, dtype=torch.float64)
-    r = reference.semantic_affinity(torch.randn(c, 8), groups, mask=mask, tau=0.2)
+    with torch.autocast("cpu", enabled=False):  # the inputs in full precision, also under the caller's autocast
+        r = reference.semantic_affinity(torch.randn(c, 8), groups, mask=mask, tau=0.2)
     gate64 = torch.rand(b, c, dtype=torch.float64)
     lam64 = torch.tensor(0.8, dtype=torch.float64)
     gout = torch.randn(b, c, length, dtype=torch.float64)
