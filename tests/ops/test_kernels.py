@@ -261,6 +261,11 @@ def test_asymmetric_loss_other_dtypes(backend, dtype, poison):
     check_asl(backend, (37, 20), dtype, seed=3)
 
 
+@pytest.mark.parametrize("variant", range(len(ASL_VARIANTS)))
+def test_asymmetric_loss_fp64(backend, variant, poison):
+    check_asl(backend, (5, 80), torch.float64, **ASL_VARIANTS[variant], seed=variant)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
 def test_asl_nan_logit(backend, dtype, soft):

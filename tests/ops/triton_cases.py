@@ -79,6 +79,16 @@ def main():
             for i, scale in enumerate(kc.ASL_SCALES):
                 kc.check_asl_scale("triton", *size, dtype, scale, seed=i)
                 n += 1
+    for i, variant in enumerate(kc.ASL_VARIANTS):  # fp64 logits (fp32 arithmetic, fp64 loss and gradient)
+        kc.check_asl("triton", (37, 20), torch.float64, **variant, seed=i)
+        n += 1
+    if args.device == "cuda":  # what the interpreter cannot show: atomics' order, graph capture
+        torch.use_deterministic_algorithms(False)  # as in training
+        kc.check_enhance_reproducible("triton")
+        for strategy in ("flash", "gemm"):
+            with attention.strategy(strategy):
+                kc.check_cuda_graph("triton")
+        n += 3
     # opcheck on the triton backend too: every operator, forward and backward (both attention strategies)
     for strategy in ("flash", "gemm"):
         with attention.strategy(strategy):

@@ -80,10 +80,10 @@ def cuda_build_env() -> dict:
 
 def cuda_code_mismatch(mod) -> Optional[str]:
     """Why the loaded build cannot run on the current GPU (it carries no code for its compute
-    capability), or None when it can, or when there is no GPU or no CUDA code to ask about."""
-    if mod is None or not getattr(mod, "with_cuda", False) or not torch.cuda.is_available():
+    capability), or None when it can, or when there is no GPU, no CUDA code or no record to ask about."""
+    archs = getattr(mod, "cuda_archs", None)  # None: a build from before the code was recorded
+    if archs is None or not getattr(mod, "with_cuda", False) or not torch.cuda.is_available():
         return None
-    archs = getattr(mod, "cuda_archs", "")
     major, minor = torch.cuda.get_device_capability()
     if build_spec.runs_on(archs, (major, minor)):
         return None
