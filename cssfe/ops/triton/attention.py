@@ -51,7 +51,7 @@ def _op(x, ref_ptr, LOWP: tl.constexpr):
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, z_ptr, lse_ptr, C, D, N, q_bstride, scale,
               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L (b * D * N) pass 2^31 in big batches
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * D * N, b * C * D pass 2^31 in big batches
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     cmask = offs_c < C
@@ -86,7 +86,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, z_ptr, lse_ptr, C, D, N, q_bstride, scale,
 @triton.jit
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, C, D, N, q_bstride, scale,
                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L (b * D * N) pass 2^31 in big batches
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * D * N, b * C * D pass 2^31 in big batches
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     cmask = offs_c < C
@@ -115,7 +115,7 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, C, D, N
 @triton.jit
 def _attn_bwd_dkv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, C, D, N, q_bstride, scale,
                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L (b * D * N) pass 2^31 in big batches
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * D * N, b * C * D pass 2^31 in big batches
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     nmask = offs_n < N

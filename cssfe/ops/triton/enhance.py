@@ -75,7 +75,7 @@ def _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, end, base, C, L, o
 @triton.jit(do_not_specialize=["earlier_only"])
 def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2, earlier_only,
                  BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L (b * D * N) pass 2^31 in big batches
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L passes 2^31 in big batches
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     base = b * C * L
@@ -101,7 +101,7 @@ def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2, 
 @triton.jit(do_not_specialize=["earlier_only"])
 def _enhance_bwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, acc_ptr, dz_ptr, dm_ptr, dw_part_ptr, C, L, s1, s2,
                  earlier_only, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L (b * D * N) pass 2^31 in big batches
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L passes 2^31 in big batches
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     base = b * C * L
