@@ -5,9 +5,9 @@ Extension ``cssfe._C`` (csrc/, the ``cpu`` and ``cuda`` kernel backends of ``css
 - always the C++/OpenMP CPU kernels (CppExtension), when torch is importable at build time
   (``pip install -e . --no-build-isolation``; in an isolated build without torch the package
   installs pure Python and ``cssfe.ops`` builds the extension just in time on first use);
-- plus the CUDA kernels (CUDAExtension, sm_80 and sm_90) when nvcc and a CUDA build of torch are
-  present, unless ``CSSFE_NO_CUDA=1``. ``CUDA_HOME`` is found from the real nvcc (the one on PATH
-  may be a wrapper); ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0".
+- plus the CUDA kernels (CUDAExtension, sm_80 and sm_90, and sm_90 PTX for newer cards) when nvcc
+  and a CUDA build of torch are present, unless ``CSSFE_NO_CUDA=1``. ``CUDA_HOME`` is found from
+  the real nvcc (the one on PATH may be a wrapper); ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0+PTX".
 
 ``CSSFE_NO_EXT=1`` skips the extension entirely. ``MAX_JOBS`` limits parallel compilation.
 
@@ -61,7 +61,9 @@ def _extensions():
             os.environ["CPATH"] = os.pathsep.join(p for p in (inc, os.environ.get("CPATH", "")) if p)
         nvcc = build.NVCC_FLAGS + build.NVCC_ARCH_FLAGS + [build.CUDA_DEFINE, build.hash_define(csrc)]
         ext = cpp_extension.CUDAExtension(
-            "cssfe._C", cpu + cu, extra_compile_args={"cxx": cxx + [build.CUDA_DEFINE], "nvcc": nvcc},
+            "cssfe._C", cpu + cu,
+            extra_compile_args={"cxx": cxx + [build.CUDA_DEFINE, build.arch_define(build.WHEEL_ARCH_LIST)],
+                                "nvcc": nvcc},
             extra_link_args=build.LINK_FLAGS)
     else:
         ext = cpp_extension.CppExtension("cssfe._C", cpu, extra_compile_args={"cxx": cxx}, extra_link_args=build.LINK_FLAGS)

@@ -1,6 +1,7 @@
 // Declarations of the native (C++/CUDA) kernels behind the cssfe::native_* operators.
 // Semantics: see cssfe/ops/reference.py and cssfe/ops/backends/reference_impl.py.
 #pragma once
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/extension.h>
 #include <tuple>
 
@@ -30,6 +31,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor&
                                                                const at::Tensor& affinity, const at::Tensor& order,
                                                                const at::Tensor& bounds, const at::Tensor& w,
                                                                const at::Tensor& out, int64_t earlier_only);
+
+// Excludes autocast for a native operator's lifetime: its products run in the dtypes it chooses, also
+// when the caller is under autocast (which would otherwise turn an inner at::bmm into a half-precision
+// one, and the next product's fp32 operands no longer match it).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 inline void check_cpu_contig(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "cssfe native CPU kernel: ", name, " must be a CPU tensor");

@@ -87,6 +87,7 @@ at::Tensor denominators(const Staged& s, int g) {
 
 at::Tensor enhance_staged_fwd(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
                               const at::Tensor& bounds, const at::Tensor& w, int64_t earlier_only) {
+  const NoAutocast no_autocast;
   const Staged s = prepare(z, affinity, order, bounds, w, earlier_only);
   if (z.numel() == 0) return at::empty(z.sizes(), z.options());
   const at::Tensor zp = grouped(z, s);
@@ -105,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_staged_bwd(const at::Tens
                                                                   const at::Tensor& affinity, const at::Tensor& order,
                                                                   const at::Tensor& bounds, const at::Tensor& w,
                                                                   const at::Tensor& out, int64_t earlier_only) {
+  const NoAutocast no_autocast;
   const Staged s = prepare(z, affinity, order, bounds, w, earlier_only);
   TORCH_CHECK(grad.sizes() == z.sizes() && out.sizes() == z.sizes(),
               "native_enhance_staged: grad and out must have z's shape ", z.sizes(), ", got ", grad.sizes(), " and ",

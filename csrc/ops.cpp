@@ -15,6 +15,13 @@
 #else
 #define CSSFE_BUILD_HASH_STR "unknown"
 #endif
+// The GPU code a CUDA build carries, as build_spec.arch_define writes it: sm_XY (machine code) and
+// compute_XY (PTX) names joined by "-" (build_spec.runs_on reads them against the device).
+#ifdef CSSFE_CUDA_ARCHS
+#define CSSFE_CUDA_ARCHS_STR CSSFE_STR(CSSFE_CUDA_ARCHS)
+#else
+#define CSSFE_CUDA_ARCHS_STR ""
+#endif
 
 TORCH_LIBRARY_FRAGMENT(cssfe, m) {
   m.def(
@@ -51,11 +58,21 @@ TORCH_LIBRARY_IMPL(cssfe, CPU, m) {
   m.impl("native_enhance_bwd", &cssfe::enhance_bwd_cpu);
 }
 
+// Shapes only (fake tensors: torch.compile, compiled autograd, opcheck): the in-place scaling returns
+// nothing and changes no metadata. The other native operators are called only from inside the
+// registered Python operators (cssfe/ops/library.py), whose fake implementations cover them; this one
+// is also called by the eager ASL's backward, which compiled autograd traces.
+TORCH_LIBRARY_IMPL(cssfe, Meta, m) {
+  m.impl("native_asl_scale_grad_", [](const at::Tensor&, const at::Tensor&) {});
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("build_hash") = CSSFE_BUILD_HASH_STR;
 #ifdef CSSFE_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.attr("cuda_archs") = CSSFE_CUDA_ARCHS_STR;
 #else
   m.attr("with_cuda") = false;
+  m.attr("cuda_archs") = "";
 #endif
 }

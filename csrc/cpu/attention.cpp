@@ -135,6 +135,7 @@ at::ScalarType compute_type(const at::Tensor& t) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const NoAutocast no_autocast;
   check_attention(q, k, v);
   const int64_t B = k.size(0), C = q.size(1), Bq = q.size(0);
   const Sizes n{C, k.size(1), k.size(2)};
@@ -163,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_z, const at::Tensor& q,
                                                                  const at::Tensor& k, const at::Tensor& v,
                                                                  const at::Tensor& z, const at::Tensor& lse) {
+  const NoAutocast no_autocast;
   check_attention(q, k, v);
   check_cpu_contig(grad_z, "grad_z");
   check_cpu_contig(z, "z");

@@ -156,6 +156,7 @@ void scatter_rows(const src_t* src, const int64_t* order, int64_t C, int64_t L, 
 
 at::Tensor enhance_fwd_cpu(const at::Tensor& z, const at::Tensor& affinity, const at::Tensor& order,
                            const at::Tensor& bounds, const at::Tensor& w, int64_t earlier_only) {
+  const NoAutocast no_autocast;
   check_enhance(z, affinity, order, bounds, w);
   const int64_t B = z.size(0), C = z.size(1), L = z.size(2);
   const Plan p = make_plan(affinity, order, bounds, L, earlier_only);
@@ -183,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> enhance_bwd_cpu(const at::Tensor&
                                                                const at::Tensor& affinity, const at::Tensor& order,
                                                                const at::Tensor& bounds, const at::Tensor& w,
                                                                const at::Tensor& out, int64_t earlier_only) {
+  const NoAutocast no_autocast;
   check_enhance(z, affinity, order, bounds, w);
   check_cpu_contig(grad, "grad");
   check_cpu_contig(out, "out");

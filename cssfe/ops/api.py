@@ -126,7 +126,8 @@ def asymmetric_loss(
     logit makes the loss and its gradient NaN, as there. With a fused backend the backward scales
     the gradient kept by the forward in place, so the loss can be backpropagated once
     (``retain_graph=True`` and a second pass raise; use ``backend="reference"`` for that);
-    ``create_graph=True`` works with every backend.
+    ``create_graph=True`` works with every backend. Only the logits are differentiated: targets that
+    require grad are an error (``cssfe.losses.AsymmetricLoss`` differentiates through them).
     """
     op = "asymmetric_loss"
     _floating("logits", logits, op)
@@ -141,6 +142,10 @@ def asymmetric_loss(
         raise ValueError(f"{op}: reduction must be 'sum' or 'mean', got {reduction!r}")
     if not (math.isfinite(gamma_pos) and math.isfinite(gamma_neg)) or gamma_pos < 0 or gamma_neg < 0:
         raise ValueError(f"{op}: gammas must be finite and >= 0, got gamma_pos={gamma_pos}, gamma_neg={gamma_neg}")
+    if targets.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: targets require grad, but this loss differentiates only the logits (its kernels "
+                         "give no gradient for the targets): detach them, or use cssfe.losses.AsymmetricLoss, "
+                         "which differentiates through both")
     _same_device(op, logits=logits, targets=targets)
     name = resolve(backend, logits.device, op, logits.dtype, classes=logits.shape[-1])
     need_grad = torch.is_grad_enabled() and logits.requires_grad

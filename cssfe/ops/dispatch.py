@@ -154,6 +154,11 @@ def _cuda_status(native_status: Tuple[bool, str, object]) -> Tuple[bool, str]:
         return False, reason
     if not getattr(mod, "with_cuda", False):
         return False, "the extension was built without CUDA kernels (no nvcc or CSSFE_NO_CUDA=1)"
+    from .backends import native
+
+    mismatch = native.cuda_code_mismatch(mod)  # "no kernel image" at the first launch otherwise
+    if mismatch is not None:
+        return False, mismatch
     return True, reason
 
 

@@ -436,10 +436,11 @@ def affinity_grad(dm: Tensor, z: Tensor, out: Tensor, groups: Tensor) -> Tensor:
     ct = dm.dtype
     zf, of = z.to(ct), out.to(ct)
     contract = ([0, 2], [0, 2])  # over images and columns
-    dr = torch.tensordot(dm, zf, dims=contract)
-    earlier = groups[None, :] < groups[:, None]  # [i, j]: j's group precedes i's
-    dr = dr + torch.tensordot(dm, of - zf, dims=contract) * earlier
-    return dr - torch.einsum("bil,bil->i", dm, of)[:, None]
+    with torch.autocast(dm.device.type, enabled=False):  # in dm's precision, as the kernels, under autocast too
+        dr = torch.tensordot(dm, zf, dims=contract)
+        earlier = groups[None, :] < groups[:, None]  # [i, j]: j's group precedes i's
+        dr = dr + torch.tensordot(dm, of - zf, dims=contract) * earlier
+        return dr - torch.einsum("bil,bil->i", dm, of)[:, None]
 
 
 def _enh_setup(ctx, inputs, output):

@@ -105,7 +105,8 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None):
     b, c, length = shape
     groups = groups_for(c, seed) if groups is None else torch.as_tensor(groups)
     z64 = torch.randn(b, c, length, dtype=torch.float64)
-    r = reference.semantic_affinity(torch.randn(c, 8), groups, mask=mask, tau=0.2)
+    with torch.autocast("cpu", enabled=False):  # the inputs in full precision, also under the caller's autocast
+        r = reference.semantic_affinity(torch.randn(c, 8), groups, mask=mask, tau=0.2)
     gate64 = torch.rand(b, c, dtype=torch.float64)
     lam64 = torch.tensor(0.8, dtype=torch.float64)
     gout = torch.randn(b, c, length, dtype=torch.float64)
@@ -137,10 +138,20 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None):
 
 
 # ------------------------------------------------------------------------- ASL
+def _at_offset(t, offset):
+    """A copy of t that starts ``offset`` elements into its buffer (contiguous, but not aligned for
+    the kernels' vector loads)."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", focal_grad=False,
-              gammas=(0.0, 4.0), clip=0.05, soft_from=None, seed=0):
+              gammas=(0.0, 4.0), clip=0.05, soft_from=None, offset=0, seed=0):
     """soft_from: flat index from which targets are soft (in (0, 1)); the elements before stay 0/1,
-    so kernels with a binary fast path are checked on both sides of the switch."""
+    so kernels with a binary fast path are checked on both sides of the switch. offset: logits and
+    targets are views that start that many elements into their buffers."""
     torch.manual_seed(seed)
     b, c = shape
     x64 = torch.randn(b, c, dtype=torch.float64) * 4
@@ -161,7 +172,11 @@ def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", f
                          disable_torch_grad_focal_loss=not focal_grad, reduction=reduction)
     loss_ref = ref(xr, targets.double())
     (g_ref,) = torch.autograd.grad(loss_ref, xr)
-    x, targets = x.detach().to(DEVICE).requires_grad_(), targets.to(DEVICE)
+    x, targets = x.detach().to(DEVICE), targets.to(DEVICE)
+    if offset:
+        x, targets = _at_offset(x, offset), _at_offset(targets, offset)
+        assert x.storage_offset() == targets.storage_offset() == offset
+    x.requires_grad_()
     loss = ops.asymmetric_loss(x, targets, gamma_pos=gp, gamma_neg=gn, clip=clip,
                                disable_torch_grad_focal_loss=not focal_grad, reduction=reduction, backend=backend)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.dim() == 0
@@ -249,4 +264,91 @@ ASL_VARIANTS = [
     dict(gammas=(1.0, 3.0), focal_grad=True),
     dict(gammas=(1.5, 2.5), target_dtype=torch.float32, soft_from=2, focal_grad=True),
     dict(gammas=(1.0, 4.0), target_dtype=torch.float32, soft_from=7, focal_grad=True),  # binary form + soft ones
+    dict(target_dtype=torch.float32),  # what training runs: float 0/1 targets, the default parameters
+    dict(target_dtype=torch.float32, soft_from=0),  # soft targets everywhere, the default parameters
+    dict(target_dtype=torch.float32, offset=1),  # unaligned views: the kernels' scalar paths
+    dict(target_dtype=torch.uint8, offset=3, reduction="mean"),
 ]
+
+
+# ------------------------------------------------------------------------- GPU only
+def check_enhance_reproducible(backend, shape=(8, 300, 1024), seed=0):
+    """Forward and backward twice on the same inputs give the same bits (no atomics whose order
+    changes from run to run): out, dz, and the gate, lambda and affinity gradients."""
+    torch.manual_seed(seed)
+    b, c, length = shape
+    groups = groups_for(c, seed).to(DEVICE)
+    with torch.autocast("cpu", enabled=False):
+        r = reference.semantic_affinity(torch.randn(c, 8), groups.cpu(), mask=False, tau=0.2).to(DEVICE)
+    z = torch.randn(b, c, length, device=DEVICE)
+    gate, lam = torch.rand(b, c, device=DEVICE), torch.tensor(0.8, device=DEVICE)
+    gout = torch.randn(b, c, length, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (z, r, gate, lam)]
+        out = ops.progressive_enhance(leaves[0], leaves[1], groups, leaves[2], leaves[3], backend=backend)
+        runs.append([out] + list(torch.autograd.grad(out, leaves, gout)))
+    for name, first, second in zip(("out", "dz", "daffinity", "dgate", "dlam"), *runs):
+        assert torch.equal(first, second), f"{backend} progressive_enhance {shape}: {name} differs between two runs"
+
+
+def check_cuda_graph(backend, seed=0):
+    """Class attention -> enhancement -> ASL, forward and backward, captured in a CUDA graph after
+    warm-up (which also settles the enhancement's plan and stage flags, read back once), then
+    replayed on new inputs copied into the captured ones: the same numbers as eager on those inputs."""
+    torch.manual_seed(seed)
+    dev = torch.device(DEVICE)
+    b, c, d, n = 4, len(GROUPS), 64, 49
+    groups = GROUPS.to(dev)
+    with torch.autocast("cpu", enabled=False):
+        r = ops.semantic_affinity(torch.randn(c, 8), GROUPS).to(dev)  # fixed, as the model's buffer
+    q = torch.randn(c, d, device=dev, requires_grad=True)
+    gate = torch.rand(b, c, device=dev, requires_grad=True)
+    lam = torch.tensor(0.9, device=dev, requires_grad=True)
+    k = torch.randn(b, d, n, device=dev, requires_grad=True)
+    v = torch.randn(b, d, n, device=dev, requires_grad=True)
+    y = (torch.rand(b, c, device=dev) > 0.7).float()
+    leaves = (q, k, v, gate, lam)
+
+    def step():
+        z0 = ops.class_attention(q, k, v, backend=backend)
+        z1 = ops.progressive_enhance(z0, r, groups, gate, lam, backend=backend)
+        loss = ops.asymmetric_loss(z1.mean(-1), y, backend=backend)
+        return (loss,) + torch.autograd.grad(loss, leaves)
+
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for t in (k, v):
+            t.copy_(torch.randn_like(t))
+        y.copy_((torch.rand_like(y) > 0.5).float())
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    eager = step()
+    for name, got, want in zip(("loss", "dq", "dk", "dv", "dgate", "dlam"), captured, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{backend} CUDA graph {name}: {m}")
+    assert not torch.equal(captured[2], torch.zeros_like(captured[2])), f"{backend} CUDA graph: dk is all zero"
+
+
+def check_other_device(backend, device="cuda:1"):
+    """The checks above on tensors of another GPU than the current one: a kernel launched on the
+    current device (or its stream) would read the wrong memory or race with the work queued for it."""
+    global DEVICE
+    old, DEVICE = DEVICE, device
+    try:
+        with torch.cuda.device(0):
+            check_attention(backend, (3, 7, 64, 49), torch.float32, batched_q=True)
+            check_attention(backend, (2, 7, 160, 49), torch.bfloat16)
+            check_enhance(backend, (3, 20, 49), torch.float32)
+            check_asl(backend, (37, 20), torch.float32, target_dtype=torch.float32)
+            check_asl_scale(backend, 4099, 3, torch.float32, 1.5)
+            assert torch.cuda.current_device() == 0
+    finally:
+        DEVICE = old

@@ -21,6 +21,16 @@ def test_opcheck_every_op(backend, request):
         torch.library.opcheck(op, args)
 
 
+def test_native_asl_scale_grad_has_a_fake_kernel(native_backend):
+    """The eager ASL's backward calls native_asl_scale_grad_ directly, so compiled autograd traces it
+    with fake tensors: it needs a fake (meta) kernel of its own; opcheck checks it against the CPU one."""
+    grad = torch.randn(5, 7)
+    torch.library.opcheck(torch.ops.cssfe.native_asl_scale_grad_, (grad, torch.tensor(1.5)))
+    meta = torch.empty(5, 7, device="meta")
+    torch.ops.cssfe.native_asl_scale_grad_(meta, torch.empty((), device="meta"))
+    assert meta.shape == (5, 7)
+
+
 def test_native_ops_are_registered(native_backend):
     for name in ("native_asl", "native_asl_scale_grad_", "native_attention_fwd", "native_attention_bwd",
                  "native_enhance_fwd", "native_enhance_bwd"):
@@ -187,6 +197,13 @@ def test_bad_inputs_raise_clear_errors(backend, request):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite"):
             asl(torch.randn(2, 3), torch.zeros(2, 3), gamma_pos=bad)
+    # soft targets that require grad would silently get none: an error (detached ones, or no grad mode, run)
+    soft = torch.rand(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="targets require grad.*detach them"):
+        asl(torch.randn(2, 3, requires_grad=True), soft)
+    asl(torch.randn(2, 3, requires_grad=True), soft.detach())
+    with torch.no_grad():
+        asl(torch.randn(2, 3), soft)
 
     # devices: one input elsewhere (meta: no data, any machine) is named; group values must be readable
     meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731

@@ -1,5 +1,7 @@
 """CUDA sources: a compile-only check (needs nvcc, not a GPU), the enhancement's block program run on
-the host, and, on a GPU, the numerical cases."""
+the host, and, on a GPU, the numerical cases (parity with float64, opcheck with both enhancement
+strategies, run-to-run reproducibility, a CUDA-graph capture of the three operators forward and
+backward) and, on two GPUs, the device guards."""
 import concurrent.futures
 import ctypes
 import math
@@ -128,6 +130,18 @@ def test_cuda_enhance_block_program_on_host(enhance_block_host, shape, mask):
             assert not torch.allclose(forced[0], out_ref.float(), atol=1e-3), f"{shape} width={width}: skip unused"
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_backend_on_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current (both enhancement strategies)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
+    code = ("import kernel_cases as kc\nfrom cssfe.ops import library\n"
+            "for strategy in library.NATIVE_ENHANCE_STRATEGIES:\n"
+            "    with library.native_enhance_strategy(strategy): kc.check_other_device('cuda')\n"
+            "print('ALL OK')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_backend_on_gpu():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
@@ -157,6 +171,15 @@ def test_cuda_backend_on_gpu():
             "for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):\n"
             "    for size in kc.ASL_SCALE_SIZES + [(1 << 20, 0), (1 << 20, 1)]:\n"
             "        for i, scale in enumerate(kc.ASL_SCALES): kc.check_asl_scale('cuda', *size, dt, scale, seed=i)\n"
+            "for i, s in enumerate([(37, 20), (257, 1001)]):  # fp64 logits: every variant, the unaligned ones too\n"
+            "    for j, variant in enumerate(kc.ASL_VARIANTS):\n"
+            "        kc.check_asl('cuda', s, torch.float64, **variant, seed=i + j)\n"
+            "torch.use_deterministic_algorithms(False)  # opcheck and graph capture as in training\n"
+            "for strategy in library.NATIVE_ENHANCE_STRATEGIES:\n"
+            "    with library.native_enhance_strategy(strategy):\n"
+            "        for op, args in kc.opcheck_samples('cuda', 'cuda'): torch.library.opcheck(op, args)\n"
+            "        kc.check_enhance_reproducible('cuda')\n"
+            "        kc.check_cuda_graph('cuda')\n"
             "print('ALL OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]

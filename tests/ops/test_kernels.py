@@ -105,6 +105,18 @@ def test_native_enhance_staged_other_dtypes(native_backend, poison, dtype):
         check_enhance("cpu", (3, 20, 49), dtype, seed=2)
 
 
+@pytest.mark.parametrize("strategy,gemm", [("block", "blas"), ("block", "aten"), ("staged", "aten")])
+def test_native_kernels_keep_their_precision_under_cpu_autocast(native_backend, monkeypatch, poison, strategy, gemm):
+    """The caller's autocast does not reach inside the native operators: the staged enhancement's
+    first product would run in bf16 (and, on a GPU, its next one fail on mixed dtypes), so fp32
+    inputs must still match the float64 reference to fp32 accuracy, forward and backward."""
+    if gemm == "aten":
+        monkeypatch.setenv("CSSFE_CPU_GEMM", "aten")
+    with library.native_enhance_strategy(strategy), torch.autocast("cpu", dtype=torch.bfloat16):
+        check_enhance("cpu", (3, 20, 33), torch.float32, seed=6)
+        check_attention("cpu", (2, 7, 64, 49), torch.float32, seed=6)
+
+
 @pytest.mark.parametrize("strategy", library.NATIVE_ENHANCE_STRATEGIES)
 @pytest.mark.parametrize("groups", [[2, 2, 2, 2, 2], [0, 0, 0], [0, 2, 0, 2, 2, 0, 2], [1, 1, 0, 1, 0]],
                          ids=["tail-only", "head-only", "no-medium", "no-tail"])
@@ -247,6 +259,11 @@ def test_asymmetric_loss_fp32(backend, shape, variant, poison):
 @pytest.mark.parametrize("dtype", HALF + [torch.float64])
 def test_asymmetric_loss_other_dtypes(backend, dtype, poison):
     check_asl(backend, (37, 20), dtype, seed=3)
+
+
+@pytest.mark.parametrize("variant", range(len(ASL_VARIANTS)))
+def test_asymmetric_loss_fp64(backend, variant, poison):
+    check_asl(backend, (5, 80), torch.float64, **ASL_VARIANTS[variant], seed=variant)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

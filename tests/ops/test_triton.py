@@ -62,3 +62,16 @@ def test_triton_kernels_on_gpu():
     proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_cases.py"), "--device", "cuda"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_kernels_on_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: every launch must go to the tensors' device."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
+    env.pop("TRITON_INTERPRET", None)
+    code = ("import kernel_cases as kc\nfrom cssfe.ops.triton import attention\n"
+            "for strategy in attention.STRATEGIES:\n"
+            "    with attention.strategy(strategy): kc.check_other_device('triton')\n"
+            "print('ALL OK')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert "ALL OK" in proc.stdout, proc.stdout[-5000:] + proc.stderr[-5000:]

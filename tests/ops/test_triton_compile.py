@@ -9,6 +9,7 @@ this file with ``PYTHONPATH=DIR`` and a separate ``TRITON_CACHE_DIR``.
 """
 import importlib
 import os
+import re
 
 import pytest
 import torch
@@ -92,6 +93,21 @@ def attention_launches(c, d, n, dtype):
     attention.attention_bwd(torch.randn(b, c, d).to(dtype), q, k, v, torch.randn(b, c, d).to(dtype), lse.zero_())
 
 
+# Kernels with one program row per image: their offsets (b * C * L, b * D * N) pass 2^31 elements in
+# large evaluation batches, so the image index must be widened to 64 bits before it is multiplied.
+PER_IMAGE_KERNELS = {"_enhance_fwd", "_enhance_bwd", "_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkv"}
+
+
+def check_image_offsets_are_64_bit(launch, kernel):
+    if launch.fn.__name__ not in PER_IMAGE_KERNELS:
+        return
+    ttir = kernel.asm["ttir"]
+    pid = re.search(r"(%[\w.]+) = tt.get_program_id x : i32", ttir)
+    assert pid, f"{launch.fn.__name__}: no program id along x in its TTIR"
+    assert re.search(rf"arith.extsi {re.escape(pid.group(1))} : i32 to i64", ttir), (
+        f"{launch.fn.__name__}: the image index is not widened to 64 bits (32-bit offsets wrap at 2^31 elements)")
+
+
 def check_fits(launches, capabilities=(80, 90)):
     assert launches, "no launch recorded"
     for launch in unique(launches):
@@ -99,6 +115,7 @@ def check_fits(launches, capabilities=(80, 90)):
             kernel = compile_for(launch, cap)
             assert kernel.metadata.shared <= SHARED_LIMIT[cap], (
                 f"sm_{cap}: {launch} asks {kernel.metadata.shared} B of shared memory (limit {SHARED_LIMIT[cap]})")
+            check_image_offsets_are_64_bit(launch, kernel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -57,7 +57,9 @@ def main():
                     continue
                 kc.check_attention("triton", shape, dtype, batched_q=i % 2 == 0, seed=30 + i)
                 n += 1
-        for i, shape in enumerate(kc.ENHANCE_SHAPES + [(2, 300, 17)]):  # 300: several blocks of classes
+        # 300: several blocks of classes; L = 520: several programs per image (in the interpreter too),
+        # whose shares of the gate gradient are summed afterwards
+        for i, shape in enumerate(kc.ENHANCE_SHAPES + [(2, 300, 17), (2, 7, 520)]):
             for mask in (True, False):  # masked: each stage's sources end where its group starts
                 kc.check_enhance("triton", shape, dtype, mask=mask, seed=i)
                 n += 1
@@ -77,6 +79,16 @@ def main():
             for i, scale in enumerate(kc.ASL_SCALES):
                 kc.check_asl_scale("triton", *size, dtype, scale, seed=i)
                 n += 1
+    for i, variant in enumerate(kc.ASL_VARIANTS):  # fp64 logits (fp32 arithmetic, fp64 loss and gradient)
+        kc.check_asl("triton", (37, 20), torch.float64, **variant, seed=i)
+        n += 1
+    if args.device == "cuda":  # what the interpreter cannot show: atomics' order, graph capture
+        torch.use_deterministic_algorithms(False)  # as in training
+        kc.check_enhance_reproducible("triton")
+        for strategy in ("flash", "gemm"):
+            with attention.strategy(strategy):
+                kc.check_cuda_graph("triton")
+        n += 3
     # opcheck on the triton backend too: every operator, forward and backward (both attention strategies)
     for strategy in ("flash", "gemm"):
         with attention.strategy(strategy):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 # -fno-trapping-math: FP exceptions never trap in torch, and without it GCC will not if-convert the
 # kernels' guarded divisions and selects for AVX2 (AVX-512 masks them): the C++ ASL ran as branchy
@@ -20,13 +21,89 @@ from typing import List, Optional
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "--use_fast_math"]
 LINK_FLAGS = ["-fopenmp"]
-# Wheels (setup.py) are built for both. The just-in-time build leaves the targets to torch
-# (TORCH_CUDA_ARCH_LIST, else the card at hand; sm_80 and sm_90 without a GPU): one target on a GPU
-# machine, where naming both here made it two (torch adds none when the flags name one) and the
-# build on an H200 outlasted a 95 s cap.
-NVCC_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-DEFAULT_ARCH_LIST = "8.0;9.0"
+# The GPU code of a CUDA build, as a TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX": machine code for each
+# capability, and "+PTX" also the portable code that the driver compiles for later GPUs). Wheels
+# (setup.py) carry sm_80 and sm_90 machine code and sm_90 PTX, so a newer card runs them too. The
+# just-in-time build targets the cards at hand (native.jit_arch_list: their capabilities, PTX for
+# the newest; sm_80 and sm_90 without a GPU), and its cache folder is keyed by that list: a build for
+# one card is not loaded on another that it has no code for.
+WHEEL_ARCH_LIST = "8.0;9.0+PTX"
+DEFAULT_ARCH_LIST = WHEEL_ARCH_LIST
 CUDA_DEFINE = "-DCSSFE_WITH_CUDA"
+
+
+def parse_arch_list(arch_list: str) -> List[Tuple[int, int, str, bool]]:
+    """(major, minor, suffix, ptx) per entry of a TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX", "9.0a";
+    ";" or spaces between entries); torch's family names ("Ampere") are not read here."""
+    entries = []
+    for item in arch_list.replace(";", " ").split():
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", item.strip())
+        if m is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read {item!r} in {arch_list!r}; write capabilities "
+                             "like 8.0;9.0+PTX")
+        entries.append((int(m.group(1)), int(m.group(2)), m.group(3), m.group(4) is not None))
+    if not entries:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST: no capability in {arch_list!r}")
+    return entries
+
+
+def arch_names(arch_list: str) -> List[str]:
+    """The code a build for this list carries: sm_XY (machine code) and compute_XY (PTX) names."""
+    names = []
+    for major, minor, suffix, ptx in parse_arch_list(arch_list):
+        cc = f"{major}{minor}{suffix}"
+        names += [f"sm_{cc}"] + ([f"compute_{cc}"] if ptx else [])
+    return names
+
+
+def gencode_flags(arch_list: str) -> List[str]:
+    flags = []
+    for major, minor, suffix, ptx in parse_arch_list(arch_list):
+        cc = f"{major}{minor}{suffix}"
+        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
+    return flags
+
+
+NVCC_ARCH_FLAGS = gencode_flags(WHEEL_ARCH_LIST)
+
+
+def arch_define(arch_list: str) -> str:
+    """The define that stamps the build with its GPU code (``cssfe._C.cuda_archs``, csrc/ops.cpp):
+    the names joined by "-" (no quotes, commas or spaces, which do not survive ninja)."""
+    return "-DCSSFE_CUDA_ARCHS=" + "-".join(arch_names(arch_list))
+
+
+def runs_on(cuda_archs: str, capability: Tuple[int, int]) -> bool:
+    """Whether a build stamped with ``cuda_archs`` ("sm_80-sm_90-compute_90") has code for a GPU of
+    this compute capability: machine code of the same major version and a minor one at most the
+    device's (sm_XYa only on X.Y itself), or PTX of a capability at most the device's."""
+    cap = tuple(capability)
+    for name in filter(None, (cuda_archs or "").split("-")):
+        m = re.fullmatch(r"(sm|compute)_(\d+?)(\d)([af]?)", name)
+        if m is None:
+            continue
+        kind, arch, suffix = m.group(1), (int(m.group(2)), int(m.group(3))), m.group(4)
+        if suffix:
+            if arch == cap:
+                return True
+        elif kind == "sm" and arch[0] == cap[0] and arch[1] <= cap[1]:
+            return True
+        elif kind == "compute" and arch <= cap:
+            return True
+    return False
+
+
+def arch_list_for(capabilities: List[Tuple[int, int]], newest_supported: Optional[Tuple[int, int]] = None) -> str:
+    """TORCH_CUDA_ARCH_LIST for these cards: each capability once (clamped to the newest that this
+    torch supports, as torch does, since its nvcc may not know a later one), PTX for the newest."""
+    caps = sorted({min(tuple(c), newest_supported) if newest_supported else tuple(c) for c in capabilities})
+    if not caps:
+        return DEFAULT_ARCH_LIST
+    items = [f"{major}.{minor}" for major, minor in caps]
+    items[-1] += "+PTX"
+    return ";".join(items)
 
 
 def cpu_sources(csrc: str) -> List[str]:

@@ -7,8 +7,9 @@ How the extension is found (first that works):
    build is ignored, with a warning);
 2. otherwise a just-in-time build with ``torch.utils.cpp_extension.load`` of the CPU sources (plus
    the CUDA sources when torch sees a GPU and nvcc is found), cached in ``$CSSFE_EXT_DIR``, else
-   ``$CSSFE_CACHE/extensions``, else ``~/.cache/cssfe/extensions`` (one sub-folder per build hash
-   and torch version; the first build takes about a minute, later loads are instant). The sources
+   ``$CSSFE_CACHE/extensions``, else ``~/.cache/cssfe/extensions`` (one sub-folder per build hash,
+   torch version and, for a CUDA build, the GPU code it carries: ``jit_target``; the first build
+   takes about a minute, later loads are instant). The sources
    are the checkout's ``csrc/``, or in an installed package the copy ``setup.py`` ships in it
    (``cssfe/_csrc``).
 
@@ -52,18 +53,42 @@ def extension_dir() -> str:
     return base
 
 
+def jit_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST of the just-in-time CUDA build: the variable when set, else the visible
+    cards' capabilities with PTX for the newest (build_spec.arch_list_for), else (no GPU) sm_80 and sm_90."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if not torch.cuda.is_available():
+        return build_spec.DEFAULT_ARCH_LIST
+    supported = [a for a in torch.cuda.get_arch_list() if a.startswith("sm_")]
+    newest = max(((int(a[3:-1]), int(a[-1])) for a in supported if a[3:].isdigit()), default=None)
+    caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    return build_spec.arch_list_for(caps, newest)
+
+
 def cuda_build_env() -> dict:
     """Environment for building the CUDA sources: the real CUDA_HOME (nvcc on PATH may be a wrapper), arch list, CPATH."""
-    env = {}
+    env = {"TORCH_CUDA_ARCH_LIST": jit_arch_list()}
     home = build_spec.cuda_home()
     if home:
         env["CUDA_HOME"] = home
-    if not torch.cuda.is_available():
-        env.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", build_spec.DEFAULT_ARCH_LIST))
     inc = build_spec.cuda_include_dir(os.path.dirname(torch.__file__))
     if inc:
         env["CPATH"] = os.pathsep.join(p for p in (inc, os.environ.get("CPATH", "")) if p)
     return env
+
+
+def cuda_code_mismatch(mod) -> Optional[str]:
+    """Why the loaded build cannot run on the current GPU (it carries no code for its compute
+    capability), or None when it can, or when there is no GPU, no CUDA code or no record to ask about."""
+    archs = getattr(mod, "cuda_archs", None)  # None: a build from before the code was recorded
+    if archs is None or not getattr(mod, "with_cuda", False) or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    if build_spec.runs_on(archs, (major, minor)):
+        return None
+    return (f"the extension's CUDA code ({archs.replace('-', ', ') or 'not recorded'}) does not run on this GPU "
+            f"(compute capability {major}.{minor}); build it for this card (TORCH_CUDA_ARCH_LIST)")
 
 
 def _try_prebuilt(want: Optional[str]) -> Tuple[Optional[object], str]:
@@ -76,13 +101,20 @@ def _try_prebuilt(want: Optional[str]) -> Tuple[Optional[object], str]:
         warnings.warn(f"cssfe._C was built from other csrc/ sources or compiler flags ({have} != {want}); "
                       "rebuilding it just in time")
         return None, "cssfe._C is stale"
+    mismatch = cuda_code_mismatch(_C)
+    if mismatch is not None:  # e.g. a wheel's sm_80/sm_90 code on an older card
+        warnings.warn(f"cssfe._C: {mismatch}; building it just in time")
+        return None, f"cssfe._C: {mismatch}"
     return _C, "prebuilt cssfe._C"
 
 
 def jit_target(want: str):
-    """(with_cuda, module name, build folder) of the just-in-time build for these sources."""
+    """(with_cuda, module name, build folder) of the just-in-time build for these sources; a CUDA
+    build's name also carries its GPU code (jit_arch_list), so each card gets a build that runs on it."""
     with_cuda = torch.cuda.is_available() and build_spec.cuda_home() is not None and bool(cuda_sources())
-    name = f"cssfe_ext_{want}" + ("_cuda" if with_cuda else "")
+    name = f"cssfe_ext_{want}"
+    if with_cuda:
+        name += "_cuda_" + "_".join(build_spec.arch_names(jit_arch_list()))
     tag = f"torch{torch.__version__}".replace("+", "_")
     return with_cuda, name, os.path.join(extension_dir(), tag, name)
 
@@ -114,11 +146,13 @@ def _jit_build(want: str):
         warnings.warn(f"removing a stale build lock {lock} (left by an interrupted build)")
         os.remove(lock)
     sources = build_spec.cpu_sources(CSRC) + (cuda_sources() if with_cuda else [])
-    defines = [build_spec.hash_define(CSRC)] + ([build_spec.CUDA_DEFINE] if with_cuda else [])
+    defines = [build_spec.hash_define(CSRC)]
     old = {k: os.environ.get(k) for k in ("MAX_JOBS", "CUDA_HOME", "CPATH", "TORCH_CUDA_ARCH_LIST")}
     os.environ.setdefault("MAX_JOBS", "1")
     if with_cuda:
-        os.environ.update(cuda_build_env())
+        build_env = cuda_build_env()
+        defines += [build_spec.CUDA_DEFINE, build_spec.arch_define(build_env["TORCH_CUDA_ARCH_LIST"])]
+        os.environ.update(build_env)
     try:
         mod = cpp_extension.load(
             name=name,
@@ -182,5 +216,8 @@ def can_load_without_build() -> bool:
         pass
     if want is None or os.environ.get("CSSFE_NO_JIT") == "1":
         return False
-    _, name, build_dir = jit_target(want)
+    try:
+        _, name, build_dir = jit_target(want)
+    except ValueError:  # an unreadable TORCH_CUDA_ARCH_LIST: the build that asks for it says so
+        return False
     return os.path.exists(os.path.join(build_dir, name + ".so"))

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, launch
 
 
 @triton.jit
@@ -145,7 +145,7 @@ def asl_scale_grad_(grad, scale):
     if n:
         block = 4096 if INTERPRET else 2048
         acc = tl.float64 if grad.dtype == torch.float64 else tl.float32
-        _scale_kernel[(triton.cdiv(n, block),)](grad, scale, n, BLOCK=block, ACC=acc)
+        launch(_scale_kernel, (triton.cdiv(n, block),), grad, scale, n, BLOCK=block, ACC=acc)
 
 
 def _small_int(v: float) -> bool:
@@ -167,12 +167,11 @@ def asl(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need
     binary = _small_int(gamma_pos) and _small_int(gamma_neg) and 1.1754943508222875e-38 <= eps <= 1.0 and 0 <= clip < 1e30
     loss = torch.empty((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     if n:
-        _asl_kernel[grid](x, t, grad if need_grad else x, part, n, float(gamma_pos), float(gamma_neg), float(clip),
-                          float(eps), scale, FOCAL=bool(gamma_pos > 0 or gamma_neg > 0), FOCAL_GRAD=bool(focal_grad),
-                          CLIP=bool(clip > 0), NEED_GRAD=bool(need_grad), BINARY=binary, BOOL_TARGETS=bool_targets,
-                          GAMMA_POS=int(gamma_pos) if binary else 0, GAMMA_NEG=int(gamma_neg) if binary else 0,
-                          BLOCK=block)
+        launch(_asl_kernel, grid, x, t, grad if need_grad else x, part, n, float(gamma_pos), float(gamma_neg),
+               float(clip), float(eps), scale, FOCAL=bool(gamma_pos > 0 or gamma_neg > 0), FOCAL_GRAD=bool(focal_grad),
+               CLIP=bool(clip > 0), NEED_GRAD=bool(need_grad), BINARY=binary, BOOL_TARGETS=bool_targets,
+               GAMMA_POS=int(gamma_pos) if binary else 0, GAMMA_NEG=int(gamma_neg) if binary else 0, BLOCK=block)
     else:
         part.zero_()
-    _sum_kernel[(1,)](part, loss, grid[0], scale, BLOCK=1024)
+    launch(_sum_kernel, (1,), part, loss, grid[0], scale, BLOCK=1024)
     return loss, grad

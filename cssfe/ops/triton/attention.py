@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import attention_gemm
 from ..overrides import overriding
-from ._common import INTERPRET, pow2
+from ._common import INTERPRET, launch, pow2
 
 FLASH_MAX_D = 128  # wider features: attention_gemm
 STRATEGIES = ("flash", "gemm")
@@ -51,7 +51,7 @@ def _op(x, ref_ptr, LOWP: tl.constexpr):
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, z_ptr, lse_ptr, C, D, N, q_bstride, scale,
               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * D * N, b * C * D pass 2^31 in big batches
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     cmask = offs_c < C
@@ -86,7 +86,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, z_ptr, lse_ptr, C, D, N, q_bstride, scale,
 @triton.jit
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, C, D, N, q_bstride, scale,
                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * D * N, b * C * D pass 2^31 in big batches
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     cmask = offs_c < C
@@ -115,7 +115,7 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, C, D, N
 @triton.jit
 def _attn_bwd_dkv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, C, D, N, q_bstride, scale,
                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * D * N, b * C * D pass 2^31 in big batches
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     nmask = offs_n < N
@@ -200,9 +200,9 @@ def attention_fwd(q, k, v):
     C = q.shape[1]
     z = torch.empty(B, C, D, dtype=v.dtype, device=v.device)
     lse = torch.empty(B, C, dtype=torch.float32, device=v.device)
-    bc, bd, bn, launch = _blocks(C, D, N)
-    _attn_fwd[(B, triton.cdiv(C, bc))](q, k, v, z, lse, C, D, N, 0 if q.shape[0] == 1 else C * D, D ** -0.5,
-                                       BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **launch)
+    bc, bd, bn, options = _blocks(C, D, N)
+    launch(_attn_fwd, (B, triton.cdiv(C, bc)), q, k, v, z, lse, C, D, N, 0 if q.shape[0] == 1 else C * D, D ** -0.5,
+           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **options)
     return z, lse
 
 
@@ -217,12 +217,12 @@ def attention_bwd(grad_z, q, k, v, z, lse):
     dq = torch.empty(B, C, D, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    bc, bd, bn, launch = _blocks(C, D, N)
+    bc, bd, bn, options = _blocks(C, D, N)
     qs = 0 if q.shape[0] == 1 else C * D
-    _attn_bwd_dq[(B, triton.cdiv(C, bc))](q, k, v, g, lse, delta, dq, C, D, N, qs, D ** -0.5,
-                                          BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **launch)
-    _attn_bwd_dkv[(B, triton.cdiv(N, bn))](q, k, v, g, lse, delta, dk, dv, C, D, N, qs, D ** -0.5,
-                                           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **launch)
+    launch(_attn_bwd_dq, (B, triton.cdiv(C, bc)), q, k, v, g, lse, delta, dq, C, D, N, qs, D ** -0.5,
+           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **options)
+    launch(_attn_bwd_dkv, (B, triton.cdiv(N, bn)), q, k, v, g, lse, delta, dk, dv, C, D, N, qs, D ** -0.5,
+           BLOCK_C=bc, BLOCK_D=bd, BLOCK_N=bn, LOWP=_lowp(k), **options)
     if q.shape[0] == 1:
         dq = dq.sum(0, keepdim=True)
     return dq.to(q.dtype), dk, dv

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..overrides import overriding
-from ._common import INTERPRET, pow2
+from ._common import INTERPRET, launch, pow2
 
 SCRATCH_BYTES = 32 << 20  # per chunk: fp32 scores and score gradients plus their input-dtype copies
 _HALF_BMM_TO_F32 = "dtype" in torch.ops.aten.bmm.overloads()  # bmm(..., out_dtype=) (CUDA, torch >= 2.8)
@@ -74,7 +74,7 @@ def _launch_rows(kernel, rows, n, scale, *tensors):
     interpreter (its cost is per program)."""
     bn = pow2(n, hi=1024)
     br = 64 if INTERPRET else max(1, 4096 // bn)
-    kernel[(triton.cdiv(rows, br),)](*tensors, rows, n, scale, BLOCK_R=br, BLOCK_N=bn)
+    launch(kernel, (triton.cdiv(rows, br),), *tensors, rows, n, scale, BLOCK_R=br, BLOCK_N=bn)
 
 
 def _bmm_scores(a, b):

@@ -3,12 +3,14 @@
 One program per (batch, block of L): classes are visited in group order (``order``; group g holds
 positions [lo_g, hi_g)); stage g reads the rows that earlier stages wrote (a barrier separates
 the stages) and the original z for the rest. The backward runs the stages in reverse and pushes
-each message's gradient to its sources (the earlier groups' outputs, or z)."""
+each message's gradient to its sources (the earlier groups' outputs, or z); each program writes
+its share of the gate gradient to a row of its own, and the rows are summed in a fixed order (as the
+CUDA kernel does), so the gradient is the same bits in every run."""
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, pow2
+from ._common import INTERPRET, launch, pow2
 
 
 @triton.jit
@@ -73,7 +75,7 @@ def _message(z_ptr, out_ptr, r_ptr, order_ptr, ci, imask, lo, end, base, C, L, o
 @triton.jit(do_not_specialize=["earlier_only"])
 def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2, earlier_only,
                  BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L passes 2^31 in big batches
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     base = b * C * L
@@ -97,9 +99,9 @@ def _enhance_fwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, C, L, s1, s2, 
 
 
 @triton.jit(do_not_specialize=["earlier_only"])
-def _enhance_bwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, acc_ptr, dz_ptr, dm_ptr, dw_ptr, C, L, s1, s2,
+def _enhance_bwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, acc_ptr, dz_ptr, dm_ptr, dw_part_ptr, C, L, s1, s2,
                  earlier_only, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * C * L passes 2^31 in big batches
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     base = b * C * L
@@ -122,8 +124,10 @@ def _enhance_bwd(z_ptr, r_ptr, order_ptr, w_ptr, rs_ptr, out_ptr, acc_ptr, dz_pt
             o = tl.load(out_ptr + rows, mask=mask, other=0.0)
             tl.store(dz_ptr + rows, tl.load(dz_ptr + rows, mask=mask, other=0.0) + gi / den[:, None], mask=mask)
             tl.store(dm_ptr + rows, gi * (w / den)[:, None], mask=mask)
+            # this program's share of d w (its columns); each class is one stage's row once, so a plain
+            # store: the partial sums are added in a fixed order afterwards (no atomics, reproducible)
             part = tl.sum(gi * (m - rs[:, None] * o), axis=1) / den
-            tl.atomic_add(dw_ptr + b * C + ci, part, mask=imask)
+            tl.store(dw_part_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * C + ci, part, mask=imask)
         tl.debug_barrier()
         # (b) send the message gradients to their sources (none past end).
         for j0 in range(0, end, BLOCK_C):
@@ -160,8 +164,8 @@ def enhance_fwd(z, r, order, bounds, w, earlier_only=0):
     rs = r.sum(1).contiguous()
     out = torch.empty(B, C, L, dtype=torch.float32, device=z.device)
     bc, bl = _blocks(C, L)
-    _enhance_fwd[(B, triton.cdiv(L, bl))](z, r, order, w, rs, out, C, L, s1, s2, int(earlier_only),
-                                          BLOCK_C=bc, BLOCK_L=bl)
+    launch(_enhance_fwd, (B, triton.cdiv(L, bl)), z, r, order, w, rs, out, C, L, s1, s2, int(earlier_only),
+           BLOCK_C=bc, BLOCK_L=bl)
     return out.to(z.dtype)
 
 
@@ -174,8 +178,9 @@ def enhance_bwd(grad, z, r, order, bounds, w, out, earlier_only=0):
     acc = grad.float().clone().contiguous()
     dz = torch.zeros(B, C, L, dtype=torch.float32, device=z.device)
     dm = torch.zeros(B, C, L, dtype=torch.float32, device=z.device)
-    dw = torch.zeros(B, C, dtype=torch.float32, device=z.device)
     bc, bl = _blocks(C, L)
-    _enhance_bwd[(B, triton.cdiv(L, bl))](z, r, order, w, rs, of, acc, dz, dm, dw, C, L, s1, s2, int(earlier_only),
-                                          BLOCK_C=bc, BLOCK_L=bl)
-    return dz.to(z.dtype), dm, dw
+    grid = (B, triton.cdiv(L, bl))
+    dw_part = torch.empty(B, grid[1], C, dtype=torch.float32, device=z.device)  # one row per program
+    launch(_enhance_bwd, grid, z, r, order, w, rs, of, acc, dz, dm, dw_part, C, L, s1, s2, int(earlier_only),
+           BLOCK_C=bc, BLOCK_L=bl)
+    return dz.to(z.dtype), dm, dw_part.sum(1)
