@@ -144,7 +144,8 @@ def _class_list(data: LongTailData, classes: Sequence[int]) -> str:
 
 def check_degenerate(data: LongTailData) -> None:
     """Data that cannot give a meaningful run, found before any training. Fatal (SplitFormatError
-    naming the list and the count): no training or no test image left. Said on stderr and kept in
+    naming the list and the count): no training or no test image left, or no positive label in
+    the whole test set. Said on stderr and kept in
     ``data.notes``: a class with no training positive (named, and, when unreadable files took them
     all, said so), a class with no test positive (its AP is undefined: named with the means it is
     left out of)."""
@@ -171,6 +172,10 @@ def check_degenerate(data: LongTailData) -> None:
                      f"images of {data.lists.get('train', 'the training list')}: the model cannot learn them")
     test_pos = data.test.labels.sum(0)
     undefined = [c for c in range(data.num_classes) if test_pos[c] == 0]
+    if len(undefined) == data.num_classes:  # no AP is defined: every mean, and "best", would be empty
+        raise split_files.SplitFormatError(
+            f"no positive label in the test set: {data.lists.get('test', 'the test list')}: none of its "
+            f"{len(data.test)} images holds any of the {data.num_classes} classes; nothing to evaluate")
     if undefined:
         means = sorted({GROUP_NAMES[int(data.groups[c])] for c in undefined}, key=GROUP_NAMES.index)
         lost_test = [c for c in undefined if c in lost.get("test", {})]

@@ -158,6 +158,21 @@ def test_no_readable_test_image_is_fatal_naming_the_list(tmp_path):
         load_split_folder(str(root), _cfg().data)
 
 
+def test_test_set_without_any_positive_is_fatal_naming_the_list(tmp_path):
+    """No class has a positive among the test images: no AP and no mean is defined (the run's
+    "best" epoch would compare nothing). Wrong implementation it catches: only warning per class."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    ids = {"train": [f"tr{i}" for i in range(4)], "test": [f"te{i}" for i in range(3)]}
+    sets = {"train": [[0], [1], [2], [0]], "test": [[], [], []]}
+    for split in ids:
+        for image_id in ids[split]:
+            Image.new("RGB", (16, 16), (9, 9, 9)).save(root / "images" / f"{image_id}.png")
+    write_split_folder(str(root), NAMES, ids, sets, head_min=2, tail_max=1)
+    with pytest.raises(SplitFormatError, match=r"no positive label in the test set: .*none of its 3 images"):
+        load_split_folder(str(root), _cfg().data)
+
+
 def test_class_lost_to_unreadable_files_is_named(tmp_path, capsys):
     root = _folder(tmp_path)
     _corrupt(root, "tr2", "tr5")  # every training image of 'bird'
