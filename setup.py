@@ -114,7 +114,7 @@ EXTRAS = {
     "sweep": ["ray[tune,train]>=2.51", "deepspeed>=0.16"],
     # Multi-process / multi-node training (deepspeed launch/train.py), CPU ranks included.
     "distributed": ["deepspeed>=0.16"],
-    "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0", "ray[tune]>=2.40",
+    "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0", "ray[tune,train]>=2.51",
              "deepspeed>=0.16"],
     "dev": ["pytest>=7", "hypothesis>=6", "ruff"],
 }

@@ -95,8 +95,16 @@ def config_hash(cfg: TrainConfig) -> str:
     from cssfe.engine.train import RESUMABLE_CHANGES
 
     def strip(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-        return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("params", "embedding_options") else v
-                for k, v in d.items() if prefix + k not in RESUMABLE_CHANGES and not (prefix + k in UNSET_IS_ABSENT and v == {})}
+        out = {}
+        for k, v in d.items():
+            if prefix + k in RESUMABLE_CHANGES or (prefix + k in UNSET_IS_ABSENT and v == {}):
+                continue
+            if isinstance(v, dict) and k not in ("params", "embedding_options"):
+                v = strip(v, f"{prefix}{k}.")
+                if not v:  # a section of console / resumable keys only (logging) leaves no trace
+                    continue
+            out[k] = v
+        return out
 
     blob = json.dumps(strip(to_dict(cfg)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
