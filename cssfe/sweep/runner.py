@@ -20,7 +20,7 @@ from cssfe.config import ConfigError
 from cssfe.sweep import storage
 from cssfe.sweep.studies import Study, trial_key
 from cssfe.sweep.summary import F1_FIELDS
-from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, trial_dir
+from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, experiment_name, trial_dir
 
 PLAN_FILE = "sweep_plan.json"  # the study as the sweep first ran it: a restore reruns exactly this
 
@@ -205,6 +205,12 @@ def _prepare(study: Study, options: SweepOptions) -> None:
         check_distributed(study, options.workers_per_trial)
 
 
+def _used_by_others(run_dir: str, experiment: str) -> bool:
+    """Whether another study's sweep started this shared run folder (its ``attempts.jsonl``)."""
+    text = storage.read_text(storage.join(run_dir, "attempts.jsonl")) or ""
+    return any(json.loads(line).get("experiment") != experiment for line in text.splitlines() if line.strip())
+
+
 def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
     """Run (or continue) the sweep; returns {"study", "records", "experiment_dir", "results"}."""
     import ray
@@ -223,8 +229,15 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     plan = _read_plan(exp_dir)
     if not options.restore and plan is not None:  # --fresh: the experiment and its trials' runs start over
+        kept = []
         for folder in filter(None, plan.get("trial_dirs", {}).values()):
-            storage.remove_tree(folder)
+            if _used_by_others(folder, experiment_name(plan)):
+                kept.append(folder)
+            else:
+                storage.remove_tree(folder)
+        if kept:
+            print(f"sweep: --fresh kept {len(kept)} run folder(s) that other studies share (their trials are "
+                  f"reused, not retrained): {', '.join(kept)}", flush=True)
         storage.remove_tree(exp_dir)
         plan = None
     restoring = plan is not None and tune.Tuner.can_restore(exp_dir)

@@ -184,3 +184,21 @@ def test_trials_get_the_driver_environment_and_their_resources(monkeypatch):
     pinned = SweepOptions(trial_resources={"non_preemptible": 0.01}, workers_per_trial=2, cpus_per_trial=4)
     assert trial_actor_resources(pinned) == {"cpu": 0, "gpu": 0, "memory": 1, "non_preemptible": 0.01}
     assert trial_actor_resources(SweepOptions(gpus_per_trial=1)) == {"cpu": 1.0, "gpu": 1}
+
+
+def test_fresh_keeps_the_run_folders_another_study_started(tmp_path):
+    """--fresh deletes a trial's run folder only when no other study's sweep has used it (run
+    folders are shared by trial config). Wrong implementation it catches: deleting every folder."""
+    import json
+
+    from cssfe.sweep.runner import _used_by_others
+
+    own, shared, new = tmp_path / "own", tmp_path / "shared", tmp_path / "new"
+    for folder, experiments in ((own, ["mask", "mask"]), (shared, ["mask", "losses"]), (new, [])):
+        folder.mkdir()
+        if experiments:
+            (folder / "attempts.jsonl").write_text("".join(json.dumps({"action": "start", "experiment": e}) + "\n"
+                                                           for e in experiments))
+    assert not _used_by_others(str(own), "mask")
+    assert _used_by_others(str(shared), "mask")
+    assert not _used_by_others(str(new), "mask")

@@ -148,13 +148,11 @@ def test_asha_with_eval_every_and_fresh_start_over(cluster, tmp_path):
     (record,) = run_sweep(study, options)["records"]
     assert record["status"] == "finished" and record["epochs"] == 2
     metrics_file = os.path.join(record["run_dir"], "metrics.json")
-    first = os.path.getmtime(metrics_file)
 
     options.restore = False  # --fresh
     (again,) = run_sweep(study, options)["records"]
     assert again["status"] == "finished" and again["attempts"] == 1 and not again["reused"]
     assert _attempts(again["run_dir"]) == ["start"]  # a new run, not a reuse of the finished one
-    assert os.path.getmtime(metrics_file) > first
 
 
 def test_requests_the_cluster_cannot_honour_are_refused(cluster, tmp_path, monkeypatch):
