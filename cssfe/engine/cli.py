@@ -21,7 +21,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher; LOCAL_RANK is used
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides on both sides of an option
 
 
 def main(argv: Optional[List[str]] = None) -> int:
