@@ -164,6 +164,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             pass
     if tp is Any:
         return value
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads on/off (optim.amp's values) as booleans
+        return "on" if value else "off"
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
     if not isinstance(value, tp):

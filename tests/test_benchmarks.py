@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 GPU_RUN = os.path.join(BENCH, "results", "gpu", "2026-11-26_h200_2612892", "gpu_check.json")
@@ -57,14 +59,15 @@ def test_kernels_benchmark_smoke_appends_nothing():
     assert (os.path.getsize(results) if os.path.exists(results) else None) == before
 
 
-def test_kernels_benchmark_rows_carry_versions_percentiles_memory_and_compile(tmp_path):
-    proc = _run("kernels.py", "--smoke", "--out", tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in open(tmp_path / "kernels_cpu.jsonl")]
+def _check_kernel_rows(rows):
     for kernel in ("asl", "class_attention", "progressive_enhance"):
         providers = {row["provider"] for row in rows if row["kernel"] == kernel}
         assert {"compile", "ops reference"} <= providers, providers
         assert {row["mode"] for row in rows if row["kernel"] == kernel} == {"forward", "forward+backward"}
+        # the reference through the op runs everywhere: its rows are measured, not errors
+        measured = {row["mode"] for row in rows if row["kernel"] == kernel and row["provider"] == "ops reference"
+                    and "error" not in row}
+        assert measured == {"forward", "forward+backward"}, f"{kernel}: the ops reference rows were not measured"
     for row in rows:
         assert row["copy_gb_per_s"] > 0 and row["matmul_tflop_per_s"] > 0  # the roofs, measured in the run
         assert row["machine"]["device"] and row["torch"] and row["commit"] and row["date"]
@@ -76,8 +79,20 @@ def test_kernels_benchmark_rows_carry_versions_percentiles_memory_and_compile(tm
         assert row["peak_method"] and (row["peak_bytes"] is None or row["peak_bytes"] >= 0)
         assert row["gb_per_s"] > 0 and 0 < row["bandwidth_fraction"]
         assert (row["kernel"] == "asl") == ("tflop_per_s" not in row)
-    compiled = [row for row in rows if row["provider"] == "compile"]
-    assert all(row["compile_backend"] == "aot_eager" for row in compiled)
+    compiled = [row for row in rows if row["provider"] == "compile" and "error" not in row]
+    assert compiled and all(row["compile_backend"] == "aot_eager" for row in compiled)
+
+
+def test_kernels_benchmark_rows_carry_versions_percentiles_memory_and_compile(tmp_path):
+    proc = _run("kernels.py", "--smoke", "--out", tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "kernels_cpu.jsonl")]
+    _check_kernel_rows(rows)
+    # A benchmark whose every provider errors (each row with its error recorded) must not pass.
+    failed = [{k: v for k, v in row.items() if not k.startswith(("p20", "p50", "p80"))} | {"error": "RuntimeError: boom"}
+              for row in rows]
+    with pytest.raises(AssertionError, match="ops reference rows were not measured"):
+        _check_kernel_rows(failed)
 
 
 def test_compare_flags_a_regression_over_the_threshold_and_lists_unmatched_rows(tmp_path):

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_goals.py: the GPU goals judged on synthetic results and on the committed H200 runs."""
+"""benchmarks/gpu_goals.py: the GPU goals judged on synthetic results (the committed runs are data, not code)."""
 import importlib.util
 import json
 import os
@@ -6,7 +6,6 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPU_RESULTS = os.path.join(ROOT, "benchmarks", "results", "gpu")
 
 
 @pytest.fixture(scope="module")
@@ -119,66 +118,30 @@ def test_main_case_without_names_is_the_largest(goals):
     assert goals.markdown(goals.evaluate({})) == []
 
 
-def test_goals_of_the_committed_h200_runs(goals):
-    """The numbers docs/performance.md quotes for the H200 runs, judged again by the code."""
-    with open(os.path.join(GPU_RESULTS, "2026-11-26_h200_2612892", "gpu_check.json")) as fh:
-        ev = goals.evaluate(json.load(fh))
-    kernel = _by(ev, "asl_vs_eager", "cuda_kernel")
-    assert kernel["met"] is True and kernel["value"] == pytest.approx(26.3, abs=0.05)
-    bw = _by(ev, "asl_copy_bw", "cuda_kernel")
-    assert bw["met"] is False and bw["value"] == pytest.approx(0.267, abs=0.001)
-    assert _by(ev, "asl_vs_eager", "cuda")["met"] is False  # 3.56x through the op
-    assert _by(ev, "attention_vs_eager", "cuda")["value"] == pytest.approx(0.36, abs=0.005)
-    assert "shared memory" in _by(ev, "attention_vs_eager", "triton")["note"]
-    fastest = {(f["op"], f["dtype"]): f["backend"] for f in ev["fastest_backend"]}
-    assert fastest[("asl", "bfloat16")] == "cuda" and fastest[("attention", "bfloat16")] == "reference"
-
-    with open(os.path.join(GPU_RESULTS, "2026-11-26_h200_f066e94", "gpu_check.json")) as fh:
-        ev = goals.evaluate(json.load(fh))
-    assert _by(ev, "attention_vs_eager", "triton")["value"] == pytest.approx(1.69, abs=0.005)
-    assert _by(ev, "attention_vs_eager", "triton")["met"] is False
-    assert _by(ev, "attention_vs_sdpa", "triton")["met"] is True
-    assert _by(ev, "attention_peak_vs_sdpa", "triton")["met"] is True
+def test_copy_bandwidth_goal_per_dtype_and_at_its_threshold(goals):
+    """Each dtype's rows judged on their own (a float32 verdict must not come from the bf16 row), and
+    70 % of copy bandwidth met at exactly 0.70, not below (the committed runs' fp32 0.56 and bf16
+    0.30 verdicts, on synthetic rows)."""
+    result = {"benchmarks": {"asl": [
+        _asl("eager", 2.0, dtype="float32"), _asl("cuda_kernel", 0.3, dtype="float32", copy_fraction=0.562),
+        _asl("eager", 2.0), _asl("cuda_kernel", 0.1, copy_fraction=0.70),
+        _asl("eager", 2.0, dtype="float16"), _asl("cuda_kernel", 0.1, dtype="float16", copy_fraction=0.6999),
+    ]}}
+    bw = {g["dtype"]: g for g in goals.evaluate(result)["goals"] if g["goal"] == "asl_copy_bw"}
+    assert bw["float32"]["met"] is False and bw["float32"]["value"] == pytest.approx(0.562)
+    assert bw["bfloat16"]["met"] is True and bw["float16"]["met"] is False
 
 
 def test_command_line(goals, tmp_path, capsys):
-    path = os.path.join(GPU_RESULTS, "2026-11-26_h200_f066e94", "gpu_check.json")
-    assert goals.main([path]) == 0
-    # (no CUDA-graph timing of the attention in that run: "-")
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps({"benchmarks": {"attention": [
+        _attn("eager", 6.0, 400), _attn("sdpa", 4.0, 300),
+        _attn("triton", 3.55, 200, speedup_vs_eager=1.69, speedup_vs_sdpa=1.3)]}}))
+    assert goals.main([str(path)]) == 0
+    # (no CUDA-graph timing: "-"; peak 200 of sdpa's 300: 0.67)
     assert "| bfloat16 | triton | 1.69 **not met** | - | 1.30 met | 0.67 met |  |" in capsys.readouterr().out
     bad = tmp_path / "broken.json"
     bad.write_text("{")
     assert goals.main([str(bad)]) == 2
     assert f"cannot read {bad}" in capsys.readouterr().err
     assert goals.main([]) == 2
-
-
-def test_goals_of_the_2026_11_27_h200_runs(goals):
-    """The verdicts docs/performance.md gives for the 2026-11-27 runs, judged again by the code."""
-    with open(os.path.join(GPU_RESULTS, "2026-11-27_h200_e48ac4c", "gpu_check.json")) as fh:
-        result = json.load(fh)
-    ev = goals.evaluate(result)
-    assert result["parity"]["summary"] == {"triton": "passed", "cuda": "passed"}
-    through_op = _by(ev, "asl_vs_eager", "cuda")
-    assert through_op["met"] is True and through_op["value"] == pytest.approx(9.85, abs=0.01)
-    bw = {g["dtype"]: g for g in ev["goals"] if g["goal"] == "asl_copy_bw" and g["provider"] == "cuda_kernel"}
-    assert bw["float32"]["met"] is False and bw["float32"]["value"] == pytest.approx(0.562, abs=0.001)
-    assert bw["bfloat16"]["value"] == pytest.approx(0.303, abs=0.001)
-    attention = _by(ev, "attention_vs_eager", "cuda")
-    assert attention["met"] is False and attention["value"] == pytest.approx(2.08, abs=0.005)
-    assert _by(ev, "attention_vs_sdpa", "cuda")["met"] is True
-    assert _by(ev, "attention_peak_vs_sdpa", "cuda")["met"] is True
-    fastest = {(f["op"], f["dtype"]): f["backend"] for f in ev["fastest_backend"]}
-    assert fastest[("attention", "bfloat16")] == "cuda" and fastest[("asl", "float32")] == "cuda"
-
-    with open(os.path.join(GPU_RESULTS, "2026-11-27_h200_e05935e", "gpu_check.json")) as fh:
-        result = json.load(fh)
-    bench = result["benchmarks"]
-    # checked against fp32 eager: every row agrees, the 1,000-class grid cases included
-    assert all(r["check"]["agrees"] for fam in ("asl", "attention", "enhance", "grid") for r in bench[fam]
-               if r.get("ok"))
-    enh = {(r["C"], r["dtype"], r["provider"]): r["median_ms"] for r in bench["enhance"] if r.get("ok")}
-    for dtype in ("bfloat16", "float32"):  # CUDA_AUTO_MAX_CLASSES: CUDA wins at 80 classes, not at 160
-        assert enh[(80, dtype, "cuda")] < enh[(80, dtype, "triton")]
-        assert enh[(160, dtype, "cuda")] > enh[(160, dtype, "triton")]
-

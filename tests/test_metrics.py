@@ -1,6 +1,5 @@
 import json
 import os
-import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,13 +75,20 @@ def test_torch_inputs_and_dtypes():
     np.testing.assert_allclose(average_precision(scores.tolist(), targets.tolist()), ref, equal_nan=True)
 
 
-def test_large_is_fast_and_correct():
+def test_large_is_vectorized_and_correct(monkeypatch):
+    """5000 x 80 against scikit-learn, computed with one sort over all classes at once (speed is the
+    benchmarks' business; the call count is what keeps it fast). A per-class loop (80 sorts) or a
+    per-threshold one fails the count."""
     rng = np.random.default_rng(0)
     scores = rng.random((5000, 80)).astype(np.float32)
     targets = (rng.random((5000, 80)) < 0.05).astype(np.float32)
-    t0 = time.perf_counter()
+    sorts = []
+    real_argsort, real_sort = np.argsort, np.sort
+    monkeypatch.setattr(np, "argsort", lambda *a, **k: sorts.append(1) or real_argsort(*a, **k))
+    monkeypatch.setattr(np, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
     ap = average_precision(scores, targets)
-    assert time.perf_counter() - t0 < 1.0
+    assert len(sorts) == 1
+    monkeypatch.undo()
     np.testing.assert_allclose(ap, _sk_ap(scores, targets), rtol=1e-10)
 
 

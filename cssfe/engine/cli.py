@@ -25,7 +25,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher; LOCAL_RANK is used
     add_verbosity_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_intermixed_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides on both sides of an option
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -83,6 +83,25 @@ def test_unusual_modes_become_8bit_rgb(tmp_path, mode):
         assert converted.max() == round(255 * 200 / 65535 * 255)  # scaled by the 16-bit range, not clipped white
 
 
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_32bit_and_float_images_are_scaled_by_their_own_range(tmp_path, mode):
+    """Row 6 of the reliability table for the I and F modes: values from 1000 to 3000 map linearly
+    onto 0..255. Wrong implementations this fails: PIL's own convert (clips everything above 255 to
+    white), the 16-bit range of I;16 applied to I (a nearly black image), no rounding (truncation)."""
+    values = np.linspace(1000, 3000, 16 * 16).reshape(16, 16)
+    img = Image.fromarray(values.astype(np.int32 if mode == "I" else np.float32), mode=mode)
+    assert img.mode == mode
+    path = tmp_path / "img.tiff"
+    img.save(path)
+    with Image.open(path) as reread:
+        assert reread.mode == mode
+        converted = np.asarray(to_rgb(reread))
+    assert converted.shape == (16, 16, 3) and (converted[..., 0] == converted[..., 2]).all()
+    want = np.round((values - 1000) / 2000 * 255).astype(np.uint8)
+    assert (converted[..., 0] == want).all()
+    assert converted.min() == 0 and converted.max() == 255 and 0 < np.median(converted) < 255
+
+
 def test_images_without_labels_are_kept(tmp_path):
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)

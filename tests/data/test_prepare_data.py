@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from format_builders import make_lt_voc, make_own_voc
+from format_builders import make_lt_coco, make_lt_voc, make_odir, make_own_voc
 
 from cssfe.data.prepare import main
 from cssfe.data.published import published_split
@@ -91,3 +91,25 @@ def test_dataset_configs_hold_the_reference_recipe(name):
     assert cfg.model.prompt == "a photo of {}." and cfg.loss.name == "asl"
     assert cfg.optim.epochs == 80 and cfg.optim.ema_decay == 0.998
     LOSSES.build(cfg.loss.name, **cfg.loss.params)  # the loss accepts the recipe's parameters
+
+
+def test_lt_coco_and_odir5k_release_layouts(tmp_path, capsys):
+    """The command on the other two releases' layouts: LT-COCO (train2017/val2017, instances JSON,
+    longtail2017 id list) is read, counted against the published numbers and refused while
+    incomplete, writing no split files; ODIR-5K (Training Images + data.csv, a seeded patient split)
+    is read and gets its split files."""
+    coco, odir = tmp_path / "coco", tmp_path / "odir"
+    make_lt_coco(coco)
+    assert main(["--dataset", "lt-coco", "--root", str(coco)]) == 1
+    out = capsys.readouterr().out
+    assert "training images            20   (published: 1,909)" in out
+    assert "22/33/25   (published: 22/33/25)" in out and "PROBLEM: test images: 5, expected 5,000" in out
+    assert not (coco / "longtail2017" / "class_freq.pkl").exists()
+    make_odir(odir, n=10)
+    assert main(["--dataset", "odir5k", "--root", str(odir)]) == 0
+    out = capsys.readouterr().out
+    assert "training images             8" in out and "test images                 2" in out and "OK: ready to train" in out
+    train_ids = (odir / "train.txt").read_text().split()
+    test_ids = (odir / "test.txt").read_text().split()
+    assert len(train_ids) == 8 and len(test_ids) == 2 and not set(train_ids) & set(test_ids)  # patients, not eyes
+    assert (odir / "class_freq.pkl").is_file() and (odir / "class_split.pkl").is_file()

@@ -111,3 +111,30 @@ def test_visualize_a_sample_of_two_files_shows_them_side_by_side(trained_run, bu
         one, two = np.asarray(a.convert("L"), dtype=float), np.asarray(b.convert("L"), dtype=float)
     assert one.shape == two.shape and two.std() > 10
     assert np.abs(one - two).mean() > 1  # the panels show the pair, not the first file alone
+
+
+def test_predict_threshold_and_output_file(trained_run, bundled_root, tmp_path):
+    """--threshold decides the labels (0: every class, above 1: none; a predictor that keeps 0.5
+    fails) and --output writes the JSON lines to the file, not to stdout."""
+    out, _ = trained_run
+    image = os.path.join(bundled_root, "images", "test_00000.png")
+    for threshold, want in (("0", 20), ("1.01", 0)):
+        path = tmp_path / f"pred_{threshold}.jsonl"
+        proc = _run("predict.py", "--checkpoint", out / "checkpoints" / "last.pt", "--threshold", threshold,
+                    "--output", path, image)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == ""
+        (line,) = [json.loads(x) for x in path.read_text().splitlines()]
+        assert os.path.basename(line["file"]) == "test_00000.png" and len(line["labels"]) == want
+
+
+def test_visualize_named_images(trained_run, bundled_root, tmp_path):
+    """--images: one grid per file given, named after it (instead of the head / medium / tail sample)."""
+    out, _ = trained_run
+    images = [os.path.join(bundled_root, "images", name) for name in ("test_00001.png", "test_00002.png")]
+    proc = _run("visualize.py", "--checkpoint", out / "checkpoints" / "best.pt", "--output-dir", tmp_path,
+                "--images", *images)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["test_00001_maps.png", "test_00002_maps.png"]
+    with Image.open(tmp_path / "test_00001_maps.png") as img:
+        assert np.asarray(img.convert("L")).std() > 10

@@ -8,6 +8,7 @@ from cssfe.config import load_config
 from cssfe.data.split_files import read_split
 from cssfe.engine import train as train_module
 from cssfe.engine.train import train
+from cssfe.metrics import average_precision
 
 
 def _cfg(out_dir, *overrides):
@@ -20,8 +21,16 @@ def test_training_beats_the_label_prior(trained_run, bundled_root):
     _, test_labels = read_split(bundled_root, "test", 20)
     chance = 100 * test_labels.mean(0).mean()
     total = result["final"]["mAP"]["total"]
-    # this 6-epoch run lands at 15.7-16.3 (chance 10.5) depending on the thread count and the kernels
-    assert total > 1.4 * chance, (total, chance)
+    # The distribution of chance, measured here: 200 random rankings of these test labels (mean 11.1,
+    # standard deviation 0.24, largest 12.0 at the time of writing: above the prevalence 10.5,
+    # as AP over few positives is). A trained run must beat every one of them...
+    rng = np.random.default_rng(0)
+    random_maps = [100 * np.nanmean(average_precision(rng.random(test_labels.shape), test_labels)) for _ in range(200)]
+    assert total > max(random_maps), (total, max(random_maps))
+    # ...and by a margin that says it learned: 1.4 x prevalence (14.7) is about 15 standard deviations of
+    # chance above its mean, and 1 point below the lowest this 6-epoch run was seen to land (15.7-16.3
+    # over 1 and 2 threads and the reference and cpu kernels): a regression floor, not a chance bound.
+    assert total > 1.4 * chance, (total, chance, float(np.mean(random_maps)), float(np.std(random_maps)))
     # The outputs a user and the later tools rely on.
     metrics = json.loads((out / "metrics.json").read_text())
     for which in ("final", "best"):

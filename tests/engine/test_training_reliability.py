@@ -41,6 +41,25 @@ def _wait_for(path, proc, timeout=300):
         time.sleep(0.05)
 
 
+def _wait_for_checkpoint(path, proc, predicate, timeout=300):
+    """Until the checkpoint at ``path`` (written by rename, so never read half-written) satisfies
+    ``predicate``; read again each time the file changes."""
+    start, seen = time.time(), None
+    while True:
+        _wait_for(path, proc, timeout)
+        stamp = os.stat(path).st_mtime_ns, os.stat(path).st_ino
+        if stamp != seen:
+            seen = stamp
+            if predicate(load_checkpoint(str(path))):
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before the checkpoint awaited: {proc.communicate()[1][-2000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} never reached the state awaited")
+        time.sleep(0.05)
+
+
 def _final(out_dir):
     return json.loads((out_dir / "metrics.json").read_text())["final"]
 
@@ -74,9 +93,8 @@ def test_signal_saves_a_checkpoint_mid_epoch_and_resume_matches(tmp_path, uninte
 def test_sigkill_then_resume_gives_the_same_final_metrics(tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = _launch(out, "checkpoint_every_steps=10")
-    log = out / "log.jsonl"
-    _wait_for(log, proc)  # epoch 1 is over; kill somewhere in epoch 2
-    time.sleep(1.0)
+    # kill inside epoch 2, right after its first mid-epoch checkpoint is on disk (resume starts there)
+    _wait_for_checkpoint(out / "checkpoints" / "last.pt", proc, lambda state: state["epoch"] == 1 and state["step"] > 0)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL

@@ -43,14 +43,34 @@ def test_switches():
 
 
 @pytest.mark.parametrize("gate", ["uncertainty", "absence"])
-def test_gates_are_detached_and_bounded(gate):
-    from cssfe.models.heads import GATES
+def test_gates_are_detached_and_bounded(gate, monkeypatch):
+    """Bounded: g(p) in [0, 1]. Detached: the head's gradients are those of a gate held constant at the
+    same values. A head that computes the gate from logits0 without detaching it (so the loss also
+    trains the first pass through the gate) fails the second check."""
+    from cssfe.models import heads
 
     p = torch.linspace(0, 1, 11)
-    g = GATES[gate](p)
+    g = heads.GATES[gate](p)
     assert (g >= 0).all() and (g <= 1).all()
     if gate == "uncertainty":
         assert g[0] == 0 and g[-1] == 0 and g[5] == 1
+    else:
+        assert torch.allclose(g, 1 - p)
+
+    def grads():
+        head, feats = _head(gate=gate), torch.randn(2, D, 3, 4, generator=torch.Generator().manual_seed(1))
+        feats.requires_grad_()
+        out = head(feats)
+        return torch.autograd.grad(out["logits"].square().sum(), [feats] + list(head.parameters()), allow_unused=True)
+
+    real = heads.GATES[gate]
+    as_is = grads()
+    monkeypatch.setitem(heads.GATES, gate, lambda p: real(p).detach())
+    constant = grads()
+    for a, b in zip(as_is, constant):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
 
 
 def test_rie_embeddings_learn_and_affinity_follows():

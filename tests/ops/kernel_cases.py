@@ -1,6 +1,14 @@
 """Shared cases for the kernel tests: float64 ground truth (autograd through cssfe.ops.reference and
 cssfe.losses.AsymmetricLoss), awkward shapes, tolerances per dtype. Used in-process for the
-reference and cpu backends and, in a TRITON_INTERPRET=1 subprocess, for triton."""
+reference and cpu backends and, in a TRITON_INTERPRET=1 subprocess, for triton.
+
+Half precision (fp16, bf16) is held to the error half precision itself makes on each case: the
+float64 ground truth is evaluated on the half-rounded inputs, the eager PyTorch op (cssfe.ops.reference,
+cssfe.losses.AsymmetricLoss) is run in the half dtype on the same inputs, and every output and every
+gradient of a backend may be at most HALF_FACTOR times as far from the truth as the eager op's, by
+relative L2 norm and by largest element (close_half). Each check takes a ``mutate`` hook so the
+suite can prove that a wrong gradient (negated, zeroed, doubled) fails it (test_kernels.py,
+triton_cases.py)."""
 import math
 
 import torch
@@ -18,7 +26,19 @@ ENHANCE_SHAPES = [(1, 1, 8), (3, 7, 49), (3, 20, 197), (1, 80, 96)]
 # (B, C)
 ASL_SHAPES = [(1, 1), (3, 7), (37, 20), (5, 80)]
 
-TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2), torch.float64: (1e-7, 1e-7)}
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-7, 1e-7)}  # fp32 and fp64: close()
+
+HALF = (torch.float16, torch.bfloat16)
+# Unit roundoff: rounding a value to the dtype moves it by at most this fraction of itself.
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+# How much further from the float64 truth than the eager half-precision op a backend may land. The
+# fused backends compute in fp32 and round once, so they land near the eager op's error or the floor
+# of one rounding (UNIT_ROUNDOFF). Largest ratio measured over every half-precision case (max of the
+# elementwise and the norm ratio): 1.58 on the reference and cpu backends, 2.66 in the Triton
+# interpreter (asl bf16 gradient; triton_cases.py prints it). 4 leaves room above that and stays far
+# below what a wrong gradient costs: negated (relative error 2), zeroed or doubled (1), against
+# allowed relative errors of 4 x the eager op's (or 4 x 2^-8 = 1.6 % in bf16), a few percent at most.
+HALF_FACTOR = 4.0
 
 
 DEVICE = "cpu"  # triton_cases.py sets "cuda" on a GPU
@@ -69,13 +89,55 @@ def close(got, want, dtype, what, scale=1.0):
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
+def close_half(got, want, eager, dtype, what, scale=0.0):
+    """got (a backend) against want (float64 on the half-rounded inputs), bounded by eager (the plain
+    PyTorch op in ``dtype`` on the same inputs): relative L2 error and largest elementwise error each
+    at most HALF_FACTOR times the eager op's, or than one rounding to ``dtype`` where the eager op is
+    exact. Bounds scale with the values, never with the problem size. scale: the magnitude of the
+    terms a value is summed from, where it can be far below them: the rounding floor of a gradient
+    that is zero in exact arithmetic (dq and dk over one position, where fp32 cancellation leaves a
+    remainder; scale = the output's largest value), or of a sum whose terms cancel (dlam)."""
+    got, eager = got.detach().double().cpu(), eager.detach().double().cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
+    if not want.numel():
+        return
+    finite = torch.isfinite(want)  # infinite logits have infinite losses; their gradients are finite
+    assert torch.equal(finite, torch.isfinite(eager)), f"{what}: eager op not finite where the truth is"
+    got, want, eager = got[finite], want[finite], eager[finite]
+    u = UNIT_ROUNDOFF[dtype]
+    err_max, eager_max = (got - want).abs().max().item(), (eager - want).abs().max().item()
+    largest = want.abs().max().item()
+    floor = u * max(largest, scale)
+    bound_max = HALF_FACTOR * max(eager_max, floor)
+    assert err_max <= bound_max, (f"{what}: largest error {err_max:.3g} > {bound_max:.3g} ({HALF_FACTOR:g} x max of "
+                                  f"the eager {dtype} op's {eager_max:.3g} and one rounding)")
+    norm = want.norm().item()
+    if norm > 0:
+        rel, eager_rel = (got - want).norm().item() / norm, (eager - want).norm().item() / norm
+        bound_rel = HALF_FACTOR * max(eager_rel, floor / largest)
+        assert rel <= bound_rel, (f"{what}: relative error {rel:.3g} > {bound_rel:.3g} ({HALF_FACTOR:g} x max of the "
+                                  f"eager {dtype} op's {eager_rel:.3g} and one rounding)")
+    if RECORD is not None:
+        RECORD.append((what, err_max / max(eager_max, floor, 1e-300),
+                       rel / max(eager_rel, floor / largest) if norm > 0 else 0.0))
+
+
+RECORD = None  # a list to collect (what, max-error ratio, relative-error ratio) of every close_half
+
+
+def _identity(name, t):
+    return t
+
+
 def groups_for(c, seed=0):
     g = torch.Generator().manual_seed(seed)
     return GROUPS[torch.randint(len(GROUPS), (c,), generator=g)] if c > len(GROUPS) else GROUPS[:c].clone()
 
 
 # ------------------------------------------------------------------------- class attention
-def check_attention(backend, shape, dtype, batched_q=False, seed=0):
+def check_attention(backend, shape, dtype, batched_q=False, seed=0, mutate=_identity):
+    """mutate(name, tensor): applied to the backend's z, dq, dk, dv before they are compared."""
     torch.manual_seed(seed)
     b, c, d, n = shape
     q64 = torch.randn(b, c, d, dtype=torch.float64) if batched_q else torch.randn(c, d, dtype=torch.float64)
@@ -86,21 +148,30 @@ def check_attention(backend, shape, dtype, batched_q=False, seed=0):
     q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     z_ref = reference.class_attention(qr, kr, vr)
-    dq_ref, dk_ref, dv_ref = torch.autograd.grad(z_ref, (qr, kr, vr), gz)
+    want = (z_ref,) + torch.autograd.grad(z_ref, (qr, kr, vr), gz)
     qd, kd, vd = (t.detach().to(DEVICE).requires_grad_() for t in (q, k, v))
     z = ops.class_attention(qd, kd, vd, backend=backend)
     assert z.dtype == dtype
-    dq, dk, dv = torch.autograd.grad(z, (qd, kd, vd), gz.to(dtype).to(DEVICE))
+    got = (z,) + torch.autograd.grad(z, (qd, kd, vd), gz.to(dtype).to(DEVICE))
+    names = ("z", "dq", "dk", "dv")
+    got = [mutate(name, g) for name, g in zip(names, got)]
+    what = f"{backend} class_attention {shape} {dtype}"
+    if dtype in HALF:  # the eager op in this dtype on the same inputs sets the bound
+        z_eager = reference.class_attention(q, k, v)
+        eager = (z_eager,) + torch.autograd.grad(z_eager, (q, k, v), gz.to(dtype))
+        for name, g, w, e in zip(names, got, want, eager):
+            close_half(g, w, e, dtype, f"{what} {name}", scale=z_ref.abs().max().item() if name in ("dq", "dk") else 0.0)
+        return
     dtype = tol_dtype(backend, dtype)
-    close(z, z_ref, dtype, f"{backend} class_attention z {shape} {dtype}")
+    close(got[0], want[0], dtype, f"{what} z")
     scale = math.sqrt(c * n)
-    close(dq, dq_ref, dtype, f"{backend} class_attention dq", scale)
-    close(dk, dk_ref, dtype, f"{backend} class_attention dk", scale)
-    close(dv, dv_ref, dtype, f"{backend} class_attention dv", scale)
+    for name, g, w in zip(names[1:], got[1:], want[1:]):
+        close(g, w, dtype, f"{what} {name}", scale)
 
 
 # ------------------------------------------------------------------------- progressive enhance
-def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None):
+def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None, mutate=_identity):
+    """mutate(name, tensor): applied to the backend's out, dz, daffinity, dgate, dlam before they are compared."""
     torch.manual_seed(seed)
     b, c, length = shape
     groups = groups_for(c, seed) if groups is None else torch.as_tensor(groups)
@@ -122,15 +193,28 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None):
     aff_leaf, groups_dev = aff.detach().to(DEVICE).requires_grad_(), groups.to(DEVICE)
     tol = tol_dtype(backend, dtype)
     scale = math.sqrt(b * length * c)
+    names = ("out", "dz", "daffinity", "dgate", "dlam")
+    if dtype in HALF:  # the eager op in this dtype on the same inputs (affinity and lam in fp32) sets the bound
+        # dlam sums dw * gate over images and classes, terms that cancel: its floor is one rounding of each
+        # (dgate = dw * lam)
+        dlam_terms = (want[2] * gr.detach()).abs().sum().item() / lam64.item()
+        eager_leaves = (z, aff, gate, lam)
+        out_eager = reference.progressive_enhance(z, aff, groups, gate, lam)
+        eager = (out_eager,) + torch.autograd.grad(out_eager, eager_leaves, gout.to(dtype))
     for call in range(2):
         leaves = [t.detach().to(DEVICE).requires_grad_() for t in (z, gate, lam)]
         leaves.insert(1, aff_leaf)
         out = ops.progressive_enhance(leaves[0], aff_leaf, groups_dev, leaves[2], leaves[3], backend=backend)
         assert out.dtype == dtype
-        got = torch.autograd.grad(out, leaves, gout.to(dtype).to(DEVICE))
+        got = (out,) + torch.autograd.grad(out, leaves, gout.to(dtype).to(DEVICE))
+        got = [mutate(name, g) for name, g in zip(names, got)]
         what = f"{backend} progressive_enhance {shape} {dtype} call {call + 1}"
-        close(out, out_ref, tol, f"{what} out")
-        for name, g, w in zip(("dz", "daffinity", "dgate", "dlam"), got, want):
+        if dtype in HALF:
+            for name, g, w, e in zip(names, got, (out_ref,) + want, eager):
+                close_half(g, w, e, dtype, f"{what} {name}", scale=dlam_terms if name == "dlam" else 0.0)
+            continue
+        close(got[0], out_ref, tol, f"{what} out")
+        for name, g, w in zip(names[1:], got[1:], want):
             close(g, w, tol if name == "dz" else (torch.float32 if tol == torch.float64 else tol), f"{what} {name}", scale)
     if mask and backend != "reference":  # the second call had the mask's flags: no stage has later sources
         order, bounds = library._enhance_plan(groups_dev)
@@ -148,10 +232,11 @@ def _at_offset(t, offset):
 
 
 def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", focal_grad=False,
-              gammas=(0.0, 4.0), clip=0.05, soft_from=None, offset=0, seed=0):
+              gammas=(0.0, 4.0), clip=0.05, soft_from=None, offset=0, seed=0, mutate=_identity):
     """soft_from: flat index from which targets are soft (in (0, 1)); the elements before stay 0/1,
     so kernels with a binary fast path are checked on both sides of the switch. offset: logits and
-    targets are views that start that many elements into their buffers."""
+    targets are views that start that many elements into their buffers. mutate(name, tensor):
+    applied to the backend's every loss ("loss") and gradient ("grad") before they are compared."""
     torch.manual_seed(seed)
     b, c = shape
     x64 = torch.randn(b, c, dtype=torch.float64) * 4
@@ -172,6 +257,10 @@ def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", f
                          disable_torch_grad_focal_loss=not focal_grad, reduction=reduction)
     loss_ref = ref(xr, targets.double())
     (g_ref,) = torch.autograd.grad(loss_ref, xr)
+    if dtype in HALF:  # the eager loss on the half logits (computed in fp32, its gradient rounded back) sets the bound
+        loss_eager = ref(x, targets.to(dtype))
+        (g_eager,) = torch.autograd.grad(loss_eager, x, retain_graph=True)
+        (g_eager_scaled,) = torch.autograd.grad(loss_eager * 1.5, x)
     x, targets = x.detach().to(DEVICE), targets.to(DEVICE)
     if offset:
         x, targets = _at_offset(x, offset), _at_offset(targets, offset)
@@ -183,20 +272,31 @@ def check_asl(backend, shape, dtype, target_dtype=torch.bool, reduction="sum", f
     (g,) = torch.autograd.grad(loss * 1.5, x)
     assert g.dtype == dtype
     n = b * c
-    dtype = tol_dtype(backend, dtype)
-    close(loss, loss_ref, torch.float32 if dtype == torch.float64 else dtype,
-          f"{backend} asl loss {shape} {dtype}", math.sqrt(n))
-    close(g, 1.5 * g_ref, dtype, f"{backend} asl grad {shape} {dtype}")
+    what = f"{backend} asl {shape} {dtype}"
+    if dtype in HALF:
+        def compare(got, want, eager, name):
+            close_half(mutate(name.split()[0], got), want, eager, dtype, f"{what} {name}")
+    else:
+        def compare(got, want, eager, name):
+            tol = tol_dtype(backend, dtype)
+            if name.startswith("loss"):
+                close(mutate("loss", got), want, torch.float32 if tol == torch.float64 else tol, f"{what} {name}",
+                      math.sqrt(n))
+            else:
+                close(mutate("grad", got), want, tol, f"{what} {name}")
+        loss_eager = g_eager = g_eager_scaled = None
+    compare(loss, loss_ref, loss_eager, "loss")
+    compare(g, 1.5 * g_ref, g_eager_scaled, "grad")
     # the loss as the last op: an incoming gradient of exactly 1 (which fused backends skip on the device)
     loss1 = ops.asymmetric_loss(x, targets, gamma_pos=gp, gamma_neg=gn, clip=clip,
                                 disable_torch_grad_focal_loss=not focal_grad, reduction=reduction, backend=backend)
     (g1,) = torch.autograd.grad(loss1, x)
-    close(g1, g_ref, dtype, f"{backend} asl grad (incoming 1) {shape} {dtype}")
+    compare(g1, g_ref, g_eager, "grad (incoming 1)")
     # evaluation mode: no gradient requested, same value
     with torch.no_grad():
         loss2 = ops.asymmetric_loss(x, targets, gamma_pos=gp, gamma_neg=gn, clip=clip,
                                     disable_torch_grad_focal_loss=not focal_grad, reduction=reduction, backend=backend)
-    close(loss2, loss_ref, torch.float32 if dtype == torch.float64 else dtype, f"{backend} asl no-grad loss", math.sqrt(n))
+    compare(loss2, loss_ref, loss_eager, "loss (no grad)")
 
 
 def check_asl_nan(backend, dtype=torch.float32, soft=False, seed=0):
@@ -245,6 +345,9 @@ def check_asl_scale(backend, n, offset, dtype, scale, seed=0):
     what = f"{backend} asl scale x{scale} n={n} offset={offset} {dtype}"
     if scale == 1.0:
         assert torch.equal(grad, before[offset:offset + n]), f"{what}: changed the gradient"
+    elif dtype in HALF:  # eager: the same product in this dtype (computed in fp32 and rounded once)
+        eager = before[offset:offset + n].cpu() * s.cpu()
+        close_half(grad, before[offset:offset + n].double().cpu() * s.item(), eager, dtype, what)
     else:
         close(grad, before[offset:offset + n].double().cpu() * s.item(), tol_dtype(backend, dtype), what)
     outside = torch.ones(base.numel(), dtype=torch.bool, device=DEVICE)
@@ -268,6 +371,37 @@ ASL_VARIANTS = [
     dict(target_dtype=torch.float32, soft_from=0),  # soft targets everywhere, the default parameters
     dict(target_dtype=torch.float32, offset=1),  # unaligned views: the kernels' scalar paths
     dict(target_dtype=torch.uint8, offset=3, reduction="mean"),
+]
+
+
+# Wrong gradients every half-precision check must reject (test_kernels.py, triton_cases.py): a sign
+# error, an input forgotten by the backward, a factor of 2.
+MUTATIONS = {"negated": torch.neg, "zeroed": torch.zeros_like, "doubled": lambda t: 2 * t}
+
+
+def mutated(target, mutation):
+    """A ``mutate`` hook for the checks: ``MUTATIONS[mutation]`` applied to the tensor named target."""
+    fn = MUTATIONS[mutation]
+    return lambda name, t: fn(t) if name == target else t
+
+
+def _attention_case(backend, dtype, mutate=_identity):
+    check_attention(backend, (2, 7, 16, 9), dtype, batched_q=True, seed=7, mutate=mutate)
+
+
+def _enhance_case(backend, dtype, mutate=_identity):
+    check_enhance(backend, (2, 9, 7), dtype, seed=2, mutate=mutate)
+
+
+def _asl_case(backend, dtype, mutate=_identity):
+    check_asl(backend, (9, 20), dtype, gammas=(1.0, 3.0), focal_grad=True, seed=3, mutate=mutate)
+
+
+# (op, check(backend, dtype=, mutate=), the names its mutate hook sees, kwargs)
+MUTATION_CASES = [
+    ("class_attention", _attention_case, ("z", "dq", "dk", "dv"), {}),
+    ("progressive_enhance", _enhance_case, ("out", "dz", "daffinity", "dgate", "dlam"), {}),
+    ("asymmetric_loss", _asl_case, ("loss", "grad"), {}),
 ]
 
 

@@ -8,7 +8,8 @@ import cssfe.ops as ops
 from cssfe.ops import library
 
 from kernel_cases import (ASL_SCALE_SIZES, ASL_SCALES, ASL_SHAPES, ASL_VARIANTS, ATTENTION_SHAPES, ENHANCE_SHAPES,
-                          check_asl, check_asl_nan, check_asl_scale, check_attention, check_enhance)
+                          MUTATION_CASES, MUTATIONS, check_asl, check_asl_nan, check_asl_scale, check_attention,
+                          check_enhance, mutated)
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -28,6 +29,21 @@ def test_class_attention_fp32(backend, shape, poison):
 @pytest.mark.parametrize("dtype", HALF + [torch.float64])
 def test_class_attention_other_dtypes(backend, dtype, poison):
     check_attention(backend, (3, 20, 64, 49), dtype, batched_q=True, seed=1)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("case", MUTATION_CASES, ids=lambda c: c[0])
+def test_half_precision_checks_reject_wrong_gradients(backend, dtype, case):
+    """The half-precision checks can fail: each output and each gradient of each op, negated, zeroed
+    or doubled after the backend computed it (a backward with a sign error, a forgotten input, a
+    factor of 2), must fail its check, naming it. (The bound of fp16 at 2e-2 and bf16 at 6e-2 times
+    sqrt(C*N) that these checks replaced let -dq, a zero dk and 2*dv pass in bf16.)"""
+    op, check, names, kwargs = case
+    for name in names:
+        for mutation in MUTATIONS:
+            with pytest.raises(AssertionError, match=rf" {name}\b"):
+                check(backend, dtype=dtype, mutate=mutated(name, mutation), **kwargs)
+    check(backend, dtype=dtype, **kwargs)  # and the same case passes unmutated
 
 
 @pytest.mark.parametrize("gemm", ["blas", "aten"])

@@ -20,6 +20,7 @@ def main():
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("set TRITON_INTERPRET=1 for CPU tensors")
     kc.DEVICE = args.device
+    kc.RECORD = []
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True  # poison: unwritten outputs are NaN
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
@@ -79,6 +80,20 @@ def main():
             for i, scale in enumerate(kc.ASL_SCALES):
                 kc.check_asl_scale("triton", *size, dtype, scale, seed=i)
                 n += 1
+    # the half-precision checks reject wrong outputs and gradients here too (test_kernels.py has the why)
+    for dtype in (torch.float16, torch.bfloat16):
+        for op, check, names, kwargs in kc.MUTATION_CASES:
+            for name in names:
+                for mutation in kc.MUTATIONS:
+                    try:
+                        check("triton", dtype=dtype, mutate=kc.mutated(name, mutation), **kwargs)
+                    except AssertionError as e:
+                        assert f" {name}" in str(e), f"{op} {name} {mutation}: failed on another value: {e}"
+                    else:
+                        raise AssertionError(f"triton {op} {dtype}: {mutation} {name} passed its check")
+                    n += 1
+    worst = max(kc.RECORD, key=lambda r: max(r[1:]))
+    print(f"largest half-precision error over the eager op's (or one rounding): {max(worst[1:]):.2f} ({worst[0]})")
     for i, variant in enumerate(kc.ASL_VARIANTS):  # fp64 logits (fp32 arithmetic, fp64 loss and gradient)
         kc.check_asl("triton", (37, 20), torch.float64, **variant, seed=i)
         n += 1
