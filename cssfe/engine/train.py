@@ -76,6 +76,14 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float):
+    """OneCycleLR. A warm-up of exactly one step (``pct_start * total_steps == 1``, e.g. 5 steps at
+    0.2) makes torch's first phase end at step 0 and divide by zero: it then lasts two steps."""
+    if abs(pct_start * total_steps - 1.0) < 1e-9 and total_steps > 2:
+        pct_start = 2.0 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
+
+
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -328,9 +336,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
     optimizer_steps = len(data.train) // batch_size if len(data.train) > batch_size else 1
     steps_per_epoch = optimizer_steps * accum  # loader iterations (micro-batches) per epoch
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.optim.lr, total_steps=cfg.optim.epochs * optimizer_steps, pct_start=cfg.optim.pct_start
-    )
+    scheduler = one_cycle(optimizer, cfg.optim.lr, cfg.optim.epochs * optimizer_steps, cfg.optim.pct_start)
     autocast, scaler = _amp_context(device, cfg.optim.amp)
     engine = None
     if use_ds:

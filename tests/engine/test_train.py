@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cssfe.config import load_config
 from cssfe.data.split_files import read_split
@@ -114,3 +115,19 @@ def test_weight_decay_spares_lambda_norms_and_embeddings():
     assert id(head.lam_raw) in no_decay_ids and id(head.embeddings) in no_decay_ids
     assert id(head.norm.weight) in no_decay_ids and id(head.query.weight) not in no_decay_ids
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("total_steps,pct_start", [(5, 0.2), (10, 0.1), (40, 0.2)])
+def test_one_cycle_runs_every_step_whatever_the_warm_up_length(total_steps, pct_start):
+    """torch's OneCycleLR divides by zero when the warm-up is exactly one step (5 steps at 0.2): the
+    schedule must still step to the end, rise to the peak and fall below where it started."""
+    from cssfe.engine.train import one_cycle
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = one_cycle(opt, 1.0, total_steps, pct_start)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(1.0, rel=1e-6) and lrs[0] < 1.0 and lrs[-1] < lrs[0]
