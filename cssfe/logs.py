@@ -26,8 +26,8 @@ class _ConsoleFormatter(logging.Formatter):
 def add_verbosity_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("console output")
     group.add_argument("--quiet", "-q", action="store_true", help="print warnings and errors only (no reports, no progress bars)")
-    group.add_argument("--log-level", choices=list(LEVELS), help="verbosity of the console messages (default: info, "
-                       "or the run's logging.log_level)")
+    group.add_argument("--log-level", choices=list(LEVELS), help="verbosity of the console messages (default: info; "
+                       "training: the run's logging.log_level)")
 
 
 def chosen_level(args: argparse.Namespace, default: str = "info") -> str:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from cssfe.engine.evaluation import evaluate_checkpoint
 
     try:
-        evaluate_checkpoint(args.checkpoint, args.output_dir, args.overrides, device=args.device)
+        evaluate_checkpoint(args.checkpoint, args.output_dir, args.overrides, device=args.device, progress=not args.quiet)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

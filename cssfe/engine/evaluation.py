@@ -78,7 +78,8 @@ def pointing_scores(model, dataset, test_ids, boxes, groups, batch_size: int = 1
     return {key: pointing_game(value, groups) for key, value in hits.items()}
 
 
-def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overrides: Sequence[str] = (), device: str = "cpu") -> Dict[str, Any]:
+def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overrides: Sequence[str] = (), device: str = "cpu",
+                        progress: bool = True) -> Dict[str, Any]:
     trained = load_trained(checkpoint, device=device)
     cfg = trained.cfg
     if overrides:
@@ -87,13 +88,13 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
 
     backend = kernel_backend(cfg.kernels)  # the run's backend (override kernels=...); checked before any work
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "eval")
-    data = build_data(cfg.data, cfg.cache_dir or default_cache_dir(), progress=True)
+    data = build_data(cfg.data, cfg.cache_dir or default_cache_dir(), progress=progress)
     if data.class_names != trained.class_names:
         raise ValueError(f"{checkpoint}: the checkpoint's classes differ from the dataset's at {data.root}")
     loader = DataLoader(data.test, batch_size=cfg.data.eval_batch_size, shuffle=False)
     groups = trained.groups
     with backend:
-        metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=True, class_names=trained.class_names)
+        metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=progress, class_names=trained.class_names)
         if data.boxes is not None and isinstance(trained.model.head, CSSFEHead):
             metrics["pointing_game"] = pointing_scores(trained.model, data.test, data.test_ids, data.boxes, groups)
     os.makedirs(output_dir, exist_ok=True)
