@@ -364,7 +364,10 @@ def _train(cfg: TrainConfig, resume: bool = False,
             save_checkpoint(_run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, run), last_path, keep_previous=True)
         else:
             _ds_checkpoint(engine, ds_dir, ctx, {"run": dict(run), "ema": ema.module.state_dict(), "rng": rng_state(),
-                                                 "config": to_dict(cfg), "world_size": ctx.world_size})
+                                                 "config": to_dict(cfg), "world_size": ctx.world_size,
+                                                 # what cssfe.engine.consolidate needs beside the weights
+                                                 "class_names": data.class_names, "groups": data.groups.tolist(),
+                                                 "class_freq": data.class_freq.tolist()})
 
     rank_log = None
     if use_ds:  # every rank logs to its own file
