@@ -343,6 +343,13 @@ def low_precision_reference(tiny_root, tmp_path_factory):
     return run
 
 
+def _test_images(trained, n):
+    from cssfe.data import build_data
+
+    data = build_data(trained.cfg.data, os.environ["CSSFE_CACHE"], progress=False)
+    return [data.test[i][0] for i in range(n)]
+
+
 def _kill_in_second_epoch(proc, out):
     """SIGKILL the launcher and its ranks once a mid-epoch checkpoint of epoch 2 is complete
     (``latest`` is written last); returns the tag the run is left with."""
@@ -381,6 +388,8 @@ def test_every_zero_stage_and_precision_trains_resumes_and_converts(stage, preci
         assert final["mAP"][group] == pytest.approx(value, abs=1e-6), (group, final["mAP"], _metrics(reference)["final"]["mAP"])
 
     from cssfe.engine.consolidate import consolidate
+    from cssfe.engine.inference import load_trained
+    from cssfe.explain.maps import class_maps
 
     ds_dir = out / "checkpoints" / "deepspeed"
     tag = (ds_dir / "latest").read_text().strip()
@@ -404,6 +413,15 @@ def test_every_zero_stage_and_precision_trains_resumes_and_converts(stage, preci
         evaluated = json.load(f)["mAP"]
     for group, value in final["mAP"].items():
         assert evaluated[group] == pytest.approx(value, abs=1e-6), (group, evaluated, final["mAP"])
+    # the converted weights are exactly the trained model's (= the EMA at decay 0), and explain
+    trained = load_trained(checkpoint)
+    ema = torch.load(ds_dir / tag / "cssfe_rank0.pt", map_location="cpu", weights_only=False)["ema"]
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(value, ema[name].to(value.dtype)), name
+    images = torch.stack(_test_images(trained, 2))
+    maps = class_maps(trained.model, images)
+    assert maps["refined_mask"].shape == (2, len(trained.class_names), *images.shape[-2:])
+    assert all(torch.isfinite(m).all() for m in maps.values())
 
 
 @pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_fp16_supported(), reason="this CPU has fp16 kernels: fp16 trains")
