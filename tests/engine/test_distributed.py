@@ -7,6 +7,7 @@ Every run uses one thread per rank (CPU training with more threads is not bitwis
 import glob
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -15,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-import runpy
 import torch
 
 from cssfe.config import ConfigError, load_config, validate
