@@ -6,6 +6,7 @@ use DeepSpeed's CPU accelerator with the gloo backend; GPU ranks use NCCL.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +23,12 @@ PRECISION_SECTIONS = {
     "bf16": {"bf16": {"enabled": True}},
     "fp16": {"fp16": {"enabled": True, "initial_scale_power": 16}},
 }
+# The one rule for mixed dtypes under bf16 / fp16: DeepSpeed holds every floating parameter AND
+# buffer in the training dtype (it keeps buffers in fp32 unless told), so batch norm sees weights,
+# running statistics and input of one dtype; PyTorch's norm kernels accumulate in fp32 inside.
+# The head computes its probabilities (affinity R, gate) and the loss from fp32 and casts R and the
+# gate to the activations' dtype where they meet them; the EMA copy and evaluation are fp32.
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -111,14 +118,54 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
         enabled = bool((base.get(name) or {}).get("enabled", False))
         if enabled and d.precision != name:
             raise ConfigError(f"{where}{name} is enabled, but distributed.precision is {d.precision!r}; set one of them")
-    out = {k: v for k, v in base.items() if k not in ("bf16", "fp16")}
+    data_types = dict(base.get("data_types") or {})
+    if d.precision in PRECISION_DTYPES:
+        buffers = data_types.setdefault("buffer_dtype", d.precision)
+        if buffers != d.precision:
+            raise ConfigError(f"{where}data_types.buffer_dtype is {buffers!r}, but distributed.precision={d.precision} "
+                              f"keeps buffers (batch-norm statistics) in {d.precision} too; remove it")
+    out = {k: v for k, v in base.items() if k not in ("bf16", "fp16", "data_types")}
     out.update(batch)
     out.update(PRECISION_SECTIONS[d.precision])
+    if data_types:
+        out["data_types"] = data_types
     out["zero_optimization"] = zero
     out["gradient_clipping"] = cfg.optim.grad_clip
     out.setdefault("steps_per_print", 1 << 30)  # our own progress bar and log report the steps
     out.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW, with our parameter groups
     return out
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """Refuse, before any work, a precision the ranks' device cannot train in, naming what can."""
+    if precision not in PRECISION_DTYPES:
+        return
+    if device_type == "cpu":
+        # what DeepSpeed's CPU accelerator asks (oneDNN fp16 kernels); bf16 it always accepts
+        supported = precision == "bf16" or torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        hint = "distributed.precision=bf16 (or fp32)"
+    else:
+        supported = precision == "fp16" or torch.cuda.is_bf16_supported()
+        hint = "distributed.precision=fp16 (or fp32)"
+    if not supported:
+        raise ConfigError(f"config key 'distributed.precision': {precision} is not supported on this {device_type} "
+                          f"({'no oneDNN fp16 kernels' if device_type == 'cpu' else 'the GPU has no bf16'}, which "
+                          f"DeepSpeed needs); use {hint}")
+
+
+def zero3(ds_config: Optional[Dict[str, Any]]) -> bool:
+    return ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+
+
+def gathered(params, partitioned: bool):
+    """``with gathered(params, partitioned):`` the full values of ``params`` are readable inside;
+    under ZeRO-3 (``partitioned``) each rank holds only a slice outside such a block. Every rank
+    must enter it (it is a collective)."""
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params))
 
 
 def release_cpu_buffers(ctx: Context) -> None:

@@ -178,6 +178,7 @@ def _ds_step(engine, loss, loss_scale, run, signum, update_ema, consecutive_bad,
 
 
 UNIVERSAL_SUFFIX = "_universal"
+CONSOLIDATED_MODEL = "consolidated_model.pt"  # per ZeRO-3 checkpoint tag: the gathered weights
 
 
 def _peak_rss_bytes() -> int:
@@ -202,6 +203,10 @@ def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
     run = client["run"]
     tag = f"epoch{run['epoch']:04d}-step{run['step']:06d}"
     save_checkpoint(client, _ds_client_path(ds_dir, tag, ctx.rank))
+    if engine.zero_optimization_partition_weights():
+        # ZeRO-3: the model file below holds placeholders; with stage3_gather_16bit_weights_on_model_save
+        # DeepSpeed gathers the weights (in the training precision) into one file (all ranks take part)
+        engine.save_16bit_model(os.path.join(ds_dir, tag), CONSOLIDATED_MODEL)
     # universal_checkpoint_info lets DeepSpeed's ds_to_universal convert the tag (resume at another world size)
     engine.save_checkpoint(ds_dir, tag=tag, client_state={"world_size": ctx.world_size,
                                                           "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
@@ -291,6 +296,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
     device = select_device(cfg.device)
     ctx = distributed.Context()
     if use_ds:
+        distributed.check_precision(cfg.distributed.precision, device.type)
         ctx = distributed.init(device.type)
         if device.type == "cuda":
             if device.index is None:  # an explicit cuda:N is the launcher's choice (Ray Train's get_device())
@@ -350,13 +356,10 @@ def _train(cfg: TrainConfig, resume: bool = False,
     # Sum-reduced losses: DeepSpeed averages gradients over ranks and accumulation steps, one
     # process sums over the global batch; scaling the micro-batch loss makes the two agree.
     loss_scale = float(ctx.world_size * accum) if use_ds and getattr(loss_fn, "reduction", "sum") == "sum" else 1.0
-    zero3 = use_ds and ds_config["zero_optimization"]["stage"] == 3
+    zero3 = distributed.zero3(ds_config)  # parameters partitioned: read them only inside distributed.gathered
 
     def update_ema() -> None:
-        if zero3:
-            with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                ema.update(model)
-        else:
+        with distributed.gathered(model.parameters(), zero3):
             ema.update(model)
 
     # Everything about where the run stands, saved with every checkpoint.
@@ -392,7 +395,10 @@ def _train(cfg: TrainConfig, resume: bool = False,
             save_checkpoint(_run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, run), last_path, keep_previous=True)
         else:
             _ds_checkpoint(engine, ds_dir, ctx, {"run": dict(run), "ema": ema.module.state_dict(), "rng": rng_state(),
-                                                 "config": to_dict(cfg), "world_size": ctx.world_size})
+                                                 "config": to_dict(cfg), "world_size": ctx.world_size,
+                                                 # what cssfe.engine.consolidate needs beside the weights
+                                                 "class_names": data.class_names, "groups": data.groups.tolist(),
+                                                 "class_freq": data.class_freq.tolist()})
 
     rank_log = None
     if use_ds:  # every rank logs to its own file
@@ -502,8 +508,9 @@ def _train(cfg: TrainConfig, resume: bool = False,
                 "epoch_seconds": round(time.time() - t0, 3),
             }
             record["images_per_second"] = round(steps_per_epoch * micro * ctx.world_size / max(record["epoch_seconds"], 1e-9), 3)
-            if hasattr(model.head, "lam"):
-                record["lambda"] = float(model.head.lam.detach().float())
+            if hasattr(model.head, "lam_raw"):  # hasattr(.., "lam") would compute it, outside a gather
+                with distributed.gathered([model.head.lam_raw], zero3):
+                    record["lambda"] = float(model.head.lam.detach().float())
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
                 if ctx.world_size > 1:
                     distributed.broadcast_buffers(ema.module)

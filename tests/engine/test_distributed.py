@@ -1,11 +1,13 @@
-"""DeepSpeed training on CPU ranks (gloo): equivalence with one process, sharded evaluation, resume
-after SIGKILL, a two-node run simulated on one machine, bad DeepSpeed configs.
+"""DeepSpeed training on CPU ranks (gloo): equivalence with one process, sharded evaluation, every
+ZeRO stage x precision through the launcher (SIGKILL mid-epoch, resume, DeepSpeed's converter,
+evaluate.py), a two-node run simulated on one machine, bad DeepSpeed configs.
 
 Every run uses one thread per rank (CPU training with more threads is not bitwise reproducible).
 """
 import glob
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -28,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 ZERO2 = os.path.join(ROOT, "configs", "deepspeed", "zero2.yaml")
+EVALUATE = os.path.join(ROOT, "launch", "evaluate.py")
 
 
 def _port() -> int:
@@ -72,9 +75,11 @@ def _tiny(root):
     # is split over ranks (the C++ attention sums shared queries' gradients per run of images, so
     # its rounding follows the split, and a different rounding path, even one that is the same per
     # element, sends a 2-epoch Adam run elsewhere by more than the weight tolerance below)
+    # EMA decay 0: the EMA (what the metrics score) is the trained model, which DeepSpeed's
+    # checkpoint holds, so a converted checkpoint must score the run's own metrics
     return ["data.name=split_folder", f"data.root={root}", "model.backbone=smallcnn_gn", "model.embedding=rie",
             "model.dim=16", "data.augment=none", "data.batch_size=16", "optim.epochs=2", "progress=false",
-            "kernels=reference"]
+            "kernels=reference", "optim.ema_decay=0"]
 
 
 def _deepspeed(out, args, ranks=2, resume=False, extra_launcher=(), wait=True, port=None):
@@ -213,25 +218,6 @@ def _killable(out, extra=()):
             f"distributed.deepspeed_config={ZERO2}", *extra]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
-    whole = tmp_path / "whole"
-    _deepspeed(whole, _killable(whole))
-    out = tmp_path / "killed"
-    proc = _deepspeed(out, _killable(out, ["checkpoint_every_steps=5"]), wait=False)
-    latest = out / "checkpoints" / "deepspeed" / "latest"
-    start = time.time()
-    while not (latest.exists() and latest.read_text().strip().startswith("epoch0001-step")):
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.communicate()[0][-3000:]}")
-        assert time.time() - start < 600, "no mid-epoch checkpoint in the second epoch"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-    proc.communicate(timeout=60)
-    assert not (out / "metrics.json").exists()
-    _deepspeed(out, _killable(out, ["checkpoint_every_steps=5"]), resume=True)
-    assert _metrics(out)["final"] == _metrics(whole)["final"]
-
-
 def test_sigterm_to_every_process_checkpoints_all_ranks_at_one_step(tmp_path):
     """The whole process group gets SIGTERM (each rank then also gets the launcher's forwarded
     copy): the ranks agree on a step, save one checkpoint there and exit cleanly."""
@@ -335,3 +321,159 @@ def test_rank_zero_alone_writes_tensorboard_events(two_ranks):
         (total,) = [e.value for e in events.Scalars("mAP/total") if e.step == (i + 1) * steps]
         assert total == pytest.approx(record["mAP"]["total"], rel=1e-6)
     assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
+
+
+# ------------------------------------------------------------------------------------ every stage x precision
+STAGES = (0, 1, 2, 3)
+# what trains on CPU ranks: fp16 only where oneDNN has fp16 kernels (else it is refused, tested below)
+CPU_PRECISIONS = ("fp32", "bf16") + (("fp16",) if torch.ops.mkldnn._is_mkldnn_fp16_supported() else ())
+
+
+def _stage(stage):
+    """Stage 0: plain data parallel, no file; 1-3: the published configs (zero3.yaml gathers on save)."""
+    if stage == 0:
+        return ["distributed.zero_stage=0"]
+    return [f"distributed.deepspeed_config={os.path.join(ROOT, 'configs', 'deepspeed', f'zero{stage}.yaml')}"]
+
+
+def _case(root, precision):
+    # fp32 with group norm: every stage must end where one process does (test above); the low
+    # precisions with batch norm, whose fp32 statistics once met bf16 weights and failed
+    low = [f"distributed.precision={precision}", "model.backbone=smallcnn"] if precision != "fp32" else []
+    return [*_tiny(root), *low]
+
+
+@pytest.fixture(scope="module")
+def low_precision_reference(tiny_root, tmp_path_factory):
+    """Uninterrupted runs that the killed and resumed low-precision cases must end with: one at
+    stage 0 and one at stage 2 per precision. Stages 1-3 keep fp32 master weights and reduce fp32
+    gradients, so they agree; stage 0 trains bf16 weights through DeepSpeed's fp16/bf16 optimizer
+    with gradients reduced in bf16, and ends elsewhere."""
+    runs = {}
+
+    def run(precision, stage):
+        key = (precision, 0 if stage == 0 else 2)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"reference_{precision}_stage{key[1]}") / "run"
+            _deepspeed(out, [*_case(tiny_root, precision), *_stage(key[1])])
+            runs[key] = out
+        return runs[key]
+
+    return run
+
+
+def _test_images(trained, n):
+    from cssfe.data import build_data
+
+    data = build_data(trained.cfg.data, os.environ["CSSFE_CACHE"], progress=False)
+    return [data.test[i][0] for i in range(n)]
+
+
+def _kill_in_second_epoch(proc, out):
+    """SIGKILL the launcher and its ranks once a mid-epoch checkpoint of epoch 2 is complete
+    (``latest`` is written last); returns the tag the run is left with."""
+    latest = out / "checkpoints" / "deepspeed" / "latest"
+    start = time.time()
+    while not (latest.exists() and latest.read_text().strip().startswith("epoch0001-step")
+               and latest.read_text().strip() != "epoch0001-step000000"):
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()[0][-3000:]}")
+        assert time.time() - start < 600, "no mid-epoch checkpoint in the second epoch"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return latest.read_text().strip()
+
+
+@pytest.mark.parametrize("precision", CPU_PRECISIONS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_zero_stage_and_precision_trains_resumes_and_converts(stage, precision, tiny_root, two_ranks,
+                                                                    low_precision_reference, tmp_path, one_thread):
+    """Two CPU ranks through ``deepspeed``: 2 epochs with evaluation and a checkpoint every step,
+    SIGKILLed in the second epoch and resumed; the run ends with the uninterrupted reference's
+    metrics, and its last checkpoint, converted by DeepSpeed's ``zero_to_fp32`` and scored by
+    ``launch/evaluate.py``, gives the run's own final mAP."""
+    out = tmp_path / "run"
+    args = [*_case(tiny_root, precision), *_stage(stage), "checkpoint_every_steps=1"]
+    tag = _kill_in_second_epoch(_deepspeed(out, args, wait=False), out)
+    assert tag.startswith("epoch0001-step") and tag != "epoch0001-step000000", tag
+    assert not (out / "metrics.json").exists(), "killed after the run had finished"
+    _deepspeed(out, args, resume=True)
+    assert [r["epoch"] for r in _log(out)] == [1, 2]  # epoch 1 from the killed launch, 2 from the resumed one
+    assert all(0 < r["lambda"] < 10 for r in _log(out))  # read from the (under ZeRO-3 gathered) parameter
+    reference = two_ranks if precision == "fp32" else low_precision_reference(precision, stage)
+    final = _metrics(out)["final"]
+    for group, value in _metrics(reference)["final"]["mAP"].items():
+        assert final["mAP"][group] == pytest.approx(value, abs=1e-6), (group, final["mAP"], _metrics(reference)["final"]["mAP"])
+
+    from cssfe.engine.consolidate import consolidate
+    from cssfe.engine.inference import load_trained
+    from cssfe.explain.maps import class_maps
+
+    ds_dir = out / "checkpoints" / "deepspeed"
+    tag = (ds_dir / "latest").read_text().strip()
+    assert tag == "epoch0002-step000000"
+    if stage == 3:  # stage3_gather_16bit_weights_on_model_save: DeepSpeed's gathered model beside the shards
+        gathered = torch.load(ds_dir / tag / "consolidated_model.pt", map_location="cpu", weights_only=False)
+        ema = torch.load(ds_dir / tag / "cssfe_rank0.pt", map_location="cpu", weights_only=False)["ema"]
+        for name, value in gathered.items():
+            assert torch.equal(value.float(), ema[name].float()), name
+    checkpoint = consolidate(str(out), precision=precision)  # zero_to_fp32, except stage-0 fp32 (nothing sharded)
+    eval_dir = tmp_path / "eval"
+    argv = sys.argv
+    sys.argv = [EVALUATE, "--checkpoint", checkpoint, "--output-dir", str(eval_dir)]
+    try:
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_path(EVALUATE, run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert exited.value.code == 0
+    with open(eval_dir / "metrics.json") as f:
+        evaluated = json.load(f)["mAP"]
+    for group, value in final["mAP"].items():
+        assert evaluated[group] == pytest.approx(value, abs=1e-6), (group, evaluated, final["mAP"])
+    # the converted weights are exactly the trained model's (= the EMA at decay 0), and explain
+    trained = load_trained(checkpoint)
+    ema = torch.load(ds_dir / tag / "cssfe_rank0.pt", map_location="cpu", weights_only=False)["ema"]
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(value, ema[name].to(value.dtype)), name
+    images = torch.stack(_test_images(trained, 2))
+    maps = class_maps(trained.model, images)
+    assert maps["refined_mask"].shape == (2, len(trained.class_names), *images.shape[-2:])
+    assert all(torch.isfinite(m).all() for m in maps.values())
+    if stage == 3 and precision == "fp32":
+        # partitioned weights convert too: the mid-epoch tag, resharded and resumed by one process, ends
+        # where the two ranks did (fp32 with group norm only: one process of batch 16 computes what
+        # two ranks of 8 do; batch norm's statistics and bf16 rounding follow the split)
+        mid = sorted(t for t in os.listdir(ds_dir) if t.startswith("epoch0001-step"))[-1]
+        assert mid != "epoch0001-step000000", mid
+        (ds_dir / "latest").write_text(mid)
+        os.remove(out / "metrics.json")
+        conv = subprocess.run([sys.executable, "-m", "cssfe.engine.reshard", str(out)], capture_output=True, text=True,
+                              env=_env(), cwd=ROOT)
+        assert conv.returncode == 0, conv.stderr[-3000:]
+        proc = subprocess.run([sys.executable, TRAIN, "--resume", "--output-dir", str(out), *args], capture_output=True,
+                              text=True, env=_env(), cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _metrics(out)["final"]["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
+
+
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_fp16_supported(), reason="this CPU has fp16 kernels: fp16 trains")
+def test_fp16_on_cpu_ranks_is_refused_before_any_work(tmp_path):
+    cfg = load_config(None, [f"distributed.deepspeed_config={ZERO2}", "distributed.precision=fp16", "device=cpu",
+                             "data.name=split_folder", f"data.root={tmp_path / 'missing'}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"distributed.precision.*fp16 is not supported on this cpu.*use distributed.precision=bf16"):
+        train(cfg)  # the data root does not exist: reaching it would raise something else
+    assert not (tmp_path / "run").exists()
+
+
+def test_low_precision_keeps_buffers_in_the_training_dtype(tmp_path):
+    """Batch norm's running statistics follow the weights into bf16 (DeepSpeed keeps buffers fp32
+    unless told); a DeepSpeed file that says otherwise is refused."""
+    cfg = load_config(None, ["distributed.precision=bf16", "distributed.zero_stage=2"])
+    assert distributed.deepspeed_config(cfg, 1)["data_types"] == {"buffer_dtype": "bf16"}
+    assert "data_types" not in distributed.deepspeed_config(load_config(None, ["distributed.zero_stage=2"]), 1)
+    bad = tmp_path / "ds.yaml"
+    bad.write_text("data_types:\n  buffer_dtype: fp32\n")
+    with pytest.raises(ConfigError, match=r"ds.yaml: data_types.buffer_dtype is 'fp32'"):
+        distributed.deepspeed_config(load_config(None, [f"distributed.deepspeed_config={bad}", "distributed.precision=bf16"]), 1)
