@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A configuration key, type or value is wrong; the message names the key."""
 
 
+# torch.compile modes (cssfe.engine.compiling): inductor's own names
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
+
+
 @dataclass
 class DataConfig:
     name: str = "bundled"  # dataset registry name: bundled | split_folder | lt_voc | lt_coco | odir5k | voc | coco
@@ -308,8 +312,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.kernels not in ("auto", "reference", "cpu", "cuda", "triton"):
         raise ConfigError(f"config key 'kernels' must be auto, reference, cpu, cuda or triton, got {cfg.kernels!r}")
-    if cfg.compile_mode not in ("default", "max-autotune", "reduce-overhead"):
-        raise ConfigError(f"config key 'compile_mode' must be default, max-autotune or reduce-overhead, got {cfg.compile_mode!r}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"config key 'compile_mode' must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {cfg.data.test_fraction}")
     if cfg.data.on_bad_image not in ("skip", "error"):

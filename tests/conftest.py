@@ -58,3 +58,18 @@ def trained_run(tmp_path_factory, bundled_root):
     out = tmp_path_factory.mktemp("trained") / "run"
     cfg = load_config(None, [f"output_dir={out}", "progress=false", "optim.epochs=6", "optim.lr=0.004"])
     return out, train(cfg)
+
+
+@pytest.fixture(scope="session")
+def native_backend():
+    """Builds (or loads the cached) C++ extension; skips only when there is no C++ compiler."""
+    import shutil
+
+    from cssfe.ops.backends import native
+
+    mod, reason = native.load()
+    if mod is None:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler to build the extension")
+        pytest.fail(f"the C++ extension did not build: {reason}")
+    return mod

@@ -14,9 +14,9 @@ from torch.utils.data import Dataset
 from cssfe.data import split_files
 from cssfe.data.annotated import Layout, read_annotated
 from cssfe.data.bundled import ensure_bundled
-from cssfe.metrics import GROUP_NAMES
 from cssfe.data.images import ImageSource, find_unreadable, read_rgb, source_files
 from cssfe.data.transforms import build_transform
+from cssfe.metrics import GROUP_NAMES
 from cssfe.registry import Registry
 
 

@@ -93,7 +93,8 @@ def wanted(cfg: Any) -> List[str]:
 
 def check(cfg: Any) -> None:
     """Before any work: a tracker asked for whose package is missing. W&B is an explicit choice, so
-    its absence is an error; TensorBoard is on by default, so its absence is a warning."""
+    its absence is an error. (TensorBoard is on by default: its absence is a warning, given when
+    the trackers are built.)"""
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ValueError("config key 'logging.wandb' is true but the wandb package is not installed: "
                          "pip install wandb, or set logging.wandb=false")

@@ -26,7 +26,7 @@ from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
 from cssfe.data.datasets import check_batch
 from cssfe.engine import compiling, distributed, tracking
-from cssfe.engine.checkpoint import load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
+from cssfe.engine.checkpoint import load_checkpoint, load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
 from cssfe.engine.ema import ModelEMA
 from cssfe.engine.evaluate import evaluate, format_table
 from cssfe.engine.sampler import EpochShuffle
@@ -221,7 +221,6 @@ def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
 def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> Dict[str, Any]:
     """Load the newest complete DeepSpeed checkpoint; returns this rank's cssfe state (a rank that
     did not exist when it was written gets rank 0's, without its random state)."""
-    from cssfe.engine.checkpoint import load_checkpoint  # weights-only: a crafted file runs no code
 
     tag = _read_tag(ds_dir)
     saved = load_checkpoint(_ds_client_path(ds_dir, tag, 0))

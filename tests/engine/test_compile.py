@@ -24,18 +24,6 @@ CSSFE_CALLS = sorted(["cssfe.class_attention.default", "cssfe.progressive_enhanc
                      + ["cssfe.asymmetric_loss.default"] * 2)
 
 
-@pytest.fixture(scope="module")
-def native_backend():
-    from cssfe.ops.backends import native
-
-    mod, reason = native.load()
-    if mod is None:
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            pytest.skip("no C++ compiler to build the extension")
-        pytest.fail(f"the C++ extension did not build: {reason}")
-    return mod
-
-
 def _tiny_model_and_loss(classes=6, dim=8, backbone=None):
     torch.manual_seed(0)
     groups = np.repeat([0, 1, 2], [2, 2, classes - 4])

@@ -6,19 +6,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session")
-def native_backend():
-    """Builds (or loads the cached) C++ extension; skips only when there is no C++ compiler."""
-    from cssfe.ops.backends import native
-
-    mod, reason = native.load()
-    if mod is None:
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            pytest.skip("no C++ compiler to build the extension")
-        pytest.fail(f"the C++ extension did not build: {reason}")
-    return mod
-
-
 @pytest.fixture
 def poison():
     """torch.empty / at::empty return NaN-filled memory, so elements a kernel forgets to write fail."""
