@@ -25,6 +25,10 @@ CONFIG_TESTS = {
     "sweeps/embeddings.yaml": "test_shipped_files.py::test_every_study_file_loads",
     "sweeps/losses.yaml": "test_shipped_files.py::test_every_study_file_loads",
     "sweeps/mask.yaml": "test_shipped_files.py::test_every_study_file_loads",
+    "sweeps/methods.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
+    "sweeps/methods_lt_coco.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
+    "sweeps/methods_lt_voc.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
+    "sweeps/methods_odir5k.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
 }
 
 

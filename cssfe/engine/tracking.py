@@ -59,7 +59,10 @@ class TensorBoardTracker(Tracker):
         self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError as exc:  # the folder went away under the writer: the run itself is complete
+            logger.warning(f"TensorBoard events in {self.log_dir} could not be flushed at the end: {exc}")
 
 
 @TRACKERS.register("wandb")
