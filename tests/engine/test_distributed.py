@@ -346,13 +346,15 @@ def _case(root, precision):
 @pytest.fixture(scope="module")
 def low_precision_reference(tiny_root, tmp_path_factory):
     """Uninterrupted runs that the killed and resumed low-precision cases must end with: one at
-    stage 0 and one at stage 2 per precision. Stages 1-3 keep fp32 master weights and reduce fp32
-    gradients, so they agree; stage 0 trains bf16 weights through DeepSpeed's fp16/bf16 optimizer
-    with gradients reduced in bf16, and ends elsewhere."""
+    stage 0, one at stage 2 and one at stage 3 per precision. Stages 1 and 2 keep fp32 master
+    weights and reduce fp32 gradients, so they agree; stage 0 trains bf16 weights through
+    DeepSpeed's fp16/bf16 optimizer with gradients reduced in bf16, and ends elsewhere; stage 3
+    (parameters gathered into bf16 for each forward) was seen to end elsewhere too (total mAP
+    23.24 against 23.23 at stage 2 on this tiny run), so it is checked against itself."""
     runs = {}
 
     def run(precision, stage):
-        key = (precision, 0 if stage == 0 else 2)
+        key = (precision, stage if stage in (0, 3) else 2)
         if key not in runs:
             out = tmp_path_factory.mktemp(f"reference_{precision}_stage{key[1]}") / "run"
             _deepspeed(out, [*_case(tiny_root, precision), *_stage(key[1])])
