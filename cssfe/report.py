@@ -51,14 +51,21 @@ def left_out_notes(left_out: Dict[str, Dict[str, List[str]]]) -> str:
     return "\n".join(lines)
 
 
+def mean_std(values: np.ndarray):
+    """Per column: mean and sample std over the runs (rows), NaNs left out; std 0 for a single run.
+    A column with no defined value gives NaN without a warning (shown as n/a)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+    return mean, std
+
+
 def markdown_table(variants: Dict[str, np.ndarray]) -> str:
     """One row per variant: mean ± sample std over its runs (n in the last column)."""
     lines = ["| variant | " + " | ".join(c.capitalize() for c in COLUMNS) + " | n |", "|---|" + "---|" * (len(COLUMNS) + 1)]
     for name, values in variants.items():
-        with warnings.catch_warnings():  # a column with no defined value (a group without an evaluable class): n/a
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(values, axis=0)
-            std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
+        mean, std = mean_std(values)  # a column with no defined value (a group without an evaluable class): n/a
         cells = ["n/a" if np.isnan(m) else f"{m:.2f} ± {0.0 if np.isnan(s) else s:.2f}" for m, s in zip(mean, std)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(values)} |")
     return "\n".join(lines)
@@ -74,8 +81,7 @@ def bar_chart(variants: Dict[str, np.ndarray], path: str, title: str = "mAP (%),
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     width = 0.8 / len(variants)
     for i, (name, values) in enumerate(variants.items()):
-        mean = np.nanmean(values, axis=0)
-        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
+        mean, std = mean_std(values)
         x = np.arange(len(COLUMNS)) + (i - (len(variants) - 1) / 2) * width
         ax.bar(x, mean, width, yerr=std, capsize=3, label=name)
     ax.set_xticks(np.arange(len(COLUMNS)))

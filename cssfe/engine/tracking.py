@@ -12,6 +12,7 @@ Per optimizer step (every ``logging.step_every``): ``train/loss``, ``train/first
 """
 from __future__ import annotations
 
+import abc
 import importlib.util
 import logging
 import os
@@ -24,15 +25,15 @@ from cssfe.registry import Registry
 logger = logging.getLogger(__name__)
 
 
-class Tracker:
+class Tracker(abc.ABC):
     """One place a run's scalars and images go."""
 
-    def log_scalars(self, values: Dict[str, float], step: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def log_scalars(self, values: Dict[str, float], step: int) -> None: ...
 
+    @abc.abstractmethod
     def log_image(self, tag: str, image: np.ndarray, step: int) -> None:
         """``image``: uint8, [H, W, 3]."""
-        raise NotImplementedError
 
     def close(self) -> None:
         pass

@@ -406,7 +406,9 @@ def _train(cfg: TrainConfig, resume: bool = False,
 
     has_aux = cfg.model.head == "cssfe" and cfg.model.enhance
     tracker = tracking.open_run_tracker(cfg, out_dir, ctx.main)  # rank 0 alone writes event files
-    window_loss = 0.0  # DeepSpeed: the global loss summed over the micro-batches of one optimizer step
+    # DeepSpeed: the global loss summed over the micro-batches of one optimizer step seen by this
+    # process (a run resumed inside an accumulation window sees only its end)
+    window_loss, window_batches = 0.0, 0
     metrics: Optional[Dict[str, Any]] = None
     log_path = os.path.join(out_dir, "log.jsonl")
     consecutive_bad = 0
@@ -441,15 +443,15 @@ def _train(cfg: TrainConfig, resume: bool = False,
                             "Try a lower optim.lr, distributed.precision=fp32 or a smaller optim.grad_clip.")
                     run["step"] += 1
                     bar.set_postfix(loss=f"{step_loss:.3f}")
-                    window_loss += step_loss
+                    window_loss, window_batches = window_loss + step_loss, window_batches + 1
                     if run["step"] % accum == 0:
                         if tracker.wants_step(global_step):
-                            tracker.log_step(global_step, loss=window_loss / accum, lr=scheduler.get_last_lr()[0],
+                            tracker.log_step(global_step, loss=window_loss / window_batches, lr=scheduler.get_last_lr()[0],
                                              grad_norm=_as_float(engine.get_global_grad_norm()),
                                              nonfinite_steps=run["skipped_steps"],
                                              # this rank's first-pass loss is not the global one: left out
                                              **_head_scalars(model, None, lam=not zero3))
-                        window_loss = 0.0
+                        window_loss, window_batches = 0.0, 0
                     periodic = cfg.checkpoint_every_steps and run["step"] % cfg.checkpoint_every_steps == 0
                     if (stop_signum or periodic) and run["step"] < steps_per_epoch:
                         run["epoch_seconds"] = time.time() - t0

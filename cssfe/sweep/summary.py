@@ -10,7 +10,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from cssfe.report import COLUMNS, bar_chart, markdown_table
+from cssfe.report import COLUMNS, bar_chart, markdown_table, mean_std
 from cssfe.sweep.studies import Study
 
 # F1 of the final EMA model at the fixed threshold 0.5 on the sigmoid score (cssfe.metrics; supplement Table 3).
@@ -54,15 +54,10 @@ def f1_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str, np.n
     return out
 
 
-def _mean_std(values: np.ndarray):
-    """Mean and sample std over trials (rows); std 0 for a single trial."""
-    return np.nanmean(values, axis=0), (np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1]))
-
-
 def f1_markdown(variants: Dict[str, np.ndarray]) -> str:
     lines = ["| variant | class-weighted F1 | micro F1 | macro F1 | n |", "|---|---|---|---|---|"]
     for name, values in variants.items():
-        mean, std = _mean_std(values)
+        mean, std = mean_std(values)
         lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std)) + f" | {len(values)} |")
     return "\n".join(lines)
 
@@ -116,8 +111,7 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> 
         if values is None:
             rows.append([label, 0, *[""] * (2 * len(COLUMNS)), "no finished trial"])
             continue
-        mean = np.nanmean(values, axis=0)
-        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
+        mean, std = mean_std(values)
         note = stopped.get(label, "").replace("**", "")
         rows.append([label, len(values), *[f"{x:.4f}" for pair in zip(mean, std) for x in pair], note])
     _write_csv(paths["csv"], ["variant", "n", *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")], "note"], rows)
@@ -126,7 +120,7 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> 
     if f1:  # one row per variant with an F1: class-weighted, micro, macro (mean, std)
         paths["f1_csv"] = os.path.join(out_dir, f"{study.name}_f1.csv")
         _write_csv(paths["f1_csv"], ["variant", "n", *[f"{c}_{s}" for c in F1_FIELDS for s in ("mean", "std")]],
-                   [[label, len(v), *[f"{x:.4f}" for pair in zip(*_mean_std(v)) for x in pair]] for label, v in f1.items()])
+                   [[label, len(v), *[f"{x:.4f}" for pair in zip(*mean_std(v)) for x in pair]] for label, v in f1.items()])
     if variants:
         bar_chart(variants, paths["png"], title=f"{study.title}: mAP (%), mean ± std over seeds")
     else:
