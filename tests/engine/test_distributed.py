@@ -220,23 +220,26 @@ def _killable(out, extra=()):
 
 def test_sigterm_to_every_process_checkpoints_all_ranks_at_one_step(tmp_path):
     """The whole process group gets SIGTERM (each rank then also gets the launcher's forwarded
-    copy): the ranks agree on a step, save one checkpoint there and exit cleanly."""
+    copy): the ranks agree on a step, save one checkpoint there and exit cleanly. The signal is
+    sent once the periodic checkpoint of step 10 of the second epoch has started, so the ranks
+    are inside that epoch and the stop's tag is a later step of it."""
     out = tmp_path / "run"
-    proc = _deepspeed(out, _killable(out), wait=False)
+    proc = _deepspeed(out, _killable(out, ["checkpoint_every_steps=10"]), wait=False)
+    periodic = out / "checkpoints" / "deepspeed" / "epoch0001-step000010"
     start = time.time()
-    while not (out / "log.jsonl").exists():  # inside the second epoch from here
+    while not periodic.is_dir():
         if proc.poll() is not None:
             raise AssertionError(f"training ended early: {proc.communicate()[0][-3000:]}")
         assert time.time() - start < 600
         time.sleep(0.05)
-    time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert output.count("stopped by SIGTERM") == 2, output[-3000:]
     tag = (out / "checkpoints" / "deepspeed" / "latest").read_text().strip()
-    assert tag.startswith("epoch0001-step") and not tag.endswith("step000000")
+    # the step-10 checkpoint's all-reduce ran before the signal, so the stop comes at a later step
+    assert tag.startswith("epoch0001-step") and int(tag.rsplit("step", 1)[1]) > 10, tag
     client = [torch.load(out / "checkpoints" / "deepspeed" / tag / f"cssfe_rank{r}.pt", weights_only=False) for r in (0, 1)]
-    assert client[0]["run"]["step"] == client[1]["run"]["step"] > 0
+    assert client[0]["run"]["step"] == client[1]["run"]["step"] == int(tag.rsplit("step", 1)[1])
     assert not (out / "metrics.json").exists()
 
 

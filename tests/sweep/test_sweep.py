@@ -43,6 +43,18 @@ def _study_file(tmp_path, variants, seeds=(0, 1), config=None, **overrides):
     return str(path)
 
 
+def _terminated_in_experiment_state(experiment_dir):
+    """Whether Tune's experiment state file (what a restored sweep reads) holds a finished trial."""
+    for path in experiment_dir.glob("experiment_state*.json"):
+        try:
+            trials = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):  # being replaced right now: read it again next time
+            continue
+        if any(json.loads(trial[0]).get("status") == "TERMINATED" for trial in trials):
+            return True
+    return False
+
+
 def _attempts(run_dir):
     with open(os.path.join(run_dir, "attempts.jsonl")) as f:
         return [json.loads(line)["action"] for line in f]
@@ -188,7 +200,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster,
             assert driver.poll() is None, "the sweep ended before it could be interrupted"
             assert time.time() < deadline, "no trial finished in time"
             time.sleep(0.2)
-        time.sleep(2.5)  # the experiment state is saved every second
+        # kill only once Tune's saved experiment state records a trial as finished
+        while not _terminated_in_experiment_state(storage / "tiny"):
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.time() < deadline, "the experiment state never recorded a finished trial"
+            time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
