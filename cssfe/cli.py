@@ -31,6 +31,7 @@ COMMANDS: Dict[str, Command] = {
     "consolidate": Command("cssfe.engine.consolidate:main", "one standalone checkpoint from a DeepSpeed run"),
     # ---- benchmarks: one row per benchmark's main(argv), e.g.
     # "bench-NAME": Command("MODULE:main", "one line of help"),
+    # (benchmarks/ is not part of the installed package: its modules import from the repository root.)
 }
 
 
