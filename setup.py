@@ -130,7 +130,7 @@ setup(
     python_requires=">=3.9",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["cssfe-train=cssfe.engine.cli:main"]},
+    entry_points={"console_scripts": ["cssfe=cssfe.cli:main", "cssfe-train=cssfe.engine.cli:main"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
 )

@@ -1,7 +1,6 @@
 """Experiment tracking (TensorBoard, Weights & Biases), reports without a terminal, and ``key=value``
 overrides anywhere among the options of every command-line tool."""
 import importlib.machinery
-import importlib.util
 import io
 import json
 import logging
@@ -22,14 +21,6 @@ TINY = ["data.image_size=32", "model.embedding=rie", "model.dim=16"]
 STEP_SCALARS = {"train/loss", "train/first_pass_loss", "train/lr", "train/lambda", "train/grad_norm", "train/nonfinite_steps"}
 EVAL_SCALARS = ({f"{block}/{g}" for block in ("mAP", "first_pass_mAP") for g in ("total", "head", "medium", "tail")}
                 | {f"f1/{k}" for k in ("weighted", "micro", "macro")} | {"speed/train_images_per_second"})
-
-
-def _launch_module(name):
-    """A launch/ script as a module, to call its parse_args / main in this process."""
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", os.path.join(ROOT, "launch", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _events(run_dir):
@@ -193,6 +184,7 @@ def test_quiet_and_log_level_set_what_training_prints(monkeypatch, capsys, conso
 
 
 def test_overrides_anywhere_in_every_tool_that_takes_them(monkeypatch, console):
+    from cssfe.commands import evaluate, predict
     from cssfe.data import prepare
     from cssfe.engine import cli, evaluation
     from cssfe.sweep import cli as sweep_cli
@@ -211,7 +203,7 @@ def test_overrides_anywhere_in_every_tool_that_takes_them(monkeypatch, console):
         return record
 
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", capture("evaluate", {}))
-    assert _launch_module("evaluate").main(["a=1", "--output-dir", "X", "b=2", "--checkpoint", "C"]) == 0
+    assert evaluate.main(["a=1", "--output-dir", "X", "b=2", "--checkpoint", "C"]) == 0
     a, kw = seen["evaluate"]
     assert a[:3] == ("C", "X", ["a=1", "b=2"])
 
@@ -224,5 +216,5 @@ def test_overrides_anywhere_in_every_tool_that_takes_them(monkeypatch, console):
     assert seen["sweep"][1]["overrides"] == ["a=1", "b=2"]
 
     # Tools with other positional arguments take them anywhere too.
-    args = _launch_module("predict").parse_args(["one.png", "--checkpoint", "C", "two.png", "--threshold", "0.3", "three.png"])
+    args = predict.parse_args(["one.png", "--checkpoint", "C", "two.png", "--threshold", "0.3", "three.png"])
     assert (args.inputs, args.threshold) == (["one.png", "two.png", "three.png"], 0.3)

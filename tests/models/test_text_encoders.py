@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cssfe.models import text_encoders as te
 from cssfe.models.text_encoders import TEXT_ENCODERS, is_learnable, label_embeddings
+from cssfe.models.text_encoders.clip import _cached_tag_checkpoint, _tag_quick_gelu_for_file
+from cssfe.models.text_encoders.registry import _format_prompts
 
 CLASSES = ["dog", "traffic_light", "airplane"]
 
@@ -29,12 +30,12 @@ def test_registry_and_learnable():
 
 
 def test_prompt_formatting():
-    assert te._format_prompts("a photo of {}.", ["traffic_light"]) == ["a photo of traffic light."]
-    assert te._format_prompts("a {class}", ["hair_drier"]) == ["a hair drier"]
+    assert _format_prompts("a photo of {}.", ["traffic_light"]) == ["a photo of traffic light."]
+    assert _format_prompts("a {class}", ["hair_drier"]) == ["a hair drier"]
     with pytest.raises(ValueError):
-        te._format_prompts("no placeholder", ["dog"])
+        _format_prompts("no placeholder", ["dog"])
     with pytest.raises(TypeError):
-        te._format_prompts("{}", "dog")
+        _format_prompts("{}", "dog")
 
 
 def test_rie_shape_norm_determinism_and_cache(tmp_path, monkeypatch, capsys):
@@ -179,14 +180,14 @@ def test_clip_tag_lookup_in_local_caches(tmp_path, monkeypatch):
     (snap / "open_clip_pytorch_model.bin").write_bytes(b"x")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    found, _ = te._cached_tag_checkpoint({"hf_hub": "org/repo/"})
+    found, _ = _cached_tag_checkpoint({"hf_hub": "org/repo/"})
     assert found == str(snap / "open_clip_pytorch_model.bin")
-    assert te._cached_tag_checkpoint({"hf_hub": "org/other/"})[0] is None
+    assert _cached_tag_checkpoint({"hf_hub": "org/other/"})[0] is None
     clip_dir = tmp_path / "home" / ".cache" / "clip"
     clip_dir.mkdir(parents=True)
     (clip_dir / "W.pt").write_bytes(b"x")
-    assert te._cached_tag_checkpoint({"url": "https://example.invalid/a/W.pt"})[0] == str(clip_dir / "W.pt")
+    assert _cached_tag_checkpoint({"url": "https://example.invalid/a/W.pt"})[0] == str(clip_dir / "W.pt")
     # OpenAI weights need QuickGELU: recognised from the HF cache path of the tag
     openai_file = Path("/x/models--timm--vit_base_patch32_clip_224.openai/snapshots/s/open_clip_pytorch_model.bin")
-    assert te._tag_quick_gelu_for_file("ViT-B-32", openai_file) is True
-    assert te._tag_quick_gelu_for_file("ViT-B-32", Path("/x/open_clip_pytorch_model.bin")) is False
+    assert _tag_quick_gelu_for_file("ViT-B-32", openai_file) is True
+    assert _tag_quick_gelu_for_file("ViT-B-32", Path("/x/open_clip_pytorch_model.bin")) is False
