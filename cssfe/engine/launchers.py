@@ -110,6 +110,8 @@ LAUNCHERS: Tuple[Launcher, ...] = (
     Launcher("a Ray worker", "RAY_RAYLET_PID"),  # one process; Ray Train's workers carry RANK
     Launcher("Open MPI (mpirun)", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
              ("OMPI_COMM_WORLD_LOCAL_RANK",), "OMPI_COMM_WORLD_LOCAL_SIZE", _one_node),
+    Launcher("MVAPICH (mpirun_rsh)", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
+             ("MV2_COMM_WORLD_LOCAL_RANK",), "MV2_COMM_WORLD_LOCAL_SIZE", _one_node),
     Launcher("MPICH / Intel MPI (PMI)", "PMI_SIZE", "PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PALS_LOCAL_RANKID"),
              "MPI_LOCALNRANKS", _one_node),
     Launcher("Slurm (srun)", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", ("SLURM_LOCALID",),

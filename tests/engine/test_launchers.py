@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # What each launcher puts in the environment of rank 5 of 8, the second of four on its node.
 OPEN_MPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
             "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+MVAPICH = {"MV2_COMM_WORLD_RANK": "5", "MV2_COMM_WORLD_SIZE": "8", "MV2_COMM_WORLD_LOCAL_RANK": "1",
+           "MV2_COMM_WORLD_LOCAL_SIZE": "4"}
 MPICH = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4"}
 SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "0"}
 SRUN = {**SLURM_JOB, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2",
@@ -36,6 +38,7 @@ def fake_scontrol(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("env, name, master", [
     (OPEN_MPI, "Open MPI (mpirun)", None),
+    (MVAPICH, "MVAPICH (mpirun_rsh)", None),
     (MPICH, "MPICH / Intel MPI (PMI)", None),
     (TORCHRUN, "a torch launcher (deepspeed, torchrun, Ray Train)", "gpu07"),
 ])
