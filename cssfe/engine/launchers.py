@@ -154,12 +154,13 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Launch:
                           f"(expected 0 <= rank < size; started by {launcher.name})")
     if world_size == 1 and not launcher.single_task_is_distributed:
         return Launch()
-    local_name = _first(env, launcher.local_rank) or ("LOCAL_RANK" if "LOCAL_RANK" in env else None)
+    local_names = tuple(dict.fromkeys(launcher.local_rank + ("LOCAL_RANK",)))  # the launcher's, else an exported one
+    local_name = _first(env, local_names)
     if local_name is None and world_size == 1:
         return Launch(launcher.name, 0, 1, 0, env.get("MASTER_ADDR"), env.get("MASTER_PORT"))
     if local_name is None:
         raise LaunchError(f"started by {launcher.name} as rank {rank} of {world_size}, but none of "
-                          f"{', '.join(launcher.local_rank + ('LOCAL_RANK',))} says its rank on this node")
+                          f"{', '.join(local_names)} says its rank on this node")
     local_rank = _integer(env, local_name, launcher)
     local_size = _integer(env, launcher.local_size, launcher) if launcher.local_size and launcher.local_size in env else None
     if local_rank < 0 or (local_size is not None and local_rank >= local_size):

@@ -101,7 +101,7 @@ def test_a_batch_script_that_forgot_srun_is_refused():
     ({k: v for k, v in SRUN.items() if k != "SLURM_PROCID"}, r"Slurm \(srun\).*SLURM_PROCID is not set"),
     ({**OPEN_MPI, "OMPI_COMM_WORLD_LOCAL_RANK": "4"}, r"OMPI_COMM_WORLD_LOCAL_RANK=4 is not a rank on this node.*< OMPI_COMM_WORLD_LOCAL_SIZE=4"),
     ({k: v for k, v in MPICH.items() if k != "MPI_LOCALRANKID"}, r"none of MPI_LOCALRANKID, PALS_LOCAL_RANKID, LOCAL_RANK"),
-    ({k: v for k, v in TORCHRUN.items() if k != "LOCAL_RANK"}, r"rank 5 of 8, but none of LOCAL_RANK"),
+    ({k: v for k, v in TORCHRUN.items() if k != "LOCAL_RANK"}, r"rank 5 of 8, but none of LOCAL_RANK says"),
     ({"WORLD_SIZE": "8"}, r"WORLD_SIZE=8 is set but RANK is not"),
     # two launchers disagreeing: mpirun -genv WORLD_SIZE 16 with PMI's 8 ranks, a stale LOCAL_RANK
     ({**MPICH, "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07"}, r"WORLD_SIZE=16 disagrees with MPICH / Intel MPI \(PMI\), which makes it 8"),
