@@ -94,6 +94,9 @@ class DistributedConfig:
     zero_stage: Optional[int] = None  # overrides the file's zero_optimization.stage: 0 | 1 | 2 | 3
     precision: str = "fp32"  # fp32 | bf16 | fp16 (DeepSpeed's mixed precision; optim.amp does not apply)
     grad_accum: int = 1  # micro-batches per optimizer step
+    # seconds a rank waits in a collective, the start-up wait for rank 0's data and caches included;
+    # null: DeepSpeed's 10 minutes (DEEPSPEED_TIMEOUT). Run launch/prepare_data.py first to keep that wait short.
+    timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -337,6 +340,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.distributed.zero_stage is not None and cfg.distributed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'distributed.zero_stage' must be 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
     positive("distributed.grad_accum", cfg.distributed.grad_accum)
+    if cfg.distributed.timeout_s is not None:
+        positive("distributed.timeout_s", cfg.distributed.timeout_s)
     if cfg.distributed.deepspeed_config is not None and not os.path.isfile(cfg.distributed.deepspeed_config):
         raise ConfigError(f"config key 'distributed.deepspeed_config': file not found: {cfg.distributed.deepspeed_config}")
     if cfg.logging.log_level not in LOG_LEVELS:

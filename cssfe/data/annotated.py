@@ -176,8 +176,7 @@ def save_split_files(cfg, layout: Layout, parts: "AnnotatedParts") -> List[str]:
         if split in parts.generated and defaults:
             path = os.path.join(cfg.root, defaults[0])
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                f.write("\n".join(entries.ids) + "\n")
+            split_files.atomic_write(path, "\n".join(entries.ids) + "\n")
             written.append(path)
     split_files.write_class_files(parts.split_dir, parts.train.labels, groups=parts.groups)
     return written + [os.path.join(parts.split_dir, n) for n in ("class_freq.pkl", "class_split.pkl")]

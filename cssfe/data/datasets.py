@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 from cssfe.data import split_files
 from cssfe.data.annotated import Layout, read_annotated
 from cssfe.data.bundled import ensure_bundled
-from cssfe.data.images import ImageSource, find_unreadable, read_rgb, source_files
+from cssfe.data.image_checks import unreadable_images
+from cssfe.data.images import ImageSource, read_rgb, source_files
 from cssfe.data.transforms import build_transform
 from cssfe.metrics import GROUP_NAMES
 from cssfe.registry import Registry
@@ -69,7 +70,7 @@ class LongTailData:
 DATASETS: Registry[LongTailData] = Registry("dataset")
 
 
-def load_split_folder(root: str, cfg, progress: bool = False) -> LongTailData:
+def load_split_folder(root: str, cfg, progress: bool = False, cache_dir: Optional[str] = None) -> LongTailData:
     """Read a folder in the split format (see :mod:`cssfe.data.split_files`), checking it first."""
     if not os.path.isdir(root):
         raise split_files.SplitFormatError(f"dataset folder not found: {root}")
@@ -101,16 +102,18 @@ def load_split_folder(root: str, cfg, progress: bool = False) -> LongTailData:
         lists={split: os.path.join(root, split, "img_id.txt") for split in ("train", "test")},
     )
     if cfg.check_images:
-        _leave_out_unreadable(data, cfg.on_bad_image, progress)
+        _leave_out_unreadable(data, cfg.on_bad_image, progress, cache_dir)
     check_degenerate(data)
     return data
 
 
-def _leave_out_unreadable(data: LongTailData, policy: str, progress: bool) -> None:
-    """Scan every image once before training. Policy ``error``: stop, naming the files; ``skip``:
-    leave them out, count them and say so (the groups stay those of the split files; the class
-    frequencies become those of the images that remain)."""
-    bad = {split: find_unreadable(getattr(data, split).paths, f"checking {split} images", progress) for split in ("train", "test")}
+def _leave_out_unreadable(data: LongTailData, policy: str, progress: bool, cache_dir: Optional[str] = None) -> None:
+    """Scan every image once before training (once per set of files with a ``cache_dir``: see
+    :mod:`cssfe.data.image_checks`). Policy ``error``: stop, naming the files; ``skip``: leave them
+    out, count them and say so (the groups stay those of the split files; the class frequencies
+    become those of the images that remain)."""
+    bad = {split: unreadable_images(getattr(data, split).paths, cache_dir, f"checking {split} images", progress)
+           for split in ("train", "test")}
     found = [(path, reason) for rows in bad.values() for _, path, reason in rows]
     if not found:
         return
@@ -204,14 +207,14 @@ def check_batch(data: LongTailData, batch_size: int, strict: bool = False) -> No
 @DATASETS.register("bundled")
 def _bundled(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
     root = cfg.root or ensure_bundled(cache_dir, seed=cfg.seed, progress=progress)
-    return load_split_folder(root, cfg, progress)
+    return load_split_folder(root, cfg, progress, cache_dir)
 
 
 @DATASETS.register("split_folder")
 def _split_folder(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
     if not cfg.root:
         raise split_files.SplitFormatError("config key 'data.root' must name the split folder for data.name=split_folder")
-    return load_split_folder(cfg.root, cfg, progress)
+    return load_split_folder(cfg.root, cfg, progress, cache_dir)
 
 
 # Datasets read from their original annotations (see cssfe/data/annotated.py for the keys that
@@ -250,7 +253,8 @@ LAYOUTS: Dict[str, Layout] = {
 }
 
 
-def load_annotated(cfg, layout: Layout, progress: bool = False, write_split_files: Optional[bool] = None) -> LongTailData:
+def load_annotated(cfg, layout: Layout, progress: bool = False, write_split_files: Optional[bool] = None,
+                   cache_dir: Optional[str] = None) -> LongTailData:
     """A dataset read from its annotations (``cfg``: a DataConfig), checked before any training."""
     parts = read_annotated(cfg, layout, write_split_files)
     for path in parts.written:
@@ -267,7 +271,7 @@ def load_annotated(cfg, layout: Layout, progress: bool = False, write_split_file
         lists=dict(parts.lists),
     )
     if cfg.check_images:
-        _leave_out_unreadable(data, cfg.on_bad_image, progress)
+        _leave_out_unreadable(data, cfg.on_bad_image, progress, cache_dir)
     check_degenerate(data)
     return data
 
@@ -275,7 +279,7 @@ def load_annotated(cfg, layout: Layout, progress: bool = False, write_split_file
 def _register_annotated(name: str, layout: Layout) -> None:
     @DATASETS.register(name)
     def _build(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
-        return load_annotated(cfg, layout, progress)
+        return load_annotated(cfg, layout, progress, cache_dir=cache_dir)
 
 
 for _name, _layout in LAYOUTS.items():

@@ -2,7 +2,10 @@
 
 Reads the dataset exactly as training will (every image decoded once), compares image, class and
 group counts with the published ones (LT-VOC, LT-COCO), writes the split files that are missing,
-prints a short report, and exits with 1 and the reason when anything is missing or wrong.
+prints a short report, and exits with 1 and the reason when anything is missing or wrong. The image
+scan is recorded in the cache (``cache_dir``, default ``$CSSFE_CACHE``): training on the same files,
+every rank of a multi-GPU launch included, reads it instead of decoding the images again, so run
+this before launching (once per node when the cache is node-local).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from cssfe.config import ConfigError, load_config
 from cssfe.data.annotated import read_annotated, save_split_files
 from cssfe.data.datasets import LAYOUTS
-from cssfe.data.images import find_unreadable
+from cssfe.data.image_checks import unreadable_images
 from cssfe.data.published import EXPECTED
 from cssfe.data.split_files import SplitFormatError
 
@@ -39,16 +42,18 @@ class DatasetReport:
         return not self.problems
 
 
-def check_dataset(data_cfg, write_split_files: bool = True, progress: bool = False) -> DatasetReport:
+def check_dataset(data_cfg, write_split_files: bool = True, progress: bool = False,
+                  cache_dir: Optional[str] = None) -> DatasetReport:
     """Read ``data_cfg`` (a DataConfig) as training would, decode every image, and collect what
     disagrees with the published counts. Structural problems raise :class:`SplitFormatError`
-    naming the file."""
+    naming the file. With ``cache_dir`` the image scan is recorded there, and training on the same
+    files (every rank of a launch) reads the record instead of decoding the images again."""
     if data_cfg.name not in LAYOUTS:
         raise SplitFormatError(f"prepare_data checks annotated datasets ({', '.join(sorted(LAYOUTS))}), not {data_cfg.name!r}")
     layout = LAYOUTS[data_cfg.name]
     parts = read_annotated(data_cfg, layout, write_split_files=False)
     unreadable = [(path, reason) for split in (parts.train, parts.test)
-                  for _, path, reason in find_unreadable(split.sources, "checking images", progress)]
+                  for _, path, reason in unreadable_images(split.sources, cache_dir, "checking images", progress)]
     groups = tuple(int((parts.groups == g).sum()) for g in range(3))
     report = DatasetReport(data_cfg.name, data_cfg.root, len(parts.train.ids), len(parts.test.ids), len(parts.class_names),
                            groups, parts.split_dir, [], unreadable, dict(parts.generated), parts.found_split)
@@ -102,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--root", required=True, help="the dataset folder (docs/datasets.md shows the layouts)")
     parser.add_argument("--config", help="a YAML config whose data section is used (e.g. configs/lt_voc.yaml)")
     parser.add_argument("--no-write", action="store_true", help="only check; write no split files")
-    parser.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. data.train_list=lists/train.txt)")
+    parser.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. data.train_list=lists/train.txt); "
+                        "cache_dir=DIR: where the image scan is recorded for training (default $CSSFE_CACHE)")
     args = parser.parse_intermixed_args(argv)  # overrides anywhere among the options
     name = args.dataset.replace("-", "_")
     try:
@@ -111,7 +117,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        report = check_dataset(cfg.data, write_split_files=not args.no_write, progress=sys.stderr.isatty())
+        from cssfe.engine.train import default_cache_dir
+
+        report = check_dataset(cfg.data, write_split_files=not args.no_write, progress=sys.stderr.isatty(),
+                               cache_dir=cfg.cache_dir or default_cache_dir())
     except SplitFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

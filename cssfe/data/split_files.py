@@ -13,11 +13,13 @@ A split folder holds::
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
 import pickle
-from typing import Dict, List, Optional, Sequence, Tuple
+import uuid
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -116,11 +118,24 @@ def _labels_matrix(label_sets: Sequence[Sequence[int]], num_classes: int) -> np.
     return out
 
 
+def atomic_write(path: str, data: Union[bytes, str]) -> None:
+    """Write ``data`` to ``path`` through a temporary file of its own in the same folder, then
+    rename it over ``path``: a reader sees the old file or the new one, never a part of one, and
+    writers that meet (ranks of one node preparing a node-local data root) never share a
+    temporary file; the last rename wins, whole."""
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex}.tmp"  # unique per writer; open() honours the umask
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
 def _dump(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write(path, pickle.dumps(obj))
 
 
 def write_split_folder(
@@ -132,12 +147,10 @@ def write_split_folder(
     tail_max: int = 20,
 ) -> np.ndarray:
     """Write classes.txt, <split>/img_id.txt, <split>/class_freq.pkl and class_split.pkl (from train)."""
-    with open(os.path.join(root, "classes.txt"), "w") as f:
-        f.write("\n".join(class_names) + "\n")
+    atomic_write(os.path.join(root, "classes.txt"), "\n".join(class_names) + "\n")
     for split in ids:
         os.makedirs(os.path.join(root, split), exist_ok=True)
-        with open(os.path.join(root, split, "img_id.txt"), "w") as f:
-            f.write("\n".join(ids[split]) + "\n")
+        atomic_write(os.path.join(root, split, "img_id.txt"), "\n".join(ids[split]) + "\n")
         _dump(class_statistics(_labels_matrix(label_sets[split], len(class_names))), os.path.join(root, split, "class_freq.pkl"))
     train_freq = _labels_matrix(label_sets["train"], len(class_names)).sum(0)
     groups = groups_from_frequencies(train_freq, head_min, tail_max)

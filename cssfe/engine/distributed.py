@@ -1,8 +1,10 @@
-"""Multi-process training with DeepSpeed: who launched us, the DeepSpeed config, gathered evaluation.
+"""Multi-process training with DeepSpeed: joining the launch, each rank's device, the DeepSpeed
+config, gathered evaluation.
 
-``deepspeed launch/train.py``, ``torchrun`` and multi-node launchers set RANK and WORLD_SIZE; a
-config with ``distributed.deepspeed_config`` asks for DeepSpeed in a single process too. CPU ranks
-use DeepSpeed's CPU accelerator with the gloo backend; GPU ranks use NCCL.
+Who started the process (deepspeed, torchrun, srun, mpirun, Ray Train) is read by
+:mod:`cssfe.engine.launchers`; a config with ``distributed.deepspeed_config`` asks for DeepSpeed in
+a single process too. CPU ranks use DeepSpeed's CPU accelerator with the gloo backend; GPU ranks use
+NCCL.
 """
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from cssfe.config import ConfigError, TrainConfig
+from cssfe.engine.launchers import LaunchError, detect
 
 PRECISION_SECTIONS = {
     "fp32": {},
@@ -33,12 +37,18 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 
 def launched() -> bool:
-    """True when a launcher (deepspeed, torchrun, a scheduler) started this process as one rank."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True when a launcher (deepspeed, torchrun, srun, mpirun, Ray Train) started this process as
+    one rank; raises :class:`LaunchError` when its variables contradict each other."""
+    return detect().distributed
 
 
 def wanted(cfg: TrainConfig) -> bool:
     return launched() or cfg.distributed.deepspeed_config is not None
+
+
+def world_size() -> int:
+    """The number of ranks of this launch (1 without a launcher)."""
+    return detect().world_size
 
 
 @dataclass
@@ -58,20 +68,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(device_type: str) -> Context:
-    """Join the process group (a group of one without a launcher, so DeepSpeed skips MPI discovery)."""
+def init(device_type: str, timeout_s: Optional[float] = None) -> Context:
+    """Join the process group: the launcher's variables become the torch ones (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), a group of one without a launcher. ``timeout_s``
+    (``distributed.timeout_s``) bounds every collective, the wait for rank 0's preparation
+    included; None keeps DeepSpeed's (10 minutes, or DEEPSPEED_TIMEOUT)."""
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-    if not launched():
+    launch = detect()
+    if launch.distributed:
+        os.environ.update(launch.variables())
+    else:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
+    if not dist.is_initialized():  # Ray Train sets its group up before train() runs
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise LaunchError(f"started by {launch.launcher} as rank {launch.rank} of {launch.world_size}, but "
+                              f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: the launcher "
+                              "sets them (deepspeed, torchrun); export them when starting ranks by hand")
+        # DeepSpeed's own MPI discovery (mpi4py) is off: the launcher's variables are already the torch ones
+        extra = {"timeout": timedelta(seconds=timeout_s)} if timeout_s is not None else {}
+        deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl", auto_mpi_discovery=False, **extra)
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """The GPU of the rank with this LOCAL_RANK, among those visible to it. A rank that sees every
+    GPU of its node (deepspeed, torchrun) takes ``cuda:LOCAL_RANK``; a rank the scheduler gave one
+    GPU (srun --gpus-per-task 1, CUDA_VISIBLE_DEVICES with one entry) takes ``cuda:0``. Anything
+    else would guess, so it stops naming the numbers."""
+    visible = torch.cuda.device_count()
+    if local_rank < visible:
+        return torch.device("cuda", local_rank)
+    if visible == 1:
+        return torch.device("cuda", 0)
+    raise LaunchError(
+        f"LOCAL_RANK={local_rank}, but this rank sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): give each rank either every GPU of its node (it "
+        "uses the one its LOCAL_RANK names) or exactly one (srun --gpus-per-task 1), or name it with device=cuda:N")
 
 
 def _read_file(path: str) -> Dict[str, Any]:

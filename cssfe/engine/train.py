@@ -282,7 +282,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
     use_ds = distributed.wanted(cfg)
     ds_config = None
     if use_ds:  # the batch arithmetic and the DeepSpeed file are checked before any work
-        ds_config = distributed.deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        ds_config = distributed.deepspeed_config(cfg, distributed.world_size())
         last_path = os.path.join(ds_dir, "latest")  # DeepSpeed's pointer to the newest complete checkpoint
         if resume and os.path.isfile(last_path) and _read_tag(ds_dir).endswith(UNIVERSAL_SUFFIX):
             ds_config["checkpoint"] = {"load_universal": True}  # converted by cssfe.engine.reshard
@@ -296,10 +296,10 @@ def _train(cfg: TrainConfig, resume: bool = False,
     ctx = distributed.Context()
     if use_ds:
         distributed.check_precision(cfg.distributed.precision, device.type)
-        ctx = distributed.init(device.type)
+        ctx = distributed.init(device.type, cfg.distributed.timeout_s)
         if device.type == "cuda":
             if device.index is None:  # an explicit cuda:N is the launcher's choice (Ray Train's get_device())
-                device = torch.device("cuda", ctx.local_rank)
+                device = distributed.rank_device(ctx.local_rank)
             torch.cuda.set_device(device)
     show = cfg.progress and ctx.main  # rank 0 alone prints progress
     cache_dir = cfg.cache_dir or default_cache_dir()

@@ -211,6 +211,24 @@ def test_two_node_run_on_one_machine_matches_two_local_ranks(tiny_root, two_rank
     assert _metrics(out)["final"]["mAP"] == _metrics(two_ranks)["final"]["mAP"]
 
 
+def test_two_tasks_started_like_srun_train_as_two_ranks(tiny_root, two_ranks, tmp_path):
+    """``srun -n 2 python launch/train.py`` sets Slurm's variables, not RANK / WORLD_SIZE: the two
+    processes must join one run of two ranks (the numbers of the deepspeed-launched run), not each
+    train alone into the same folder."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update({"MASTER_PORT": str(_port()), "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
+                "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NODELIST": "node1"})
+    cmd = [sys.executable, TRAIN, "--output-dir", str(out), *_tiny(tiny_root), f"distributed.deepspeed_config={ZERO2}"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                              start_new_session=True, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    assert sorted(os.listdir(out / "ranks")) == ["rank0.log", "rank1.log"]
+    assert _metrics(out)["final"]["mAP"] == _metrics(two_ranks)["final"]["mAP"]
+
+
 # ------------------------------------------------------------------------------------ resume after SIGKILL
 def _killable(out, extra=()):
     # the whole bundled training set (35 steps an epoch), so there is time to kill it mid-epoch
