@@ -26,7 +26,6 @@ generated again.
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import functools
 import json
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 from cssfe.data import bundled as digits  # the digit sources, glyphs and overlap test are shared
 from cssfe.data.published import published_split
-from cssfe.data.split_files import groups_from_frequencies, write_split_folder
+from cssfe.data.split_files import write_split_folder
 
 VERSION = 1
 MARKS = ["in a ring", "in a box", "with a bar", "with a dot", "on a tile", "on a flower", "crossed out", "with a roof"]
@@ -431,16 +430,3 @@ def draw_examples(path: str, seed: int = 0, scenes: int = 8, scale: int = 2) -> 
     fig.savefig(path, dpi=60 * scale, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Draw the example grid of the bundled_coco dataset.")
-    parser.add_argument("--examples", required=True, help="PNG file to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=int, default=2)
-    args = parser.parse_args(argv)
-    print(draw_examples(args.examples, seed=args.seed, scale=args.scale))
-
-
-if __name__ == "__main__":
-    main()
