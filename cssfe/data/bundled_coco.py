@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from cssfe.data import bundled as digits  # the digit sources, glyphs and overlap test are shared
 from cssfe.data.published import published_split
-from cssfe.data.split_files import write_split_folder
+from cssfe.data.split_files import class_statistics, write_split_folder
 
 VERSION = 1
 MARKS = ["in a ring", "in a box", "with a bar", "with a dot", "on a tile", "on a flower", "crossed out", "with a roof"]
@@ -154,17 +154,13 @@ def _test_label_sets(rng: np.random.Generator, num_images: int, object_probs: Se
     return images
 
 
-def cooccurrence_lift(label_sets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
-    """lift[a, b] = P(a and b) / (P(a) P(b)) over the images; 1 means independent, 0 where a class never occurs."""
-    labels = np.zeros((len(label_sets), num_classes), dtype=np.float64)
-    for i, classes in enumerate(label_sets):
-        labels[i, list(classes)] = 1
-    n = len(labels)
-    freq = labels.sum(0)
-    joint = labels.T @ labels
+def cooccurrence_lift(labels: np.ndarray) -> np.ndarray:
+    """lift[a, b] = P(a and b) / (P(a) P(b)) over the rows of a multi-hot ``labels`` [n, C]: 1 when
+    independent, 0 where a class never occurs."""
+    stats = class_statistics(labels)  # condition_prob[a, b] = P(b | a)
+    p = stats["class_freq"] / max(len(labels), 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lift = np.where(np.outer(freq, freq) > 0, joint * n / np.outer(freq, freq), 0.0)
-    return lift
+        return np.where(p[None, :] > 0, stats["condition_prob"] / p[None, :], 0.0)
 
 
 # --- rendering --------------------------------------------------------------------------------

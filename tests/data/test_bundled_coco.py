@@ -135,8 +135,8 @@ def test_test_sources_never_in_training(tmp_path, monkeypatch):
 def test_designed_co_occurrence_is_measurable(coco_root):
     for split in ("train", "test"):
         _, labels = _labels(coco_root, split)
-        sets = [np.flatnonzero(row).tolist() for row in labels]
-        lift = bundled_coco.cooccurrence_lift(sets, C)
+        lift = bundled_coco.cooccurrence_lift(labels)
+        assert np.allclose(lift[0, 1], (labels[:, 0] & labels[:, 1]).mean() / (labels[:, 0].mean() * labels[:, 1].mean()))
         labels = labels.astype(np.float64)
         joint, freq, n = labels.T @ labels, labels.sum(0), len(labels)
         expected = np.outer(freq, freq) / n
