@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from cssfe.data import split_files
 from cssfe.data.annotated import Layout, read_annotated
 from cssfe.data.bundled import ensure_bundled
+from cssfe.data.bundled_coco import ensure_bundled_coco
 from cssfe.data.image_checks import unreadable_images
 from cssfe.data.images import ImageSource, read_rgb, source_files
 from cssfe.data.transforms import build_transform
@@ -207,6 +208,12 @@ def check_batch(data: LongTailData, batch_size: int, strict: bool = False) -> No
 @DATASETS.register("bundled")
 def _bundled(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
     root = cfg.root or ensure_bundled(cache_dir, seed=cfg.seed, progress=progress)
+    return load_split_folder(root, cfg, progress, cache_dir)
+
+
+@DATASETS.register("bundled_coco")
+def _bundled_coco(cfg, cache_dir: str, progress: bool = True) -> LongTailData:
+    root = cfg.root or ensure_bundled_coco(cache_dir, seed=cfg.seed, progress=progress)
     return load_split_folder(root, cfg, progress, cache_dir)
 
 
