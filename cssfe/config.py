@@ -25,8 +25,8 @@ COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 
 @dataclass
 class DataConfig:
-    name: str = "bundled"  # dataset registry name: bundled | split_folder | lt_voc | lt_coco | odir5k | voc | coco
-    root: Optional[str] = None  # dataset folder; for 'bundled', where it is generated (default: cache)
+    name: str = "bundled"  # dataset registry name: bundled | bundled_coco | split_folder | lt_voc | lt_coco | odir5k | voc | coco
+    root: Optional[str] = None  # dataset folder; for the bundled datasets, where it is generated (default: cache)
     # Parts of an annotated dataset (lt_voc, lt_coco, odir5k, voc, coco), relative to root; null:
     # the dataset's default place (docs/datasets.md).
     train_images: Optional[str] = None  # image folder (VOC: the folder with JPEGImages and Annotations)

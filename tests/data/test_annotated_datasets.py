@@ -22,7 +22,7 @@ def _label_sets(dataset):
 
 
 def test_registry_names():
-    assert {"lt_voc", "lt_coco", "odir5k", "voc", "coco", "bundled", "split_folder"} <= set(DATASETS.names())
+    assert {"lt_voc", "lt_coco", "odir5k", "voc", "coco", "bundled", "bundled_coco", "split_folder"} <= set(DATASETS.names())
 
 
 def test_lt_voc_reads_published_labels_with_difficult_objects_and_groups(tmp_path, data_cfg):
