@@ -67,7 +67,7 @@ def make_step(op: str, shape, dtype, device, backend: str, affinity_grad: bool =
 
 def _event_us(evt, field: str) -> float:
     # torch >= 2.4 names device times "device"; older releases "cuda"
-    for name in (f"self_{field}_time_total",) + ((f"self_cuda_time_total",) if field == "device" else ()):
+    for name in (f"self_{field}_time_total",) + (("self_cuda_time_total",) if field == "device" else ()):
         value = getattr(evt, name, None)
         if value is not None:
             return float(value)

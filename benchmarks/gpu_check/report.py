@@ -3,6 +3,7 @@ Markdown summary, from the rows the workers reported."""
 from __future__ import annotations
 
 from benchmarks import gpu_goals, providers
+from benchmarks.gpu_check.plan import FAMILY_OP
 from benchmarks.rows import row, shape_text
 
 FULL, FORWARD = "forward+backward", "forward"
@@ -40,8 +41,7 @@ DEFINITIONS = {
 def provider_docs(plist, triton_ok, triton_why, native, native_ok, native_why) -> dict:
     docs = {}
     for family, names in plist.items():
-        table = providers.PROVIDERS["progressive_enhance" if family == "enhance" else family if family == "asl"
-                                    else "attention"]
+        table = providers.PROVIDERS[FAMILY_OP[family]]
         for p in names:
             docs.setdefault(p, {"available": True, "what": table[p].doc if p in table else p})
     if not triton_ok:

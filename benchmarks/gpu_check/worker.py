@@ -135,6 +135,22 @@ def _reference(case):
 
 
 # ----------------------------------------------------------------------------- tasks
+def _copy_bandwidth(roofs, ctx, nbytes: int) -> dict:
+    torch = ctx.torch
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=ctx.device)
+    dst = torch.empty_like(src)
+    ms = roofs.time({"copy": lambda: dst.copy_(src)}, flush=False)["copy"]["p50_ms"]
+    return {"copy_bytes": nbytes, "copy_ms": ms, "copy_gbps": 2 * nbytes / (ms * 1e-3) / 1e9}
+
+
+def _matmul_throughput(roofs, ctx, n: int) -> dict:
+    torch = ctx.torch
+    a, b = (torch.randn(n, n, device=ctx.device).to(torch.bfloat16) for _ in range(2))
+    c = torch.empty(n, n, device=ctx.device, dtype=torch.bfloat16)
+    ms = roofs.time({"mm": lambda: torch.mm(a, b, out=c)}, flush=False)["mm"]["p50_ms"]
+    return {"matmul_n": n, "matmul_ms": ms, "matmul_bf16_tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
+
+
 def task_env(task, ctx, emit):
     torch = ctx.torch
     rec = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
@@ -162,21 +178,11 @@ def task_env(task, ctx, emit):
         rec["device_name"] = f"cpu ({platform.processor() or platform.machine()})"
     roofs = Harness(ctx.device, warmup=3, reps=20, max_case_s=2.0)
     try:  # device-to-device copy bandwidth, read + write
-        nbytes = int(ctx.opts["copy_bytes"])
-        src = torch.ones(nbytes // 4, dtype=torch.float32, device=ctx.device)
-        dst = torch.empty_like(src)
-        ms = roofs.time({"copy": lambda: dst.copy_(src)}, flush=False)["copy"]["p50_ms"]
-        rec.update(copy_bytes=nbytes, copy_ms=ms, copy_gbps=2 * nbytes / (ms * 1e-3) / 1e9)
-        del src, dst
+        rec.update(_copy_bandwidth(roofs, ctx, int(ctx.opts["copy_bytes"])))
     except Exception as exc:
         errors["copy"] = err_record(exc)
     try:  # a large bf16 matmul
-        n = int(ctx.opts["matmul_n"])
-        a, b = (torch.randn(n, n, device=ctx.device).to(torch.bfloat16) for _ in range(2))
-        c = torch.empty(n, n, device=ctx.device, dtype=torch.bfloat16)
-        ms = roofs.time({"mm": lambda: torch.mm(a, b, out=c)}, flush=False)["mm"]["p50_ms"]
-        rec.update(matmul_n=n, matmul_ms=ms, matmul_bf16_tflops=2 * n ** 3 / (ms * 1e-3) / 1e12)
-        del a, b, c
+        rec.update(_matmul_throughput(roofs, ctx, int(ctx.opts["matmul_n"])))
     except Exception as exc:
         errors["matmul"] = err_record(exc)
     ctx.free()
