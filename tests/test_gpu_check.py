@@ -121,7 +121,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
         assert r["gb_per_s"] * r["p50_ms"] * 1e6 == pytest.approx(4 * 2 * 8 * 32 * size)
         assert _num(_by(rows, "enhance", "forward")[(provider, 2, 8, 32, dtype)]["p50_ms"])
     grid = [r for r in rows if r["family"] == "grid"]
-    assert grid and all(r["ok"] and _num(r["p50_ms"]) and r["mode"] == "forward+backward" for r in grid), grid
+    assert grid and all(r["ok"] and _num(r["p50_ms"]) and r["mode"] == "forward+backward" and r["variant"] == "SPEC grid"
+                        for r in grid), grid
     assert {r["provider"] for r in grid} == {"eager", "auto", "cpu", "sdpa"}
     # the goals, judged at the dry run's main cases on its own rows (tiny CPU shapes: numbers only, no verdict
     # expected), and put at the top of the summary

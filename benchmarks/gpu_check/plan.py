@@ -120,11 +120,12 @@ def bench_tasks(args, plist, next_id, dry: bool, prewarm: bool = False):
         for shape in cases.shapes("attention", grid_run):
             for p in plist["grid"]:
                 if keep(p, grid_dt):
-                    grid.append(task("grid", p, shape, grid_dt, fwd=False))
+                    grid.append(task("grid", p, shape, grid_dt, variant="SPEC grid", fwd=False))
     if "blocks" in fams and not prewarm and "triton" in plist["attention"]:
         dt = "float32" if dry else "bfloat16"
-        grid[:0] = [task("blocks", "triton", main["attention"], dt, variant=f"BLOCK_C={bc} BLOCK_N={bn} warps={w} "
-                         f"stages={s}", block_c=bc, block_n=bn, num_warps=w, num_stages=s, fwd=False)
+        # the rows' provider names the launch configuration (the task builds provider triton inside it)
+        grid[:0] = [task("blocks", "triton", main["attention"], dt, fwd=False, block_c=bc, block_n=bn, num_warps=w,
+                         num_stages=s, label=f"triton_flash BLOCK_C={bc} BLOCK_N={bn} warps={w} stages={s}")
                     for bc, bn, w, s in (BLOCK_SWEEP_DRY if dry else BLOCK_SWEEP)]
     return tier1, tier2, grid
 

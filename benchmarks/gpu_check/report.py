@@ -56,12 +56,12 @@ def task_rows(task, record) -> list:
     common = {"family": task["family"], "seconds": record.get("seconds"),
               **{k: task[k] for k in ("block_c", "block_n", "num_warps", "num_stages") if k in task}}
     args = ("kernels", task["op"])
+    provider = task.get("label") or task["provider"]
     if record.get("rows"):
-        return [row(*args, r["mode"], task["provider"], task["dtype"], task["shape"], task["variant"], ok=True,
+        return [row(*args, r["mode"], provider, task["dtype"], task["shape"], task["variant"], ok=True,
                     **common, **{k: v for k, v in r.items() if k != "mode"}) for r in record["rows"]]
     failed = {k: record[k] for k in ("error", "skipped", "traceback", "log_tail") if k in record}
-    return [row(*args, FULL, task["provider"], task["dtype"], task["shape"], task["variant"], ok=False, **common,
-                **failed)]
+    return [row(*args, FULL, provider, task["dtype"], task["shape"], task["variant"], ok=False, **common, **failed)]
 
 
 def _peer_key(r):
