@@ -1,12 +1,12 @@
 """Ratios between two benchmark result sets, with regressions flagged.
 
-    python benchmarks/compare.py BASE NEW [--threshold 0.10] [--filter op=asl] [--no-fail]
-    python benchmarks/compare.py benchmarks/results/kernels_cpu.jsonl benchmarks/results/kernels_cpu.jsonl \
+    python -m benchmarks.compare BASE NEW [--threshold 0.10] [--filter op=asl] [--no-fail]
+    python -m benchmarks.compare benchmarks/results/kernels_cpu.jsonl benchmarks/results/kernels_cpu.jsonl \
         --base-select commit=abfaf93 --new-select commit=1234abc
 
-BASE and NEW are each a JSONL file of ``kernels.py`` / ``train_step.py`` rows, a ``gpu_check.json``, or
-a folder searched recursively for both. Rows are matched on benchmark / op / shape / dtype / provider /
-mode / device; where a side holds several rows for one key (repeated runs), the latest counts (by date,
+BASE and NEW are each a JSONL file of result rows (``benchmarks.rows``), a ``gpu_check.json``, or a
+folder searched recursively for both. Rows are matched on benchmark / op / variant / shape / dtype /
+provider / mode / device; where a side holds several rows for one key (repeated runs), the latest counts (by date,
 then commit order, then file order) unless ``--select`` / ``--base-select`` / ``--new-select`` pick
 rows first. Times compared: medians (kernels: ms per call; train step: ms per step).
 
@@ -16,15 +16,12 @@ in BASE, failed in NEW), 2 when the two sides share no row, else 0; ``--no-fail`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import KEY, latest_per_key, load_rows, select  # noqa: E402
+from benchmarks.rows import KEY, latest_per_key, load_rows, select
 
 REGRESSION, BROKEN = "REGRESSION", "BROKEN"
 
@@ -46,10 +43,10 @@ def _flag(base_ms: float, new_ms: float, threshold: float) -> str:
 
 def compare(base: pd.DataFrame, new: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Outer join of the latest rows per key: ``base_ms``, ``new_ms``, ``ratio`` (new / base), ``flag``, ``side``."""
-    keep = KEY + ["median_ms", "commit", "error"]
+    keep = KEY + ["p50_ms", "commit", "error"]
     merged = latest_per_key(base)[keep].merge(latest_per_key(new)[keep], on=KEY, how="outer", suffixes=("_base", "_new"),
                                               indicator="side")
-    merged = merged.rename(columns={"median_ms_base": "base_ms", "median_ms_new": "new_ms"})
+    merged = merged.rename(columns={"p50_ms_base": "base_ms", "p50_ms_new": "new_ms"})
     merged["error"] = merged["error_new"].fillna(merged["error_base"]).fillna("").astype(str).str.slice(0, 60)
     merged["side"] = merged["side"].map({"both": "both", "left_only": "base only", "right_only": "new only"})
     both = merged["side"] == "both"
@@ -94,13 +91,14 @@ def main(argv=None) -> int:
 
     table = compare(base, new, args.threshold)
     matched = table[table["side"] == "both"]
-    _print_table(matched, ["op", "shape", "dtype", "provider", "mode", "base_ms", "new_ms", "ratio", "flag"])
+    _print_table(matched, ["op", "variant", "shape", "dtype", "provider", "mode", "base_ms", "new_ms", "ratio", "flag"])
     for side in ("base only", "new only"):
         alone = table[table["side"] == side]
         if len(alone):
             print(f"\n{len(alone)} rows only in {side.split()[0]} (not compared):")
             column = "base_ms" if side == "base only" else "new_ms"
-            _print_table(alone.rename(columns={column: "median_ms"}), ["op", "shape", "dtype", "provider", "mode", "median_ms", "error"])
+            _print_table(alone.rename(columns={column: "p50_ms"}),
+                         ["op", "variant", "shape", "dtype", "provider", "mode", "p50_ms", "error"])
 
     failing = matched[matched["flag"].isin([REGRESSION, BROKEN])]
     faster = (matched["flag"] == "faster").sum()

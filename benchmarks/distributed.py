@@ -1,8 +1,8 @@
 """Distributed training throughput: images/s and peak memory per rank count, ZeRO stage and precision.
 
-    python benchmarks/distributed.py                              # CPU: 1 and 2 ranks, 1 thread each, ZeRO 2, fp32
-    python benchmarks/distributed.py --ranks 1,2 --zero 1,2,3 --precision fp32,bf16
-    python benchmarks/distributed.py --smoke [--out DIR]          # tiny, for CI; rows only to --out
+    python -m benchmarks.distributed                              # CPU: 1 and 2 ranks, 1 thread each, ZeRO 2, fp32
+    python -m benchmarks.distributed --ranks 1,2 --zero 1,2,3 --precision fp32,bf16
+    python -m benchmarks.distributed --smoke [--out DIR]          # tiny, for CI; rows only to --out
 
 Each case is a real ``deepspeed launch/train.py`` run on the bundled data at an equal per-rank
 micro-batch (global batch = micro-batch x ranks), so the scaling is 2-rank images/s over 1-rank
@@ -23,10 +23,9 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_rows, meta  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import ROOT
+from benchmarks.environment import meta
+from benchmarks.rows import append_rows
 
 
 def _port() -> int:

@@ -2,11 +2,13 @@
 """The kernels' GPU goals, read off a ``gpu_check.json`` (standard library only).
 
     python benchmarks/gpu_goals.py benchmarks/results/gpu/<run>/gpu_check.json
+    python -m benchmarks.gpu_goals benchmarks/results/gpu/<run>/gpu_check.json    # the same
 
-``benchmarks/gpu_check.py`` calls :func:`evaluate` when it finishes and puts the result in its JSON
+``benchmarks.gpu_check`` calls :func:`evaluate` when it finishes and puts the result in its JSON
 (``goals``) and its summary, so a GPU run says at once which goals it meets. The goals are data
-(``GOALS``); each is judged for every fused provider at the family's main case, and only on rows
-whose numbers agreed with eager PyTorch. The same function gives, per op and dtype, the fastest
+(``GOALS``); each is judged for every fused provider at the family's main case (``main_cases``), on
+the forward + backward rows (``rows``, the schema of ``benchmarks/rows.py``), and only on rows whose
+numbers agreed with eager PyTorch. The same function gives, per op and dtype, the fastest
 backend as called through the op (the choice ``kernels: auto`` should make on that card:
 ``CUDA_AUTO`` in ``cssfe/ops/dispatch.py``).
 """
@@ -20,10 +22,10 @@ from typing import Dict, List, NamedTuple, Optional
 
 class Goal(NamedTuple):
     id: str
-    family: str  # the gpu_check.json benchmark family
+    family: str  # the rows' ``family`` (the GPU check's benchmark family)
     text: str
     column: str  # the summary table's header
-    metric: str  # a row key, or "peak_vs_sdpa" (computed here)
+    metric: str  # a row field, or "peak_vs_sdpa" (computed here)
     target: float
     at_least: bool  # True: value >= target; False: value <= target
     dtypes: Optional[tuple] = None  # None: every dtype measured
@@ -56,30 +58,33 @@ BASELINES = {"eager", "eager_module", "compile", "compile_ro", "compile_autograd
 THROUGH_OP = {"eager": "reference", "triton": "triton", "cuda": "cuda", "cpu": "cpu"}
 
 
-# The fields that name a family's case, and how the case is written.
-CASE_FIELDS = {"asl": ("B", "C"), "attention": ("B", "C", "N", "d"), "enhance": ("B", "C", "L")}
+# How a family's case is written, from its shape's named fields in order.
 CASE_FORMAT = {"asl": "BxC={}x{}", "attention": "B={} C={} N={} d={}", "enhance": "B={} C={} L={}"}
 # The op each family times (the names CUDA_AUTO in cssfe/ops/dispatch.py uses).
 FAMILY_OP = {"asl": "asymmetric_loss", "attention": "class_attention + progressive_enhance",
              "enhance": "progressive_enhance"}
+FULL = "forward+backward"
 
 
-def _case(r: dict, family: str) -> tuple:
-    return tuple(r.get(f) for f in CASE_FIELDS[family])
+def _case(r: dict) -> tuple:
+    return tuple((r.get("shape") or {}).values())
 
 
 def _case_name(case: tuple, family: str) -> str:
     return CASE_FORMAT[family].format(*case)
 
 
+def _family_rows(result: dict, family: str) -> List[dict]:
+    return [r for r in result.get("rows", []) if r.get("family") == family and r.get("mode") == FULL]
+
+
 def main_case(result: dict, family: str) -> Optional[tuple]:
-    """The case a family's goals are judged at: the one gpu_check.py names, else the largest measured."""
-    bench = result.get("benchmarks", {})
-    named = bench.get("main_cases", {}).get(family)
+    """The case a family's goals are judged at: the one the GPU check names, else the largest measured."""
+    named = (result.get("main_cases") or {}).get(family)
     if named:
-        return tuple(named)
-    cases = {_case(r, family) for r in bench.get(family, [])}
-    cases = [c for c in cases if all(isinstance(x, int) for x in c)]
+        return tuple(named.values())
+    cases = {_case(r) for r in _family_rows(result, family)}
+    cases = [c for c in cases if c and all(isinstance(x, int) for x in c)]
     if not cases:
         return None
     return max(cases, key=math.prod)
@@ -87,7 +92,7 @@ def main_case(result: dict, family: str) -> Optional[tuple]:
 
 def _value(goal: Goal, row: dict, peers: Dict[str, dict]) -> Optional[float]:
     if goal.metric == "peak_vs_sdpa":
-        base, own = peers.get("sdpa", {}).get("peak_above_base_bytes"), row.get("peak_above_base_bytes")
+        base, own = peers.get("sdpa", {}).get("peak_mib"), row.get("peak_mib")
         return own / base if isinstance(own, (int, float)) and isinstance(base, (int, float)) and base > 0 else None
     v = row.get(goal.metric)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
@@ -95,14 +100,13 @@ def _value(goal: Goal, row: dict, peers: Dict[str, dict]) -> Optional[float]:
 
 def evaluate(result: dict) -> dict:
     """``{"goals": [one row per goal, provider and dtype], "fastest_backend": [one row per op and dtype]}``."""
-    bench = result.get("benchmarks", {})
     goals: List[dict] = []
     fastest: List[dict] = []
-    for family in CASE_FIELDS:
+    for family in CASE_FORMAT:
         case = main_case(result, family)
         if case is None:
             continue
-        rows = [r for r in bench.get(family, []) if _case(r, family) == case]
+        rows = [r for r in _family_rows(result, family) if _case(r) == case]
         by_dtype: Dict[str, Dict[str, dict]] = {}
         for r in rows:
             by_dtype.setdefault(r.get("dtype"), {})[r.get("provider")] = r
@@ -126,8 +130,8 @@ def evaluate(result: dict) -> dict:
                         else:
                             entry["met"] = value >= goal.target if goal.at_least else value <= goal.target
                     goals.append(entry)
-            times = {THROUGH_OP[p]: r["median_ms"] for p, r in peers.items()
-                     if p in THROUGH_OP and r.get("ok") and r.get("check", {}).get("agrees") and r.get("median_ms")}
+            times = {THROUGH_OP[p]: r["p50_ms"] for p, r in peers.items()
+                     if p in THROUGH_OP and r.get("ok") and r.get("check", {}).get("agrees") and r.get("p50_ms")}
             if times:
                 best = min(times, key=times.get)
                 fastest.append({"op": family, "case": _case_name(case, family), "dtype": dtype, "backend": best,
@@ -150,14 +154,14 @@ def _training(result: dict) -> dict:
     ``compile`` and ``kernels: auto`` should be on this card), and the DeepSpeed verdicts."""
     rows = [r for r in (result.get("train_step") or {}).get("rows", []) if r.get("images_per_s")]
     out: dict = {}
-    default = [r for r in rows if r["head"] == "cssfe" and (r["compile"], r["kernels"]) == DEFAULT_STEP]
+    default = [r for r in rows if r["head"] == "cssfe" and (r["compile"], r["provider"]) == DEFAULT_STEP]
     if default and default[0].get("vs_baseline"):
         v = default[0]["vs_baseline"]
         out["cssfe_default_vs_baseline"] = {"value": v, "target": STEP_GOAL, "met": v >= STEP_GOAL}
     for head in sorted({r["head"] for r in rows}):
         best = max((r for r in rows if r["head"] == head), key=lambda r: r["images_per_s"])
-        out.setdefault("fastest_step", {})[head] = {k: best.get(k) for k in ("compile", "kernels", "images_per_s",
-                                                                             "vs_baseline")}
+        out.setdefault("fastest_step", {})[head] = {"compile": best.get("compile"), "kernels": best.get("provider"),
+                                                    **{k: best.get(k) for k in ("images_per_s", "vs_baseline")}}
     ds = result.get("deepspeed") or {}
     if "trains" in ds:
         out["deepspeed"] = {k: ds.get(k) for k in ("trains", "resumed_same_loss", "images_per_s")}
@@ -180,7 +184,7 @@ def markdown(evaluation: dict) -> List[str]:
     if not goals and not fastest and not evaluation.get("training"):
         return []
     lines = ["## Goals", "", "Judged at each family's main case, only on rows that agree with eager PyTorch."]
-    for family in CASE_FIELDS:
+    for family in CASE_FORMAT:
         rows = [g for g in goals if g["goal"] in {x.id for x in GOALS if x.family == family}]
         if not rows:
             continue

@@ -1,8 +1,8 @@
 """PNG charts of benchmark results.
 
-    python benchmarks/plot.py benchmarks/results --out docs/results/performance [--filter device=...]
+    python -m benchmarks.plot benchmarks/results --out docs/results/performance [--filter device=...]
 
-RESULTS are JSONL files of ``kernels.py`` / ``train_step.py`` rows, ``gpu_check.json`` files, or folders
+RESULTS are JSONL files of result rows (``benchmarks.rows``), ``gpu_check.json`` files, or folders
 searched recursively for both. Written, one file per group, the latest row per key (as in compare.py):
 
 - ``kernels_<op>_<mode>_<device>.png``: median ms per provider, grouped by shape and dtype, with
@@ -25,9 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import KEY, chronological, commit_position, latest_per_key, load_rows, select  # noqa: E402
+from benchmarks.rows import KEY, chronological, commit_position, latest_per_key, load_rows, select  # noqa: E402
 
 DPI = 90  # small files that still read well on a page
 
@@ -60,24 +58,24 @@ def provider_colours(providers) -> dict:
 
 def kernel_chart(group: pd.DataFrame, title: str, path: str, colours: dict) -> str:
     """Grouped bars: one group per shape x dtype, one bar per provider."""
-    timed = group.dropna(subset=["median_ms"])
+    timed = group.dropna(subset=["p50_ms"])
     cases = list(dict.fromkeys(zip(timed["shape"], timed["dtype"])))
     providers = sorted(set(timed["provider"]))
     width = 0.8 / max(len(providers), 1)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(cases) * len(providers) + 2), 3.6))
     for i, provider in enumerate(providers):
         rows = timed[timed["provider"] == provider].set_index(["shape", "dtype"]).reindex(cases)
-        median = rows["median_ms"].to_numpy(float)
-        low = np.clip(median - rows["p20_ms"].fillna(rows["median_ms"]).to_numpy(float), 0, None)
-        high = np.clip(rows["p80_ms"].fillna(rows["median_ms"]).to_numpy(float) - median, 0, None)
+        median = rows["p50_ms"].to_numpy(float)
+        low = np.clip(median - rows["p20_ms"].fillna(rows["p50_ms"]).to_numpy(float), 0, None)
+        high = np.clip(rows["p80_ms"].fillna(rows["p50_ms"]).to_numpy(float) - median, 0, None)
         ax.bar(np.arange(len(cases)) - 0.4 + (i + 0.5) * width, median, width, yerr=[low, high], capsize=2, label=provider,
                color=colours[provider])
     ax.set_xticks(np.arange(len(cases)), [f"{shape}\n{dtype}" for shape, dtype in cases], fontsize=8)
     ax.set_ylabel("median ms (bars: p20–p80)")
-    _log_scale_if_wide(ax, timed["median_ms"])
+    _log_scale_if_wide(ax, timed["p50_ms"])
     ax.set_title(f"{title}\n{_commits_text(group)}", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    failed = group[group["median_ms"].isna()]
+    failed = group[group["p50_ms"].isna()]
     if len(failed):
         names = "; ".join(f"{r.provider} {r.shape} {r.dtype}" for r in failed.itertuples())
         fig.text(0.01, -0.02, f"failed: {names}", fontsize=7, va="top", wrap=True)
@@ -89,8 +87,8 @@ def train_step_chart(group: pd.DataFrame, title: str, path: str) -> str:
     timed = group.dropna(subset=["images_per_s"])
     labels = [f"{r.op} · {r.provider} · {r.dtype} · {r.shape}" for r in timed.itertuples()]
     rate = timed["images_per_s"].to_numpy(float)
-    at_p80 = rate * timed["median_ms"].to_numpy(float) / timed["p80_ms"].to_numpy(float)
-    at_p20 = rate * timed["median_ms"].to_numpy(float) / timed["p20_ms"].to_numpy(float)
+    at_p80 = rate * timed["p50_ms"].to_numpy(float) / timed["p80_ms"].to_numpy(float)
+    at_p20 = rate * timed["p50_ms"].to_numpy(float) / timed["p20_ms"].to_numpy(float)
     fig, ax = plt.subplots(figsize=(7.0, 0.4 * len(labels) + 1.2))
     ax.barh(np.arange(len(labels)), rate, xerr=[np.nan_to_num(rate - at_p80), np.nan_to_num(at_p20 - rate)], capsize=2,
             color="tab:blue")
@@ -113,13 +111,13 @@ def tracking_chart(group: pd.DataFrame, title: str, path: str) -> str:
     order = commit_order(group)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(order) + 3), 3.8))
     for key, rows in group.groupby(KEY, sort=False):
-        benchmark, op, shape, dtype, provider, mode, device = key
+        benchmark, op, variant, shape, dtype, provider, mode, device = key
         x = [order.index(c) for c in rows["commit"]]
-        ax.plot(x, rows["median_ms"], marker="o", label=f"{provider} {shape} {dtype} {mode}")
+        ax.plot(x, rows["p50_ms"], marker="o", label=f"{provider} {shape} {dtype} {mode}")
     ax.set_xticks(range(len(order)), order, fontsize=8)
     ax.set_xlabel("commit (oldest first)")
     ax.set_ylabel("median ms")
-    _log_scale_if_wide(ax, group["median_ms"])
+    _log_scale_if_wide(ax, group["p50_ms"])
     if ax.get_yscale() == "linear":
         ax.set_ylim(bottom=0)  # from zero, so that a 2 % change does not look like a fall off a cliff
     ax.set_title(title, fontsize=10)
@@ -129,7 +127,7 @@ def tracking_chart(group: pd.DataFrame, title: str, path: str) -> str:
 
 def tracked_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The latest timed row per key and commit, for the keys timed at two commits or more."""
-    timed = chronological(table.dropna(subset=["median_ms"])).drop_duplicates(KEY + ["commit"], keep="last")
+    timed = chronological(table.dropna(subset=["p50_ms"])).drop_duplicates(KEY + ["commit"], keep="last")
     commits = timed.groupby(KEY)["commit"].transform("nunique")
     return timed[commits >= 2]
 
@@ -137,6 +135,8 @@ def tracked_rows(table: pd.DataFrame) -> pd.DataFrame:
 def plot_all(table: pd.DataFrame, out: str) -> list:
     os.makedirs(out, exist_ok=True)
     written = []
+    # a chart per op and variant: "progressive_enhance (masked affinity)"
+    table = table.assign(op=[f"{op} ({variant})" if variant else op for op, variant in zip(table["op"], table["variant"])])
     latest = latest_per_key(table)
     kernels = latest[latest["benchmark"] != "train_step"]
     colours = provider_colours(kernels["provider"])

@@ -1,11 +1,11 @@
 """Where an op's time goes: the kernels (and host calls) of a few forward+backward steps of one op per
 backend, from ``torch.profiler``, sorted by device time.
 
-    python benchmarks/profile_ops.py --op attention --backends cuda,triton,reference --dtype bfloat16 \\
+    python -m benchmarks.profile_ops --op attention --backends cuda,triton,reference --dtype bfloat16 \\
         --shape 64,80,784,512 --out DIR                 # on a GPU: the goals' main case
-    python benchmarks/profile_ops.py --op enhance --shape 64,80,512 --affinity-grad --out DIR
-    python benchmarks/profile_ops.py --op asl --shape 16384,1024 --out DIR
-    python benchmarks/profile_ops.py --op attention --shape 2,8,16,32 --backends reference,cpu --dtype float32
+    python -m benchmarks.profile_ops --op enhance --shape 64,80,512 --affinity-grad --out DIR
+    python -m benchmarks.profile_ops --op asl --shape 16384,1024 --out DIR
+    python -m benchmarks.profile_ops --op attention --shape 2,8,16,32 --backends reference,cpu --dtype float32
 
 Ops and shapes: ``attention`` = class attention followed by the progressive enhancement, B,C,N,d (the
 GPU check's attention family: q [C, d], k and v [B, d, N], the model's masked affinity, no affinity
@@ -28,65 +28,46 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import cssfe.ops as ops  # noqa: E402
-from _common import meta  # noqa: E402
-from gpu_check import masked_affinity  # noqa: E402  (the GPU check's cases)
+import cssfe.ops as ops
+from benchmarks.cases import make_case
+from benchmarks.environment import meta
 
 SHAPE_FIELDS = {"attention": ("B", "C", "N", "d"), "enhance": ("B", "C", "L"), "asl": ("B", "C")}
+CASE_OP = {"attention": "attention", "enhance": "progressive_enhance", "asl": "asl"}  # benchmarks.cases' names
 
 
 def make_step(op: str, shape, dtype, device, backend: str, affinity_grad: bool = False):
-    """A closure running one forward+backward of ``op`` with ``backend`` on fresh seeded inputs."""
-    torch.manual_seed(0)
-
-    def rand(*size, grad=True):
-        return torch.randn(*size, device=device, dtype=dtype).requires_grad_(grad)
-
+    """A closure running one forward+backward of ``op`` with ``backend`` on the suite's seeded case
+    (``benchmarks.cases``: the same inputs the kernel benchmarks time)."""
+    if op not in SHAPE_FIELDS:
+        raise ValueError(f"unknown op {op!r}; choose one of {sorted(SHAPE_FIELDS)}")
+    case = make_case(CASE_OP[op], dict(zip(SHAPE_FIELDS[op], shape)), str(dtype).replace("torch.", ""), device)
     if op == "asl":
-        b, c = shape
-        x = (torch.randn(b, c, device=device) * 3).to(dtype).requires_grad_()
-        y = torch.rand(b, c, device=device) < 0.1
+        x, y = case["x"], case["y"]
 
         def step():
-            loss = ops.asymmetric_loss(x, y, backend=backend)
-            torch.autograd.grad(loss, x)
+            torch.autograd.grad(ops.asymmetric_loss(x, y, backend=backend), x)
         return step
     if op == "attention":
-        b, c, n, d = shape
-        groups, aff = masked_affinity(c, device)
-        q, k, v = rand(c, d), rand(b, d, n), rand(b, d, n)
-        gate = torch.rand(b, c, device=device).to(dtype)
-        lam = torch.tensor(0.9, device=device, requires_grad=True)
-        gout = rand(b, c, d, grad=False)
+        q, k, v, lam = case["q"], case["k"], case["v"], case["lam"]
 
         def step():
             z0 = ops.class_attention(q, k, v, backend=backend)
-            z1 = ops.progressive_enhance(z0, aff, groups, gate, lam, backend=backend)
-            torch.autograd.grad(z1, (q, k, v, lam), gout)
+            z1 = ops.progressive_enhance(z0, case["R"], case["groups"], case["gate"], lam, backend=backend)
+            torch.autograd.grad(z1, (q, k, v, lam), case["gout"])
         return step
-    if op == "enhance":
-        b, c, l = shape
-        groups, aff = masked_affinity(c, device)
-        aff.requires_grad_(affinity_grad)
-        z = rand(b, c, l)
-        gate = torch.rand(b, c, device=device).to(dtype)
-        lam = torch.tensor(0.9, device=device, requires_grad=True)
-        gout = rand(b, c, l, grad=False)
-        wrt = (z, aff, lam) if affinity_grad else (z, lam)
+    case["R"].requires_grad_(affinity_grad)
+    wrt = (case["z"], case["R"], case["lam"]) if affinity_grad else (case["z"], case["lam"])
 
-        def step():
-            out = ops.progressive_enhance(z, aff, groups, gate, lam, backend=backend)
-            torch.autograd.grad(out, wrt, gout)
-        return step
-    raise ValueError(f"unknown op {op!r}; choose one of {sorted(SHAPE_FIELDS)}")
+    def step():
+        out = ops.progressive_enhance(case["z"], case["R"], case["groups"], case["gate"], case["lam"], backend=backend)
+        torch.autograd.grad(out, wrt, case["gout"])
+    return step
 
 
 def _event_us(evt, field: str) -> float:
     # torch >= 2.4 names device times "device"; older releases "cuda"
-    for name in (f"self_{field}_time_total",) + ((f"self_cuda_time_total",) if field == "device" else ()):
+    for name in (f"self_{field}_time_total",) + (("self_cuda_time_total",) if field == "device" else ()):
         value = getattr(evt, name, None)
         if value is not None:
             return float(value)

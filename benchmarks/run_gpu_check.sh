@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The one command to run on the GPU machine, from the repository root:
 #
-#     bash benchmarks/run_gpu_check.sh "$OUT" [gpu_check.py options, e.g. --quick]
+#     bash benchmarks/run_gpu_check.sh "$OUT" [python -m benchmarks.gpu_check options, e.g. --quick]
+#     python benchmarks/gpu_goals.py "$OUT/gpu_check.json"     # the goals, again, from the JSON
 #
 # Writes $OUT/gpu_check.json, $OUT/summary.md and $OUT/logs/ (build and worker logs, no build
-# artifacts) and prints the summary. Exit status 0 when gpu_check.json was written by gpu_check.py
+# artifacts) and prints the summary. Exit status 0 when gpu_check.json was written by the check
 # (whatever it recorded: failures are in the JSON), 1 when it was not (a stub JSON is written then).
 #
 # Environment (all optional):
 #   PYTHON              interpreter to use (default: the first of python3, python that imports torch)
-#   GPU_CHECK_TIMEOUT   hard wall-clock limit in seconds (default 480: 8 minutes); gpu_check.py gets a budget
+#   GPU_CHECK_TIMEOUT   hard wall-clock limit in seconds (default 480: 8 minutes); the check gets a budget
 #                       25 s shorter and writes its JSON before it, `timeout` is the safety net
 #   MAX_JOBS            parallel compile jobs (default: nproc)
 #   TORCH_CUDA_ARCH_LIST  default: the local card's capability (nvidia-smi, else torch)
@@ -17,7 +18,7 @@
 #                       a second run on the same machine reuses the build)
 set -u
 
-OUT=${1:?usage: bash benchmarks/run_gpu_check.sh OUT_DIR [gpu_check.py options]}
+OUT=${1:?usage: bash benchmarks/run_gpu_check.sh OUT_DIR [python -m benchmarks.gpu_check options]}
 shift
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT" || exit 1
@@ -32,7 +33,7 @@ if [ -z "$PY" ]; then
       break
     fi
   done
-  PY=${PY:-python3}  # no torch anywhere: gpu_check.py still records that in its JSON
+  PY=${PY:-python3}  # no torch anywhere: the check still records that in its JSON
 fi
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
@@ -65,10 +66,10 @@ export GPU_CHECK_PGID_FILE=$PGIDS
 echo "run_gpu_check: python=$PY MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset}" \
      "CSSFE_EXT_DIR=$CSSFE_EXT_DIR limit=${LIMIT}s budget=${BUDGET}s"
 rm -f "$OUT/gpu_check.json"
-timeout -k 20 "$LIMIT" "$PY" benchmarks/gpu_check.py --out "$OUT" --budget-s "$BUDGET" "$@"
+timeout -k 20 "$LIMIT" "$PY" -m benchmarks.gpu_check --out "$OUT" --budget-s "$BUDGET" "$@"
 RC=$?
 
-# Worker process groups still alive (only when gpu_check.py itself was killed hard).
+# Worker process groups still alive (only when the check itself was killed hard).
 if [ -s "$PGIDS" ]; then
   while read -r pg; do
     if [ -n "$pg" ] && kill -0 -- "-$pg" 2>/dev/null; then
@@ -79,10 +80,10 @@ fi
 rm -f "$PGIDS"
 
 if [ -f "$OUT/gpu_check.json" ]; then
-  echo "run_gpu_check: gpu_check.py exit status $RC; results in $OUT/gpu_check.json and $OUT/summary.md"
+  echo "run_gpu_check: exit status $RC; results in $OUT/gpu_check.json and $OUT/summary.md"
   exit 0
 fi
-printf '{"status": "no result", "exit_code": %d, "note": "gpu_check.py wrote no JSON; see the command output"}\n' \
+printf '{"status": "no result", "exit_code": %d, "note": "the check wrote no JSON; see the command output"}\n' \
   "$RC" > "$OUT/gpu_check.json"
-echo "run_gpu_check: gpu_check.py wrote no JSON (exit status $RC)" >&2
+echo "run_gpu_check: the check wrote no JSON (exit status $RC)" >&2
 exit 1

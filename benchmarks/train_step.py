@@ -1,11 +1,13 @@
 """Training-step throughput: images/s of forward + loss + backward + AdamW step, and the share of
-the CSSFE head + loss in it, per backbone x head. Appends one JSON row per case to
-``benchmarks/results/train_step.jsonl``.
+the CSSFE head + loss in it, per backbone x head. Appends one row (``benchmarks.rows``: op
+``<backbone>/<head>``, provider = the kernels setting, dtype = the autocast precision, variant
+``compile <mode>`` when compiled) per case to ``benchmarks/results/train_step.jsonl``; steps are timed
+by ``benchmarks.harness`` (CUDA events on a GPU, no L2 flush: a step is not a cold call).
 
-    python benchmarks/train_step.py                       # smallcnn at 64 px, both heads
-    python benchmarks/train_step.py --backbone resnet50 --image-size 224 --batch-size 8
-    python benchmarks/train_step.py --smoke               # tiny, for CI
-    python benchmarks/train_step.py --backbone resnet50 --image-size 448 --precision bf16 \
+    python -m benchmarks.train_step                       # smallcnn at 64 px, both heads
+    python -m benchmarks.train_step --backbone resnet50 --image-size 224 --batch-size 8
+    python -m benchmarks.train_step --smoke               # tiny, for CI
+    python -m benchmarks.train_step --backbone resnet50 --image-size 448 --precision bf16 \
         --kernels auto,reference --compile off,default,reduce-overhead --out DIR
                                                           # on a GPU; rows go to DIR/train_step.jsonl
 
@@ -16,41 +18,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
-import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import append_rows, meta  # noqa: E402
-from cssfe import ops  # noqa: E402
-from cssfe.engine import compiling  # noqa: E402
-from cssfe.losses import build_loss  # noqa: E402
-from cssfe.models.backbones import build_backbone  # noqa: E402
-from cssfe.models.heads import HEADS  # noqa: E402
-from cssfe.models.model import MultiLabelClassifier  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_it(fn, device: torch.device, warmup: int, repeats: int) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return np.asarray(times)
+from benchmarks.environment import meta
+from benchmarks.harness import Harness
+from benchmarks.rows import append_rows, row, timed_fields
+from cssfe import ops
+from cssfe.engine import compiling
+from cssfe.losses import build_loss
+from cssfe.models.backbones import build_backbone
+from cssfe.models.heads import HEADS
+from cssfe.models.model import MultiLabelClassifier
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -103,37 +84,25 @@ def bench_case(backbone_name: str, head_name: str, image_size: int, batch: int, 
             loss = loss + 0.5 * loss_fn(out["logits0"], y)
         loss.backward()
 
+    harness = Harness(device, warmup=warmup, reps=repeats)
     with ops.use_backend(kernels):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        step()  # the first step alone: with compile, the compilation time
-        _sync(device)
-        first_step_s = time.perf_counter() - t0
-        full = time_it(step, device, warmup, repeats)
+        _, first_step_s = harness.first_call(step)  # the first step alone: with compile, the compilation time
+        full = harness.time({"step": step}, flush=False)["step"]
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-        part = time_it(head_step, device, warmup, repeats) if compile_mode == "off" else None
-    p20, p50, p80 = np.percentile(full, [20, 50, 80])
-    return {
-        "benchmark": "train_step",
-        "backbone": backbone_name,
-        "head": head_name,
-        "precision": precision,
-        "kernels": kernels,
-        "compile": compile_mode,
-        "image_size": image_size,
-        "batch": batch,
-        "classes": classes,
-        "step_s_p50": p50,
-        "step_s_p20": p20,
-        "step_s_p80": p80,
-        "images_per_s": batch / p50,
-        # the head + loss alone, eager only (the compiled model is one graph)
-        "head_loss_s_p50": float(np.median(part)) if part is not None else None,
-        "head_loss_share": float(np.median(part) / p50) if part is not None else None,
-        "first_step_s": first_step_s,
-        "peak_memory_bytes": peak,
-    }
+        part = harness.time({"head": head_step}, flush=False)["head"] if compile_mode == "off" else None
+    for timed in (full, part):
+        if timed and "error" in timed:
+            raise RuntimeError(timed["error"])
+    shape = {"image_size": image_size, "batch": batch, "classes": classes}
+    return row("train_step", f"{backbone_name}/{head_name}", "train step", kernels, precision, shape,
+               "" if compile_mode == "off" else f"compile {compile_mode}",
+               **timed_fields(full, None, peak), images_per_s=batch / full["p50_ms"] * 1e3,
+               # the head + loss alone, eager only (the compiled model is one graph)
+               head_loss_p50_ms=part["p50_ms"] if part else None,
+               head_loss_share=part["p50_ms"] / full["p50_ms"] if part else None,
+               first_step_s=first_step_s, backbone=backbone_name, head=head_name, compile=compile_mode)
 
 
 def main(argv=None) -> int:
@@ -178,21 +147,21 @@ def main(argv=None) -> int:
         if head != "cssfe" and kernels != first_kernels:
             continue  # the baseline head uses no CSSFE op: one row per compile setting is enough
         try:
-            row = {**bench_case(args.backbone, head, args.image_size, args.batch_size, args.classes, device, args.warmup,
+            result = {**bench_case(args.backbone, head, args.image_size, args.batch_size, args.classes, device, args.warmup,
                                 args.repeats, args.precision, kernels, mode), **info}
         except Exception as exc:  # one broken backend must not hide the other rows
             print(f"{args.backbone:>9} {head:>8} {kernels:>9} compile={mode}: FAILED {type(exc).__name__}: {exc}")
             failed = True
             continue
-        rows.append(row)
-        share = "" if row["head_loss_share"] is None else f", head+loss {100 * row['head_loss_share']:.1f} %"
+        rows.append(result)
+        share = "" if result["head_loss_share"] is None else f", head+loss {100 * result['head_loss_share']:.1f} %"
         print(
-            f"{row['backbone']:>9} {row['head']:>8} {kernels:>9} compile={mode} {args.precision} {args.image_size}px "
-            f"b{args.batch_size}: {row['images_per_s']:8.1f} img/s (step p50 {row['step_s_p50'] * 1e3:.1f} ms, "
-            f"p20-p80 {row['step_s_p20'] * 1e3:.1f}-{row['step_s_p80'] * 1e3:.1f}; first step {row['first_step_s']:.1f} s)"
+            f"{result['backbone']:>9} {result['head']:>8} {kernels:>9} compile={mode} {args.precision} {args.image_size}px "
+            f"b{args.batch_size}: {result['images_per_s']:8.1f} img/s (step p50 {result['p50_ms']:.1f} ms, "
+            f"p20-p80 {result['p20_ms']:.1f}-{result['p80_ms']:.1f}; first step {result['first_step_s']:.1f} s)"
             f"{share}", flush=True)
         if not args.smoke or args.out:  # row by row: a run stopped by a time limit keeps the rows it has
-            append_rows("train_step.jsonl", [row], args.out)
+            append_rows("train_step.jsonl", [result], args.out)
     return 1 if failed else 0
 
 

@@ -1,19 +1,20 @@
 """benchmarks/profile_ops.py on CPU with tiny shapes: the per-backend profile tables and JSON are
-written, a failing backend is recorded without stopping the others, bad shapes are refused."""
-import importlib.util
+written, a failing backend is recorded without stopping the others, bad shapes are refused; the
+documented command runs."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+
+from benchmarks import profile_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("profile_ops", os.path.join(ROOT, "benchmarks", "profile_ops.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return profile_ops
 
 
 @pytest.mark.parametrize("op,shape", [("enhance", "2,5,7"), ("attention", "2,5,9,8"), ("asl", "3,11")])
@@ -41,3 +42,15 @@ def test_profile_refuses_bad_shapes(capsys):
     with pytest.raises(SystemExit):
         prof.main(["--op", "asl", "--shape", "3,x", "--device", "cpu"])
     assert "expected integers separated by commas" in capsys.readouterr().err
+
+
+def test_documented_command_on_cpu(tmp_path):
+    """The page's CPU example: ``python -m benchmarks.profile_ops --op attention --shape 2,8,16,32
+    --backends reference,cpu --dtype float32`` (here with --steps 1 and --out)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_ops", "--op", "attention", "--shape", "2,8,16,32",
+                           "--backends", "reference,cpu", "--dtype", "float32", "--device", "cpu", "--steps", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "profile_attention.json").read_text())
+    assert set(data["backends"]) == {"reference", "cpu"} and all("rows" in b for b in data["backends"].values())
