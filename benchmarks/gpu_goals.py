@@ -14,6 +14,7 @@ backend as called through the op (the choice ``kernels: auto`` should make on th
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -220,18 +221,17 @@ def markdown(evaluation: dict) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(description="The kernels' GPU goals, judged on the rows of a GPU check.")
+    p.add_argument("gpu_check_json", help="OUT/gpu_check.json of benchmarks/run_gpu_check.sh")
+    path = p.parse_args(argv).gpu_check_json
     try:
-        with open(argv[0]) as fh:
+        with open(path) as fh:
             result = json.load(fh)
     except (OSError, ValueError) as exc:
-        print(f"gpu_goals: cannot read {argv[0]}: {exc}", file=sys.stderr)
+        print(f"gpu_goals: cannot read {path}: {exc}", file=sys.stderr)
         return 2
     lines = markdown(evaluate(result))
-    print("\n".join(lines) if lines else f"gpu_goals: {argv[0]} has no benchmark rows to judge")
+    print("\n".join(lines) if lines else f"gpu_goals: {path} has no benchmark rows to judge")
     return 0
 
 

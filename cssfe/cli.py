@@ -29,16 +29,30 @@ COMMANDS: Dict[str, Command] = {
     "sweep": Command("cssfe.sweep.cli:main", "an ablation study with Ray Tune, then its table and chart"),
     "reshard": Command("cssfe.engine.reshard:main", "make a DeepSpeed run resumable with another number of ranks"),
     "consolidate": Command("cssfe.engine.consolidate:main", "one standalone checkpoint from a DeepSpeed run"),
-    # ---- benchmarks: one row per benchmark's main(argv), e.g.
-    # "bench-NAME": Command("MODULE:main", "one line of help"),
-    # (benchmarks/ is not part of the installed package: its modules import from the repository root.)
+    # the benchmark suite (benchmarks/) is not installed with the package: these run from a checkout
+    "bench-kernels": Command("benchmarks.kernels:main", "time each op's providers on this machine (CPU suite)"),
+    "bench-train-step": Command("benchmarks.train_step:main", "time and measure one training step per kernels setting"),
+    "bench-profile-ops": Command("benchmarks.profile_ops:main", "profile one op's kernels with the torch profiler"),
+    "bench-distributed": Command("benchmarks.distributed:main", "peak memory and step time per ZeRO stage"),
+    "bench-gpu-check": Command("benchmarks.gpu_check.cli:main", "the GPU acceptance run (or its CPU dry run)"),
+    "bench-goals": Command("benchmarks.gpu_goals:main", "judge a GPU check's rows against the goals"),
+    "bench-compare": Command("benchmarks.compare:main", "compare benchmark result files side by side"),
+    "bench-plot": Command("benchmarks.plot:main", "charts of benchmark result files"),
 }
+CHECKOUT_ONLY = "benchmarks"  # the top-level package of the commands above
 
 
 def resolve(name: str) -> Callable[[List[str]], int]:
     """The ``main`` of command ``name`` (imports its module)."""
     module, _, function = COMMANDS[name].target.partition(":")
-    return getattr(importlib.import_module(module), function)
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != CHECKOUT_ONLY:
+            raise
+        raise SystemExit(f"{PROG} {name}: the benchmark suite runs from a checkout of the repository: in its root, "
+                         f"run 'python -m {PROG} {name} ...' (or 'python -m {module} ...')") from None
+    return getattr(loaded, function)
 
 
 def usage() -> str:

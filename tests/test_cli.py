@@ -95,3 +95,15 @@ def test_python_m_cssfe_trains_a_tiny_model(bundled_root, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["final"]["mAP"]) == {"total", "head", "medium", "tail"}
     assert "epoch 1/1: loss" in proc.stdout
+
+
+def test_a_benchmark_command_outside_a_checkout_says_where_to_run_it(monkeypatch):
+    def missing(module):
+        raise ModuleNotFoundError(f"No module named {module.split('.')[0]!r}", name=module.split(".")[0])
+
+    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    with pytest.raises(SystemExit, match=r"cssfe bench-kernels: the benchmark suite runs from a checkout.*"
+                                         r"python -m cssfe bench-kernels"):
+        cli.main(["bench-kernels", "--help"])
+    with pytest.raises(ModuleNotFoundError):  # a package's own missing module is not hidden
+        cli.main(["evaluate", "--help"])

@@ -150,7 +150,10 @@ def test_command_line(goals, tmp_path, capsys):
     bad.write_text("{")
     assert goals.main([str(bad)]) == 2
     assert f"cannot read {bad}" in capsys.readouterr().err
-    assert goals.main([]) == 2
+    with pytest.raises(SystemExit) as exc:  # argparse: the file is required
+        goals.main([])
+    assert exc.value.code == 2
+    assert "gpu_check_json" in capsys.readouterr().err
 
 
 def test_documented_script_command(tmp_path):

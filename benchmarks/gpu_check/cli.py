@@ -39,7 +39,9 @@ def _class_counts(text):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
+    # run as a package (python -m), argv[0] is its __main__.py: name the command instead
+    prog = "python -m benchmarks.gpu_check" if sys.argv[0].endswith("__main__.py") else None
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (gpu_check.json, summary.md, logs/)")
     p.add_argument("--quick", action="store_true", help="fewer repeats, main grid shapes only, no compile_autograd")
