@@ -119,7 +119,7 @@ class TrainConfig:
     compile_mode: str = "default"  # default | max-autotune | reduce-overhead (CUDA graphs)
     output_dir: str = "runs/default"
     eval_every: int = 1
-    checkpoint_every_steps: int = 0  # also checkpoint inside epochs (0: at epoch ends only)
+    checkpoint_every_steps: int = 0  # also checkpoint inside epochs, every this many micro-batches (a multiple of distributed.grad_accum; 0: at epoch ends only)
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
     progress: bool = True
     cache_dir: Optional[str] = None  # datasets and embeddings cache (default $CSSFE_CACHE or ~/.cache/cssfe)
@@ -337,6 +337,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.distributed.zero_stage is not None and cfg.distributed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'distributed.zero_stage' must be 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
     positive("distributed.grad_accum", cfg.distributed.grad_accum)
+    if cfg.checkpoint_every_steps % cfg.distributed.grad_accum:  # DeepSpeed keeps no half-accumulated window
+        raise ConfigError(f"config key 'checkpoint_every_steps' ({cfg.checkpoint_every_steps}, in micro-batches) must be a "
+                          f"multiple of distributed.grad_accum ({cfg.distributed.grad_accum}): checkpoints fall on "
+                          "accumulation boundaries")
     if cfg.distributed.deepspeed_config is not None and not os.path.isfile(cfg.distributed.deepspeed_config):
         raise ConfigError(f"config key 'distributed.deepspeed_config': file not found: {cfg.distributed.deepspeed_config}")
     if cfg.logging.log_level not in LOG_LEVELS:
