@@ -199,3 +199,21 @@ def test_node_local_checkpoint_storage_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"local.yaml: checkpoint.use_node_local_storage is not supported"):
         train(cfg)  # the data root does not exist: reaching it would raise something else
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ --resume auto
+def test_resume_auto_starts_a_run_without_a_checkpoint_and_continues_one_with_it(tiny_root, tmp_path, one_thread):
+    """One process: ``resume="auto"`` (``--resume auto``) starts a run that has no checkpoint and
+    continues one that has (a finished run: nothing is trained again); ``--resume`` without a
+    value still needs a checkpoint, and the override after it stays an override."""
+    from cssfe.engine.cli import parse_args
+
+    small = [*_tiny(tiny_root), "optim.epochs=1"]
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(load_config(None, [*small, f"output_dir={out}"]), resume=True)
+    first = train(load_config(None, [*small, f"output_dir={out}"]), resume="auto")
+    again = train(load_config(None, [*small, f"output_dir={out}"]), resume="auto")
+    assert again["final"]["mAP"] == first["final"]["mAP"] and len(_log(out)) == 1
+    assert (parse_args(["--resume", "auto", "seed=1"]).resume, parse_args(["--resume", "seed=1"]).resume) == ("auto", "last")
+    assert parse_args(["--resume", "seed=1"]).overrides == ["seed=1"] and parse_args(["seed=1"]).resume is None
