@@ -160,9 +160,8 @@ def test_a_stop_inside_an_accumulation_window_checkpoints_at_its_end(tiny_root, 
     assert [r["train_loss"] for r in _log(cut)] == pytest.approx([r["train_loss"] for r in _log(whole)], rel=1e-6)
 
 
-def test_a_skipped_micro_batch_does_not_shift_the_accumulation_windows(tiny_root, tmp_path, monkeypatch, world_of_one):
-    """Non-finite losses on micro-batch 1 (opening a window) and 6 (closing one): both are skipped,
-    every window still ends on an even micro-batch, so the epoch makes its 6 optimizer steps."""
+def _poison_micro_batches(monkeypatch, factor, micro_batches):
+    """Multiply the loss of the given (0-based) micro-batches by ``factor``."""
     real = train_module.build_loss
 
     def build(*args, **kwargs):
@@ -171,17 +170,32 @@ def test_a_skipped_micro_batch_does_not_shift_the_accumulation_windows(tiny_root
         def poisoned(logits, targets):
             calls["n"] += 1
             value = loss(logits, targets)
-            return value * float("nan") if calls["n"] // 2 in (0, 5) else value  # two calls a micro-batch (aux loss)
+            return value * factor if calls["n"] // 2 in micro_batches else value  # two calls a micro-batch (aux loss)
 
         return poisoned
 
     monkeypatch.setattr(train_module, "build_loss", build)
-    out = tmp_path / "run"
-    result = train(_accum2(tiny_root, out, "optim.epochs=1"))
-    assert result["skipped_steps"] == 2
-    state = _weights(out)
-    assert state["global_steps"] == 6
-    assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_skipped_micro_batch_does_not_shift_the_accumulation_windows(stage, tiny_root, tmp_path, monkeypatch,
+                                                                        world_of_one):
+    """Non-finite losses on micro-batch 1 (opening a window) and 6 (closing one): both are skipped,
+    every window still ends on an even micro-batch, so the epoch makes its 6 optimizer steps, and
+    the weights are those of a run in which the two micro-batches had a loss of zero."""
+    runs = {}
+    for name, factor in (("skipped", float("nan")), ("zero", 0.0)):
+        with monkeypatch.context() as patch:
+            _poison_micro_batches(patch, factor, (0, 5))
+            out = tmp_path / name
+            result = train(_accum2(tiny_root, out, "optim.epochs=1", f"distributed.zero_stage={stage}"))
+        folder = _ds_dir(out) / ds_checkpoint.newest_complete_tag(str(_ds_dir(out)))
+        (model_file,) = folder.glob("*mp_rank_00_model_states.pt")  # ZeRO-3: zero_pp_rank_0_mp_rank_00_...
+        assert torch.load(model_file, map_location="cpu", weights_only=False)["global_steps"] == 6
+        runs[name] = torch.load(folder / "cssfe_rank0.pt", weights_only=True)["ema"]  # decay 0: the trained weights
+        assert result["skipped_steps"] == (2 if name == "skipped" else 0)
+    for name, value in runs["zero"].items():
+        assert torch.allclose(runs["skipped"][name], value, rtol=1e-6, atol=1e-8), name
 
 
 # ------------------------------------------------------------------------------------ refused before any work
