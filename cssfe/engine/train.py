@@ -169,8 +169,10 @@ def _ds_step(engine, loss, loss_scale, run, signum, update_ema, consecutive_bad,
     finite = math.isfinite(total)
     if finite or (boundary and run.get("window_good", 0)):
         engine.set_gradient_accumulation_boundary(boundary)
-        # a non-finite micro-batch that closes a window adds zero to the window's other gradients
-        engine.backward(loss * loss_scale) if finite else _backward_zero(engine)
+        if finite:
+            engine.backward(loss * loss_scale)
+        else:  # a non-finite micro-batch that closes a window adds zero to the window's other gradients
+            _backward_zero(engine)
         engine.step()  # optimizer, clipping, zeroing and the LR schedule at accumulation boundaries
         if boundary:
             update_ema()
@@ -281,8 +283,9 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
     """Train ``cfg`` and return ``{"final": metrics, "best": metrics, "best_epoch": int}``.
 
     With ``resume``, continue the run in ``cfg.output_dir`` from its last checkpoint (which may be
-    in the middle of an epoch); with ``resume="auto"``, continue it if it has one, else start it. SIGTERM / SIGINT save a checkpoint at the next step and raise
-    :class:`TrainingInterrupted`; ``cfg.max_nonfinite_steps`` consecutive non-finite steps raise
+    in the middle of an epoch); with ``resume="auto"``, continue it if it has one, else start it.
+    SIGTERM / SIGINT save a checkpoint at the next step (under DeepSpeed: the next accumulation
+    boundary) and raise :class:`TrainingInterrupted`; ``cfg.max_nonfinite_steps`` consecutive non-finite steps raise
     :class:`TrainingDiverged`, leaving the last good checkpoint as it was.
     """
     out_dir = cfg.output_dir
