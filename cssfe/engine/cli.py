@@ -33,7 +33,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     # a bare --resume takes no value: the key=value override after it stays an override
     argv = [f"--resume={RESUME_MODES[0]}" if a == "--resume" and (argv[i + 1:] or [None])[0] not in RESUME_MODES else a
             for i, a in enumerate(argv)]
-    return p.parse_intermixed_args(argv)  # key=value overrides on both sides of an option
+    args = p.parse_intermixed_args(argv)  # key=value overrides on both sides of an option
+    args.resume = {None: False, "last": True}.get(args.resume, args.resume)  # False, True or "auto": train()'s resume
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -44,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("error: --resume needs --output-dir (the run to continue)", file=sys.stderr)
             return 2
         saved = os.path.join(args.output_dir, "config.yaml")
-        if args.resume == "last" or os.path.isfile(saved):  # auto without a run yet: the defaults
+        if args.resume is True or os.path.isfile(saved):  # auto without a run yet: the defaults
             config_path = saved
     overrides = list(args.overrides)
     if args.output_dir:
@@ -67,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         with logging_redirect_tqdm([logging.getLogger(PACKAGE_LOGGER)]):  # reports between progress bars
-            train(cfg, resume={None: False, "last": True, "auto": "auto"}[args.resume])
+            train(cfg, resume=args.resume)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

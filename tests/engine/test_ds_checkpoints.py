@@ -230,5 +230,5 @@ def test_resume_auto_starts_a_run_without_a_checkpoint_and_continues_one_with_it
     again = train(load_config(None, [*small, f"output_dir={out}"]), resume="auto")
     assert again["final"]["mAP"] == first["final"]["mAP"] and len(_log(out)) == 1
     assert parse_args(["--resume", "auto", "seed=1"]).resume == "auto"
-    assert parse_args(["--resume", "seed=1"]).resume == "last"
-    assert parse_args(["--resume", "seed=1"]).overrides == ["seed=1"] and parse_args(["seed=1"]).resume is None
+    assert parse_args(["--resume", "seed=1"]).resume is True and parse_args(["seed=1"]).resume is False
+    assert parse_args(["--resume", "seed=1"]).overrides == ["seed=1"]
