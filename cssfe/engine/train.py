@@ -254,16 +254,18 @@ def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> Dict[str, Any]:
 
 
 def train(cfg: TrainConfig, resume: Union[bool, str] = False,
-          on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+          on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None, shared_storage: bool = True) -> Dict[str, Any]:
     """Train ``cfg``; see :func:`_train`. The CSSFE ops run on the ``cfg.kernels`` backend.
 
     ``on_epoch_end(record)``, if given, receives each epoch's log record (the ``log.jsonl`` line)
     after that epoch's checkpoint is written, e.g. to report metrics to a scheduler.
+    ``shared_storage=False`` lets the ranks of a DeepSpeed run see different output folders: for a
+    caller that gathers every node's checkpoint files itself before a resume (the Ray sweep).
     """
     validate(cfg)
     tracking.check(cfg)
     with kernel_backend(cfg.kernels):
-        return _train(cfg, resume, on_epoch_end)
+        return _train(cfg, resume, on_epoch_end, shared_storage)
 
 
 def kernel_backend(kernels: str):
@@ -279,7 +281,7 @@ def kernel_backend(kernels: str):
 
 
 def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
-           on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+           on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None, shared_storage: bool = True) -> Dict[str, Any]:
     """Train ``cfg`` and return ``{"final": metrics, "best": metrics, "best_epoch": int}``.
 
     With ``resume``, continue the run in ``cfg.output_dir`` from its last checkpoint (which may be
@@ -318,7 +320,8 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
                 device = torch.device("cuda", ctx.local_rank)
             torch.cuda.set_device(device)
     show = cfg.progress and ctx.main  # rank 0 alone prints progress
-    ds_checkpoint.check_shared(ds_dir, ctx)  # every rank reads rank 0's checkpoint files
+    if shared_storage:
+        ds_checkpoint.check_shared(ds_dir, ctx)  # every rank reads rank 0's checkpoint files
     cache_dir = cfg.cache_dir or default_cache_dir()
     seed_everything(cfg.seed)
 
