@@ -122,7 +122,7 @@ class TrainConfig:
     compile_mode: str = "default"  # default | max-autotune | reduce-overhead (CUDA graphs)
     output_dir: str = "runs/default"
     eval_every: int = 1
-    checkpoint_every_steps: int = 0  # also checkpoint inside epochs (0: at epoch ends only)
+    checkpoint_every_steps: int = 0  # also checkpoint inside epochs, every this many micro-batches (a multiple of distributed.grad_accum; 0: at epoch ends only)
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
     progress: bool = True
     cache_dir: Optional[str] = None  # datasets and embeddings cache (default $CSSFE_CACHE or ~/.cache/cssfe)
@@ -342,6 +342,10 @@ def validate(cfg: TrainConfig) -> None:
     positive("distributed.grad_accum", cfg.distributed.grad_accum)
     if cfg.distributed.timeout_s is not None:
         positive("distributed.timeout_s", cfg.distributed.timeout_s)
+    if cfg.checkpoint_every_steps % cfg.distributed.grad_accum:  # DeepSpeed keeps no half-accumulated window
+        raise ConfigError(f"config key 'checkpoint_every_steps' ({cfg.checkpoint_every_steps}, in micro-batches) must be a "
+                          f"multiple of distributed.grad_accum ({cfg.distributed.grad_accum}): checkpoints fall on "
+                          "accumulation boundaries")
     if cfg.distributed.deepspeed_config is not None and not os.path.isfile(cfg.distributed.deepspeed_config):
         raise ConfigError(f"config key 'distributed.deepspeed_config': file not found: {cfg.distributed.deepspeed_config}")
     if cfg.logging.log_level not in LOG_LEVELS:

@@ -11,6 +11,8 @@ from typing import List, Optional
 from cssfe.config import ConfigError, load_config
 from cssfe.logs import PACKAGE_LOGGER, add_verbosity_options, chosen_level, setup_logging
 
+RESUME_MODES = ("last", "auto")  # --resume: the run must have a checkpoint; --resume auto: if it has one
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -21,11 +23,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML config file (default: built-in defaults, configs/default.yaml)")
     p.add_argument("--output-dir", help="where the run is written (default: runs/<time>-<head>-<backbone>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const="last", choices=RESUME_MODES, metavar="auto",
+                   help="continue the run in --output-dir from its newest complete checkpoint; --resume auto: "
+                        "continue it if it has one, else start it (for a job that the scheduler requeues)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher; LOCAL_RANK is used
     add_verbosity_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_intermixed_args(argv)  # key=value overrides on both sides of an option
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # a bare --resume takes no value: the key=value override after it stays an override
+    argv = [f"--resume={RESUME_MODES[0]}" if a == "--resume" and (argv[i + 1:] or [None])[0] not in RESUME_MODES else a
+            for i, a in enumerate(argv)]
+    args = p.parse_intermixed_args(argv)  # key=value overrides on both sides of an option
+    args.resume = {None: False, "last": True}.get(args.resume, args.resume)  # False, True or "auto": train()'s resume
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -35,7 +45,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.output_dir:
             print("error: --resume needs --output-dir (the run to continue)", file=sys.stderr)
             return 2
-        config_path = os.path.join(args.output_dir, "config.yaml")
+        saved = os.path.join(args.output_dir, "config.yaml")
+        if args.resume is True or os.path.isfile(saved):  # auto without a run yet: the defaults
+            config_path = saved
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")

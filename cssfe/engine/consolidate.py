@@ -1,7 +1,7 @@
 """One standalone checkpoint from a DeepSpeed run: ``python -m cssfe.engine.consolidate RUN_DIR [--out PATH]``.
 
 Runs DeepSpeed's own converter (``zero_to_fp32``: the fp32 master weights merged from every rank's
-ZeRO shards) on the run's newest checkpoint tag and writes them, with the run's config and class
+ZeRO shards) on the run's newest complete checkpoint tag and writes them, with the run's config and class
 names, in the format of ``best.pt`` (default ``RUN_DIR/checkpoints/consolidated.pt``):
 ``evaluate.py``, ``predict.py``, ``visualize.py`` and ``export.py`` read it unchanged. These are the
 trained weights at that checkpoint, not the EMA weights that ``best.pt`` and the run's metrics use
@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from cssfe.engine.checkpoint import save_checkpoint
-from cssfe.engine.train import _ds_client_path, _read_tag
+from cssfe.engine import ds_checkpoint
+from cssfe.engine.ds_checkpoint import client_path
 
 METADATA = ("config", "class_names", "groups", "class_freq")
 ROUNDING = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,14 +43,12 @@ def consolidate(run_dir: str, out: Optional[str] = None, precision: str = "fp32"
     """Write the consolidated checkpoint of ``run_dir``'s newest DeepSpeed tag; returns its path."""
     if precision not in ROUNDING:
         raise ValueError(f"precision must be one of {', '.join(ROUNDING)}, got {precision!r}")
-    ds_dir = os.path.join(run_dir, "checkpoints", "deepspeed")
-    if not os.path.isfile(os.path.join(ds_dir, "latest")):
-        raise FileNotFoundError(f"no DeepSpeed checkpoint in {run_dir} ({ds_dir}/latest is missing)")
-    tag = _read_tag(ds_dir)
-    client = torch.load(_ds_client_path(ds_dir, tag, 0), map_location="cpu", weights_only=False)
+    ds_dir = ds_checkpoint.ds_dir(run_dir)
+    tag = ds_checkpoint.require_tag(ds_dir)
+    client = torch.load(client_path(ds_dir, tag, 0), map_location="cpu", weights_only=False)
     missing = [k for k in METADATA if k not in client]
     if missing:
-        raise ValueError(f"{_ds_client_path(ds_dir, tag, 0)} lacks {', '.join(missing)} (written by an older cssfe); "
+        raise ValueError(f"{client_path(ds_dir, tag, 0)} lacks {', '.join(missing)} (written by an older cssfe); "
                          "evaluate the run's best.pt instead")
     out = out or os.path.join(run_dir, "checkpoints", "consolidated.pt")
     weights = {k: v.to(ROUNDING[precision]).float() if v.is_floating_point() else v for k, v in _weights(ds_dir, tag).items()}

@@ -1,10 +1,11 @@
 """Make a DeepSpeed run resumable at another world size: ``python -m cssfe.engine.reshard RUN_DIR``.
 
-Converts the run's newest checkpoint into DeepSpeed's universal format (``ds_to_universal``: the
-ZeRO shards of parameters and optimizer states are merged per parameter), copies each rank's
-cssfe state beside it and points ``latest`` at the result. ``--resume`` then loads it with any
-number of ranks; ranks that did not exist before start from rank 0's EMA weights and a fresh
-random state, which only data augmentation draws from.
+Converts the run's newest complete checkpoint into DeepSpeed's universal format (``ds_to_universal``:
+the ZeRO shards of parameters and optimizer states are merged per parameter), copies each rank's
+cssfe state beside it and marks the result complete, which makes it the tag ``--resume`` loads, with
+any number of ranks; ranks that did not exist before start from rank 0's EMA weights and a fresh
+random state, which only data augmentation draws from. A tag without per-rank optimizer shards
+(ZeRO stage 0 in fp32: one ``mp_rank_00`` file) loads at any world size as it is and is kept.
 """
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from cssfe.engine.train import UNIVERSAL_SUFFIX, _read_tag
+from cssfe.engine import ds_checkpoint
+from cssfe.engine.ds_checkpoint import UNIVERSAL_SUFFIX
 
 
 def reshard(run_dir: str) -> str:
-    ds_dir = os.path.join(run_dir, "checkpoints", "deepspeed")
-    if not os.path.isfile(os.path.join(ds_dir, "latest")):
-        raise FileNotFoundError(f"no DeepSpeed checkpoint in {run_dir} ({ds_dir}/latest is missing)")
-    tag = _read_tag(ds_dir)
-    if tag.endswith(UNIVERSAL_SUFFIX):
+    """The tag that ``--resume`` loads at any world size: the newest complete one, converted when it
+    holds per-rank shards."""
+    ds_dir = ds_checkpoint.ds_dir(run_dir)
+    tag = ds_checkpoint.require_tag(ds_dir)
+    if tag.endswith(UNIVERSAL_SUFFIX) or ds_checkpoint.world_size_free(os.path.join(ds_dir, tag)):
         return tag
     universal = tag + UNIVERSAL_SUFFIX
     out = os.path.join(ds_dir, universal)
@@ -37,10 +39,7 @@ def reshard(run_dir: str) -> str:
         raise RuntimeError(f"ds_to_universal failed on {os.path.join(ds_dir, tag)}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     for path in glob.glob(os.path.join(ds_dir, tag, "cssfe_rank*.pt")):
         shutil.copy2(path, out)
-    tmp = os.path.join(ds_dir, "latest.tmp")
-    with open(tmp, "w") as f:
-        f.write(universal)
-    os.replace(tmp, os.path.join(ds_dir, "latest"))
+    ds_checkpoint.mark_complete(ds_dir, universal, ds_checkpoint.read_marker(ds_dir, tag)["world_size"])
     return universal
 
 
@@ -53,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.run_dir}: latest checkpoint is now {tag}; resume it with any number of ranks (--resume)")
+    print(f"{args.run_dir}: the checkpoint to resume is {tag}; resume it with any number of ranks (--resume)")
     return 0
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -25,8 +25,9 @@ from cssfe import ops
 from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
 from cssfe.data.datasets import check_batch
-from cssfe.engine import compiling, distributed, tracking
+from cssfe.engine import compiling, distributed, ds_checkpoint, tracking
 from cssfe.engine.checkpoint import load_checkpoint, load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
+from cssfe.engine.ds_checkpoint import CONSOLIDATED_MODEL, UNIVERSAL_SUFFIX, client_path
 from cssfe.engine.ema import ModelEMA
 from cssfe.engine.evaluate import evaluate, format_table
 from cssfe.engine.sampler import EpochShuffle
@@ -162,12 +163,21 @@ def _ds_step(engine, loss, loss_scale, run, signum, update_ema, consecutive_bad,
     flags = torch.tensor([loss.item(), 1.0 if signum else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(flags)
     total, stops = float(flags[0]), float(flags[1])
-    if math.isfinite(total):
-        engine.backward(loss * loss_scale)
-        boundary = engine.is_gradient_accumulation_boundary()
+    # The window is ours (run["step"]), not DeepSpeed's micro-step count, which a resume resets and
+    # a skipped micro-batch would leave behind: windows stay where an uninterrupted run has them.
+    boundary = (run["step"] + 1) % engine.gradient_accumulation_steps() == 0
+    finite = math.isfinite(total)
+    if finite or (boundary and run.get("window_good", 0)):
+        engine.set_gradient_accumulation_boundary(boundary)
+        if finite:
+            engine.backward(loss * loss_scale)
+        else:  # a non-finite micro-batch that closes a window adds zero to the window's other gradients
+            _backward_zero(engine)
         engine.step()  # optimizer, clipping, zeroing and the LR schedule at accumulation boundaries
         if boundary:
             update_ema()
+    run["window_good"] = 0 if boundary else run.get("window_good", 0) + finite
+    if finite:
         run["loss_sum"] += total
         run["good_steps"] += 1
         consecutive_bad = 0
@@ -177,8 +187,12 @@ def _ds_step(engine, loss, loss_scale, run, signum, update_ema, consecutive_bad,
     return consecutive_bad, (signum or 15) if stops else 0, total
 
 
-UNIVERSAL_SUFFIX = "_universal"
-CONSOLIDATED_MODEL = "consolidated_model.pt"  # per ZeRO-3 checkpoint tag: the gathered weights
+def _backward_zero(engine) -> None:
+    """A backward that adds exactly zero to every gradient (built from the weights, not from a
+    forward that may hold non-finite values), so that DeepSpeed still closes the window."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    with distributed.gathered(params, engine.zero_optimization_partition_weights()):
+        engine.backward(sum((p * 0).sum() for p in params))
 
 
 def _peak_rss_bytes() -> int:
@@ -187,71 +201,71 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _read_tag(ds_dir: str) -> str:
-    with open(os.path.join(ds_dir, "latest")) as f:
-        return f.read().strip()
-
-
-def _ds_client_path(ds_dir: str, tag: str, rank: int) -> str:
-    return os.path.join(ds_dir, tag, f"cssfe_rank{rank}.pt")
-
-
 def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
-    """Every rank writes its own state (EMA, RNG, position) into the tag folder first; DeepSpeed then
-    writes the model and optimizer shards and, last, ``latest``: a run killed half-way resumes from
-    the previous complete tag. Older tags than the previous one are removed."""
+    """Every rank writes its own state (RNG, position; rank 0 also the EMA weights) into the tag
+    folder, DeepSpeed the model and optimizer shards; after a barrier rank 0 marks the tag complete
+    and points ``latest`` at it (:mod:`cssfe.engine.ds_checkpoint`): a run killed at any moment
+    resumes from the newest complete tag. Tags older than the previous complete one are removed."""
+    import torch.distributed as dist
+
     run = client["run"]
-    tag = f"epoch{run['epoch']:04d}-step{run['step']:06d}"
-    save_checkpoint(client, _ds_client_path(ds_dir, tag, ctx.rank))
+    tag = ds_checkpoint.tag_name(run["epoch"], run["step"])
+    if ctx.main:
+        ds_checkpoint.clear_tag(ds_dir, tag)
+    dist.barrier()  # no rank writes into the tag before a leftover of it is gone
+    save_checkpoint(client, client_path(ds_dir, tag, ctx.rank))
     if engine.zero_optimization_partition_weights():
         # ZeRO-3: the model file below holds placeholders; with stage3_gather_16bit_weights_on_model_save
         # DeepSpeed gathers the weights (in the training precision) into one file (all ranks take part)
         engine.save_16bit_model(os.path.join(ds_dir, tag), CONSOLIDATED_MODEL)
     # universal_checkpoint_info lets DeepSpeed's ds_to_universal convert the tag (resume at another world size)
-    engine.save_checkpoint(ds_dir, tag=tag, client_state={"world_size": ctx.world_size,
-                                                          "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+    engine.save_checkpoint(ds_dir, tag=tag, save_latest=False,  # latest: written with the completion marker
+                           client_state={"world_size": ctx.world_size,
+                                         "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+    dist.barrier()  # every rank's files are on disk
     if ctx.main:
-        import shutil
-
-        tags = sorted(t for t in os.listdir(ds_dir) if t.startswith("epoch") and os.path.isdir(os.path.join(ds_dir, t)))
-        for old in tags[:-2]:
-            shutil.rmtree(os.path.join(ds_dir, old), ignore_errors=True)
+        ds_checkpoint.mark_complete(ds_dir, tag, ctx.world_size)
+        ds_checkpoint.prune(ds_dir)
 
 
 def _ds_resume(engine, ds_dir: str, cfg: TrainConfig, ctx) -> Dict[str, Any]:
-    """Load the newest complete DeepSpeed checkpoint; returns this rank's cssfe state (a rank that
-    did not exist when it was written gets rank 0's, without its random state)."""
+    """Load the newest complete DeepSpeed checkpoint; returns this rank's cssfe state with rank 0's
+    EMA weights (a rank that did not exist when it was written gets rank 0's state, without its
+    random state)."""
 
-    tag = _read_tag(ds_dir)
-    saved = load_checkpoint(_ds_client_path(ds_dir, tag, 0))
-    if saved["world_size"] != ctx.world_size and not tag.endswith(UNIVERSAL_SUFFIX):
+    tag = ds_checkpoint.require_tag(ds_dir)
+    main = load_checkpoint(client_path(ds_dir, tag, 0))
+    written_by = main["world_size"]
+    if (written_by != ctx.world_size and not tag.endswith(UNIVERSAL_SUFFIX)
+            and not ds_checkpoint.world_size_free(os.path.join(ds_dir, tag))):
         raise ValueError(
-            f"cannot resume {ds_dir} with {ctx.world_size} ranks: checkpoint {tag} was written by {saved['world_size']}. "
-            f"Resume with {saved['world_size']} ranks, or convert it first: python -m cssfe.engine.reshard {os.path.dirname(os.path.dirname(ds_dir))}")
-    client_path = _ds_client_path(ds_dir, tag, ctx.rank)
-    if ctx.rank > 0:  # rank 0's own state is read above
-        if os.path.isfile(client_path):  # this rank's own EMA, RNG state and position
-            saved = load_checkpoint(client_path)
-        else:  # a rank added by resharding: rank 0's EMA and position, the seeded random state
-            saved = {**saved, "rng": None}
+            f"cannot resume {ds_dir} with {ctx.world_size} ranks: checkpoint {tag} was written by {written_by}. "
+            f"Resume with {written_by} ranks, or convert it first: python -m cssfe.engine.reshard {os.path.dirname(os.path.dirname(ds_dir))}")
+    saved = main
+    if 0 < ctx.rank < written_by:  # this rank's own RNG state and position
+        saved = load_checkpoint(client_path(ds_dir, tag, ctx.rank))
+    elif ctx.rank > 0:  # a rank the checkpoint did not have: rank 0's position, the seeded random state
+        saved = {**main, "rng": None}
     _check_resume_config(saved["config"], cfg, ds_dir)
     load_path, _ = engine.load_checkpoint(ds_dir, tag=tag)
     if load_path is None:
         raise FileNotFoundError(f"--resume: DeepSpeed found no checkpoint {tag} in {ds_dir}")
-    return saved
+    return {**saved, "ema": main["ema"]}  # written once, by rank 0
 
 
-def train(cfg: TrainConfig, resume: bool = False,
-          on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+def train(cfg: TrainConfig, resume: Union[bool, str] = False,
+          on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None, shared_storage: bool = True) -> Dict[str, Any]:
     """Train ``cfg``; see :func:`_train`. The CSSFE ops run on the ``cfg.kernels`` backend.
 
     ``on_epoch_end(record)``, if given, receives each epoch's log record (the ``log.jsonl`` line)
     after that epoch's checkpoint is written, e.g. to report metrics to a scheduler.
+    ``shared_storage=False`` lets the ranks of a DeepSpeed run see different output folders: for a
+    caller that gathers every node's checkpoint files itself before a resume (the Ray sweep).
     """
     validate(cfg)
     tracking.check(cfg)
     with kernel_backend(cfg.kernels):
-        return _train(cfg, resume, on_epoch_end)
+        return _train(cfg, resume, on_epoch_end, shared_storage)
 
 
 def kernel_backend(kernels: str):
@@ -266,13 +280,14 @@ def kernel_backend(kernels: str):
     return ops.use_backend(kernels)
 
 
-def _train(cfg: TrainConfig, resume: bool = False,
-           on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
+           on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None, shared_storage: bool = True) -> Dict[str, Any]:
     """Train ``cfg`` and return ``{"final": metrics, "best": metrics, "best_epoch": int}``.
 
     With ``resume``, continue the run in ``cfg.output_dir`` from its last checkpoint (which may be
-    in the middle of an epoch). SIGTERM / SIGINT save a checkpoint at the next step and raise
-    :class:`TrainingInterrupted`; ``cfg.max_nonfinite_steps`` consecutive non-finite steps raise
+    in the middle of an epoch); with ``resume="auto"``, continue it if it has one, else start it.
+    SIGTERM / SIGINT save a checkpoint at the next step (under DeepSpeed: the next accumulation
+    boundary) and raise :class:`TrainingInterrupted`; ``cfg.max_nonfinite_steps`` consecutive non-finite steps raise
     :class:`TrainingDiverged`, leaving the last good checkpoint as it was.
     """
     out_dir = cfg.output_dir
@@ -281,14 +296,17 @@ def _train(cfg: TrainConfig, resume: bool = False,
     ds_dir = os.path.join(out_dir, "checkpoints", "deepspeed")
     use_ds = distributed.wanted(cfg)
     ds_config = None
+    if resume == "auto":  # a requeued job: continue the run where it has a complete checkpoint, else start it
+        resume = ds_checkpoint.has_checkpoint(out_dir)
     if use_ds:  # the batch arithmetic and the DeepSpeed file are checked before any work
         ds_config = distributed.deepspeed_config(cfg, distributed.world_size())
-        last_path = os.path.join(ds_dir, "latest")  # DeepSpeed's pointer to the newest complete checkpoint
-        if resume and os.path.isfile(last_path) and _read_tag(ds_dir).endswith(UNIVERSAL_SUFFIX):
-            ds_config["checkpoint"] = {"load_universal": True}  # converted by cssfe.engine.reshard
-    if resume and not (os.path.isfile(last_path) or os.path.isfile(previous_path(last_path))):
+        ds_checkpoint.check_node_local_storage(ds_config, cfg.distributed.deepspeed_config)
+        last_path = ds_dir  # the newest complete tag in it is the run's checkpoint
+        if resume and ds_checkpoint.require_tag(ds_dir).endswith(UNIVERSAL_SUFFIX):  # converted by cssfe.engine.reshard
+            ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
+    elif resume and not (os.path.isfile(last_path) or os.path.isfile(previous_path(last_path))):
         raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
-    if not resume and os.path.exists(last_path):
+    if not resume and (ds_checkpoint.newest_complete_tag(ds_dir) if use_ds else os.path.exists(last_path)):
         raise FileExistsError(
             f"{out_dir} already holds a run ({last_path}); pass --resume to continue it or choose another --output-dir"
         )
@@ -302,6 +320,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
                 device = distributed.rank_device(ctx.local_rank)
             torch.cuda.set_device(device)
     show = cfg.progress and ctx.main  # rank 0 alone prints progress
+    if shared_storage:
+        ds_checkpoint.check_shared(ds_dir, ctx)  # every rank reads rank 0's checkpoint files
     cache_dir = cfg.cache_dir or default_cache_dir()
     seed_everything(cfg.seed)
 
@@ -393,7 +413,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
         if engine is None:
             save_checkpoint(_run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, run), last_path, keep_previous=True)
         else:
-            _ds_checkpoint(engine, ds_dir, ctx, {"run": dict(run), "ema": ema.module.state_dict(), "rng": rng_state(),
+            _ds_checkpoint(engine, ds_dir, ctx, {"run": dict(run), "rng": rng_state(),
+                                                 **({"ema": ema.module.state_dict()} if ctx.main else {}),  # read by every rank
                                                  "config": to_dict(cfg), "world_size": ctx.world_size,
                                                  # what cssfe.engine.consolidate needs beside the weights
                                                  "class_names": data.class_names, "groups": data.groups.tolist(),
@@ -453,7 +474,8 @@ def _train(cfg: TrainConfig, resume: bool = False,
                                              **_head_scalars(model, None, lam=not zero3))
                         window_loss, window_batches = 0.0, 0
                     periodic = cfg.checkpoint_every_steps and run["step"] % cfg.checkpoint_every_steps == 0
-                    if (stop_signum or periodic) and run["step"] < steps_per_epoch:
+                    # on accumulation boundaries only: a stop inside a window waits for its end
+                    if (stop_signum or periodic) and run["step"] % accum == 0 and run["step"] < steps_per_epoch:
                         run["epoch_seconds"] = time.time() - t0
                         checkpoint()
                         if stop_signum:

@@ -312,7 +312,8 @@ def _distributed_worker(loop_config: Dict[str, Any]) -> None:
 
     # Decided here, not by the driver: Ray Train may rerun this function (node preemption) after
     # the first run wrote checkpoints. No rank can checkpoint before all have joined.
-    result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report)
+    # node-local folders: Ray merges every node's upload into one checkpoint, restored on each node
+    result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report, shared_storage=shared_dir is not None)
     ray.train.report({**final_metrics(cfg, result["final"]), **status, "finished": True},
                      checkpoint=_run_checkpoint(run_dir) if owner else None)
 

@@ -308,7 +308,7 @@ def test_resume_at_another_world_size_after_conversion(tiny_root, tmp_path):
     ds_dir = whole / "checkpoints" / "deepspeed"
     assert sorted(t for t in os.listdir(ds_dir) if t.startswith("epoch")) == ["epoch0001-step000003", "epoch0002-step000000"]
     expected = _metrics(whole)["final"]
-    (ds_dir / "latest").write_text("epoch0001-step000003")  # as if killed right after that checkpoint
+    os.remove(ds_dir / "epoch0002-step000000" / "cssfe_complete.json")  # as if killed before the last tag was complete
     os.remove(whole / "metrics.json")
     resume = [sys.executable, TRAIN, "--resume", "--output-dir", str(whole), *args]
     proc = subprocess.run(resume, capture_output=True, text=True, env=_env(), cwd=ROOT)
@@ -470,7 +470,7 @@ def test_every_zero_stage_and_precision_trains_resumes_and_converts(stage, preci
         # two ranks of 8 do; batch norm's statistics and bf16 rounding follow the split)
         mid = sorted(t for t in os.listdir(ds_dir) if t.startswith("epoch0001-step"))[-1]
         assert mid != "epoch0001-step000000", mid
-        (ds_dir / "latest").write_text(mid)
+        os.remove(ds_dir / tag / "cssfe_complete.json")  # as if killed before the last tag was complete
         os.remove(out / "metrics.json")
         conv = subprocess.run([sys.executable, "-m", "cssfe.engine.reshard", str(out)], capture_output=True, text=True,
                               env=_env(), cwd=ROOT)

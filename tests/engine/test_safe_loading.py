@@ -81,14 +81,15 @@ def test_checkpoints_load_weights_only_and_crafted_ones_are_refused(tmp_path):
 
 def test_deepspeed_client_state_is_loaded_weights_only(tmp_path):
     from cssfe.engine import distributed
-    from cssfe.engine.train import _ds_client_path, _ds_resume
+    from cssfe.engine.ds_checkpoint import client_path, mark_complete
+    from cssfe.engine.train import _ds_resume
 
     ds_dir = tmp_path / "deepspeed"
     tag = "epoch0001-step000000"
     os.makedirs(ds_dir / tag)
-    (ds_dir / "latest").write_text(tag)
+    mark_complete(str(ds_dir), tag, world_size=1)
     marker = tmp_path / "ran"
-    client = _ds_client_path(str(ds_dir), tag, 0)
+    client = client_path(str(ds_dir), tag, 0)
     _crafted_torch_file(client, marker, world_size=1)
     with pytest.raises(ValueError, match=rf"{client}.*weights-only"):
         _ds_resume(None, str(ds_dir), load_config(None, []), distributed.Context())
