@@ -43,7 +43,7 @@ def test_cssfe_lists_its_commands_and_refuses_an_unknown_one(capsys):
 
 def test_cssfe_returns_the_exit_code_of_the_command(capsys):
     assert cli.main(["reshard", os.path.join(ROOT, "no-such-run")]) == 1
-    assert "no DeepSpeed checkpoint in" in capsys.readouterr().err
+    assert "no complete DeepSpeed checkpoint in" in capsys.readouterr().err
 
 
 def _launch_script(path):
