@@ -28,7 +28,7 @@ from cssfe.ops.dispatch import (
     set_default_backend,
     use_backend,
 )
-from cssfe.ops.kernels import backend as registered_backend
+from cssfe.ops.kernels import backend as _registered_backend
 from cssfe.ops.plan import EnhancePlan, enhance_plan
 from cssfe.ops.reference import semantic_affinity
 
@@ -38,7 +38,7 @@ def kernel_backend(kernels: str):
     ``CSSFE_KERNEL_BACKEND`` variable if set, else the automatic choice). A backend that is named
     and absent raises here, before any work (building it first if it can)."""
     if kernels != "auto":
-        available, reason = backend_status(kernels, build=registered_backend(kernels).builds)
+        available, reason = backend_status(kernels, build=_registered_backend(kernels).builds)
         if not available:  # asked for and absent: say so before any work, never fall back
             raise ValueError(f"config key 'kernels': backend {kernels!r} is not available here: {reason} "
                              "(kernels=auto picks what is)")

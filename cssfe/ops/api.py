@@ -101,7 +101,7 @@ def progressive_enhance(
         raise TypeError(f"{op}: groups must be an integer tensor, got {groups.dtype}")
     if lam.numel() != 1:
         raise ValueError(f"{op}: lam must be a scalar, got shape {tuple(lam.shape)}")
-    if groups.device.type == "meta":  # the kernels' plan reads the group values
+    if groups.device.type == "meta":  # a plan computed here, and the reference kernel, read the group values
         raise ValueError(f"{op}: groups must hold values, got a meta tensor")
     _same_device(op, z=z, affinity=affinity, groups=groups, gate=gate, lam=lam)
     if plan is not None:

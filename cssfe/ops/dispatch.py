@@ -40,10 +40,10 @@ CHOICES = ("auto",) + BACKENDS
 FALLBACK = "reference"  # what ``auto`` runs when nothing faster is listed and available
 # ``auto``: per device type, op and precision ("half": fp16/bf16), the backends in order of preference;
 # the first one available runs. Each entry cites the benchmark results it comes from.
-# CPU: every C++ kernel at least as fast as eager PyTorch at the benchmark's shapes, the enhancement
-# with the model's masked affinity (benchmarks/results/kernels_cpu.jsonl, rows "ops cpu" against
-# "eager reference" / "eager AsymmetricLoss"; with a dense 1000-class affinity the enhancement measured
-# 0.88-1.01x there). An op added later joins once it is measured so.
+# CPU: every C++ kernel at least as fast as eager PyTorch at the benchmark's shapes: in
+# benchmarks/results/kernels_cpu.jsonl the rows of provider "ops cpu" against the eager ones of the
+# same commit (d837dde, b180e27), the enhancement's with "affinity": "masked", the model's (its
+# "dense" rows at 1,000 classes are at parity). An op added later joins once it is measured so.
 CPU_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {
     op: {"half": ("cpu",), "float32": ("cpu",)} for op in ("asymmetric_loss", "class_attention", "progressive_enhance")
 }

@@ -7,8 +7,9 @@ matching backward operator. The public functions (``cssfe.ops.class_attention`` 
 their inputs, pick the backend (``cssfe.ops.dispatch``) and call ``asymmetric_loss``,
 ``class_attention`` and ``progressive_enhance`` here: under ``torch.compile`` these go through the
 registered operators; in eager mode through ``autograd.Function`` wrappers of the same kernel and
-gradient functions, because the Python custom-op layer costs about 0.1 ms of host time per forward
-+ backward, more than the kernel itself at typical loss sizes.
+gradient functions, because the host time of the Python custom-op layer per forward + backward is
+more than the kernel itself at typical loss sizes (measured on CPU before and after the eager path:
+docs/performance.md, CPU kernels; no benchmark row times the layer alone).
 
 Operators:
 
@@ -95,9 +96,9 @@ def _asl_scale_grad_(grad: Tensor, grad_loss: Tensor, backend: str) -> None:
 
 
 class _EagerASL(torch.autograd.Function):
-    """The same kernel as ``cssfe::asymmetric_loss`` for eager mode. A Python custom op costs about
-    0.1 ms of host time per forward + backward (measured on CPU), several times the kernel itself at
-    typical loss sizes; this path skips that layer.
+    """The same kernel as ``cssfe::asymmetric_loss`` for eager mode. A Python custom op's host time
+    per forward + backward is several times the kernel itself at typical loss sizes (see the module's
+    docstring); this path skips that layer.
 
     Its backward with a fused backend scales the gradient saved by the forward in place and hands
     that buffer on (as Liger-Kernel's fused losses do): the out-of-place product was a second full
