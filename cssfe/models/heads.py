@@ -167,10 +167,9 @@ class CSSFEHead(Head):
 
     def refresh_plan(self) -> None:
         """Recompute the enhancement's plan from the current groups (reads their counts back, once)."""
-        plans = {mask: ops.enhance_plan(self.groups, mask) for mask in (True, False)}
-        self._class_order = plans[True].order
-        self._plan_bounds = plans[True].bounds
-        self._plan_earlier_only = {mask: plan.earlier_only for mask, plan in plans.items()}
+        plan = ops.enhance_plan(self.groups)
+        self._class_order, self._plan_bounds = plan.order, plan.bounds
+        self._plan_earlier_only = {mask: plan.for_mask(mask).earlier_only for mask in (True, False)}
         self._plan_source = self._groups_key()
 
     def enhance_plan(self, mask: bool) -> ops.EnhancePlan:

@@ -23,6 +23,12 @@ class EnhancePlan(NamedTuple):
     bounds: Tuple[int, int, int, int]
     earlier_only: int
 
+    def for_mask(self, mask: Optional[bool]) -> "EnhancePlan":
+        """This plan for an affinity built as ``semantic_affinity(embeddings, groups, mask)`` does (see
+        :func:`enhance_plan`); from the group sizes in ``bounds``, with no read-back."""
+        sizes = [self.bounds[g + 1] - self.bounds[g] for g in range(3)]
+        return self._replace(earlier_only=_earlier_only(sizes, mask))
+
 
 def enhance_plan(groups: Tensor, mask: Optional[bool] = None) -> EnhancePlan:
     """The plan for ``groups`` ([C] integers 0 head, 1 medium, 2 tail) and an affinity built as
@@ -38,7 +44,7 @@ def enhance_plan(groups: Tensor, mask: Optional[bool] = None) -> EnhancePlan:
     per_group = counts[1:4]
     order = torch.sort(g, stable=True).indices.contiguous()
     bounds = (0, per_group[0], per_group[0] + per_group[1], sum(per_group))
-    return EnhancePlan(order, bounds, _earlier_only(per_group, mask))
+    return EnhancePlan(order, bounds, 0).for_mask(mask)
 
 
 def _earlier_only(per_group, mask: Optional[bool]) -> int:
