@@ -122,13 +122,15 @@ def make_case(op: str, shape: dict, dtype: str, device, variant: str = "") -> di
         groups, affinity = masked_affinity(c, device)
         if variant == "dense affinity":  # every class feeds every other
             affinity = torch.rand(c, c, generator=torch.Generator().manual_seed(0)).to(device) / c
-        case.update(z=randn(b, c, length).requires_grad_(), R=affinity.requires_grad_(), groups=groups,
+        # the head's plan (which stages take only earlier groups), as the model passes it to the op
+        plan = ops.enhance_plan(groups, mask=None if variant == "dense affinity" else True)
+        case.update(z=randn(b, c, length).requires_grad_(), R=affinity.requires_grad_(), groups=groups, plan=plan,
                     gate=torch.rand(b, c, device=device).to(dt),
                     lam=torch.tensor(0.9, device=device, requires_grad=True), gout=randn(b, c, length))
 
         def ref(precise):
             z, r, lam = (_leaf(case[k], precise) for k in ("z", "R", "lam"))
-            out = ops.progressive_enhance(z, r, groups, _leaf(case["gate"], precise), lam, backend="reference")
+            out = ops.progressive_enhance(z, r, groups, _leaf(case["gate"], precise), lam, plan=plan, backend="reference")
             return (out.detach(),) + torch.autograd.grad(out, (z, r, lam), _leaf(case["gout"], precise))
     elif op in ("class_attention", "attention"):
         b, c, n, d = shape["B"], shape["C"], shape["N"], shape["d"]
@@ -136,6 +138,7 @@ def make_case(op: str, shape: dict, dtype: str, device, variant: str = "") -> di
                     gout=randn(b, c, d))
         if op == "attention":
             case["groups"], case["R"] = masked_affinity(c, device)
+            case["plan"] = ops.enhance_plan(case["groups"], mask=True)
             case.update(gate=torch.rand(b, c, device=device).to(dt),
                         lam=torch.tensor(0.9, device=device, requires_grad=True))
 
@@ -145,7 +148,7 @@ def make_case(op: str, shape: dict, dtype: str, device, variant: str = "") -> di
             if op == "attention":
                 leaves += (_leaf(case["lam"], precise),)
                 z = ops.progressive_enhance(z, case["R"], case["groups"], _leaf(case["gate"], precise), leaves[-1],
-                                            backend="reference")
+                                            plan=case["plan"], backend="reference")
             return (z.detach(),) + torch.autograd.grad(z, leaves, _leaf(case["gout"], precise))
     else:
         raise ValueError(f"unknown op {op!r}; choose one of {sorted(OPS)}")

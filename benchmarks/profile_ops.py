@@ -53,14 +53,16 @@ def make_step(op: str, shape, dtype, device, backend: str, affinity_grad: bool =
 
         def step():
             z0 = ops.class_attention(q, k, v, backend=backend)
-            z1 = ops.progressive_enhance(z0, case["R"], case["groups"], case["gate"], lam, backend=backend)
+            z1 = ops.progressive_enhance(z0, case["R"], case["groups"], case["gate"], lam, plan=case["plan"],
+                                         backend=backend)
             torch.autograd.grad(z1, (q, k, v, lam), case["gout"])
         return step
     case["R"].requires_grad_(affinity_grad)
     wrt = (case["z"], case["R"], case["lam"]) if affinity_grad else (case["z"], case["lam"])
 
     def step():
-        out = ops.progressive_enhance(case["z"], case["R"], case["groups"], case["gate"], case["lam"], backend=backend)
+        out = ops.progressive_enhance(case["z"], case["R"], case["groups"], case["gate"], case["lam"], plan=case["plan"],
+                                      backend=backend)
         torch.autograd.grad(out, wrt, case["gout"])
     return step
 

@@ -155,7 +155,7 @@ def _attention_call(backend):
             enhance = reference.progressive_enhance
         else:
             attend = lambda q_, k_, v_: ops.class_attention(q_, k_, v_, backend=backend)  # noqa: E731
-            enhance = lambda *a: ops.progressive_enhance(*a, backend=backend)  # noqa: E731
+            enhance = lambda *a: ops.progressive_enhance(*a, plan=case["plan"], backend=backend)  # noqa: E731
         if case["op"] == "class_attention":
             return _with_grad(case, lambda: attend(q, k, v), (q, k, v))
         if backend == "compile":
@@ -178,7 +178,7 @@ def _attention_compile_ro(case, compile_backend):
 
 def _triton_strategy(name):
     def build(case, compile_backend):
-        from cssfe.ops.triton import attention as triton_attention
+        from cssfe.ops.backends.triton import attention as triton_attention
 
         full, fwd = _attention_call("triton")(case, compile_backend)
         return _within(triton_attention.strategy, name, full), _within(triton_attention.strategy, name, fwd)
@@ -212,7 +212,8 @@ def _sdpa(name):
         def forward():
             with kernel():
                 z0 = F.scaled_dot_product_attention(q.unsqueeze(0).unsqueeze(0).expand(b, 1, c, d), ks, vs).squeeze(1)
-            return ops.progressive_enhance(z0, case["R"], case["groups"], case["gate"], case["lam"], backend="reference")
+            return ops.progressive_enhance(z0, case["R"], case["groups"], case["gate"], case["lam"], plan=case["plan"],
+                                           backend="reference")
 
         def post(g):
             return g[0], g[1].squeeze(1).transpose(1, 2), g[2].squeeze(1).transpose(1, 2), g[3]
@@ -248,7 +249,8 @@ ATTENTION = {
 def _enhance_call(backend, strategy=None):
     def build(case, compile_backend):
         import cssfe.ops as ops
-        from cssfe.ops import library, reference
+        from cssfe.ops import reference
+        from cssfe.ops.backends import native_ops
 
         args = tuple(case[k] for k in ("z", "R", "groups", "gate", "lam"))
         leaves = (case["z"], case["R"], case["lam"])
@@ -258,12 +260,12 @@ def _enhance_call(backend, strategy=None):
             f = _compiled(reference.progressive_enhance, compile_backend)
             forward = lambda: f(*args)  # noqa: E731
         else:
-            forward = lambda: ops.progressive_enhance(*args, backend=backend)  # noqa: E731
+            forward = lambda: ops.progressive_enhance(*args, plan=case["plan"], backend=backend)  # noqa: E731
         full, fwd = _with_grad(case, forward, leaves)
         if strategy is None:
             return full, fwd
-        return (_within(library.native_enhance_strategy, strategy, full),
-                _within(library.native_enhance_strategy, strategy, fwd))
+        return (_within(native_ops.native_enhance_strategy, strategy, full),
+                _within(native_ops.native_enhance_strategy, strategy, fwd))
     return build
 
 
@@ -273,7 +275,7 @@ PROGRESSIVE_ENHANCE = {
     "eager": Provider("ops.progressive_enhance(backend='reference')", _enhance_call("reference")),
     "compile": Provider("torch.compile of cssfe.ops.reference.progressive_enhance", _enhance_call("compile")),
     **{b: Provider(f"ops.progressive_enhance(backend='{b}')", _enhance_call(b), b) for b in BACKENDS},
-    **{f"{b}_{s}": Provider(f"{b} with the native {s} strategy forced (library.native_enhance_strategy)",
+    **{f"{b}_{s}": Provider(f"{b} with the native {s} strategy forced (native_ops.native_enhance_strategy)",
                             _enhance_call(b, s), b) for b in ("cpu", "cuda") for s in ("block", "staged")},
 }
 

@@ -1,5 +1,5 @@
 // Declarations of the native (C++/CUDA) kernels behind the cssfe::native_* operators.
-// Semantics: see cssfe/ops/reference.py and cssfe/ops/backends/reference_impl.py.
+// Semantics: see cssfe/ops/reference.py.
 #pragma once
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/extension.h>

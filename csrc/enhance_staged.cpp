@@ -1,6 +1,6 @@
 // Progressive enhancement, staged strategy: the three stages as batched matrix products and
 // elementwise ATen ops, on whatever device the tensors are (cuBLAS on a GPU). Same contract and
-// formulas as native_enhance_fwd / native_enhance_bwd (cssfe.h, cssfe/ops/backends/reference_impl.py).
+// formulas as native_enhance_fwd / native_enhance_bwd (cssfe.h, cssfe/ops/reference.py).
 //
 // Why it exists: the CUDA block program (cuda/enhance_block.h) keeps a tile of every class's rows in
 // shared memory and reads the whole C x C affinity per tile; the tiles narrow as C grows, so its

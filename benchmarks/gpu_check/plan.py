@@ -24,7 +24,7 @@ PYTEST_DRY_SELECT = {"triton": "on_gpu", "cuda": "on_gpu"}
 FAMILY_OP = {"asl": "asl", "attention": "attention", "enhance": "progressive_enhance", "grid": "attention",
              "blocks": "attention"}
 # Triton flash attention blocks tried at the main attention shape: (BLOCK_C, BLOCK_N, num_warps,
-# num_stages). The first is what cssfe/ops/triton/attention.py picks at d = 512 when the flash strategy
+# num_stages). The first is what cssfe/ops/backends/triton/attention.py picks at d = 512 when the flash strategy
 # is forced. Compiled offline for sm_90 the largest kernel of each asks 64, 97, 192, 97, 97, 130, 97 and
 # 130 KB of shared memory; BLOCK_C = 64 (288 and 320 KB) does not fit in 227 KB and is left out.
 BLOCK_SWEEP = [(16, 16, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1), (16, 32, 4, 1), (32, 16, 8, 1), (32, 32, 8, 1),

@@ -228,7 +228,7 @@ def _block_config(task):
     """The block sweep's Triton launch configuration (flash strategy forced), or nothing."""
     if task["family"] != "blocks":
         return contextlib.nullcontext()
-    from cssfe.ops.triton import attention as triton_attention
+    from cssfe.ops.backends.triton import attention as triton_attention
 
     stack = contextlib.ExitStack()
     stack.enter_context(triton_attention.strategy("flash"))

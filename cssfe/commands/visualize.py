@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from cssfe.data import build_data
     from cssfe.engine.inference import load_trained
-    from cssfe.engine.train import default_cache_dir
+    from cssfe.cache import default_cache_dir
     from cssfe.explain.visualize import visualize
 
     try:

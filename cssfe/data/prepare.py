@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        from cssfe.engine.train import default_cache_dir
+        from cssfe.cache import default_cache_dir
 
         report = check_dataset(cfg.data, write_split_files=not args.no_write, progress=sys.stderr.isatty(),
                                cache_dir=cfg.cache_dir or default_cache_dir())

@@ -13,13 +13,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cssfe import ops
+from cssfe.cache import default_cache_dir
 from cssfe.config import apply_overrides
 from cssfe.data import GROUP_NAMES, build_data
 from cssfe.engine.evaluate import evaluate, format_table
 from cssfe.engine.inference import load_trained
 from cssfe.explain.maps import class_maps
 from cssfe.explain.pointing import pointing_game, pointing_hits
-from cssfe.models.heads import CSSFEHead
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +85,7 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
     cfg = trained.cfg
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    from cssfe.engine.train import default_cache_dir, kernel_backend
-
-    backend = kernel_backend(cfg.kernels)  # the run's backend (override kernels=...); checked before any work
+    backend = ops.kernel_backend(cfg.kernels)  # the run's backend (override kernels=...); checked before any work
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "eval")
     data = build_data(cfg.data, cfg.cache_dir or default_cache_dir(), progress=progress)
     if data.class_names != trained.class_names:
@@ -95,7 +94,7 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str] = None, overr
     groups = trained.groups
     with backend:
         metrics = evaluate(trained.model, loader, groups, torch.device(device), progress=progress, class_names=trained.class_names)
-        if data.boxes is not None and isinstance(trained.model.head, CSSFEHead):
+        if data.boxes is not None and trained.model.head.has_refined_maps:
             metrics["pointing_game"] = pointing_scores(trained.model, data.test, data.test_ids, data.boxes, groups)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:

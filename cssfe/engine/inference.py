@@ -30,7 +30,7 @@ def load_trained(checkpoint: str, device: str = "cpu", cache_dir: Optional[str] 
     cfg = from_dict(state["config"])
     weights = state["ema"] if "ema" in state else state["model"]
     embeddings = weights.get("head.embeddings")
-    from cssfe.engine.train import default_cache_dir
+    from cssfe.cache import default_cache_dir
 
     model = build_model(
         cfg.model, state["class_names"], state["groups"], cfg.data.image_size, cache_dir or cfg.cache_dir or default_cache_dir(), embeddings=embeddings

@@ -21,7 +21,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cssfe import ops
+from cssfe.cache import default_cache_dir
 from cssfe.config import TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
 from cssfe.data.datasets import check_batch
@@ -34,6 +34,7 @@ from cssfe.engine.sampler import EpochShuffle
 from cssfe.engine.signals import StopRequest, TrainingInterrupted
 from cssfe.losses import build_loss
 from cssfe.models.model import build_model
+from cssfe.ops import kernel_backend
 
 # Keys that may differ between a run and its resumption: they do not change the numbers.
 RESUMABLE_CHANGES = {
@@ -44,10 +45,6 @@ RESUMABLE_CHANGES = {
 }
 
 logger = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("CSSFE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cssfe")
 
 
 def select_device(name: str) -> torch.device:
@@ -268,18 +265,6 @@ def train(cfg: TrainConfig, resume: Union[bool, str] = False,
         return _train(cfg, resume, on_epoch_end, shared_storage)
 
 
-def kernel_backend(kernels: str):
-    """``with kernel_backend(cfg.kernels):`` runs the CSSFE ops on that backend (``auto``: the
-    ``CSSFE_KERNEL_BACKEND`` variable if set, else the automatic choice). A backend that is named
-    and absent raises here, before any work (building the C++ extension first if it can)."""
-    if kernels not in ("auto", "reference"):
-        available, reason = ops.backend_status(kernels, build=kernels in ("cpu", "cuda"))
-        if not available:  # asked for and absent: say so before any work, never fall back
-            raise ValueError(f"config key 'kernels': backend {kernels!r} is not available here: {reason} "
-                               "(kernels=auto picks what is)")
-    return ops.use_backend(kernels)
-
-
 def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
            on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None, shared_storage: bool = True) -> Dict[str, Any]:
     """Train ``cfg`` and return ``{"final": metrics, "best": metrics, "best_epoch": int}``.
@@ -425,7 +410,6 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
         os.makedirs(os.path.join(out_dir, "ranks"), exist_ok=True)
         rank_log = os.path.join(out_dir, "ranks", f"rank{ctx.rank}.log")
 
-    has_aux = cfg.model.head == "cssfe" and cfg.model.enhance
     tracker = tracking.open_run_tracker(cfg, out_dir, ctx.main)  # rank 0 alone writes event files
     # DeepSpeed: the global loss summed over the micro-batches of one optimizer step seen by this
     # process (a run resumed inside an accumulation window sees only its end)
@@ -450,7 +434,7 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
                 with autocast():
                     out = (engine or model)(images)
                 loss = loss_fn(out["logits"].float(), labels)
-                aux_loss = loss_fn(out["logits0"].float(), labels) if has_aux else None
+                aux_loss = model.head.auxiliary_loss(out, labels, loss_fn)
                 if aux_loss is not None:
                     loss = loss + cfg.model.aux_weight * aux_loss
                 global_step = epoch * optimizer_steps + (run["step"] // accum) + 1  # the optimizer step this batch ends in

@@ -23,7 +23,7 @@ def class_maps(model: torch.nn.Module, images: torch.Tensor, size: Optional[Tupl
     ``size`` (default: the input size), probs [B, C] of the model as trained. A head without
     refined maps (CPRFL: attention of each prompt) gives ``{"maps", "probs"}``."""
     head = model.head
-    if not getattr(head, "has_class_maps", False):
+    if not head.has_class_maps:
         raise TypeError(f"class activation maps need a head that has them (cssfe, cprfl); {type(head).__name__} has none (use gradcam)")
     feats = model.backbone(images)
     h, w = feats.shape[-2:]
@@ -32,7 +32,7 @@ def class_maps(model: torch.nn.Module, images: torch.Tensor, size: Optional[Tupl
     for mask in (True, False):
         result = head(feats, return_maps=True, mask=mask)
         out["maps"] = _upsample(result["maps"], h, w, size)
-        if "refined_maps" not in result:  # nothing that the mask changes
+        if not head.has_refined_maps:  # nothing that the mask changes
             out["probs"] = torch.sigmoid(result["logits"].float())
             return out
         out["refined_mask" if mask else "refined_nomask"] = _upsample(result["refined_maps"], h, w, size)

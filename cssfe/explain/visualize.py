@@ -56,7 +56,7 @@ def render_grid(
     size = (rgb.height, rgb.width)
     x = build_transform(trained.cfg.data.image_size, train=False)(rgb)[None]
     titles = {"gradcam": "Grad-CAM"}
-    if getattr(model.head, "has_class_maps", False):
+    if model.head.has_class_maps:
         maps = class_maps(model, x, size=size)
         probs = maps["probs"][0]
         titles = COLUMNS if "refined_mask" in maps else SINGLE_MAP_COLUMNS

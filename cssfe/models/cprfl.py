@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cssfe.models.heads import HEADS
+from cssfe.models.heads import HEADS, Head
 
 
 class PromptEncoderLayer(nn.Module):
@@ -53,11 +53,13 @@ class PromptEncoderLayer(nn.Module):
         return (x + h if self.residual else h), attn
 
 
-class CPRFLHead(nn.Module):
+@HEADS.register("cprfl")
+class CPRFLHead(Head):
     """Feature map [B, D, h, w] -> {"logits" [B, C]} (and "maps" [B, C, h*w] with ``return_maps``:
     each prompt's attention over the visual tokens in the last layer, averaged over heads)."""
 
-    has_class_maps = True  # forward(return_maps=True) gives one map per class
+    uses_label_embeddings = True
+    has_class_maps = True
 
     def __init__(
         self,
@@ -101,6 +103,12 @@ class CPRFLHead(nn.Module):
         )
         self.stop_feature_grad, self.stop_prompt_grad = stop_feature_grad, stop_prompt_grad
 
+    @classmethod
+    def config_options(cls, cfg, learnable_embeddings: bool) -> Dict:
+        """``model.dim`` is the width d, ``model.head_options`` the rest (checked, naming the key at fault)."""
+        check_options(cfg.head_options)
+        return dict(dim=cfg.dim, learnable_embeddings=learnable_embeddings, **cfg.head_options)
+
     def prompts(self, dtype: torch.dtype) -> torch.Tensor:
         return self.prompt_mlp(self.embeddings.to(dtype))  # [C, d]
 
@@ -137,14 +145,3 @@ def check_options(options: Dict) -> None:
     if options.get("stop_feature_grad") and options.get("stop_prompt_grad"):
         raise ConfigError("config key 'model.head_options': stop_feature_grad and stop_prompt_grad together leave no gradient")
 
-
-def config_options(cfg, learnable_embeddings: bool) -> Dict:
-    """The head's keyword arguments from a :class:`cssfe.config.ModelConfig` (``model.dim`` and
-    ``model.head_options``)."""
-    check_options(cfg.head_options)
-    return dict(dim=cfg.dim, learnable_embeddings=learnable_embeddings, **cfg.head_options)
-
-
-@HEADS.register("cprfl")
-def _cprfl(in_channels: int, num_classes: int, embeddings: torch.Tensor, groups=None, **options) -> nn.Module:
-    return CPRFLHead(in_channels, num_classes, embeddings, groups, **options)

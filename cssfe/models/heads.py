@@ -1,6 +1,9 @@
 """Classification heads: the CSSFE head (SPEC section 1) and the GAP + linear baseline.
 
-Every head maps a feature map [B, D, h, w] to a dict with at least ``logits`` [B, C].
+Every head maps a feature map [B, D, h, w] to a dict with at least ``logits`` [B, C], and says what
+else it can do through :class:`Head`'s attributes: the engine and the explanations ask these, never
+the head's name or class. Heads are registered by name as their class, built as
+``cls(in_channels, num_classes, embeddings, groups, **cls.config_options(model_cfg, learnable))``.
 """
 from __future__ import annotations
 
@@ -23,10 +26,33 @@ GATES = {
 }
 
 
-class BaselineHead(nn.Module):
+class Head(nn.Module):
+    """What a head can do, asked by the engine and the explanations instead of its name."""
+
+    uses_label_embeddings = False  # built from a text encoder's label embeddings of the classes
+    has_class_maps = False  # forward(return_maps=True) gives "maps" [B, C, N], one map per class
+    has_refined_maps = False  # ... and "refined_maps", which forward(mask=...) changes
+
+    @property
+    def has_first_pass_logits(self) -> bool:
+        """forward gives "logits0", first-pass logits of their own, supervised by :meth:`auxiliary_loss`."""
+        return False
+
+    def auxiliary_loss(self, out: Dict[str, torch.Tensor], labels: torch.Tensor, loss_fn) -> Optional[torch.Tensor]:
+        """The loss of the first-pass logits (weighted by ``model.aux_weight``), or None without them."""
+        return loss_fn(out["logits0"].float(), labels) if self.has_first_pass_logits else None
+
+    @classmethod
+    def config_options(cls, cfg, learnable_embeddings: bool) -> Dict:
+        """The constructor's keyword arguments from a :class:`cssfe.config.ModelConfig`."""
+        return {}
+
+
+@HEADS.register("baseline")
+class BaselineHead(Head):
     """Global average pooling + linear classifier."""
 
-    def __init__(self, in_channels: int, num_classes: int, **_unused):
+    def __init__(self, in_channels: int, num_classes: int, embeddings=None, groups=None):
         super().__init__()
         self.fc = nn.Linear(in_channels, num_classes)
 
@@ -46,7 +72,8 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
-class CSSFEHead(nn.Module):
+@HEADS.register("cssfe")
+class CSSFEHead(Head):
     """Label-dependent class activation maps, progressive enhancement, semantic fusion classifier.
 
     Q = E W_q; K = W_k F, V = W_v F; A = softmax_N(Q K / sqrt(d)); Z0 = A V^T.
@@ -55,7 +82,9 @@ class CSSFEHead(nn.Module):
     enhancement of Z0 under the affinity R (masked or not); final logits = logit(Z').
     """
 
-    has_class_maps = True  # forward(return_maps=True) gives "maps" (and "refined_maps")
+    uses_label_embeddings = True
+    has_class_maps = True
+    has_refined_maps = True
 
     def __init__(
         self,
@@ -95,6 +124,11 @@ class CSSFEHead(nn.Module):
         # Shape [1], not 0-d: DeepSpeed's parameter broadcast and flattening reject 0-d tensors.
         self.lam_raw = nn.Parameter(torch.full((1,), math.log(math.e - 1)))
         self._register_load_state_dict_pre_hook(_lam_raw_from_scalar)
+        # The enhancement's plan (cssfe.ops.enhance_plan): the class order, a buffer so that it follows
+        # the module across devices, and per mask setting the group bounds and the stages that take only
+        # earlier groups. Derived from the groups, computed here and again whenever they change.
+        self.register_buffer("_class_order", torch.empty(0, dtype=torch.long), persistent=False)
+        self.refresh_plan()
         if not learnable_embeddings:
             # R is derived from the embeddings and the groups: a cache, never saved, recomputed
             # whenever either changes (see affinity()); a buffer so that it follows the module
@@ -103,6 +137,15 @@ class CSSFEHead(nn.Module):
                 self.register_buffer("_affinity", self._compute_affinity(mask), persistent=False)
             self._affinity_source = self._source_key()
             self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_affinity())
+
+    @property
+    def has_first_pass_logits(self) -> bool:
+        return self.enhance  # without the enhancement "logits0" are the logits
+
+    @classmethod
+    def config_options(cls, cfg, learnable_embeddings: bool) -> Dict:
+        return dict(dim=cfg.dim, learnable_embeddings=learnable_embeddings, enhance=cfg.enhance, mask=cfg.mask,
+                    global_branch=cfg.global_branch, gate=cfg.gate, tau=cfg.tau)
 
     @property
     def lam(self) -> torch.Tensor:
@@ -118,6 +161,22 @@ class CSSFEHead(nn.Module):
         # fp32 whatever autocast is active: R, its masked log-sum-exp and the softmax (SPEC section 1)
         with torch.autocast(self.embeddings.device.type, enabled=False):
             return ops.semantic_affinity(self.embeddings.float(), self.groups, mask, self.tau)
+
+    def _groups_key(self):
+        return self.groups.data_ptr(), self.groups._version, self.groups.device, self.groups.shape
+
+    def refresh_plan(self) -> None:
+        """Recompute the enhancement's plan from the current groups (reads their counts back, once)."""
+        plan = ops.enhance_plan(self.groups)
+        self._class_order, self._plan_bounds = plan.order, plan.bounds
+        self._plan_earlier_only = {mask: plan.for_mask(mask).earlier_only for mask in (True, False)}
+        self._plan_source = self._groups_key()
+
+    def enhance_plan(self, mask: bool) -> ops.EnhancePlan:
+        """The plan of ``progressive_enhance`` for the affinity under ``mask``."""
+        if not _tracing() and self._groups_key() != self._plan_source:  # groups changed or moved
+            self.refresh_plan()
+        return ops.EnhancePlan(self._class_order, self._plan_bounds, self._plan_earlier_only[mask])
 
     def refresh_affinity(self) -> None:
         """Recompute the cached R from the current embeddings and groups."""
@@ -143,6 +202,7 @@ class CSSFEHead(nn.Module):
                     raise ValueError("groups must hold integers 0 (head), 1 (medium) or 2 (tail)")
                 self.groups.copy_(groups)
         self.refresh_affinity()
+        self.refresh_plan()
 
     def affinity(self, mask: Optional[bool] = None) -> torch.Tensor:
         """R under the model's mask setting, or under ``mask`` when given (for explanations); fp32."""
@@ -178,22 +238,13 @@ class CSSFEHead(nn.Module):
         with torch.autocast(feats.device.type, enabled=False):  # the gate stays fp32, like R
             gate = GATES[self.gate](torch.sigmoid(logits0.detach().float()))
         affinity = self.affinity(mask)
-        z1 = ops.progressive_enhance(z0, affinity, self.groups, gate, self.lam)
+        plan = self.enhance_plan(self.mask if mask is None else mask)
+        z1 = ops.progressive_enhance(z0, affinity, self.groups, gate, self.lam, plan=plan)
         out["logits"] = self.classify(z1, q, pooled)
         if return_maps:
             out["maps"] = maps
-            out["refined_maps"] = ops.progressive_enhance(maps, affinity, self.groups, gate, self.lam)
+            out["refined_maps"] = ops.progressive_enhance(maps, affinity, self.groups, gate, self.lam, plan=plan)
         return out
-
-
-@HEADS.register("cssfe")
-def _cssfe(in_channels: int, num_classes: int, embeddings: torch.Tensor, groups, **options) -> nn.Module:
-    return CSSFEHead(in_channels, num_classes, embeddings, groups, **options)
-
-
-@HEADS.register("baseline")
-def _baseline(in_channels: int, num_classes: int, embeddings=None, groups=None, **options) -> nn.Module:
-    return BaselineHead(in_channels, num_classes)
 
 
 # Heads in their own modules register themselves on import (at the end: they import HEADS from here).

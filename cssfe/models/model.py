@@ -7,12 +7,8 @@ import torch
 import torch.nn as nn
 
 from cssfe.models.backbones import build_backbone
-from cssfe.models.cprfl import config_options as cprfl_options
 from cssfe.models.heads import HEADS
 from cssfe.models.text_encoders import is_learnable, label_embeddings
-
-# Heads that read their classes from the label embeddings of a text encoder.
-TEXT_HEADS = ("cssfe", "cprfl")
 
 
 class MultiLabelClassifier(nn.Module):
@@ -29,22 +25,11 @@ def build_model(
     cfg, class_names: Sequence[str], groups, image_size: int, cache_dir: str, embeddings: Optional[torch.Tensor] = None
 ) -> MultiLabelClassifier:
     """``cfg`` is a :class:`cssfe.config.ModelConfig`. ``embeddings`` (e.g. from a checkpoint) skip the text encoder."""
-    HEADS.check(cfg.head)
+    head_cls = HEADS.get(cfg.head)
     backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights_path, image_size=image_size)
-    options = {}
-    if cfg.head in TEXT_HEADS and embeddings is None:
+    learnable = head_cls.uses_label_embeddings and is_learnable(cfg.embedding)
+    if head_cls.uses_label_embeddings and embeddings is None:
         embeddings = label_embeddings(cfg.embedding, class_names, prompt=cfg.prompt, cache_dir=cache_dir, **cfg.embedding_options)
-    if cfg.head == "cprfl":
-        options = cprfl_options(cfg, learnable_embeddings=is_learnable(cfg.embedding))
-    if cfg.head == "cssfe":
-        options = dict(
-            dim=cfg.dim,
-            learnable_embeddings=is_learnable(cfg.embedding),
-            enhance=cfg.enhance,
-            mask=cfg.mask,
-            global_branch=cfg.global_branch,
-            gate=cfg.gate,
-            tau=cfg.tau,
-        )
-    head = HEADS.build(cfg.head, backbone.out_channels, len(class_names), embeddings, groups, **options)
+    options = head_cls.config_options(cfg, learnable_embeddings=learnable)
+    head = head_cls(backbone.out_channels, len(class_names), embeddings, groups, **options)
     return MultiLabelClassifier(backbone, head)

@@ -8,6 +8,8 @@ import torch
 
 from . import library
 from .dispatch import resolve
+from .kernels import check_attention
+from .plan import EnhancePlan, check_plan
 
 Tensor = torch.Tensor
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,10 +54,7 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, *, return_maps: bool = Fals
         raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _same_device(op, q=q, k=k, v=v)
     name = resolve(backend, k.device, op, v.dtype, classes=q.shape[-2])
-    if name == "triton":
-        from .triton.attention import check_supported  # before any launch, with the shape at fault
-
-        check_supported(k.shape[1], v.dtype)
+    check_attention(name, k.shape[1], v.dtype)  # before any launch, with the shape at fault
     q3 = q.unsqueeze(0) if q.dim() == 2 else q
     if q3.shape[1] == 0 or k.shape[0] == 0:  # nothing to compute
         z = v.new_zeros(k.shape[0], q3.shape[1], k.shape[1])
@@ -69,13 +68,19 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, *, return_maps: bool = Fals
 
 
 def progressive_enhance(
-    z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam, *, backend: Optional[str] = None
+    z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam, *, plan: Optional[EnhancePlan] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Head -> medium -> tail enhancement (SPEC section 1), all three stages in one kernel call.
 
     z: [B, C, L] (features or maps); affinity R: [C, C]; groups: [C] integers in {0, 1, 2};
     gate: [B, C]; lam: scalar tensor (or number). Differentiable w.r.t. z, affinity, gate and lam.
     Output in z's dtype, computed in fp32 (fp64 for fp64 inputs on the reference backend).
+
+    ``plan``: ``cssfe.ops.enhance_plan(groups, mask)`` of these groups and this affinity's structure,
+    computed once by the caller (the CSSFE head does, when its groups change). Without one, each
+    call computes it from ``groups`` (a device read-back; under ``torch.compile`` inside the operator,
+    in each direction) and marks no stage as taking only earlier groups (the kernels then look at R).
     """
     op = "progressive_enhance"
     _floating("z", z, op)
@@ -96,14 +101,16 @@ def progressive_enhance(
         raise TypeError(f"{op}: groups must be an integer tensor, got {groups.dtype}")
     if lam.numel() != 1:
         raise ValueError(f"{op}: lam must be a scalar, got shape {tuple(lam.shape)}")
-    if groups.device.type == "meta":  # the kernels' plan reads the group values
+    if groups.device.type == "meta":  # a plan computed here, and the reference kernel, read the group values
         raise ValueError(f"{op}: groups must hold values, got a meta tensor")
     _same_device(op, z=z, affinity=affinity, groups=groups, gate=gate, lam=lam)
+    if plan is not None:
+        check_plan(plan, z.shape[1], z.device, op)
     name = resolve(backend, z.device, op, z.dtype, classes=z.shape[-2])
     if z.numel() == 0:
         return z.clone()
     return library.progressive_enhance(z.contiguous(), affinity.contiguous(), groups.contiguous(),
-                                          gate.contiguous(), lam.reshape(()), name)
+                                       gate.contiguous(), lam.reshape(()), plan, name)
 
 
 def asymmetric_loss(

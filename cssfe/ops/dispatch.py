@@ -1,11 +1,11 @@
 """Backend selection for the cssfe operators.
 
-Backends:
+Backends register themselves (``cssfe/ops/kernels.py``; ``cssfe.ops.backends`` imports them):
 
-- ``reference``: plain PyTorch (``cssfe/ops/backends/reference_impl.py``), any device, any dtype;
+- ``reference``: plain PyTorch (``cssfe/ops/reference.py``), any device, any dtype;
 - ``cpu``: the C++/OpenMP extension (``csrc/cpu``), CPU tensors;
 - ``cuda``: the CUDA extension (``csrc/cuda``), CUDA tensors, when it was built with nvcc;
-- ``triton``: Triton kernels (``cssfe/ops/triton``), CUDA tensors; CPU tensors only when
+- ``triton``: Triton kernels (``cssfe/ops/backends/triton``), CUDA tensors; CPU tensors only when
   ``TRITON_INTERPRET=1`` was set before the first use (slow, for tests).
 
 Which backend a call uses, first match wins:
@@ -15,14 +15,11 @@ Which backend a call uses, first match wins:
    the model config ``kernels: auto|reference|triton|cuda|cpu``; ``auto`` or ``None`` there sets
    nothing, so that
 3. the environment variable ``CSSFE_KERNEL_BACKEND`` overrides a config left at ``auto``;
-4. ``auto``: float64 inputs -> ``reference`` (the fused kernels compute in fp32); CPU tensors ->
-   ``cpu`` (each C++ kernel measured at least as fast as eager PyTorch at the benchmark's shapes,
-   the enhancement with the model's masked affinity: docs/performance.md) if the
-   extension is prebuilt (``cssfe._C``) or already built in the extension cache, else
-   ``reference``; CUDA tensors -> the first available backend that ``CUDA_AUTO`` lists for the op and
-   precision and ``CUDA_AUTO_MAX_CLASSES`` allows at the call's class count (from GPU measurements;
-   ``cuda`` only if the extension with CUDA kernels is prebuilt or built), else ``reference``.
-   ``auto`` never starts a build.
+4. ``auto``: float64 inputs -> ``reference`` (the fused kernels compute in fp32); otherwise the
+   first available backend that ``AUTO`` lists for the tensors' device, the op and the precision
+   and ``AUTO_MAX_CLASSES`` allows at the call's class count, else ``reference``. A backend counts as
+   available to ``auto`` only if it needs no build (the C++ extension prebuilt as ``cssfe._C`` or
+   already built in the extension cache): ``auto`` never starts one.
 
 A backend that is asked for by name and cannot run the call raises ``RuntimeError`` naming the
 reason; there is no silent fallback. ``auto`` is the only name that falls back.
@@ -31,35 +28,44 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-import importlib.util
 import os
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-CPU_AUTO_OPS = ("asymmetric_loss", "class_attention", "progressive_enhance")  # auto picks the C++ kernel on CPU
+from . import kernels
+
+BACKENDS = kernels.backend_names()  # registered by cssfe.ops.backends, imported first by cssfe.ops
 CHOICES = ("auto",) + BACKENDS
-# ``auto`` on CUDA tensors: per op and precision ("half": fp16/bf16), the backends in order of
-# preference; the first one available runs. Measured on an H200 at 80 classes (docs/performance.md,
-# 2026-11-27): attention + enhancement in bf16 took 2.32 ms with CUDA, 2.88 with Triton and 4.83
-# eager; in fp32 eager attention with the CUDA enhancement (2.77 ms) beat CUDA (3.05) and Triton
-# (3.66) for both; the enhancement alone was fastest with CUDA (by 0-8 % over Triton in two runs);
-# ASL was fastest with CUDA, then Triton. benchmarks/gpu_goals.py prints the fastest backend
-# per op and dtype of a GPU run: this table is where such a measurement lands.
+FALLBACK = "reference"  # what ``auto`` runs when nothing faster is listed and available
+# ``auto``: per device type, op and precision ("half": fp16/bf16), the backends in order of preference;
+# the first one available runs. Each entry cites the benchmark results it comes from.
+# CPU: every C++ kernel at least as fast as eager PyTorch at the benchmark's shapes: in
+# benchmarks/results/kernels_cpu.jsonl the rows of provider "ops cpu" against the eager ones of the
+# same commit (d837dde, b180e27), the enhancement's with "affinity": "masked", the model's (its
+# "dense" rows at 1,000 classes are at parity). An op added later joins once it is measured so.
+CPU_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    op: {"half": ("cpu",), "float32": ("cpu",)} for op in ("asymmetric_loss", "class_attention", "progressive_enhance")
+}
+# CUDA: benchmarks/results/gpu/2026-11-27_h200_e48ac4c/summary.md, "Fastest backend through the op"
+# (H200, 80 classes): attention + enhancement fastest with CUDA, then Triton, in bf16; in fp32 eager
+# attention with the CUDA enhancement beat both; the enhancement alone and the ASL fastest with CUDA,
+# then Triton (the enhancement in fp32 within 1 % there, CUDA ahead by 5 % in
+# benchmarks/results/gpu/2026-11-27_h200_e05935e/summary.md). benchmarks/gpu_goals.py prints these
+# rows for a GPU run: this table is where such a measurement lands.
 CUDA_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "class_attention": {"half": ("cuda", "triton"), "float32": ()},
     "progressive_enhance": {"half": ("cuda", "triton"), "float32": ("cuda", "triton")},
     "asymmetric_loss": {"half": ("cuda", "triton"), "float32": ("cuda", "triton")},
 }
-# (op, backend) -> the most classes at which ``auto`` picks that backend on CUDA; above it the next
-# candidate of CUDA_AUTO runs. The enhancement alone (B=64, L=512, H200, fwd+bwd with the affinity
-# gradient): CUDA 5 % faster than Triton at 80 classes (bf16 1.88 / 1.98 ms, fp32 1.98 / 2.08),
-# 30 % slower at 160 (2.82 / 2.16), 4x slower at 1,000 (80 / 19 ms): each block of the CUDA kernel
+AUTO: Dict[str, Dict[str, Dict[str, Tuple[str, ...]]]] = {"cpu": CPU_AUTO, "cuda": CUDA_AUTO}
+# (op, backend) -> the most classes at which ``auto`` picks that backend; above it the next candidate
+# runs. The enhancement alone (B=64, L=512, fwd+bwd with the affinity gradient), rows at C = 80, 160,
+# 320, 640, 1000 of benchmarks/results/gpu/2026-11-27_h200_e05935e/summary.md ("progressive_enhance
+# alone"): CUDA ahead of Triton at 80 classes only, 4x behind at 1,000: each block of the CUDA kernel
 # reads the whole C x C affinity for a few columns. (Measured before the cuda backend took its staged
-# strategy from 256 classes on, cssfe/ops/library.py: not yet timed on a GPU.)
-CUDA_AUTO_MAX_CLASSES: Dict[Tuple[str, str], int] = {("progressive_enhance", "cuda"): 80}
+# strategy from 256 classes on, cssfe/ops/backends/native_ops.py: not yet timed on a GPU.)
+AUTO_MAX_CLASSES: Dict[Tuple[str, str], int] = {("progressive_enhance", "cuda"): 80}
 ENV_VAR = "CSSFE_KERNEL_BACKEND"
 
 _default: Optional[str] = None
@@ -110,70 +116,12 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _override.reset(token)
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    # the module search costs tens of microseconds and ran on every call of a triton-backed op
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_status() -> Tuple[bool, str]:
-    if not _triton_installed():
-        return False, "triton is not installed"
-    if torch.cuda.is_available():
-        return True, "triton with a CUDA device"
-    if triton_interpreting():
-        return True, "triton interpreter (TRITON_INTERPRET=1), CPU tensors"
-    return False, "triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
-
-
-def _native_status(build: bool) -> Tuple[bool, str, object]:
-    from .backends import native
-
-    if build:
-        mod, reason = native.load()
-        return mod is not None, reason, mod
-    ok, reason = native.loaded_without_build()
-    if ok:
-        return True, reason, native.load()[0]
-    if native.can_load_without_build():
-        mod, reason = native.load()
-        return mod is not None, reason, mod
-    return False, "extension neither prebuilt (cssfe._C) nor built in the cache; asking for backend 'cpu' or 'cuda' builds it", None
-
-
-def _cuda_status(native_status: Tuple[bool, str, object]) -> Tuple[bool, str]:
-    """Whether the CUDA backend can run, given what ``_native_status`` found."""
-    ok, reason, mod = native_status
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    if not ok:
-        return False, reason
-    if not getattr(mod, "with_cuda", False):
-        return False, "the extension was built without CUDA kernels (no nvcc or CSSFE_NO_CUDA=1)"
-    from .backends import native
-
-    mismatch = native.cuda_code_mismatch(mod)  # "no kernel image" at the first launch otherwise
-    if mismatch is not None:
-        return False, mismatch
-    return True, reason
-
-
 @torch.compiler.assume_constant_result
 def backend_status(name: str, build: bool = False) -> Tuple[bool, str]:
     """(available, reason) of one backend; ``build=True`` builds the C++ extension if needed (~1 min).
     ``torch.compile`` takes the answer as a constant when it traces an op (the check takes a lock and
     looks at files, which it cannot trace): a compiled graph keeps the backend chosen then."""
-    if name == "cpu":
-        return _native_status(build)[:2]
-    if name == "cuda":
-        return _cuda_status(_native_status(build))
-    if name == "triton":
-        return _triton_status()
-    return True, "plain PyTorch, always available"
+    return kernels.backend(name).status(build)
 
 
 def available_backends(build: bool = False) -> Dict[str, Tuple[bool, str]]:
@@ -184,50 +132,21 @@ def available_backends(build: bool = False) -> Dict[str, Tuple[bool, str]]:
 def resolve(backend: Optional[str], device: torch.device, op: str, dtype: Optional[torch.dtype] = None,
             classes: Optional[int] = None) -> str:
     """The concrete backend an op call on ``device`` runs with; raises if a named one cannot.
-    ``classes``: the call's class count, which ``auto`` on CUDA weighs (CUDA_AUTO_MAX_CLASSES)."""
+    ``classes``: the call's class count, which ``auto`` weighs (AUTO_MAX_CLASSES)."""
     name = _check_name(backend, op) if backend is not None else get_default_backend()
     dev = torch.device(device).type
-    if name == "auto":
-        if dtype == torch.float64:
-            return "reference"
-        if dev == "cpu":
-            # Measured (docs/performance.md): every C++ kernel is at least as fast as eager PyTorch
-            # on CPU (the enhancement with the model's masked affinity; with a dense 1000-class one
-            # it measured 0.88-1.01x); an op added later joins CPU_AUTO_OPS once it is measured so.
-            if op not in CPU_AUTO_OPS:
-                return "reference"
-            return "cpu" if backend_status("cpu")[0] else "reference"
-        if dev == "cuda":
-            precision = "half" if dtype in (torch.float16, torch.bfloat16) else "float32"
-            for candidate in CUDA_AUTO.get(op, {}).get(precision, ()):
-                limit = CUDA_AUTO_MAX_CLASSES.get((op, candidate))
-                if limit is not None and classes is not None and classes > limit:
-                    continue
-                if backend_status(candidate)[0]:  # no build: ``auto`` never starts one
-                    return candidate
-        return "reference"
-    if name == "reference":
+    if name != "auto":
+        refusal = kernels.backend(name).refusal(dev, lambda build: backend_status(name, build))
+        if refusal is not None:
+            raise RuntimeError(f"{op}: backend {name!r} {refusal}")
         return name
-    if name == "cpu":
-        if dev != "cpu":
-            raise RuntimeError(f"{op}: backend 'cpu' runs on CPU tensors, the inputs are on {dev}")
-        ok, reason = backend_status("cpu", build=True)
-        if not ok:
-            raise RuntimeError(f"{op}: backend 'cpu' is not available: {reason}")
-        return name
-    if name == "cuda":
-        if dev != "cuda":
-            raise RuntimeError(f"{op}: backend 'cuda' runs on CUDA tensors, the inputs are on {dev}")
-        ok, reason = backend_status("cuda", build=True)
-        if not ok:
-            raise RuntimeError(f"{op}: backend 'cuda' is not available: {reason}")
-        return name
-    # triton
-    ok, reason = backend_status("triton")
-    if not ok:
-        raise RuntimeError(f"{op}: backend 'triton' is not available: {reason}")
-    if dev == "cpu" and not triton_interpreting():
-        raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)")
-    if dev not in ("cpu", "cuda"):
-        raise RuntimeError(f"{op}: backend 'triton' does not run on {dev} tensors")
-    return name
+    if dtype == torch.float64:
+        return FALLBACK
+    precision = "half" if dtype in (torch.float16, torch.bfloat16) else "float32"
+    for candidate in AUTO.get(dev, {}).get(op, {}).get(precision, ()):
+        limit = AUTO_MAX_CLASSES.get((op, candidate))
+        if limit is not None and classes is not None and classes > limit:
+            continue
+        if backend_status(candidate)[0]:  # no build: ``auto`` never starts one
+            return candidate
+    return FALLBACK

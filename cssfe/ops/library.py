@@ -1,15 +1,15 @@
 """The cssfe operators, defined once with ``torch.library`` (namespace ``cssfe``).
 
-Each operator takes the concrete backend name as its last argument and calls that backend's
-kernel (``reference``, ``cpu``/``cuda`` via the extension's ``cssfe::native_*`` operators,
-``triton``). Every operator has a fake (meta) implementation, so ``torch.compile`` traces it as
+Each operator takes the concrete backend name as its last argument and calls the kernel that
+backend registered (``cssfe/ops/kernels.py``). Every operator has a fake (meta) implementation, so ``torch.compile`` traces it as
 one opaque node, and its autograd formula is registered with ``register_autograd`` and calls the
 matching backward operator. The public functions (``cssfe.ops.class_attention`` ...) validate
 their inputs, pick the backend (``cssfe.ops.dispatch``) and call ``asymmetric_loss``,
 ``class_attention`` and ``progressive_enhance`` here: under ``torch.compile`` these go through the
 registered operators; in eager mode through ``autograd.Function`` wrappers of the same kernel and
-gradient functions, because the Python custom-op layer costs about 0.1 ms of host time per forward
-+ backward, more than the kernel itself at typical loss sizes.
+gradient functions, because the host time of the Python custom-op layer per forward + backward is
+more than the kernel itself at typical loss sizes (measured on CPU before and after the eager path:
+docs/performance.md, CPU kernels; no benchmark row times the layer alone).
 
 Operators:
 
@@ -17,144 +17,29 @@ Operators:
   need_grad, backend) -> (loss, grad)``: loss and d loss / d logits in one pass;
 - ``cssfe::class_attention(q[Bq,C,d], k[B,d,N], v[B,d,N], backend) -> (z[B,C,d], lse[B,C])``
   and ``cssfe::class_attention_backward(grad_z, q, k, v, z, lse, backend) -> (dq, dk, dv)``;
-- ``cssfe::progressive_enhance(z, affinity, groups, gate, lam, backend) -> out`` and
-  ``cssfe::progressive_enhance_backward(grad, z, affinity, groups, gate, lam, out, backend)
-  -> (dz, dm, dw)`` (dm: gradient of each class's message, dw: of ``lam * gate``).
+- ``cssfe::progressive_enhance(z, affinity, groups, gate, lam, order, bounds, earlier_only, backend)
+  -> out`` and ``cssfe::progressive_enhance_backward(grad, z, affinity, groups, gate, lam, out, order,
+  bounds, earlier_only, backend) -> (dz, dm, dw)`` (``order``, ``bounds``, ``earlier_only``: the
+  caller's :class:`cssfe.ops.plan.EnhancePlan`, or None, None, 0 for a plan computed from the group
+  values inside the operator; dm: gradient of each class's message, dw: of ``lam * gate``).
 """
 from __future__ import annotations
 
-from typing import Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
-import torch.utils.weak
 
-from .backends import reference_impl
-from .overrides import overriding
+from .kernels import find_kernel, kernel
+from .plan import EnhancePlan, enhance_plan
 
 Tensor = torch.Tensor
 
 
-# ----------------------------------------------------------------------------- backend tables
-def _native():
-    from .backends import native
-
-    mod, reason = native.load()
-    if mod is None:
-        raise RuntimeError(f"cssfe C++ extension is not available: {reason}")
-    return torch.ops.cssfe
-
-
-def _triton():
-    from . import triton as triton_ops  # imported lazily: TRITON_INTERPRET must be set before
-
-    return triton_ops
-
-
-# The native enhancement's two strategies: "block", the one-launch kernel of each device
-# (csrc/cpu/enhance.cpp, csrc/cuda/enhance.cu), and "staged", three stages of batched matrix
-# products in ATen (csrc/enhance_staged.cpp; cuBLAS on a GPU). The CUDA block program reads the whole
-# affinity per tile of columns and its tiles narrow as C grows: on an H200 it was the fastest at 80
-# classes, slower than eager from 320 on. The switch point below has not been measured against the
-# staged strategy yet (benchmarks/gpu_check.py times both: providers cuda_block and cuda_staged).
-NATIVE_ENHANCE_STRATEGIES = ("block", "staged")
-STAGED_MIN_CLASSES = {"cpu": None, "cuda": 256}  # None: always the block kernel (fast on CPU at every C)
-_native_enhance_override = None  # while native_enhance_strategy is active
-
-
-def native_enhance_strategy(name: str):
-    """Use this strategy for the cpu and cuda backends' enhancement inside the ``with`` block (tests
-    and the GPU benchmark compare both); wrap the forward and the backward."""
-    if name not in NATIVE_ENHANCE_STRATEGIES:
-        raise ValueError(f"progressive_enhance: unknown native strategy {name!r}, expected one of "
-                         f"{NATIVE_ENHANCE_STRATEGIES}")
-    return overriding(globals(), "_native_enhance_override", name)
-
-
-def native_enhance_strategy_for(backend: str, classes: int) -> str:
-    if _native_enhance_override is not None:
-        return _native_enhance_override
-    threshold = STAGED_MIN_CLASSES.get(backend)
-    return "staged" if threshold is not None and classes >= threshold else "block"
-
-
-def _native_enhance(backend: str, classes: int):
-    """(forward, backward) native operators of the enhancement strategy for this backend and C."""
-    ops = _native()
-    if native_enhance_strategy_for(backend, classes) == "staged":
-        return ops.native_enhance_staged_fwd, ops.native_enhance_staged_bwd
-    return ops.native_enhance_fwd, ops.native_enhance_bwd
-
-
-# groups tensor -> (its version, order, bounds). The model passes the same groups buffer every step,
-# and computing the plan reads group counts back from the device: a synchronisation that would make
-# the host wait for all queued GPU work in every forward and backward.
-_PLANS: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
-
-
-def _enhance_plan(groups: Tensor) -> Tuple[Tensor, Tensor]:
-    """(order, bounds): classes sorted by group (stable) and where each group starts and ends;
-    cached per groups tensor until it is modified in place."""
-    version = _version(groups)
-    cached = _PLANS.get(groups) if version is not None else None
-    if cached is not None and cached[0] == version:
-        return cached[1], cached[2]
-    g = groups.to(torch.long)
-    # one read-back for the check and the counts: buckets g < 0, 0, 1, 2, g > 2
-    counts = torch.bincount((g + 1).clamp(0, 4), minlength=5).cpu()
-    if counts[0] or counts[4]:
-        raise ValueError(f"progressive_enhance: groups must hold 0 (head), 1 (medium) or 2 (tail), got values "
-                         f"in [{int(g.min())}, {int(g.max())}]")
-    order = torch.sort(g, stable=True).indices.contiguous()
-    bounds = torch.zeros(4, dtype=torch.long)
-    bounds[1:] = torch.cumsum(counts[1:4], 0)
-    if version is not None:
-        _PLANS[groups] = (version, order, bounds)
-    return order, bounds  # bounds stays on the CPU: kernels read it as launch parameters
-
-
-# affinity tensor -> [its version, groups, groups' version, stages bitmask or None]. See _earlier_only.
-_STAGE_SOURCES: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
-
-
-def _earlier_only(affinity: Tensor, groups: Tensor, order: Tensor, bounds: Tensor, forward: bool) -> int:
-    """Bit g set: stage g's rows take nothing from their own group or a later one (R is zero there,
-    as under the distribution-aware mask), so the kernels skip those sources without looking at R.
-
-    Known per affinity tensor: the first forward that sees it records it; the second that sees it
-    unchanged (same version, same groups) reads the flags back from the device, once; later calls,
-    backward included, reuse them. The model's fixed affinity (a buffer) is analysed once; an affinity
-    that is new in every call (computed from embeddings that learn) is never read back, and gets 0:
-    the kernels then check R themselves, or (the staged strategy) multiply the zeros."""
-    version, groups_version = _version(affinity), _version(groups)
-    if version is None or groups_version is None:
-        return 0
-    entry = _STAGE_SOURCES.get(affinity)
-    if entry is not None and entry[0] == version and entry[1] is groups and entry[2] == groups_version:
-        if entry[3] is not None or not forward:
-            return entry[3] or 0
-        if affinity.is_cuda and torch.cuda.is_current_stream_capturing():
-            return 0  # no read-back inside a CUDA graph capture
-        entry[3] = _analyse_stage_sources(affinity, order, bounds)
-        return entry[3]
-    if forward:
-        _STAGE_SOURCES[affinity] = [version, groups, groups_version, None]
-    return 0
-
-
-def _analyse_stage_sources(affinity: Tensor, order: Tensor, bounds: Tensor) -> int:
-    rp = affinity.index_select(0, order).index_select(1, order)
-    b = [int(x) for x in bounds]
-    # != 0 counts a NaN as a source: it must reach the output, through the checking path
-    later = torch.stack([(rp[b[g]:b[g + 1], b[g]:] != 0).any() for g in range(3)]).tolist()  # one read-back
-    return sum(1 << g for g in range(3) if not later[g])
-
-
-def _version(t: Tensor):
-    """The in-place version counter of ``t``; None for inference tensors, which have none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
+@functools.lru_cache(maxsize=64)
+def _bounds_tensor(bounds: Tuple[int, ...]) -> Tensor:
+    """The plan's bounds as the CPU tensor the kernels read as launch parameters (one per plan)."""
+    return torch.tensor(bounds, dtype=torch.long)
 
 
 def _w(gate: Tensor, lam: Tensor) -> Tensor:
@@ -169,14 +54,8 @@ def _aux_dtype(z: Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------- ASL
 def _asl_kernel(logits: Tensor, targets: Tensor, gamma_pos: float, gamma_neg: float, clip: float, eps: float,
                 focal_grad: bool, mean: bool, need_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    args = (gamma_pos, gamma_neg, clip, eps, focal_grad, mean, need_grad)
-    if backend == "reference":
-        return reference_impl.asl(logits, targets, *args)
-    if backend in ("cpu", "cuda"):
-        return _native().native_asl(logits.contiguous(), targets.contiguous(), *args)
-    if backend == "triton":
-        return _triton().asl(logits, targets, *args)
-    raise ValueError(f"cssfe::asymmetric_loss: unknown backend {backend!r}")
+    return kernel("asl", backend, "asymmetric_loss")(logits, targets, gamma_pos, gamma_neg, clip, eps, focal_grad, mean,
+                                                     need_grad)
 
 
 @torch.library.custom_op("cssfe::asymmetric_loss", mutates_args=())
@@ -213,24 +92,19 @@ asymmetric_loss_op.register_autograd(_asl_backward, setup_context=_asl_setup)
 
 def _asl_scale_grad_(grad: Tensor, grad_loss: Tensor, backend: str) -> None:
     """grad *= grad_loss in place, read on the device (no synchronisation); a no-op when it is 1."""
-    if backend in ("cpu", "cuda"):
-        _native().native_asl_scale_grad_(grad, grad_loss)
-    elif backend == "triton":
-        _triton().asl_scale_grad_(grad, grad_loss)
-    else:
-        raise ValueError(f"cssfe::asymmetric_loss: no in-place gradient scaling for backend {backend!r}")
+    kernel("asl_scale_grad_", backend, "asymmetric_loss")(grad, grad_loss)
 
 
 class _EagerASL(torch.autograd.Function):
-    """The same kernel as ``cssfe::asymmetric_loss`` for eager mode. A Python custom op costs about
-    0.1 ms of host time per forward + backward (measured on CPU), several times the kernel itself at
-    typical loss sizes; this path skips that layer.
+    """The same kernel as ``cssfe::asymmetric_loss`` for eager mode. A Python custom op's host time
+    per forward + backward is several times the kernel itself at typical loss sizes (see the module's
+    docstring); this path skips that layer.
 
     Its backward with a fused backend scales the gradient saved by the forward in place and hands
     that buffer on (as Liger-Kernel's fused losses do): the out-of-place product was a second full
     pass over memory, as long as the fused kernel itself; when the incoming gradient is 1 (the loss
     is the last op) the in-place kernel reads nothing. So such a graph can be backpropagated once;
-    with ``create_graph=True`` (or backend ``reference``) the product stays out of place."""
+    with ``create_graph=True`` (or a backend without that kernel: ``reference``) the product stays out of place."""
 
     @staticmethod
     def forward(ctx, logits, targets, *args):
@@ -243,7 +117,7 @@ class _EagerASL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_grad):
-        if ctx.backend == "reference" or torch.is_grad_enabled():
+        if find_kernel("asl_scale_grad_", ctx.backend) is None or torch.is_grad_enabled():
             return _asl_backward(ctx, grad_loss, grad_grad)
         if ctx.grad_handed_on:
             raise RuntimeError(
@@ -273,13 +147,7 @@ def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_pos: float, gamma_neg
 
 # ----------------------------------------------------------------------------- class attention
 def _attn_kernel(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    if backend == "reference":
-        return reference_impl.attention_fwd(q, k, v)
-    if backend in ("cpu", "cuda"):
-        return _native().native_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous())
-    if backend == "triton":
-        return _triton().attention_fwd(q, k, v)
-    raise ValueError(f"cssfe::class_attention: unknown backend {backend!r}")
+    return kernel("attention_fwd", backend, "class_attention")(q, k, v)
 
 
 @torch.library.custom_op("cssfe::class_attention", mutates_args=())
@@ -295,14 +163,7 @@ def _(q, k, v, backend):
 
 def _attn_backward_kernel(grad_z: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor, lse: Tensor,
                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    if backend == "reference":
-        return reference_impl.attention_bwd(grad_z, q, k, v, z, lse)
-    args = [t.contiguous() for t in (grad_z, q, k, v, z, lse)]
-    if backend in ("cpu", "cuda"):
-        return _native().native_attention_bwd(*args)
-    if backend == "triton":
-        return _triton().attention_bwd(*args)
-    raise ValueError(f"cssfe::class_attention_backward: unknown backend {backend!r}")
+    return kernel("attention_bwd", backend, "class_attention_backward")(grad_z, q, k, v, z, lse)
 
 
 @torch.library.custom_op("cssfe::class_attention_backward", mutates_args=())
@@ -369,61 +230,51 @@ def class_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tuple[Tens
 
 
 # ----------------------------------------------------------------------------- progressive enhance
-def _enh_kernel(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, backend: str) -> Tensor:
-    w = _w(gate, lam)
-    order, bounds = _enhance_plan(groups)  # also checks the group values
-    if backend == "reference":
-        return reference_impl.enhance_fwd(z, affinity, groups, w)
-    r = affinity.to(torch.float32).contiguous()
-    args = (z.contiguous(), r, order, bounds, w.float(), _earlier_only(affinity, groups, order, bounds, forward=True))
-    if backend in ("cpu", "cuda"):
-        forward, _ = _native_enhance(backend, z.shape[1])
-        return forward(*args)
-    if backend == "triton":
-        return _triton().enhance_fwd(*args)
-    raise ValueError(f"cssfe::progressive_enhance: unknown backend {backend!r}")
+def _plan_args(groups: Tensor, order: Optional[Tensor], bounds: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
+    """(order, bounds as a CPU tensor) of the caller's plan, or computed from the group values when
+    it passed none (a direct call under torch.compile: a device read-back in each direction)."""
+    if order is None or bounds is None:
+        order, bounds, _ = enhance_plan(groups)
+    return order, _bounds_tensor(tuple(bounds))
+
+
+def _enh_kernel(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, order: Optional[Tensor],
+                bounds: Optional[List[int]], earlier_only: int, backend: str) -> Tensor:
+    return kernel("enhance_fwd", backend, "progressive_enhance")(
+        z, affinity, groups, _w(gate, lam), *_plan_args(groups, order, bounds), earlier_only)
 
 
 @torch.library.custom_op("cssfe::progressive_enhance", mutates_args=())
-def progressive_enhance_op(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, backend: str) -> Tensor:
-    return _enh_kernel(z, affinity, groups, gate, lam, backend)
+def progressive_enhance_op(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor,
+                           order: Optional[Tensor], bounds: Optional[List[int]], earlier_only: int,
+                           backend: str) -> Tensor:
+    return _enh_kernel(z, affinity, groups, gate, lam, order, bounds, earlier_only, backend)
 
 
 @progressive_enhance_op.register_fake
-def _(z, affinity, groups, gate, lam, backend):
+def _(z, affinity, groups, gate, lam, order, bounds, earlier_only, backend):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 def _enh_backward_kernel(grad: Tensor, z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor,
-                         out: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    w = _w(gate, lam)
+                         out: Tensor, order: Optional[Tensor], bounds: Optional[List[int]], earlier_only: int,
+                         backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     aux = _aux_dtype(z)
-    order, bounds = _enhance_plan(groups)
-    if backend == "reference":
-        dz, dm, dw = reference_impl.enhance_bwd(grad, z, affinity, groups, w, out)
-        return dz, dm.to(aux), dw.to(aux)
-    r = affinity.to(torch.float32).contiguous()
-    args = (grad.contiguous(), z.contiguous(), r, order, bounds, w.float(), out.contiguous(),
-            _earlier_only(affinity, groups, order, bounds, forward=False))
-    if backend in ("cpu", "cuda"):
-        _, backward = _native_enhance(backend, z.shape[1])
-        dz, dm, dw = backward(*args)
-    elif backend == "triton":
-        dz, dm, dw = _triton().enhance_bwd(*args)
-    else:
-        raise ValueError(f"cssfe::progressive_enhance_backward: unknown backend {backend!r}")
+    dz, dm, dw = kernel("enhance_bwd", backend, "progressive_enhance_backward")(
+        grad, z, affinity, groups, _w(gate, lam), out, *_plan_args(groups, order, bounds), earlier_only)
     return dz, dm.to(aux), dw.to(aux)
 
 
 @torch.library.custom_op("cssfe::progressive_enhance_backward", mutates_args=())
 def progressive_enhance_backward_op(
-    grad: Tensor, z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, out: Tensor, backend: str
+    grad: Tensor, z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, out: Tensor,
+    order: Optional[Tensor], bounds: Optional[List[int]], earlier_only: int, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _enh_backward_kernel(grad, z, affinity, groups, gate, lam, out, backend)
+    return _enh_backward_kernel(grad, z, affinity, groups, gate, lam, out, order, bounds, earlier_only, backend)
 
 
 @progressive_enhance_backward_op.register_fake
-def _(grad, z, affinity, groups, gate, lam, out, backend):
+def _(grad, z, affinity, groups, gate, lam, out, order, bounds, earlier_only, backend):
     aux = _aux_dtype(z)
     return (torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape, dtype=aux),
             z.new_empty(z.shape[:2], dtype=aux))
@@ -444,19 +295,19 @@ def affinity_grad(dm: Tensor, z: Tensor, out: Tensor, groups: Tensor) -> Tensor:
 
 
 def _enh_setup(ctx, inputs, output):
-    z, affinity, groups, gate, lam, backend = inputs
-    ctx.backend = backend
-    ctx.save_for_backward(z, affinity, groups, gate, lam, output)
+    z, affinity, groups, gate, lam, order, bounds, earlier_only, backend = inputs
+    ctx.plan, ctx.backend = (bounds, earlier_only), backend
+    ctx.save_for_backward(z, affinity, groups, gate, lam, output, order)
 
 
 def _enh_grads(ctx, grad, backward_kernel):
-    z, affinity, groups, gate, lam, out = ctx.saved_tensors
-    dz, dm, dw = backward_kernel(grad, z, affinity, groups, gate, lam, out, ctx.backend)
+    z, affinity, groups, gate, lam, out, order = ctx.saved_tensors
+    dz, dm, dw = backward_kernel(grad, z, affinity, groups, gate, lam, out, order, *ctx.plan, ctx.backend)
     need = ctx.needs_input_grad
     daff = affinity_grad(dm, z, out, groups).to(affinity.dtype) if need[1] else None
     dgate = (dw * lam.to(dw.dtype)).to(gate.dtype) if need[3] else None
     dlam = (dw * gate.to(dw.dtype)).sum().to(lam.dtype).reshape(lam.shape) if need[4] else None
-    return (dz if need[0] else None), daff, None, dgate, dlam, None
+    return (dz if need[0] else None), daff, None, dgate, dlam, None, None, None, None
 
 
 def _enh_backward(ctx, grad):
@@ -471,9 +322,10 @@ class _EagerEnhance(torch.autograd.Function):
     the Python custom-op layer (see _EagerASL)."""
 
     @staticmethod
-    def forward(ctx, z, affinity, groups, gate, lam, backend):
-        out = _enh_kernel(z, affinity, groups, gate, lam, backend)
-        _enh_setup(ctx, (z, affinity, groups, gate, lam, backend), out)
+    def forward(ctx, z, affinity, groups, gate, lam, order, bounds, earlier_only, backend):
+        args = (z, affinity, groups, gate, lam, order, bounds, earlier_only, backend)
+        out = _enh_kernel(*args)
+        _enh_setup(ctx, args, out)
         return out
 
     @staticmethod
@@ -482,10 +334,18 @@ class _EagerEnhance(torch.autograd.Function):
         return _enh_grads(ctx, grad, _enh_backward_kernel)
 
 
-def progressive_enhance(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor, backend: str) -> Tensor:
-    """The enhanced features through the registered operator when compiling, else the eager path."""
+def progressive_enhance(z: Tensor, affinity: Tensor, groups: Tensor, gate: Tensor, lam: Tensor,
+                        plan: Optional[EnhancePlan], backend: str) -> Tensor:
+    """The enhanced features through the registered operator when compiling, else the eager path.
+    Without a plan, the eager path computes it once for both directions; a compiled graph, in the
+    operator (its values are not known when tracing)."""
+    if plan is None and torch.compiler.is_compiling():
+        return progressive_enhance_op(z, affinity, groups, gate, lam, None, None, 0, backend)
+    if plan is None:
+        plan = enhance_plan(groups)  # also checks the group values
+    args = (z, affinity, groups, gate, lam, plan.order, list(plan.bounds), plan.earlier_only, backend)
     if torch.compiler.is_compiling():
-        return progressive_enhance_op(z, affinity, groups, gate, lam, backend)
+        return progressive_enhance_op(*args)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (z, affinity, gate, lam))):
-        return _enh_kernel(z, affinity, groups, gate, lam, backend)
-    return _EagerEnhance.apply(z, affinity, groups, gate, lam, backend)
+        return _enh_kernel(*args)
+    return _EagerEnhance.apply(*args)

@@ -52,7 +52,7 @@ def experiment_dir(options: SweepOptions, study: Study) -> str:
 
 def make_plan(study: Study, options: SweepOptions, exp_dir: str) -> Dict[str, Any]:
     """Everything a trial needs besides its (variant, seed): plain data, saved beside the experiment."""
-    from cssfe.engine.train import default_cache_dir
+    from cssfe.cache import default_cache_dir
 
     base = exp_dir.rsplit("/", 1)[0] if storage.is_uri(exp_dir) else os.path.dirname(exp_dir)
     plan = {

@@ -179,7 +179,7 @@ def test_trained_head_round_trips_evaluates_predicts_visualizes_and_exports(cprf
     from cssfe.engine.prediction import predict_files
     from cssfe.engine.export import export_model
     from cssfe.engine.inference import load_trained
-    from cssfe.engine.train import kernel_backend
+    from cssfe.ops import kernel_backend
     from cssfe.explain.visualize import render_grid
 
     root, ckpt = cprfl_run

@@ -107,6 +107,9 @@ def _assert_consistent(head):
     groups = head.groups
     forbidden = groups[None, :] >= groups[:, None]  # j may feed i only if group(j) < group(i)
     assert (r[forbidden] == 0).all(), "a class receives information from a class the mask forbids"
+    for mask in (True, False):  # the enhancement's plan follows the groups too
+        got, want = head.enhance_plan(mask), ops.enhance_plan(head.groups, mask)
+        assert torch.equal(got.order, want.order) and (got.bounds, got.earlier_only) == (want.bounds, want.earlier_only)
     out = head(torch.randn(2, D, 3, 3))
     is_head = groups == 0
     assert torch.equal(out["logits"][:, is_head], out["logits0"][:, is_head])  # head classes untouched
@@ -174,3 +177,38 @@ def test_head_exports_with_its_cached_affinity():
     feats = torch.randn(2, D, 3, 3)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(feats), model(feats))
+
+
+def test_head_hands_its_plan_to_the_enhancement(monkeypatch):
+    """Every enhancement call gets the plan of the mask in force (the model's, or the one asked for)."""
+    head = _head()
+    seen = []
+    real = ops.progressive_enhance
+    monkeypatch.setattr(ops, "progressive_enhance", lambda *a, plan=None, **kw: seen.append(plan) or real(*a, plan=plan, **kw))
+    feats = torch.randn(2, D, 3, 3)
+    head(feats, return_maps=True)
+    head(feats, mask=False)
+    assert [p.earlier_only for p in seen] == [0b111, 0b111, ops.enhance_plan(head.groups, False).earlier_only]
+    assert all(torch.equal(p.order, ops.enhance_plan(head.groups).order) for p in seen)
+
+
+@pytest.mark.parametrize("name, maps, refined, first_pass", [("cssfe", True, True, True), ("baseline", False, False, False),
+                                                              ("cprfl", True, False, False)])
+def test_heads_say_what_they_can_do(name, maps, refined, first_pass):
+    """The capabilities the engine and the explanations ask instead of the head's name."""
+    torch.manual_seed(0)
+    head = HEADS.build(name, D, C, torch.randn(C, 10), GROUPS)
+    assert (head.has_class_maps, head.has_refined_maps, head.has_first_pass_logits) == (maps, refined, first_pass)
+    assert HEADS.get(name).uses_label_embeddings == (name != "baseline")
+    feats, labels = torch.randn(2, D, 3, 3), (torch.rand(2, C) > 0.5).float()
+    out = head(feats, return_maps=maps)
+    assert ("refined_maps" in out) == refined and ("maps" in out) == maps
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    aux = head.auxiliary_loss(out, labels, loss_fn)
+    if first_pass:
+        assert torch.equal(aux, loss_fn(out["logits0"].float(), labels))
+    else:
+        assert aux is None
+    if name == "cssfe":  # without the enhancement the first pass is the output: nothing to supervise apart
+        plain = _head(enhance=False)
+        assert not plain.has_first_pass_logits and plain.auxiliary_loss(plain(feats), labels, loss_fn) is None

@@ -60,7 +60,9 @@ def opcheck_samples(backend, device="cpu"):
     q, k, v = (torch.randn(*s, device=device) for s in ((1, 7, 16), (3, 16, 9), (3, 16, 9)))
     z, lse = library.class_attention_op(q, k, v, backend)
     e = enhance_args(device=device)
-    out = library.progressive_enhance_op(*[t.detach() for t in e[:2]], e[2], e[3].detach(), e[4].detach(), backend)
+    plan = ops.enhance_plan(e[2], mask=True)
+    p = (plan.order, list(plan.bounds), plan.earlier_only)
+    out = library.progressive_enhance_op(*[t.detach() for t in e[:2]], e[2], e[3].detach(), e[4].detach(), *p, backend)
     x, y = torch.randn(5, 7, device=device, requires_grad=True), torch.rand(5, 7, device=device) > 0.5
     return [
         (library.asymmetric_loss_op, (x, y, 0.0, 4.0, 0.05, 1e-8, False, False, True, backend)),
@@ -69,8 +71,8 @@ def opcheck_samples(backend, device="cpu"):
         (library.class_attention_op, (torch.randn(3, 7, 16, device=device, requires_grad=True), k, v, backend)),
         (library.class_attention_backward_op, (torch.randn_like(z), q.detach(), k.detach(), v.detach(), z.detach(), lse,
                                                backend)),
-        (library.progressive_enhance_op, (*e, backend)),
-        (library.progressive_enhance_backward_op, (torch.randn_like(out), *[t.detach() for t in e], out, backend)),
+        (library.progressive_enhance_op, (*e, *p, backend)),
+        (library.progressive_enhance_backward_op, (torch.randn_like(out), *[t.detach() for t in e], out, *p, backend)),
     ]
 
 
@@ -188,8 +190,8 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None, mutate=
     lr = lam64.clone().requires_grad_()
     out_ref = reference.progressive_enhance(zr, ar, groups, gr, lr)
     want = torch.autograd.grad(out_ref, (zr, ar, gr, lr), gout)
-    # The same affinity and groups tensors twice: the second call runs with each stage's sources
-    # known from the first (library._earlier_only), as the model's fixed affinity does in training.
+    # Twice: without a plan (computed in the call, no stage marked: the kernels look at R), then with
+    # the plan that the head passes (each stage's sources known from the mask).
     aff_leaf, groups_dev = aff.detach().to(DEVICE).requires_grad_(), groups.to(DEVICE)
     tol = tol_dtype(backend, dtype)
     scale = math.sqrt(b * length * c)
@@ -204,7 +206,8 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None, mutate=
     for call in range(2):
         leaves = [t.detach().to(DEVICE).requires_grad_() for t in (z, gate, lam)]
         leaves.insert(1, aff_leaf)
-        out = ops.progressive_enhance(leaves[0], aff_leaf, groups_dev, leaves[2], leaves[3], backend=backend)
+        plan = ops.enhance_plan(groups_dev, mask) if call else None
+        out = ops.progressive_enhance(leaves[0], aff_leaf, groups_dev, leaves[2], leaves[3], plan=plan, backend=backend)
         assert out.dtype == dtype
         got = (out,) + torch.autograd.grad(out, leaves, gout.to(dtype).to(DEVICE))
         got = [mutate(name, g) for name, g in zip(names, got)]
@@ -216,9 +219,6 @@ def check_enhance(backend, shape, dtype, mask=True, seed=0, groups=None, mutate=
         close(got[0], out_ref, tol, f"{what} out")
         for name, g, w in zip(names[1:], got[1:], want):
             close(g, w, tol if name == "dz" else (torch.float32 if tol == torch.float64 else tol), f"{what} {name}", scale)
-    if mask and backend != "reference":  # the second call had the mask's flags: no stage has later sources
-        order, bounds = library._enhance_plan(groups_dev)
-        assert library._earlier_only(aff_leaf, groups_dev, order, bounds, forward=False) == 0b111
 
 
 # ------------------------------------------------------------------------- ASL
@@ -428,7 +428,7 @@ def check_enhance_reproducible(backend, shape=(8, 300, 1024), seed=0):
 
 def check_cuda_graph(backend, seed=0):
     """Class attention -> enhancement -> ASL, forward and backward, captured in a CUDA graph after
-    warm-up (which also settles the enhancement's plan and stage flags, read back once), then
+    warm-up, with the enhancement's plan computed before (as the head does when built), then
     replayed on new inputs copied into the captured ones: the same numbers as eager on those inputs."""
     torch.manual_seed(seed)
     dev = torch.device(DEVICE)
@@ -443,10 +443,11 @@ def check_cuda_graph(backend, seed=0):
     v = torch.randn(b, d, n, device=dev, requires_grad=True)
     y = (torch.rand(b, c, device=dev) > 0.7).float()
     leaves = (q, k, v, gate, lam)
+    plan = ops.enhance_plan(groups, mask=True)
 
     def step():
         z0 = ops.class_attention(q, k, v, backend=backend)
-        z1 = ops.progressive_enhance(z0, r, groups, gate, lam, backend=backend)
+        z1 = ops.progressive_enhance(z0, r, groups, gate, lam, plan=plan, backend=backend)
         loss = ops.asymmetric_loss(z1.mean(-1), y, backend=backend)
         return (loss,) + torch.autograd.grad(loss, leaves)
 

@@ -8,6 +8,8 @@ import torch
 
 import cssfe.ops as ops
 from cssfe.ops import library
+from cssfe.ops.backends import native_ops
+from cssfe.ops.backends.triton import ops as triton_ops
 from kernel_cases import GROUPS, enhance_args, opcheck_samples
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -260,7 +262,7 @@ def test_auto_on_cpu_follows_measured_choice(monkeypatch, built):
     """Every op on the C++ kernels when the extension is built, else eager; fp64 stays eager."""
     from cssfe.ops import dispatch
 
-    monkeypatch.setattr(dispatch, "_native_status", lambda build: (built, "simulated", None))
+    monkeypatch.setattr(native_ops, "native_status", lambda build: (built, "simulated", None))
     cpu, fused = torch.device("cpu"), "cpu" if built else "reference"
     assert dispatch.resolve("auto", cpu, "class_attention", torch.float32) == fused
     assert dispatch.resolve("auto", cpu, "class_attention", torch.bfloat16) == fused
@@ -272,14 +274,14 @@ def test_auto_on_cpu_follows_measured_choice(monkeypatch, built):
 @pytest.mark.parametrize("triton_ok, cuda_ok", [(True, True), (True, False), (False, True), (False, False)])
 def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
     """Every op: CUDA, then Triton, except class attention in fp32 (eager) and the enhancement above
-    CUDA_AUTO_MAX_CLASSES (Triton)."""
+    AUTO_MAX_CLASSES (Triton)."""
     from cssfe.ops import dispatch
 
     class Ext:
         with_cuda = cuda_ok
 
-    monkeypatch.setattr(dispatch, "_triton_status", lambda: (triton_ok, "simulated"))
-    monkeypatch.setattr(dispatch, "_native_status", lambda build: (True, "simulated", Ext()))
+    monkeypatch.setattr(triton_ops, "status", lambda: (triton_ok, "simulated"))
+    monkeypatch.setattr(native_ops, "native_status", lambda build: (True, "simulated", Ext()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, simulated
     cuda = torch.device("cuda")
     second = "triton" if triton_ok else "reference"
@@ -288,7 +290,7 @@ def test_auto_on_cuda_follows_measured_choice(monkeypatch, triton_ok, cuda_ok):
     assert dispatch.resolve("auto", cuda, "class_attention", torch.float16, classes=1000) == first
     assert dispatch.resolve("auto", cuda, "class_attention", torch.float32) == "reference"
     assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float32) == first
-    limit = dispatch.CUDA_AUTO_MAX_CLASSES[("progressive_enhance", "cuda")]
+    limit = dispatch.AUTO_MAX_CLASSES[("progressive_enhance", "cuda")]
     assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16, classes=limit) == first
     assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16, classes=limit + 1) == second
     assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.float32, classes=limit + 1) == second
@@ -306,8 +308,8 @@ def test_auto_on_cuda_reads_its_table(monkeypatch):
     for per_precision in dispatch.CUDA_AUTO.values():
         assert set(per_precision) == {"half", "float32"}
         assert all(name in ("cuda", "triton") for order in per_precision.values() for name in order)
-    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, "simulated"))
-    monkeypatch.setattr(dispatch, "_native_status", lambda build: (True, "simulated", Ext()))
+    monkeypatch.setattr(triton_ops, "status", lambda: (True, "simulated"))
+    monkeypatch.setattr(native_ops, "native_status", lambda build: (True, "simulated", Ext()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, simulated
     monkeypatch.setitem(dispatch.CUDA_AUTO, "asymmetric_loss", {"half": ("triton", "cuda"), "float32": ()})
     cuda = torch.device("cuda")
@@ -316,20 +318,20 @@ def test_auto_on_cuda_reads_its_table(monkeypatch):
     assert dispatch.resolve("auto", cuda, "not_an_op", torch.float32) == "reference"
     # a class-count limit skips a backend above it, for that op only
     monkeypatch.setitem(dispatch.CUDA_AUTO, "progressive_enhance", {"half": ("cuda", "triton"), "float32": ("cuda",)})
-    monkeypatch.setitem(dispatch.CUDA_AUTO_MAX_CLASSES, ("progressive_enhance", "cuda"), 300)
+    monkeypatch.setitem(dispatch.AUTO_MAX_CLASSES, ("progressive_enhance", "cuda"), 300)
     assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16, classes=300) == "cuda"
     assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16, classes=301) == "triton"
     assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.float32, classes=301) == "reference"
     assert dispatch.resolve("auto", cuda, "progressive_enhance", torch.bfloat16) == "cuda"  # count unknown
     assert dispatch.resolve("cuda", cuda, "progressive_enhance", torch.bfloat16, classes=5000) == "cuda"  # named
     assert dispatch.resolve("auto", cuda, "asymmetric_loss", torch.float16, classes=5000) == "triton"
-    for (op, backend), limit in dispatch.CUDA_AUTO_MAX_CLASSES.items():
+    for (op, backend), limit in dispatch.AUTO_MAX_CLASSES.items():
         assert op in dispatch.CUDA_AUTO and backend in ("cuda", "triton") and limit >= 1
 
 
 def test_triton_flash_refuses_wide_fp32_features_and_wide_features_take_the_gemm_strategy():
     pytest.importorskip("triton")
-    from cssfe.ops.triton import attention
+    from cssfe.ops.backends.triton import attention
 
     if attention.INTERPRET:
         pytest.skip("the limit concerns on-chip memory, not the interpreter")
@@ -391,30 +393,20 @@ def test_eager_enhance_path_matches_the_registered_operator():
     w = torch.randn(2, c, 5, dtype=torch.float64)
     out_eager = ops.progressive_enhance(z, r, GROUPS, gate, lam, backend="reference")
     g_eager = torch.autograd.grad((out_eager * w).sum(), (z, r, gate, lam))
-    out_op = library.progressive_enhance_op(z, r, GROUPS, gate, lam, "reference")
+    plan = ops.enhance_plan(GROUPS)
+    out_op = library.progressive_enhance_op(z, r, GROUPS, gate, lam, plan.order, list(plan.bounds), 0, "reference")
     g_op = torch.autograd.grad((out_op * w).sum(), (z, r, gate, lam))
     assert torch.equal(out_eager, out_op)
     for a, b in zip(g_eager, g_op):
         assert torch.equal(a, b)
 
 
-def test_enhance_plan_is_cached_per_groups_tensor_until_modified():
-    """The plan (classes in group order, group bounds) reads counts back from the device; it is
-    computed once per groups tensor and again only after an in-place change."""
-    from cssfe.ops import library
-
+def test_enhance_plan_orders_the_classes_by_group_and_checks_their_values():
     groups = torch.tensor([2, 0, 1, 0, 2, 1, 0])
-    order, bounds = library._enhance_plan(groups)
-    assert order.tolist() == [1, 3, 6, 2, 5, 0, 4] and bounds.tolist() == [0, 3, 5, 7]
-    again = library._enhance_plan(groups)
-    assert again[0] is order and again[1] is bounds  # cached: no recomputation
-    assert library._enhance_plan(groups.clone())[0] is not order  # another tensor, its own plan
-    groups[0] = 0  # in place: the version changes, the plan follows
-    order2, bounds2 = library._enhance_plan(groups)
-    assert order2.tolist() == [0, 1, 3, 6, 2, 5, 4] and bounds2.tolist() == [0, 4, 6, 7]
-    with torch.inference_mode():  # inference tensors have no version counter: computed, not cached
-        frozen = torch.tensor([1, 0])
-        assert library._enhance_plan(frozen)[0].tolist() == [1, 0]
+    plan = ops.enhance_plan(groups)
+    assert plan.order.tolist() == [1, 3, 6, 2, 5, 0, 4] and plan.bounds == (0, 3, 5, 7)
     for bad in ([0, 3, 1], [-1, 0, 2]):
         with pytest.raises(ValueError, match=r"groups must hold 0 \(head\), 1 \(medium\) or 2 \(tail\), got values in"):
-            library._enhance_plan(torch.tensor(bad))
+            ops.enhance_plan(torch.tensor(bad))
+        with pytest.raises(ValueError, match=r"groups must hold 0 \(head\), 1 \(medium\) or 2 \(tail\), got values in"):
+            ops.progressive_enhance(torch.randn(1, 3, 2), torch.zeros(3, 3), torch.tensor(bad), torch.rand(1, 3), 1.0)

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import kernel_cases as kc
-from cssfe.ops import library, reference
-from cssfe.ops.backends import build_spec, reference_impl
+from cssfe import ops
+from cssfe.ops import reference
+from cssfe.ops.backends import build_spec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,7 +76,7 @@ def enhance_block_host(tmp_path_factory):
 def _run_block_program(lib, z, r, groups, w, grad, width, reverse, earlier_only=0):
     """The CUDA enhancement's forward and backward, block program on the host: (out, dz, dm, dw)."""
     b, c, length = z.shape
-    order, bounds = library._enhance_plan(groups)
+    order, bounds, _ = ops.enhance_plan(groups)
     # what enhance.cu hands the block program: R, w and R's row sums in group order
     rp = r.index_select(0, order).index_select(1, order).contiguous()
     wp = w.index_select(1, order).contiguous()
@@ -99,8 +100,8 @@ def test_cuda_enhance_block_program_on_host(enhance_block_host, shape, mask):
     reference, forward and backward, for tiles narrower than, equal to and wider than L, with its
     phases' items run forwards and backwards: the items of a phase must not depend on each other,
     so both orders give the same bits. Each stage's check of R runs, or is skipped where the caller
-    knows (earlier_only, as the Python layer passes it for an affinity it has analysed); forcing the
-    skip on an affinity that has sources there must change the result."""
+    knows (earlier_only, as the head's plan passes it); forcing the skip on an affinity that has
+    sources there must change the result."""
     b, c, length = shape
     seed = sum(shape) + mask
     torch.manual_seed(seed)
@@ -110,11 +111,10 @@ def test_cuda_enhance_block_program_on_host(enhance_block_host, shape, mask):
     w = 0.8 * torch.rand(b, c)
     grad = torch.randn(b, c, length)
     z64, r64, w64, g64 = (t.double() for t in (z, r, w, grad))
-    out_ref = reference_impl.enhance_fwd(z64, r64, groups, w64)
-    want = (out_ref,) + tuple(reference_impl.enhance_bwd(g64, z64, r64, groups, w64, out_ref))
+    out_ref = reference.enhance_fwd(z64, r64, groups, w64)
+    want = (out_ref,) + tuple(reference.enhance_bwd(g64, z64, r64, groups, w64, out_ref))
     scale = math.sqrt(b * c * length)
-    order, bounds = library._enhance_plan(groups)
-    known = library._analyse_stage_sources(r, order, bounds)
+    known = ops.enhance_plan(groups, mask).earlier_only
     if mask:
         assert known == 0b111
     for width in sorted({1, 4, 64, length}):
@@ -134,9 +134,9 @@ def test_cuda_enhance_block_program_on_host(enhance_block_host, shape, mask):
 def test_cuda_backend_on_second_gpu():
     """Tensors on cuda:1 while cuda:0 is current (both enhancement strategies)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
-    code = ("import kernel_cases as kc\nfrom cssfe.ops import library\n"
-            "for strategy in library.NATIVE_ENHANCE_STRATEGIES:\n"
-            "    with library.native_enhance_strategy(strategy): kc.check_other_device('cuda')\n"
+    code = ("import kernel_cases as kc\nfrom cssfe.ops.backends import native_ops\n"
+            "for strategy in native_ops.NATIVE_ENHANCE_STRATEGIES:\n"
+            "    with native_ops.native_enhance_strategy(strategy): kc.check_other_device('cuda')\n"
             "print('ALL OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -147,7 +147,7 @@ def test_cuda_backend_on_gpu():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
     # poisoned outputs (unwritten elements fail); shared and per-image queries; wide features; and
     # C x N large enough that the attention runs in several chunks of images (2, 2, 1 in backward)
-    code = ("import torch, kernel_cases as kc\nfrom cssfe.ops import library\nkc.DEVICE='cuda'\n"
+    code = ("import torch, kernel_cases as kc\nfrom cssfe.ops.backends import native_ops\nkc.DEVICE='cuda'\n"
             "torch.use_deterministic_algorithms(True, warn_only=True)\n"
             "torch.utils.deterministic.fill_uninitialized_memory = True\n"
             "wide = [(2, 20, 256, 197), (2, 7, 512, 49), (1, 5, 768, 196), (5, 1000, 64, 1024)]\n"
@@ -162,8 +162,8 @@ def test_cuda_backend_on_gpu():
             "            kc.check_attention('cuda', (2, 7, 64, 49), dt, seed=50)\n"
             "    for s in kc.ENHANCE_SHAPES + enhance_large:\n"
             "        for mask in (True, False):\n"
-            "            for strategy in library.NATIVE_ENHANCE_STRATEGIES:  # block program and staged GEMMs\n"
-            "                with library.native_enhance_strategy(strategy):\n"
+            "            for strategy in native_ops.NATIVE_ENHANCE_STRATEGIES:  # block program and staged GEMMs\n"
+            "                with native_ops.native_enhance_strategy(strategy):\n"
             "                    kc.check_enhance('cuda', s, dt, mask=mask)\n"
             "    for i, s in enumerate(kc.ASL_SHAPES + [(257, 1001)]):  # default-parameter and run-time kernels\n"
             "        for j, variant in enumerate(kc.ASL_VARIANTS): kc.check_asl('cuda', s, dt, **variant, seed=i + j)\n"
@@ -175,8 +175,8 @@ def test_cuda_backend_on_gpu():
             "    for j, variant in enumerate(kc.ASL_VARIANTS):\n"
             "        kc.check_asl('cuda', s, torch.float64, **variant, seed=i + j)\n"
             "torch.use_deterministic_algorithms(False)  # opcheck and graph capture as in training\n"
-            "for strategy in library.NATIVE_ENHANCE_STRATEGIES:\n"
-            "    with library.native_enhance_strategy(strategy):\n"
+            "for strategy in native_ops.NATIVE_ENHANCE_STRATEGIES:\n"
+            "    with native_ops.native_enhance_strategy(strategy):\n"
             "        for op, args in kc.opcheck_samples('cuda', 'cuda'): torch.library.opcheck(op, args)\n"
             "        kc.check_enhance_reproducible('cuda')\n"
             "        kc.check_cuda_graph('cuda')\n"

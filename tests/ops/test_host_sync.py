@@ -1,4 +1,5 @@
-"""After warm-up, the model + loss forward and backward read nothing back from the device: no
+"""The model + loss forward and backward read nothing back from the device (on CPU from the first
+step: the head computes the enhancement's plan when it is built; after a move to a GPU, once): no
 ``.item()``, ``bool(t)``, data-dependent shape (``nonzero``...) or copy to the host, on every
 backend that runs here (reference, cpu, and triton in its interpreter, in a subprocess). Such a
 read makes the host wait for the device every step, and a CUDA graph (``compile_mode:
@@ -146,16 +147,16 @@ def _step(model, loss_fn, x, y):
     return loss
 
 
-def _host_tensors():
+def _host_tensors(*plans):
+    """The plans' group bounds as the kernels read them: CPU tensors kept on purpose."""
     from cssfe.ops import library
 
-    return [entry[2] for entry in library._PLANS.values()]
+    return [library._bounds_tensor(tuple(plan.bounds)) for plan in plans]
 
 
-def check_step(backend: str, device: str = "cpu") -> dict:
-    """Two warm-up steps (the plan and the stage flags are read back once there), then one step under
-    NoHostReads, for the model's fixed affinity and for a learnable one. Returns the host reads seen
-    and the ATen calls per step."""
+def check_step(backend: str, device: str = "cpu", warm_up: int = 2) -> dict:
+    """``warm_up`` steps, then one step under NoHostReads, for the model's fixed affinity and for a
+    learnable one. Returns the host reads seen and the ATen calls per step."""
     from cssfe import ops
 
     result = {}
@@ -164,9 +165,9 @@ def check_step(backend: str, device: str = "cpu") -> dict:
             model, loss_fn = _model_and_loss(learnable)
             model = model.to(device)
             x, y = torch.randn(4, 3, 16, 16, device=device), torch.rand(4, 6, device=device) < 0.3
-            for _ in range(2):
+            for _ in range(warm_up):
                 _step(model, loss_fn, x, y)
-            mode = NoHostReads(_host_tensors())
+            mode = NoHostReads(_host_tensors(model.head.enhance_plan(True)))
             try:
                 with _pause_in_triton_launches(mode), mode:
                     _step(model, loss_fn, x, y)
@@ -189,10 +190,12 @@ def op_call_counts(backend: str) -> dict:
     q, k, v = (torch.randn(c, d, requires_grad=True), torch.randn(b, d, n, requires_grad=True),
                torch.randn(b, d, n, requires_grad=True))
     z, gate, lam = torch.randn(b, c, d, requires_grad=True), torch.rand(b, c), torch.tensor(1.0, requires_grad=True)
+    plan = ops.enhance_plan(groups, mask=True)  # as the head passes it
     cases = {
         "asymmetric_loss": (lambda: ops.asymmetric_loss(logits, y, backend=backend), (logits,)),
         "class_attention": (lambda: ops.class_attention(q, k, v, backend=backend), (q, k, v)),
-        "progressive_enhance": (lambda: ops.progressive_enhance(z, r, groups, gate, lam, backend=backend), (z, lam)),
+        "progressive_enhance": (lambda: ops.progressive_enhance(z, r, groups, gate, lam, plan=plan, backend=backend),
+                                (z, lam)),
     }
     counts = {}
     for name, (call, inputs) in cases.items():
@@ -200,7 +203,7 @@ def op_call_counts(backend: str) -> dict:
             call().sum().backward()
         for t in inputs:
             t.grad = None
-        mode = NoHostReads(_host_tensors())
+        mode = NoHostReads(_host_tensors(plan))
         with _pause_in_triton_launches(mode), mode:
             out = call()
         forward = list(mode.calls)
@@ -224,6 +227,28 @@ def test_training_step_reads_nothing_back_after_warm_up(backend, request):
     if backend == "cpu":
         request.getfixturevalue("native_backend")
     _assert_no_reads(check_step(backend))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_first_training_step_reads_nothing_back(backend, request):
+    """No warm-up: the head's plan was computed when it was built, not found by the first steps."""
+    if backend == "cpu":
+        request.getfixturevalue("native_backend")
+    _assert_no_reads(check_step(backend, warm_up=0))
+
+
+def test_enhance_without_a_plan_reads_the_groups_back():
+    """The documented cost of a direct call without a plan: the plan is computed from the group values."""
+    from cssfe import ops
+
+    groups = torch.tensor([0, 1, 2])
+    args = (torch.randn(1, 3, 2), torch.zeros(3, 3), groups, torch.rand(1, 3), 1.0)
+    with pytest.raises(HostReadError), NoHostReads():
+        ops.progressive_enhance(*args, backend="reference")
+    plan = ops.enhance_plan(groups)
+    with NoHostReads(_host_tensors(plan)) as mode:
+        ops.progressive_enhance(*args, plan=plan, backend="reference")
+    assert mode.reads == []
 
 
 def test_the_guard_sees_each_kind_of_host_read():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cssfe.ops as ops
-from cssfe.ops import library
+from cssfe.ops.backends import native_ops
 
 from kernel_cases import (ASL_SCALE_SIZES, ASL_SCALES, ASL_SHAPES, ASL_VARIANTS, ATTENTION_SHAPES, ENHANCE_SHAPES,
                           MUTATION_CASES, MUTATIONS, check_asl, check_asl_nan, check_asl_scale, check_attention,
@@ -107,17 +107,17 @@ def test_progressive_enhance_other_dtypes(backend, dtype, poison):
 
 
 # The staged strategy is ATen operators only (csrc/enhance_staged.cpp): on CPU these run the code the
-# cuda backend runs from library.STAGED_MIN_CLASSES classes on, where its products go to cuBLAS.
+# cuda backend runs from native_ops.STAGED_MIN_CLASSES classes on, where its products go to cuBLAS.
 @pytest.mark.parametrize("shape", ENHANCE_SHAPES + [(2, 300, 13)])
 @pytest.mark.parametrize("mask", [True, False])
 def test_native_enhance_staged_fp32(native_backend, poison, shape, mask):
-    with library.native_enhance_strategy("staged"):
+    with native_ops.native_enhance_strategy("staged"):
         check_enhance("cpu", shape, torch.float32, mask=mask)
 
 
 @pytest.mark.parametrize("dtype", HALF + [torch.float64])
 def test_native_enhance_staged_other_dtypes(native_backend, poison, dtype):
-    with library.native_enhance_strategy("staged"):
+    with native_ops.native_enhance_strategy("staged"):
         check_enhance("cpu", (3, 20, 49), dtype, seed=2)
 
 
@@ -128,17 +128,17 @@ def test_native_kernels_keep_their_precision_under_cpu_autocast(native_backend, 
     inputs must still match the float64 reference to fp32 accuracy, forward and backward."""
     if gemm == "aten":
         monkeypatch.setenv("CSSFE_CPU_GEMM", "aten")
-    with library.native_enhance_strategy(strategy), torch.autocast("cpu", dtype=torch.bfloat16):
+    with native_ops.native_enhance_strategy(strategy), torch.autocast("cpu", dtype=torch.bfloat16):
         check_enhance("cpu", (3, 20, 33), torch.float32, seed=6)
         check_attention("cpu", (2, 7, 64, 49), torch.float32, seed=6)
 
 
-@pytest.mark.parametrize("strategy", library.NATIVE_ENHANCE_STRATEGIES)
+@pytest.mark.parametrize("strategy", native_ops.NATIVE_ENHANCE_STRATEGIES)
 @pytest.mark.parametrize("groups", [[2, 2, 2, 2, 2], [0, 0, 0], [0, 2, 0, 2, 2, 0, 2], [1, 1, 0, 1, 0]],
                          ids=["tail-only", "head-only", "no-medium", "no-tail"])
 @pytest.mark.parametrize("mask", [True, False])
 def test_native_enhance_with_empty_stages(native_backend, poison, strategy, groups, mask):
-    with library.native_enhance_strategy(strategy):
+    with native_ops.native_enhance_strategy(strategy):
         check_enhance("cpu", (3, len(groups), 11), torch.float32, mask=mask, groups=groups)
 
 
@@ -161,7 +161,7 @@ class _NativeSpy:
 @pytest.mark.parametrize("strategy", [None, "block", "staged"])
 def test_native_enhance_strategy_reaches_both_directions(native_backend, monkeypatch, strategy):
     spy = _NativeSpy()
-    monkeypatch.setattr(library, "_native", lambda: spy)
+    monkeypatch.setattr(native_ops, "_ops", lambda: spy)
     z = torch.randn(2, 5, 3, requires_grad=True)
     groups = torch.tensor([0, 1, 2, 1, 0])
     run = lambda: ops.progressive_enhance(z, torch.rand(5, 5), groups, torch.rand(2, 5), 0.5,  # noqa: E731
@@ -169,22 +169,22 @@ def test_native_enhance_strategy_reaches_both_directions(native_backend, monkeyp
     if strategy is None:
         run()
     else:
-        with library.native_enhance_strategy(strategy):
+        with native_ops.native_enhance_strategy(strategy):
             run()
     prefix = "native_enhance_staged" if strategy == "staged" else "native_enhance"
     assert spy.calls == [prefix + "_fwd", prefix + "_bwd"]
 
 
 def test_native_enhance_strategy_choice():
-    assert library.native_enhance_strategy_for("cpu", 10_000) == "block"  # the CPU kernel scales with C
-    threshold = library.STAGED_MIN_CLASSES["cuda"]
-    assert library.native_enhance_strategy_for("cuda", threshold - 1) == "block"
-    assert library.native_enhance_strategy_for("cuda", threshold) == "staged"
-    with library.native_enhance_strategy("block"):
-        assert library.native_enhance_strategy_for("cuda", 10_000) == "block"
-    assert library.native_enhance_strategy_for("cuda", 10_000) == "staged"  # restored after the block
+    assert native_ops.native_enhance_strategy_for("cpu", 10_000) == "block"  # the CPU kernel scales with C
+    threshold = native_ops.STAGED_MIN_CLASSES["cuda"]
+    assert native_ops.native_enhance_strategy_for("cuda", threshold - 1) == "block"
+    assert native_ops.native_enhance_strategy_for("cuda", threshold) == "staged"
+    with native_ops.native_enhance_strategy("block"):
+        assert native_ops.native_enhance_strategy_for("cuda", 10_000) == "block"
+    assert native_ops.native_enhance_strategy_for("cuda", 10_000) == "staged"  # restored after the block
     with pytest.raises(ValueError, match="unknown native strategy 'gemm'"):
-        library.native_enhance_strategy("gemm")
+        native_ops.native_enhance_strategy("gemm")
 
 
 def _enhance_inputs(c=9, b=2, length=5, mask=True, seed=0):
@@ -194,60 +194,57 @@ def _enhance_inputs(c=9, b=2, length=5, mask=True, seed=0):
     return torch.randn(b, c, length), r, groups, torch.rand(b, c), torch.tensor(0.7)
 
 
-@pytest.fixture
-def analyses(monkeypatch):
-    """How often library._earlier_only reads an affinity's stage flags back (one per analysis)."""
-    calls = []
-    real = library._analyse_stage_sources
-    monkeypatch.setattr(library, "_analyse_stage_sources", lambda *a: calls.append(1) or real(*a))
-    return calls
+def _stages_without_later_sources(r, groups) -> int:
+    """The stage flags read from R's values: bit g set when no row of group g has a nonzero source in
+    its own group or a later one (what the kernels may skip)."""
+    later = [bool(((r[groups == g] != 0) & (groups >= g)[None, :]).any()) for g in range(3)]
+    return sum(1 << g for g in range(3) if not later[g])
 
 
-def test_enhance_stage_flags_read_once_per_affinity_tensor(native_backend, analyses):
-    z, r, groups, gate, lam = _enhance_inputs()
-    order, bounds = library._enhance_plan(groups)
-    for _ in range(4):
-        ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu")
-    assert len(analyses) == 1  # recorded by the first call, read back by the second, reused after
-    assert library._earlier_only(r, groups, order, bounds, forward=False) == 0b111
-    for _ in range(3):  # an affinity that is new in every call (learned embeddings) is never read back
-        ops.progressive_enhance(z, r.clone(), groups, gate, lam, backend="cpu")
-    assert len(analyses) == 1
+@pytest.mark.parametrize("groups", [[0, 1, 2, 1, 0, 2], [2, 2, 2], [0, 0, 0], [0, 2, 0, 2], [1, 1, 0, 1, 0], [0, 1, 2],
+                                    [0, 0, 1, 2], [2, 0], [1]])
+@pytest.mark.parametrize("mask", [True, False])
+def test_enhance_plan_marks_exactly_the_stages_the_affinity_leaves_empty(groups, mask):
+    """The plan the head passes says from the mask alone what the affinity's values say."""
+    groups = torch.tensor(groups)
+    r = ops.semantic_affinity(torch.randn(len(groups), 8), groups, mask=mask, tau=0.2)
+    plan = ops.enhance_plan(groups, mask)
+    assert plan.earlier_only == _stages_without_later_sources(r, groups), (groups.tolist(), mask)
+    assert plan.order.tolist() == torch.sort(groups, stable=True).indices.tolist()
+    assert list(plan.bounds) == [0] + torch.cumsum(torch.bincount(groups, minlength=3), 0).tolist()
+    assert ops.enhance_plan(groups).earlier_only == 0  # structure unknown: nothing marked
 
 
-def test_enhance_stage_flags_follow_in_place_changes(native_backend, analyses):
-    """The masked affinity, learned as such, then made dense in place: the next calls must see its
-    new sources (stale flags would skip them); a different groups tensor is analysed afresh."""
-    z, r, groups, gate, lam = _enhance_inputs(mask=True)
-    for _ in range(2):
-        ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu")
-    _, dense, _, _, _ = _enhance_inputs(mask=False, seed=1)
-    r.copy_(dense)
-    for _ in range(2):
-        got = ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu")
-        torch.testing.assert_close(got, ops.progressive_enhance(z, r, groups, gate, lam, backend="reference"))
-    order, bounds = library._enhance_plan(groups)
-    assert library._earlier_only(r, groups, order, bounds, forward=False) == 0  # dense: every stage has some
-    assert len(analyses) == 2
-    other = groups.clone()  # same values, another tensor: its plan and the flags are its own
-    ops.progressive_enhance(z, r, other, gate, lam, backend="cpu")
-    assert library._earlier_only(r, other, *library._enhance_plan(other), forward=False) == 0
-    assert library._earlier_only(r, groups, order, bounds, forward=False) == 0  # replaced, not mixed
-
-
-@pytest.mark.parametrize("strategy", library.NATIVE_ENHANCE_STRATEGIES)
+@pytest.mark.parametrize("strategy", native_ops.NATIVE_ENHANCE_STRATEGIES)
 def test_enhance_stage_flags_reach_forward_and_backward(native_backend, monkeypatch, strategy):
+    """The plan's flags reach both directions from the first call; a call without a plan marks none."""
     spy = _NativeSpy()
-    monkeypatch.setattr(library, "_native", lambda: spy)
+    monkeypatch.setattr(native_ops, "_ops", lambda: spy)
     z, r, groups, gate, lam = _enhance_inputs()
     z.requires_grad_()
-    with library.native_enhance_strategy(strategy):
-        for _ in range(3):
-            ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu").sum().backward()
-    assert spy.last_args == [0, 0, 0b111, 0b111, 0b111, 0b111]  # fwd, bwd per step; known from step 2
+    plan = ops.enhance_plan(groups, mask=True)
+    with native_ops.native_enhance_strategy(strategy):
+        for _ in range(2):
+            ops.progressive_enhance(z, r, groups, gate, lam, plan=plan, backend="cpu").sum().backward()
+        ops.progressive_enhance(z, r, groups, gate, lam, backend="cpu").sum().backward()
+    assert spy.last_args == [0b111, 0b111, 0b111, 0b111, 0, 0]  # fwd, bwd per call
 
 
-@pytest.mark.parametrize("strategy", library.NATIVE_ENHANCE_STRATEGIES)
+def test_enhance_rejects_a_plan_that_cannot_fit(native_backend):
+    z, r, groups, gate, lam = _enhance_inputs()
+    plan = ops.enhance_plan(groups, mask=True)
+    bad = {
+        "plan must be a cssfe.ops.EnhancePlan": tuple(plan),
+        r"plan.order must be an int64 tensor \[C\] with C=9": plan._replace(order=plan.order[:4]),
+        "plan.bounds must be 4 ints rising from 0 to C=9": plan._replace(bounds=(0, 3, 2, 9)),
+        r"plan.earlier_only must be an int in \[0, 7\]": plan._replace(earlier_only=8),
+    }
+    for message, wrong in bad.items():
+        with pytest.raises((TypeError, ValueError), match=message):
+            ops.progressive_enhance(z, r, groups, gate, lam, plan=wrong, backend="cpu")
+
+
+@pytest.mark.parametrize("strategy", native_ops.NATIVE_ENHANCE_STRATEGIES)
 def test_native_enhance_honours_earlier_only(native_backend, strategy):
     """The flags are used, not just passed: forced on a dense affinity they drop its own- and
     later-group sources (a different result); on the masked one they change nothing."""
@@ -255,7 +252,8 @@ def test_native_enhance_honours_earlier_only(native_backend, strategy):
     fwd, bwd = getattr(torch.ops.cssfe, prefix + "_fwd"), getattr(torch.ops.cssfe, prefix + "_bwd")
     for mask in (True, False):
         z, r, groups, gate, lam = _enhance_inputs(mask=mask)
-        order, bounds = library._enhance_plan(groups)
+        order, bounds, _ = ops.enhance_plan(groups)
+        bounds = torch.tensor(bounds)
         w = (lam * gate).contiguous()
         grad = torch.randn_like(z)
         runs = []

@@ -69,7 +69,7 @@ def test_triton_kernels_on_second_gpu():
     """Tensors on cuda:1 while cuda:0 is current: every launch must go to the tensors' device."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ["PYTHONPATH"]]))
     env.pop("TRITON_INTERPRET", None)
-    code = ("import kernel_cases as kc\nfrom cssfe.ops.triton import attention\n"
+    code = ("import kernel_cases as kc\nfrom cssfe.ops.backends.triton import attention\n"
             "for strategy in attention.STRATEGIES:\n"
             "    with attention.strategy(strategy): kc.check_other_device('triton')\n"
             "print('ALL OK')\n")

@@ -21,11 +21,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from cssfe.ops.triton import attention, attention_gemm  # noqa: E402
+from cssfe.ops.backends.triton import attention, attention_gemm  # noqa: E402
 
 # the modules, not the functions of the same names that the package exports
-triton_asl = importlib.import_module("cssfe.ops.triton.asl")
-triton_enhance = importlib.import_module("cssfe.ops.triton.enhance")
+triton_asl = importlib.import_module("cssfe.ops.backends.triton.asl")
+triton_enhance = importlib.import_module("cssfe.ops.backends.triton.enhance")
 
 # Shared memory one block may use (opt-in maximum): A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -1,4 +1,4 @@
-"""Every Triton kernel of the package launches under its tensors' device (cssfe/ops/triton/_common.launch).
+"""Every Triton kernel of the package launches under its tensors' device (cssfe/ops/backends/triton/_common.launch).
 
 Triton launches on the current device and its current stream, so without the guard tensors on
 cuda:1 while cuda:0 is current are read on the wrong device. No GPU is needed here: the host
@@ -19,9 +19,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from cssfe.ops.triton import _common, attention, attention_gemm  # noqa: E402
+from cssfe.ops.backends.triton import _common, attention, attention_gemm  # noqa: E402
 
-MODULES = [importlib.import_module(f"cssfe.ops.triton.{name}") for name in ("asl", "attention", "attention_gemm",
+MODULES = [importlib.import_module(f"cssfe.ops.backends.triton.{name}") for name in ("asl", "attention", "attention_gemm",
                                                                              "enhance")]
 DEVICE = torch.device("cuda", 1)
 
@@ -51,7 +51,7 @@ def launches(monkeypatch):
 
 def _run_every_host_function():
     """Each op's forward and backward host function on cuda:1 tensors (fake: shapes only)."""
-    asl, enhance = importlib.import_module("cssfe.ops.triton.asl"), importlib.import_module("cssfe.ops.triton.enhance")
+    asl, enhance = importlib.import_module("cssfe.ops.backends.triton.asl"), importlib.import_module("cssfe.ops.backends.triton.enhance")
     b, c, d, n, length = 2, 6, 16, 9, 5
     order = torch.tensor([0, 3, 1, 4, 2, 5])
     bounds = (0, 2, 4, 6)  # read with int() by the host code: values, which fake tensors do not hold

@@ -26,7 +26,7 @@ def main():
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     t0 = time.time()
     n = 0
-    from cssfe.ops.triton import attention, attention_gemm
+    from cssfe.ops.backends.triton import attention, attention_gemm
 
     for dtype in dtypes:
         # the default strategy per width (triton/attention.py strategy_for): flash up to d = 128, GEMM above

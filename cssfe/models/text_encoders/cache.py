@@ -13,12 +13,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from cssfe import cache
+
 _CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    """``$CSSFE_CACHE`` or ``~/.cache/cssfe``."""
-    return Path(os.environ.get("CSSFE_CACHE") or Path.home() / ".cache" / "cssfe").expanduser()
+    """:func:`cssfe.cache.default_cache_dir` as a path, with ``~`` expanded."""
+    return Path(cache.default_cache_dir()).expanduser()
 
 
 def _cache_key(encoder: str, key_options: Dict[str, Any], prompt: str, class_names: Sequence[str]) -> str:

@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from cssfe.cache import default_cache_dir
 from cssfe.ops.backends import build_spec
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,8 +49,7 @@ def build_hash() -> Optional[str]:
 def extension_dir() -> str:
     base = os.environ.get("CSSFE_EXT_DIR")
     if not base:
-        cache = os.environ.get("CSSFE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cssfe")
-        base = os.path.join(cache, "extensions")
+        base = os.path.join(default_cache_dir(), "extensions")
     return base
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..overrides import overriding
+from ...overrides import overriding
 from ._common import INTERPRET, launch, pow2
 
 SCRATCH_BYTES = 32 << 20  # per chunk: fp32 scores and score gradients plus their input-dtype copies

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import attention_gemm
-from ..overrides import overriding
+from ...overrides import overriding
 from ._common import INTERPRET, launch, pow2
 
 FLASH_MAX_D = 128  # wider features: attention_gemm
