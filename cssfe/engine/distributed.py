@@ -89,9 +89,22 @@ def _read_file(path: str) -> Dict[str, Any]:
     return data
 
 
+# DeepSpeed keys a file may not set: cssfe builds these from its own config.
+CSSFE_OWNED_KEYS = {"optimizer": "optim (AdamW with cssfe's parameter groups)",
+              "scheduler": "optim (the OneCycle schedule)", "amp": "distributed.precision",
+              "torch_autocast": "distributed.precision"}
+# Under bf16 at ZeRO stages 1-3 gradients are accumulated over micro-batches and reduced over ranks
+# in fp32 (DeepSpeed would use bf16 for both); a file may set these keys itself. Stage 0 cannot:
+# DeepSpeed's stage-0 bf16 optimizer accumulates in bf16 and refuses another grad_accum_dtype.
+EXACT_BF16_DATA_TYPES = {"grad_accum_dtype": "fp32"}
+EXACT_BF16_COMMUNICATION = "fp32"
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
     """The DeepSpeed config of this run, with the batch arithmetic checked before any work:
-    data.batch_size (global) = micro-batch x distributed.grad_accum x world size."""
+    data.batch_size (global) = micro-batch x distributed.grad_accum x world size. Keys the cssfe
+    config decides (batch sizes, gradient clipping, precision, optimizer and schedule) may appear
+    in the file only with the values cssfe gives them; a conflict stops the run naming file and key."""
     d = cfg.distributed
     path = d.deepspeed_config
     base = _read_file(path) if path else {}
@@ -114,10 +127,22 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
         if key in base and base[key] != value:
             raise ConfigError(f"{where}{key} is {base[key]}, but the cssfe config gives {value} "
                               f"(data.batch_size={cfg.data.batch_size}, distributed.grad_accum={accum}, world size {world_size})")
+    if "gradient_clipping" in base and base["gradient_clipping"] != cfg.optim.grad_clip:
+        raise ConfigError(f"{where}gradient_clipping is {base['gradient_clipping']}, but optim.grad_clip is "
+                          f"{cfg.optim.grad_clip}; remove the key (cssfe sets it from optim.grad_clip)")
+    for key, owner in CSSFE_OWNED_KEYS.items():
+        if key in base:
+            raise ConfigError(f"{where}{key} is set, but cssfe takes it from {owner}; remove the key")
+    precision = {}
     for name in ("bf16", "fp16"):
-        enabled = bool((base.get(name) or {}).get("enabled", False))
+        section = dict(base.get(name) or {})
+        enabled = bool(section.get("enabled", False))
         if enabled and d.precision != name:
             raise ConfigError(f"{where}{name} is enabled, but distributed.precision is {d.precision!r}; set one of them")
+        if d.precision == name:  # the file's own settings of this precision (loss scaling, ...) are kept
+            if "enabled" in section and not enabled:
+                raise ConfigError(f"{where}{name}.enabled is false, but distributed.precision is {name}; set one of them")
+            precision[name] = {**PRECISION_SECTIONS[name][name], **section}
     data_types = dict(base.get("data_types") or {})
     if d.precision in PRECISION_DTYPES:
         buffers = data_types.setdefault("buffer_dtype", d.precision)
@@ -125,8 +150,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
             raise ConfigError(f"{where}data_types.buffer_dtype is {buffers!r}, but distributed.precision={d.precision} "
                               f"keeps buffers (batch-norm statistics) in {d.precision} too; remove it")
     out = {k: v for k, v in base.items() if k not in ("bf16", "fp16", "data_types")}
+    if d.precision == "bf16" and stage > 0:
+        for key, value in EXACT_BF16_DATA_TYPES.items():
+            data_types.setdefault(key, value)
+        out.setdefault("communication_data_type", EXACT_BF16_COMMUNICATION)
     out.update(batch)
-    out.update(PRECISION_SECTIONS[d.precision])
+    out.update(precision)
     if data_types:
         out["data_types"] = data_types
     out["zero_optimization"] = zero
