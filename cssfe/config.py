@@ -94,6 +94,7 @@ class DistributedConfig:
     zero_stage: Optional[int] = None  # overrides the file's zero_optimization.stage: 0 | 1 | 2 | 3
     precision: str = "fp32"  # fp32 | bf16 | fp16 (DeepSpeed's mixed precision; optim.amp does not apply)
     grad_accum: int = 1  # micro-batches per optimizer step
+    sync_batchnorm: bool = False  # batch norm over the global batch (SyncBatchNorm; GPU ranks only)
 
 
 @dataclass
