@@ -188,6 +188,17 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _peak_memory(device: torch.device) -> Dict[str, Optional[int]]:
+    """This process's peak memory: resident, virtual (VmPeak: also allocations never touched, such
+    as DeepSpeed's communication buckets on CPU ranks) and, on a GPU, what torch allocated."""
+    vm = None
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            vm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmPeak:")), None)
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_rss_bytes": _peak_rss_bytes(), "peak_vm_bytes": vm, "peak_gpu_bytes": gpu}
+
+
 def _read_tag(ds_dir: str) -> str:
     with open(os.path.join(ds_dir, "latest")) as f:
         return f.read().strip()
@@ -565,7 +576,7 @@ def _train(cfg: TrainConfig, resume: bool = False,
                     f.write(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "epoch": epoch + 1,
                                         "train_loss": record["train_loss"], "epoch_seconds": record["epoch_seconds"],
                                         "micro_batches": run["step"], "micro_batch": micro,
-                                        "peak_rss_bytes": _peak_rss_bytes()}) + "\n")
+                                        **_peak_memory(device)}) + "\n")
             run.update(epoch=epoch + 1, step=0, loss_sum=0.0, good_steps=0, epoch_seconds=0.0)
             checkpoint()
             if on_epoch_end is not None:  # after the checkpoint: a caller that stops the run here loses nothing
