@@ -93,11 +93,13 @@ def _read_file(path: str) -> Dict[str, Any]:
 CSSFE_OWNED_KEYS = {"optimizer": "optim (AdamW with cssfe's parameter groups)",
               "scheduler": "optim (the OneCycle schedule)", "amp": "distributed.precision",
               "torch_autocast": "distributed.precision"}
-# Under bf16 at ZeRO stages 1-3 gradients are accumulated over micro-batches and reduced over ranks
-# in fp32 (DeepSpeed would use bf16 for both); a file may set these keys itself. Stage 0 cannot:
-# DeepSpeed's stage-0 bf16 optimizer accumulates in bf16 and refuses another grad_accum_dtype.
-EXACT_BF16_DATA_TYPES = {"grad_accum_dtype": "fp32"}
-EXACT_BF16_COMMUNICATION = "fp32"
+# Under bf16, gradients are reduced over ranks in fp32 at ZeRO stages 1-3 and accumulated over
+# micro-batches in fp32 at stages 2-3 (DeepSpeed would use bf16 for both); a file may set these keys
+# itself. Stage 0 cannot (DeepSpeed's stage-0 bf16 optimizer refuses another grad_accum_dtype);
+# at stage 1 an fp32 grad_accum_dtype switches DeepSpeed to its BF16_Optimizer, whose checkpoints
+# zero_to_fp32 (cssfe.engine.consolidate) cannot read.
+EXACT_BF16_COMMUNICATION = ("communication_data_type", "fp32", 1)  # key, value, from this stage on
+EXACT_BF16_DATA_TYPES = ("grad_accum_dtype", "fp32", 2)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
@@ -150,10 +152,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
             raise ConfigError(f"{where}data_types.buffer_dtype is {buffers!r}, but distributed.precision={d.precision} "
                               f"keeps buffers (batch-norm statistics) in {d.precision} too; remove it")
     out = {k: v for k, v in base.items() if k not in ("bf16", "fp16", "data_types")}
-    if d.precision == "bf16" and stage > 0:
-        for key, value in EXACT_BF16_DATA_TYPES.items():
-            data_types.setdefault(key, value)
-        out.setdefault("communication_data_type", EXACT_BF16_COMMUNICATION)
+    if d.precision == "bf16":
+        for section, (key, value, from_stage) in ((out, EXACT_BF16_COMMUNICATION), (data_types, EXACT_BF16_DATA_TYPES)):
+            if stage >= from_stage:
+                section.setdefault(key, value)
     out.update(batch)
     out.update(precision)
     if data_types:

@@ -360,10 +360,9 @@ def low_precision_reference(tiny_root, tmp_path_factory):
     """Uninterrupted runs that the killed and resumed low-precision cases must end with, one per
     stage and precision: each stage takes another path through DeepSpeed and ends slightly
     elsewhere on this tiny run. Stage 0 trains bf16 weights through DeepSpeed's bf16 optimizer with
-    gradients accumulated and reduced in bf16; under bf16, stage 1 runs DeepSpeed's BF16_Optimizer
-    (fp32 gradient accumulation; total mAP 23.56 where stage 2 ends at 23.26), stage 2 its ZeRO
-    optimizer, stage 3 gathers the parameters into bf16 for each forward, and its EMA averages the
-    fp32 master weights where the others average their bf16 copy."""
+    gradients accumulated and reduced in bf16; under bf16 stage 1 accumulates gradients in bf16 and
+    stages 2 and 3 in fp32; stage 3 gathers the parameters into bf16 for each forward, and its EMA
+    averages the fp32 master weights where the others average their bf16 copy."""
     runs = {}
 
     def run(precision, stage):
@@ -533,14 +532,21 @@ def test_deepspeed_file_may_not_contradict_clipping_optimizer_or_precision(tmp_p
     assert ds["fp16"] == {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 500}  # kept, not dropped
 
 
-def test_bf16_sums_gradients_in_fp32_at_zero_stages_1_to_3():
-    """DeepSpeed would accumulate and reduce bf16 gradients in bf16; cssfe asks for fp32 where
-    DeepSpeed can (stage 0's bf16 optimizer accumulates in bf16 only), unless the file says otherwise."""
+def test_bf16_sums_gradients_in_fp32_at_zero_stages_1_to_3(tmp_path):
+    """DeepSpeed would accumulate and reduce bf16 gradients in bf16; cssfe asks for fp32 reduction
+    at stages 1-3 and fp32 accumulation at stages 2-3 (stage 0's bf16 optimizer accumulates in bf16
+    only; at stage 1 it would switch to the BF16_Optimizer, whose checkpoints zero_to_fp32 cannot
+    read), unless the file says otherwise."""
     for stage in (1, 2, 3):
         path = os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.yaml")
         ds = distributed.deepspeed_config(load_config(None, [f"distributed.deepspeed_config={path}",
                                                              "distributed.precision=bf16"]), 2)
-        assert ds["communication_data_type"] == "fp32" and ds["data_types"]["grad_accum_dtype"] == "fp32", stage
+        assert ds["communication_data_type"] == "fp32", stage
+        assert ds["data_types"].get("grad_accum_dtype") == ("fp32" if stage > 1 else None), stage
+    own = tmp_path / "own.yaml"
+    own.write_text("communication_data_type: bf16\nzero_optimization:\n  stage: 2\n")
+    mine = distributed.deepspeed_config(load_config(None, [f"distributed.deepspeed_config={own}", "distributed.precision=bf16"]), 2)
+    assert mine["communication_data_type"] == "bf16"  # the file's choice
     stage0 = distributed.deepspeed_config(load_config(None, ["distributed.zero_stage=0", "distributed.precision=bf16"]), 2)
     assert "communication_data_type" not in stage0 and "grad_accum_dtype" not in stage0["data_types"]
     fp32 = distributed.deepspeed_config(load_config(None, ["distributed.zero_stage=2"]), 2)
