@@ -97,6 +97,7 @@ class DistributedConfig:
     # seconds a rank waits in a collective, the start-up wait for rank 0's data and caches included;
     # null: DeepSpeed's 10 minutes (DEEPSPEED_TIMEOUT). Run launch/prepare_data.py first to keep that wait short.
     timeout_s: Optional[float] = None
+    sync_batchnorm: bool = False  # batch norm over the global batch (SyncBatchNorm; GPU ranks only)
 
 
 @dataclass
