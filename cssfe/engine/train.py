@@ -93,7 +93,10 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def _check_resume_config(saved: Dict[str, Any], cfg: TrainConfig, path: str) -> None:
+    """Refuse to resume with another config. A key the run's config lacks was added to cssfe after
+    the run started: it counts as its default (what the run trained with)."""
     old, new = _flatten(saved), _flatten(to_dict(cfg))
+    old = {**{k: v for k, v in _flatten(to_dict(TrainConfig())).items() if k not in old}, **old}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
