@@ -119,5 +119,7 @@ class PartitionedEMA:
         for name, shard, (_, p) in zip(self._names, self._shards, self._pairs):
             rank = dist.get_rank(group=p.ds_process_group)
             shard.copy_(self._slice(state[name].reshape(-1).to(shard.device, torch.float32), shard.numel(), rank))
+        saved = self.module.state_dict().keys()  # non-persistent buffers (the head's plan) are not in a checkpoint
         for name, buf in self.module.named_buffers():
-            buf.copy_(state[name])
+            if name in saved:
+                buf.copy_(state[name])
