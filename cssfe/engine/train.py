@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cssfe.cache import default_cache_dir
-from cssfe.config import TrainConfig, to_dict, validate
+from cssfe.config import ADDED_KEYS, TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
 from cssfe.data.datasets import check_batch
 from cssfe.engine import compiling, distributed, ds_checkpoint, tracking
@@ -93,7 +93,7 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def _check_resume_config(saved: Dict[str, Any], cfg: TrainConfig, path: str) -> None:
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    old, new = {**ADDED_KEYS, **_flatten(saved)}, _flatten(to_dict(cfg))  # a run older than a key had its default
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

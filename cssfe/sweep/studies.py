@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from cssfe.config import ConfigError, TrainConfig, load_config
+from cssfe.config import ADDED_KEYS, ConfigError, TrainConfig, load_config
 
 # Studies shipped with the repository (configs/sweeps/ beside the package).
 STUDY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "sweeps")
@@ -82,8 +82,6 @@ def trial_key(variant: str, seed: int) -> str:
     return f"{slug}_s{seed}"
 
 
-# Keys added after runs were trained: left at their empty default they leave those runs' digests as they were.
-UNSET_IS_ABSENT = ("model.head_options",)
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -97,7 +95,7 @@ def config_hash(cfg: TrainConfig) -> str:
     def strip(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         out = {}
         for k, v in d.items():
-            if prefix + k in RESUMABLE_CHANGES or (prefix + k in UNSET_IS_ABSENT and v == {}):
+            if prefix + k in RESUMABLE_CHANGES or (prefix + k in ADDED_KEYS and v == ADDED_KEYS[prefix + k]):
                 continue
             if isinstance(v, dict) and k not in ("params", "embedding_options"):
                 v = strip(v, f"{prefix}{k}.")
