@@ -93,7 +93,8 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def _check_resume_config(saved: Dict[str, Any], cfg: TrainConfig, path: str) -> None:
-    old, new = {**ADDED_KEYS, **_flatten(saved)}, _flatten(to_dict(cfg))  # a run older than a key had its default
+    new = _flatten(to_dict(cfg))
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **_flatten(saved)}  # a run older than a key had its default
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

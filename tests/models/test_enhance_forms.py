@@ -209,3 +209,15 @@ def test_every_form_trains_an_epoch(form, dataset, tmp_path):
     losses = [r["train_loss"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "train_loss" in r]
     assert len(losses) == 1 and np.isfinite(losses[0]) and metrics["skipped_steps"] == 0
     assert 0 <= metrics["final"]["mAP"]["tail"] <= 100
+
+
+def test_a_run_from_before_the_key_resumes_as_the_published_form():
+    """A checkpoint's config written before model.enhance_form existed meant the published form."""
+    from cssfe.config import to_dict
+    from cssfe.engine.train import _check_resume_config
+
+    saved = to_dict(load_config(None, []))
+    del saved["model"]["enhance_form"]
+    _check_resume_config(saved, load_config(None, []), "run/last.pt")
+    with pytest.raises(ValueError, match="model.enhance_form: 'published' -> 'presence'"):
+        _check_resume_config(saved, load_config(None, ["model.enhance_form=presence"]), "run/last.pt")

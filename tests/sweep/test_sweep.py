@@ -71,8 +71,11 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path, monkeypatch):
         "GloVe": {"model.embedding": "glove", "model.embedding_options": {"path": str(tmp_path / "absent.txt")}},
     }, config="base.yaml")
     out = tmp_path / "report"
-    rc = sweep_main(["--study", "custom", "--space", "tiny.yaml", "--storage", "sweeps", "--output", "report"])
+    rc = sweep_main(["--study", "custom", "--space", "tiny.yaml", "--storage", "sweeps", "--output", "report",
+                     "--paired-against", "mask"])
     assert rc == 0
+    paired = [r for r in csv.DictReader(open(out / "tiny_paired.csv")) if r["column"] == "tail"]
+    assert [(r["variant"], r["n"]) for r in paired] == [("no mask", "2")]
 
     rows = {r["variant"]: r for r in csv.DictReader(open(out / "tiny.csv"))}
     assert list(rows) == ["mask", "no mask", "GloVe"]
