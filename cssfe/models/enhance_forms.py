@@ -86,10 +86,13 @@ def _opmath(t: Tensor) -> torch.dtype:
 
 
 def _stages(plan: ops.EnhancePlan):
-    """The class indices of the head, medium and tail stages (slices of the plan's order)."""
+    """The class indices of the head, medium and tail stages (slices of the plan's order), leaving out
+    a stage with no class and one that can take nothing (only earlier groups, and there are none: the
+    head stage under the mask), whose classes then stay exactly as they were."""
     order, bounds = plan.order, plan.bounds
     for g in range(3):
-        if bounds[g + 1] > bounds[g]:
+        takes_nothing = (plan.earlier_only >> g) & 1 and bounds[g] == 0
+        if bounds[g + 1] > bounds[g] and not takes_nothing:
             yield order[bounds[g]:bounds[g + 1]]
 
 
@@ -136,11 +139,13 @@ class SharpenForm(EnhanceForm):
             maps = x.maps.to(ct)
             r = x.affinity.to(ct)
             w = x.lam.to(ct) * x.gate.to(ct)
+            value = x.value.to(ct)
             positions = maps.shape[-1]
-            current = maps
+            current, z1 = maps, x.z0  # classes of a stage that takes nothing keep their maps and features exactly
             for idx in _stages(x.plan):
                 guide = torch.einsum("ij,bjn->bin", r.index_select(0, idx), current)  # sums to sum_j R_ij over n
                 new = maps.index_select(1, idx) * (1 + positions * w.index_select(1, idx)[..., None] * guide)
-                current = current.index_copy(1, idx, new / new.sum(-1, keepdim=True))
-            z1 = torch.einsum("bcn,bdn->bcd", current, x.value.to(ct)).to(x.z0.dtype)
+                new = new / new.sum(-1, keepdim=True)
+                current = current.index_copy(1, idx, new)
+                z1 = z1.index_copy(1, idx, torch.einsum("bcn,bdn->bcd", new, value).to(z1.dtype))
         return z1, current.to(x.maps.dtype) if refine_maps else None
