@@ -42,12 +42,33 @@ def epoch_metrics(record: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def final_metrics(cfg, final: Dict[str, Any]) -> Dict[str, Any]:
+def final_metrics(cfg, final: Dict[str, Any], run_dir: Optional[str] = None) -> Dict[str, Any]:
     """A finished run's final metrics (``metrics.json``'s "final") as one last epoch report, with
-    its F1 scores (``f1_weighted``, ``f1_micro``, ``f1_macro``)."""
+    its F1 scores (``f1_weighted``, ``f1_micro``, ``f1_macro``) and λ at the end (the last one
+    ``run_dir``'s ``log.jsonl`` holds: metrics.json has none)."""
     out = epoch_metrics({"epoch": cfg.optim.epochs, **final})
     out.update({f"f1_{name}": value for name, value in (final.get("f1") or {}).items()})
+    lam = last_lambda(run_dir) if run_dir else None
+    if lam is not None:
+        out["lambda"] = lam
     return out
+
+
+def last_lambda(run_dir: str) -> Optional[float]:
+    """λ of the last epoch record of ``<run_dir>/log.jsonl``; None without one (a head without λ, no log here)."""
+    lam = None
+    try:
+        with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut by an interruption
+                    continue
+                if "lambda" in record:
+                    lam = record["lambda"]
+    except OSError:
+        return None
+    return lam
 
 
 def _maybe_fail_once(plan: Dict[str, Any], key: str, run_dir: str) -> None:
@@ -196,7 +217,7 @@ def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
     status = _begin(run_dir, plan)
     final = status.pop("final", None)
     if final is not None:  # trained by another study, or finished just before this sweep was interrupted
-        tune.report({**final_metrics(cfg, final), **status, "finished": True})
+        tune.report({**final_metrics(cfg, final, run_dir), **status, "finished": True})
         return
 
     def report(record: Dict[str, Any]) -> None:
@@ -207,7 +228,7 @@ def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
 
     result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report)
     # The last report says the run is complete (metrics.json written): the table counts only these.
-    tune.report({**final_metrics(cfg, result["final"]), **status, "finished": True}, checkpoint=_run_checkpoint(run_dir))
+    tune.report({**final_metrics(cfg, result["final"], run_dir), **status, "finished": True}, checkpoint=_run_checkpoint(run_dir))
 
 
 def worker_resources(plan: Dict[str, Any]) -> Dict[str, float]:
@@ -300,7 +321,7 @@ def _distributed_worker(loop_config: Dict[str, Any]) -> None:
     finals = [final]
     torch.distributed.broadcast_object_list(finals, src=0)
     if finals[0] is not None:  # trained by another sweep with the same config
-        ray.train.report({**final_metrics(cfg, finals[0]), **status, "finished": True})
+        ray.train.report({**final_metrics(cfg, finals[0], run_dir), **status, "finished": True})
         return
 
     def report(record: Dict[str, Any]) -> None:  # every rank reports (a collective); Tune gets rank 0's
@@ -314,7 +335,7 @@ def _distributed_worker(loop_config: Dict[str, Any]) -> None:
     # the first run wrote checkpoints. No rank can checkpoint before all have joined.
     # node-local folders: Ray merges every node's upload into one checkpoint, restored on each node
     result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report, shared_storage=shared_dir is not None)
-    ray.train.report({**final_metrics(cfg, result["final"]), **status, "finished": True},
+    ray.train.report({**final_metrics(cfg, result["final"], run_dir), **status, "finished": True},
                      checkpoint=_run_checkpoint(run_dir) if owner else None)
 
 
