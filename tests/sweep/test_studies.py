@@ -282,3 +282,23 @@ def test_paired_against_names_a_variant_and_the_command_line_chooses_it(tmp_path
     plain = load_study(_write(tmp_path, {"variants": {"off": {"model.enhance": False}, "a": {}}}))
     assert plain.paired_against is None and "paired" not in summary_markdown(plain, _paired_records())
     assert "paired_csv" not in write_summary(plain, _paired_records(), str(tmp_path / "plain"))
+
+
+def test_model_enhance_form_at_its_default_leaves_the_digests_of_older_runs(monkeypatch):
+    """Trials trained before the key existed keep their run folders (digest) and are reused."""
+    import cssfe.config as config
+    from cssfe.config import load_config
+
+    cfg = load_config(None, [])
+    digest = config_hash(cfg)
+    real = config.to_dict
+
+    def before_the_key(c):
+        d = real(c)
+        del d["model"]["enhance_form"]
+        return d
+
+    monkeypatch.setattr(config, "to_dict", before_the_key)
+    assert config_hash(cfg) == digest
+    monkeypatch.undo()
+    assert config_hash(load_config(None, ["model.enhance_form=presence"])) != digest
