@@ -226,8 +226,22 @@ def test_a_run_from_before_the_key_resumes_as_the_published_form():
         _check_resume_config(saved, load_config(None, ["model.enhance_form=presence"]), "run/last.pt")
 
 
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """DeepSpeed in this process as a world of one: the variables a launcher sets, undone after (so
+    processes that later tests start do not inherit them; the process group stays, as DeepSpeed keeps it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.mark.parametrize("form", [f for f in FORMS if f != "published"])
-def test_every_form_trains_under_deepspeed_zero3(form, tmp_path):
+def test_every_form_trains_under_deepspeed_zero3(form, tmp_path, world_of_one):
     """One process, ZeRO stage 3: the forms' own parameters (stage_lambda's s) are partitioned and
     gathered like the head's; the run writes DeepSpeed checkpoints and finite metrics."""
     from cssfe.engine.train import train
