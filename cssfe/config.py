@@ -99,6 +99,7 @@ class DistributedConfig:
     # seconds a rank waits in a collective, the start-up wait for rank 0's data and caches included;
     # null: DeepSpeed's 10 minutes (DEEPSPEED_TIMEOUT). Run launch/prepare_data.py first to keep that wait short.
     timeout_s: Optional[float] = None
+    sync_batchnorm: bool = False  # batch norm over the global batch (SyncBatchNorm; GPU ranks only)
 
 
 @dataclass
@@ -140,7 +141,7 @@ Config = TrainConfig
 
 
 # Keys added after runs were trained, with the value that means what their absence meant: run digests
-# (cssfe.sweep.studies.config_hash) leave them out at that value, and resuming an older run reads it.
+# (cssfe.sweep.studies.config_hash) leave them out at that value, so those runs keep their folders.
 ADDED_KEYS: Dict[str, Any] = {"model.head_options": {}, "model.enhance_form": "published"}
 
 

@@ -3,8 +3,8 @@
 Modules are compiled in place (``nn.Module.compile``): their ``state_dict`` keys, the checkpoints,
 the EMA copy's update and DeepSpeed's wrapping see the same modules as without compilation. The
 CSSFE ops stay one opaque graph node each, whatever kernels backend runs them (registered custom
-ops with fake implementations, ``cssfe/ops/library.py``), and their host-side plan is read back
-only while warming up, so ``reduce-overhead`` (CUDA graphs) can capture the step that follows.
+ops with fake implementations, ``cssfe/ops/library.py``), and the enhancement's plan comes from the
+head (no read-back inside the step), so ``reduce-overhead`` (CUDA graphs) can capture the step.
 """
 from __future__ import annotations
 

@@ -128,9 +128,24 @@ def _read_file(path: str) -> Dict[str, Any]:
     return data
 
 
+# DeepSpeed keys a file may not set: cssfe builds these from its own config.
+CSSFE_OWNED_KEYS = {"optimizer": "optim (AdamW with cssfe's parameter groups)",
+              "scheduler": "optim (the OneCycle schedule)", "amp": "distributed.precision",
+              "torch_autocast": "distributed.precision"}
+# Under bf16, gradients are reduced over ranks in fp32 at ZeRO stages 1-3 and accumulated over
+# micro-batches in fp32 at stages 2-3 (DeepSpeed would use bf16 for both); a file may set these keys
+# itself. Stage 0 cannot (DeepSpeed's stage-0 bf16 optimizer refuses another grad_accum_dtype);
+# at stage 1 an fp32 grad_accum_dtype switches DeepSpeed to its BF16_Optimizer, whose checkpoints
+# zero_to_fp32 (cssfe.engine.consolidate) cannot read.
+EXACT_BF16_COMMUNICATION = ("communication_data_type", "fp32", 1)  # key, value, from this stage on
+EXACT_BF16_DATA_TYPES = ("grad_accum_dtype", "fp32", 2)
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
     """The DeepSpeed config of this run, with the batch arithmetic checked before any work:
-    data.batch_size (global) = micro-batch x distributed.grad_accum x world size."""
+    data.batch_size (global) = micro-batch x distributed.grad_accum x world size. Keys the cssfe
+    config decides (batch sizes, gradient clipping, precision, optimizer and schedule) may appear
+    in the file only with the values cssfe gives them; a conflict stops the run naming file and key."""
     d = cfg.distributed
     path = d.deepspeed_config
     base = _read_file(path) if path else {}
@@ -153,10 +168,22 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
         if key in base and base[key] != value:
             raise ConfigError(f"{where}{key} is {base[key]}, but the cssfe config gives {value} "
                               f"(data.batch_size={cfg.data.batch_size}, distributed.grad_accum={accum}, world size {world_size})")
+    if "gradient_clipping" in base and base["gradient_clipping"] != cfg.optim.grad_clip:
+        raise ConfigError(f"{where}gradient_clipping is {base['gradient_clipping']}, but optim.grad_clip is "
+                          f"{cfg.optim.grad_clip}; remove the key (cssfe sets it from optim.grad_clip)")
+    for key, owner in CSSFE_OWNED_KEYS.items():
+        if key in base:
+            raise ConfigError(f"{where}{key} is set, but cssfe takes it from {owner}; remove the key")
+    precision = {}
     for name in ("bf16", "fp16"):
-        enabled = bool((base.get(name) or {}).get("enabled", False))
+        section = dict(base.get(name) or {})
+        enabled = bool(section.get("enabled", False))
         if enabled and d.precision != name:
             raise ConfigError(f"{where}{name} is enabled, but distributed.precision is {d.precision!r}; set one of them")
+        if d.precision == name:  # the file's own settings of this precision (loss scaling, ...) are kept
+            if "enabled" in section and not enabled:
+                raise ConfigError(f"{where}{name}.enabled is false, but distributed.precision is {name}; set one of them")
+            precision[name] = {**PRECISION_SECTIONS[name][name], **section}
     data_types = dict(base.get("data_types") or {})
     if d.precision in PRECISION_DTYPES:
         buffers = data_types.setdefault("buffer_dtype", d.precision)
@@ -164,8 +191,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
             raise ConfigError(f"{where}data_types.buffer_dtype is {buffers!r}, but distributed.precision={d.precision} "
                               f"keeps buffers (batch-norm statistics) in {d.precision} too; remove it")
     out = {k: v for k, v in base.items() if k not in ("bf16", "fp16", "data_types")}
+    if d.precision == "bf16":
+        for section, (key, value, from_stage) in ((out, EXACT_BF16_COMMUNICATION), (data_types, EXACT_BF16_DATA_TYPES)):
+            if stage >= from_stage:
+                section.setdefault(key, value)
     out.update(batch)
-    out.update(PRECISION_SECTIONS[d.precision])
+    out.update(precision)
     if data_types:
         out["data_types"] = data_types
     out["zero_optimization"] = zero

@@ -1,10 +1,39 @@
-"""A deterministic per-epoch shuffle that can start part-way through an epoch (for resume)."""
+"""A deterministic per-epoch shuffle that can start part-way through an epoch (for resume), and
+the random streams of each rank's data augmentation."""
 from __future__ import annotations
 
-from typing import Iterator
+import random
+from typing import Iterator, Optional
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+
+def stream_seed(seed: int, rank: int, epoch: Optional[int] = None) -> int:
+    """A seed of its own for each (seed, rank[, epoch]), mixed by numpy's SeedSequence."""
+    entropy = [seed, rank] if epoch is None else [seed, rank, epoch]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Give rank ``rank`` its own augmentation stream. Augmentations in the main process draw from
+    the global generators, which every rank seeded with ``seed`` to build the same model: rank 0
+    keeps that stream (one process's), the others re-seed from (seed, rank). Checkpoints hold each
+    rank's generator states, so a resumed run continues every stream where it stopped."""
+    if rank == 0:
+        return
+    value = stream_seed(seed, rank)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def seed_loader_workers(loader: DataLoader, seed: int, rank: int, epoch: int) -> None:
+    """Loader workers (``data.num_workers`` > 0) seed their generators from a base seed the loader
+    draws from its own generator when an epoch starts; seeded from (seed, rank, epoch), the
+    workers' augmentations differ between ranks and epochs and repeat for a resumed epoch."""
+    loader.generator.manual_seed(stream_seed(seed, rank, epoch))
 
 
 class EpochShuffle(Sampler[int]):

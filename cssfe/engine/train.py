@@ -22,15 +22,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cssfe.cache import default_cache_dir
-from cssfe.config import ADDED_KEYS, TrainConfig, to_dict, validate
+from cssfe.config import ConfigError, TrainConfig, to_dict, validate
 from cssfe.data import GROUP_NAMES, build_data
 from cssfe.data.datasets import check_batch
 from cssfe.engine import compiling, distributed, ds_checkpoint, tracking
 from cssfe.engine.checkpoint import load_checkpoint, load_latest, previous_path, rng_state, save_checkpoint, set_rng_state
 from cssfe.engine.ds_checkpoint import CONSOLIDATED_MODEL, UNIVERSAL_SUFFIX, client_path
-from cssfe.engine.ema import ModelEMA
+from cssfe.engine.ema import ModelEMA, PartitionedEMA
 from cssfe.engine.evaluate import evaluate, format_table
-from cssfe.engine.sampler import EpochShuffle
+from cssfe.engine.sampler import EpochShuffle, seed_loader_workers, seed_rank_streams
 from cssfe.engine.signals import StopRequest, TrainingInterrupted
 from cssfe.losses import build_loss
 from cssfe.models.model import build_model
@@ -93,8 +93,10 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def _check_resume_config(saved: Dict[str, Any], cfg: TrainConfig, path: str) -> None:
-    new = _flatten(to_dict(cfg))
-    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **_flatten(saved)}  # a run older than a key had its default
+    """Refuse to resume with another config. A key the run's config lacks was added to cssfe after
+    the run started: it counts as its default (what the run trained with)."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    old = {**{k: v for k, v in _flatten(to_dict(TrainConfig())).items() if k not in old}, **old}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
@@ -158,9 +160,10 @@ def _ds_step(engine, loss, loss_scale, run, signum, update_ema, consecutive_bad,
     Returns (consecutive non-finite steps, agreed signal number or 0, the global micro-batch loss)."""
     import torch.distributed as dist
 
-    flags = torch.tensor([loss.item(), 1.0 if signum else 0.0], dtype=torch.float64, device=device)
+    # one host read per micro-batch, after the all-reduce: the skip decision needs the global loss
+    flags = torch.stack([loss.detach().to(torch.float64), torch.tensor(1.0 if signum else 0.0, dtype=torch.float64, device=device)])
     dist.all_reduce(flags)
-    total, stops = float(flags[0]), float(flags[1])
+    total, stops = flags.tolist()
     # The window is ours (run["step"]), not DeepSpeed's micro-step count, which a resume resets and
     # a skipped micro-batch would leave behind: windows stay where an uninterrupted run has them.
     boundary = (run["step"] + 1) % engine.gradient_accumulation_steps() == 0
@@ -197,6 +200,17 @@ def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _peak_memory(device: torch.device) -> Dict[str, Optional[int]]:
+    """This process's peak memory: resident, virtual (VmPeak: also allocations never touched, such
+    as DeepSpeed's communication buckets on CPU ranks) and, on a GPU, what torch allocated."""
+    vm = None
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            vm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmPeak:")), None)
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_rss_bytes": _peak_rss_bytes(), "peak_vm_bytes": vm, "peak_gpu_bytes": gpu}
 
 
 def _ds_checkpoint(engine, ds_dir: str, ctx, client: Dict[str, Any]) -> None:
@@ -300,6 +314,9 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
     ctx = distributed.Context()
     if use_ds:
         distributed.check_precision(cfg.distributed.precision, device.type)
+        if cfg.distributed.sync_batchnorm and device.type != "cuda":  # torch's SyncBatchNorm: GPUs only
+            raise ConfigError(f"config key 'distributed.sync_batchnorm': SyncBatchNorm runs on GPU ranks only, "
+                              f"not on {device.type}; set distributed.sync_batchnorm=false")
         ctx = distributed.init(device.type, cfg.distributed.timeout_s)
         if device.type == "cuda":
             if device.index is None:  # an explicit cuda:N is the launcher's choice (Ray Train's get_device())
@@ -321,7 +338,10 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
     model = build_model(cfg.model, data.class_names, data.groups, cfg.data.image_size, cache_dir).to(device)
     if ctx.world_size > 1 and ctx.main:
         torch.distributed.barrier()
+    seed_rank_streams(cfg.seed, ctx.rank)  # the same model on every rank; augmentations of their own
     ema = ModelEMA(model, cfg.optim.ema_decay)  # before DeepSpeed: ZeRO-3 partitions the model's parameters
+    if use_ds and cfg.distributed.sync_batchnorm:  # the EMA copy keeps plain batch norm (same state_dict)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:  # in place, after the EMA copy (each compiles its own graph); state_dict keys unchanged
         compiling.compile_for_training(model, ema.module, loss_fn, cfg.compile_mode)
 
@@ -362,17 +382,18 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
     # process sums over the global batch; scaling the micro-batch loss makes the two agree.
     loss_scale = float(ctx.world_size * accum) if use_ds and getattr(loss_fn, "reduction", "sum") == "sum" else 1.0
     zero3 = distributed.zero3(ds_config)  # parameters partitioned: read them only inside distributed.gathered
+    if zero3:  # each rank averages its partition of the fp32 master weights; gathered only to be read
+        ema = PartitionedEMA(ema, model)
 
     def update_ema() -> None:
-        with distributed.gathered(model.parameters(), zero3):
-            ema.update(model)
+        ema.update(model)
 
     # Everything about where the run stands, saved with every checkpoint.
     run = {"epoch": 0, "step": 0, "loss_sum": 0.0, "good_steps": 0, "skipped_steps": 0, "epoch_seconds": 0.0,
            "best_total": -math.inf, "best_metrics": None, "best_epoch": -1}
     if resume and use_ds:
         state = _ds_resume(engine, ds_dir, cfg, ctx)
-        ema.module.load_state_dict(state["ema"])
+        ema.load(state["ema"])
         if state["rng"] is not None:
             set_rng_state(state["rng"])
         run.update({k: state["run"][k] for k in run if k in state["run"]})
@@ -399,6 +420,7 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
         if engine is None:
             save_checkpoint(_run_checkpoint(model, ema, optimizer, scheduler, scaler, cfg, data, run), last_path, keep_previous=True)
         else:
+            ema.gather()  # ZeRO-3: every rank takes part
             _ds_checkpoint(engine, ds_dir, ctx, {"run": dict(run), "rng": rng_state(),
                                                  **({"ema": ema.module.state_dict()} if ctx.main else {}),  # read by every rank
                                                  "config": to_dict(cfg), "world_size": ctx.world_size,
@@ -412,8 +434,8 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
         rank_log = os.path.join(out_dir, "ranks", f"rank{ctx.rank}.log")
 
     tracker = tracking.open_run_tracker(cfg, out_dir, ctx.main)  # rank 0 alone writes event files
-    # DeepSpeed: the global loss summed over the micro-batches of one optimizer step seen by this
-    # process (a run resumed inside an accumulation window sees only its end)
+    # The loss summed over the micro-batches since the last logged step (every logging.step_every
+    # optimizer steps) seen by this process (a run resumed inside an accumulation window sees only its end)
     window_loss, window_batches = 0.0, 0
     metrics: Optional[Dict[str, Any]] = None
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -424,6 +446,7 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
             model.train()
             t0 = time.time() - run["epoch_seconds"]
             sampler.set_epoch(epoch, start=run["step"] * micro * ctx.world_size)
+            seed_loader_workers(train_loader, cfg.seed, ctx.rank, epoch)
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not show, leave=False,
                        initial=run["step"], total=steps_per_epoch)
             for images, labels, _ in bar:
@@ -457,7 +480,8 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
                                              nonfinite_steps=run["skipped_steps"],
                                              # this rank's first-pass loss is not the global one: left out
                                              **_head_scalars(model, None, lam=not zero3))
-                        window_loss, window_batches = 0.0, 0
+                        if global_step % cfg.logging.step_every == 0:  # logged: the mean since the last log
+                            window_loss, window_batches = 0.0, 0
                     periodic = cfg.checkpoint_every_steps and run["step"] % cfg.checkpoint_every_steps == 0
                     # on accumulation boundaries only: a stop inside a window waits for its end
                     if (stop_signum or periodic) and run["step"] % accum == 0 and run["step"] < steps_per_epoch:
@@ -492,14 +516,20 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
                             f"step {run['step'] + 1}); stopped. The last good checkpoint is {last_path}. "
                             "Try a lower optim.lr, optim.amp=off or a smaller optim.grad_clip."
                         )
+                # the loss summed on the device and read when logged: the mean since the last logged step
+                window_loss, window_batches = window_loss + loss.detach().float(), window_batches + 1
                 if tracker.wants_step(global_step):  # the learning rate this step used, before the schedule moves on
-                    tracker.log_step(global_step, loss=loss.item(), lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
-                                     nonfinite_steps=run["skipped_steps"], **_head_scalars(model, aux_loss))
+                    tracker.log_step(global_step, loss=float(window_loss) / window_batches, lr=scheduler.get_last_lr()[0],
+                                     grad_norm=grad_norm.item(), nonfinite_steps=run["skipped_steps"],
+                                     **_head_scalars(model, aux_loss))
+                if global_step % cfg.logging.step_every == 0:
+                    window_loss, window_batches = 0.0, 0
                 if scaler is not None:
                     scaler.update()
                 scheduler.step()
                 run["step"] += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if show and global_step % cfg.logging.step_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
                 periodic = cfg.checkpoint_every_steps and run["step"] % cfg.checkpoint_every_steps == 0
                 if (stop.signum is not None or periodic) and run["step"] < steps_per_epoch:
                     run["epoch_seconds"] = time.time() - t0
@@ -520,6 +550,7 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
                 with distributed.gathered([model.head.lam_raw], zero3):
                     record["lambda"] = float(model.head.lam.detach().float())
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+                ema.gather()
                 if ctx.world_size > 1:
                     distributed.broadcast_buffers(ema.module)
                 metrics = evaluate(ema.module, test_loader, data.groups, device, progress=show, gather=gather,
@@ -554,7 +585,7 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
                     f.write(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "epoch": epoch + 1,
                                         "train_loss": record["train_loss"], "epoch_seconds": record["epoch_seconds"],
                                         "micro_batches": run["step"], "micro_batch": micro,
-                                        "peak_rss_bytes": _peak_rss_bytes()}) + "\n")
+                                        **_peak_memory(device)}) + "\n")
             run.update(epoch=epoch + 1, step=0, loss_sum=0.0, good_steps=0, epoch_seconds=0.0)
             checkpoint()
             if on_epoch_end is not None:  # after the checkpoint: a caller that stops the run here loses nothing
@@ -563,6 +594,7 @@ def _train(cfg: TrainConfig, resume: Union[bool, str] = False,
             if signum:
                 raise TrainingInterrupted(signum, last_path)
     if metrics is None:  # resumed a finished run: evaluate its final weights
+        ema.gather()
         if ctx.world_size > 1:
             distributed.broadcast_buffers(ema.module)
         metrics = evaluate(ema.module, test_loader, data.groups, device, gather=gather, class_names=data.class_names)

@@ -8,6 +8,7 @@ same format. ``key=value`` arguments override the config of every trial.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from typing import Dict, List, Optional
@@ -105,14 +106,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     outcome["study"].paired_against = study.paired_against
     study, records = outcome["study"], outcome["records"]
     print(summary_markdown(study, records))
-    report_dir = storage.join(experiment_dir(options, study), "report")
+    exp_dir = experiment_dir(options, study)
+    report_dir = storage.join(exp_dir, "report")
+    storage_root = None if storage.is_uri(exp_dir) else os.path.dirname(exp_dir)  # trials.csv names run folders from here
     for out_dir in filter(None, (report_dir, args.output)):
         if storage.is_uri(out_dir):  # written here, then copied beside the experiment
             with tempfile.TemporaryDirectory() as local:
-                write_summary(study, records, local)
+                write_summary(study, records, local, storage_root)
                 storage.upload_dir(local, out_dir)
             print(f"wrote the report: {out_dir}")
             continue
-        for kind, path in write_summary(study, records, out_dir).items():
+        for kind, path in write_summary(study, records, out_dir, storage_root).items():
             print(f"wrote {kind}: {path}")
     return 0 if all(r["status"] == "finished" for r in records) else 1  # also while unfinished (--report-only)

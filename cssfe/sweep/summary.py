@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -166,9 +166,12 @@ def _write_csv(path: str, header, rows) -> None:
         writer.writerows(rows)
 
 
-def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> Dict[str, str]:
+def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str,
+                  storage_root: Optional[str] = None) -> Dict[str, str]:
     """Write ``<study>.md``, ``<study>.csv`` (one row per variant), ``trials.csv`` and ``<study>.png``
-    (when a trial finished); returns their paths by kind."""
+    (when a trial finished); returns their paths by kind. ``trials.csv`` names each trial's run
+    folder relative to ``storage_root`` (``trials/s0-...``) when it lies below it, so the file
+    reads the same wherever the storage is mounted."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"markdown": os.path.join(out_dir, f"{study.name}.md"), "csv": os.path.join(out_dir, f"{study.name}.csv"),
              "trials": os.path.join(out_dir, "trials.csv"), "png": os.path.join(out_dir, f"{study.name}.png")}
@@ -189,7 +192,13 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str) -> 
         note = stopped.get(label, "").replace("**", "")
         rows.append([label, len(values), *[f"{x:.4f}" for pair in zip(mean, std) for x in pair], note])
     _write_csv(paths["csv"], ["variant", "n", *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")], "note"], rows)
-    _write_csv(paths["trials"], TRIAL_FIELDS, [[r.get(k) for k in TRIAL_FIELDS] for r in records])
+    def field(record: Dict[str, Any], key: str):
+        value = record.get(key)
+        if key == "run_dir" and value and storage_root and value.startswith(storage_root.rstrip("/") + "/"):
+            return os.path.relpath(value, storage_root)
+        return value
+
+    _write_csv(paths["trials"], TRIAL_FIELDS, [[field(r, k) for k in TRIAL_FIELDS] for r in records])
     f1 = f1_by_variant(study, records)
     if f1:  # one row per variant with an F1: class-weighted, micro, macro (mean, std)
         paths["f1_csv"] = os.path.join(out_dir, f"{study.name}_f1.csv")

@@ -44,31 +44,24 @@ def epoch_metrics(record: Dict[str, Any]) -> Dict[str, Any]:
 
 def final_metrics(cfg, final: Dict[str, Any], run_dir: Optional[str] = None) -> Dict[str, Any]:
     """A finished run's final metrics (``metrics.json``'s "final") as one last epoch report, with
-    its F1 scores (``f1_weighted``, ``f1_micro``, ``f1_macro``) and λ at the end (the last one
-    ``run_dir``'s ``log.jsonl`` holds: metrics.json has none)."""
+    its F1 scores (``f1_weighted``, ``f1_micro``, ``f1_macro``) and the λ of its last epoch
+    (``log.jsonl`` of ``run_dir``: metrics.json holds the evaluation alone)."""
     out = epoch_metrics({"epoch": cfg.optim.epochs, **final})
+    if "lambda" not in out and run_dir:
+        lam = _last_lambda(os.path.join(run_dir, "log.jsonl"))
+        if lam is not None:
+            out["lambda"] = lam
     out.update({f"f1_{name}": value for name, value in (final.get("f1") or {}).items()})
-    lam = last_lambda(run_dir) if run_dir else None
-    if lam is not None:
-        out["lambda"] = lam
     return out
 
 
-def last_lambda(run_dir: str) -> Optional[float]:
-    """λ of the last epoch record of ``<run_dir>/log.jsonl``; None without one (a head without λ, no log here)."""
-    lam = None
+def _last_lambda(log_path: str) -> Optional[float]:
     try:
-        with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a line cut by an interruption
-                    continue
-                if "lambda" in record:
-                    lam = record["lambda"]
-    except OSError:
+        with open(log_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
         return None
-    return lam
+    return next((r["lambda"] for r in reversed(records) if r.get("lambda") is not None), None)
 
 
 def _maybe_fail_once(plan: Dict[str, Any], key: str, run_dir: str) -> None:

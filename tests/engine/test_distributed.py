@@ -173,6 +173,18 @@ def test_two_ranks_with_micro_batch_b_match_one_process_with_2b(one_process, two
     assert ranks == ["rank0.log", "rank1.log"]
 
 
+def test_ranks_draw_augmentations_of_their_own(two_ranks):
+    """Augmentations draw from each rank's global generators; the ranks seed them alike to build
+    one model and then apart (seed, rank), so their states, saved per rank for resume, differ."""
+    ds_dir = os.path.join(two_ranks, "checkpoints", "deepspeed")
+    with open(os.path.join(ds_dir, "latest")) as f:
+        tag = f.read().strip()
+    states = [torch.load(os.path.join(ds_dir, tag, f"cssfe_rank{r}.pt"), map_location="cpu", weights_only=False)["rng"]
+              for r in (0, 1)]
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
+    assert not torch.equal(states[0]["numpy"]["keys"], states[1]["numpy"]["keys"])
+
+
 def test_test_shards_cover_each_image_once():
     for size in (1, 2, 45, 1000):
         for world in (1, 2, 3, 8):
@@ -366,16 +378,16 @@ def _case(root, precision):
 
 @pytest.fixture(scope="module")
 def low_precision_reference(tiny_root, tmp_path_factory):
-    """Uninterrupted runs that the killed and resumed low-precision cases must end with: one at
-    stage 0, one at stage 2 and one at stage 3 per precision. Stages 1 and 2 keep fp32 master
-    weights and reduce fp32 gradients, so they agree; stage 0 trains bf16 weights through
-    DeepSpeed's fp16/bf16 optimizer with gradients reduced in bf16, and ends elsewhere; stage 3
-    (parameters gathered into bf16 for each forward) was seen to end elsewhere too (total mAP
-    23.24 against 23.23 at stage 2 on this tiny run), so it is checked against itself."""
+    """Uninterrupted runs that the killed and resumed low-precision cases must end with, one per
+    stage and precision: each stage takes another path through DeepSpeed and ends slightly
+    elsewhere on this tiny run. Stage 0 trains bf16 weights through DeepSpeed's bf16 optimizer with
+    gradients accumulated and reduced in bf16; under bf16 stage 1 accumulates gradients in bf16 and
+    stages 2 and 3 in fp32; stage 3 gathers the parameters into bf16 for each forward, and its EMA
+    averages the fp32 master weights where the others average their bf16 copy."""
     runs = {}
 
     def run(precision, stage):
-        key = (precision, stage if stage in (0, 3) else 2)
+        key = (precision, stage)
         if key not in runs:
             out = tmp_path_factory.mktemp(f"reference_{precision}_stage{key[1]}") / "run"
             _deepspeed(out, [*_case(tiny_root, precision), *_stage(key[1])])
@@ -439,9 +451,11 @@ def test_every_zero_stage_and_precision_trains_resumes_and_converts(stage, preci
     if stage == 3:  # stage3_gather_16bit_weights_on_model_save: DeepSpeed's gathered model beside the shards
         gathered = torch.load(ds_dir / tag / "consolidated_model.pt", map_location="cpu", weights_only=False)
         ema = torch.load(ds_dir / tag / "cssfe_rank0.pt", map_location="cpu", weights_only=False)["ema"]
-        for name, value in gathered.items():
-            assert torch.equal(value.float(), ema[name].float()), name
-    checkpoint = consolidate(str(out), precision=precision)  # zero_to_fp32, except stage-0 fp32 (nothing sharded)
+        for name, value in gathered.items():  # the stage-3 EMA follows the fp32 master: rounded, the bf16 weights
+            assert torch.equal(value, ema[name].to(value.dtype)), name
+    # zero_to_fp32, except stage-0 fp32 (nothing sharded); rounded as the EMA saw the weights: stage 3
+    # averages the fp32 master weights, the other stages the bf16 copy every rank holds
+    checkpoint = consolidate(str(out), precision="fp32" if stage == 3 else precision)
     eval_dir = tmp_path / "eval"
     argv = sys.argv
     sys.argv = [EVALUATE, "--checkpoint", checkpoint, "--output-dir", str(eval_dir)]
@@ -481,6 +495,32 @@ def test_every_zero_stage_and_precision_trains_resumes_and_converts(stage, preci
         assert _metrics(out)["final"]["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
 
 
+def test_zero3_ema_follows_the_fp32_master_weights(tiny_root, tmp_path):
+    """ZeRO-3 bf16 on two ranks, EMA decay 0.5, a checkpoint after every step. Between the last two
+    checkpoints lies one optimizer step, in which the EMA must move half-way to the fp32 master
+    weights (DeepSpeed's zero_to_fp32 of the last tag), not to their bf16 rounding that the forward
+    computes with; each rank averages only its own partition, gathered for the checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = tmp_path / "run"
+    _deepspeed(out, [*_case(tiny_root, "bf16"), *_stage(3), "optim.ema_decay=0.5", "optim.epochs=1",
+                     "checkpoint_every_steps=1"])
+    ds_dir = out / "checkpoints" / "deepspeed"
+    before, last = sorted(t for t in os.listdir(ds_dir) if t.startswith("epoch"))
+    assert (before, last) == ("epoch0000-step000005", "epoch0001-step000000")
+    ema = {t: torch.load(ds_dir / t / "cssfe_rank0.pt", map_location="cpu", weights_only=False)["ema"] for t in (before, last)}
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=last)
+    assert set(master) == set(ema[last])
+    bf16_would_differ = 0
+    for name, value in master.items():
+        if not value.is_floating_point():
+            continue
+        want = ema[before][name].lerp(value.float(), 0.5)
+        assert torch.equal(ema[last][name], want), (name, (ema[last][name] - want).abs().max())
+        bf16_would_differ += not torch.equal(want, ema[before][name].lerp(value.bfloat16().float(), 0.5))
+    assert bf16_would_differ >= 10  # most weights: an EMA of the bf16 weights would fail above
+
+
 @pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_fp16_supported(), reason="this CPU has fp16 kernels: fp16 trains")
 def test_fp16_on_cpu_ranks_is_refused_before_any_work(tmp_path):
     cfg = load_config(None, [f"distributed.deepspeed_config={ZERO2}", "distributed.precision=fp16", "device=cpu",
@@ -490,11 +530,96 @@ def test_fp16_on_cpu_ranks_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_deepspeed_file_may_not_contradict_clipping_optimizer_or_precision(tmp_path):
+    """What the shipped files' header says: keys cssfe fills in are refused when they disagree,
+    naming the file and the key, instead of being overwritten or dropped."""
+    def refused(text, match, *overrides):
+        path = tmp_path / "ds.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            distributed.deepspeed_config(load_config(None, [f"distributed.deepspeed_config={path}", *overrides]), 1)
+
+    refused("gradient_clipping: 1.0\n", r"ds.yaml: gradient_clipping is 1.0, but optim.grad_clip is 10.0")
+    refused("optimizer:\n  type: Adam\n", r"ds.yaml: optimizer is set, but cssfe takes it from optim")
+    refused("scheduler:\n  type: WarmupLR\n", r"ds.yaml: scheduler is set")
+    refused("amp:\n  enabled: true\n", r"ds.yaml: amp is set, but cssfe takes it from distributed.precision")
+    refused("bf16:\n  enabled: false\n", r"ds.yaml: bf16.enabled is false, but distributed.precision is bf16",
+            "distributed.precision=bf16")
+    same = tmp_path / "same.yaml"
+    same.write_text("gradient_clipping: 10.0\nfp16:\n  enabled: true\n  loss_scale_window: 500\n")
+    ds = distributed.deepspeed_config(load_config(None, [f"distributed.deepspeed_config={same}",
+                                                         "distributed.precision=fp16"]), 1)
+    assert ds["gradient_clipping"] == 10.0  # the same value: accepted
+    assert ds["fp16"] == {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 500}  # kept, not dropped
+
+
+def test_bf16_sums_gradients_in_fp32_at_zero_stages_1_to_3(tmp_path):
+    """DeepSpeed would accumulate and reduce bf16 gradients in bf16; cssfe asks for fp32 reduction
+    at stages 1-3 and fp32 accumulation at stages 2-3 (stage 0's bf16 optimizer accumulates in bf16
+    only; at stage 1 it would switch to the BF16_Optimizer, whose checkpoints zero_to_fp32 cannot
+    read), unless the file says otherwise."""
+    for stage in (1, 2, 3):
+        path = os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.yaml")
+        ds = distributed.deepspeed_config(load_config(None, [f"distributed.deepspeed_config={path}",
+                                                             "distributed.precision=bf16"]), 2)
+        assert ds["communication_data_type"] == "fp32", stage
+        assert ds["data_types"].get("grad_accum_dtype") == ("fp32" if stage > 1 else None), stage
+    own = tmp_path / "own.yaml"
+    own.write_text("communication_data_type: bf16\nzero_optimization:\n  stage: 2\n")
+    mine = distributed.deepspeed_config(load_config(None, [f"distributed.deepspeed_config={own}", "distributed.precision=bf16"]), 2)
+    assert mine["communication_data_type"] == "bf16"  # the file's choice
+    stage0 = distributed.deepspeed_config(load_config(None, ["distributed.zero_stage=0", "distributed.precision=bf16"]), 2)
+    assert "communication_data_type" not in stage0 and "grad_accum_dtype" not in stage0["data_types"]
+    fp32 = distributed.deepspeed_config(load_config(None, ["distributed.zero_stage=2"]), 2)
+    assert "communication_data_type" not in fp32 and "data_types" not in fp32
+
+
+def test_shipped_zero_files_size_their_buckets_for_the_default_model():
+    """DeepSpeed's default buckets (5e8 elements) and stage-3 limits (1e9) exceed the whole
+    ResNet50 (23.5 M parameters): one bucket that overlaps nothing, 2-4 GB of memory, and at stage 3
+    every weight kept gathered. The shipped files keep each well under the model's size."""
+    import torchvision
+
+    params = sum(p.numel() for p in torchvision.models.resnet50().parameters())
+    keys = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+            "stage3_max_live_parameters", "stage3_max_reuse_distance")
+    for stage in (1, 2, 3):
+        path = os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.yaml")
+        zero = distributed.deepspeed_config(load_config(None, [f"distributed.deepspeed_config={path}"]), 2)["zero_optimization"]
+        sized = [k for k in keys if k in zero]
+        assert "reduce_bucket_size" in sized and "allgather_bucket_size" in sized, (stage, zero)
+        if stage == 3:
+            assert len(sized) == len(keys), zero
+        for key in sized:
+            assert isinstance(zero[key], int) and 0 < zero[key] <= params // 2, (stage, key, zero[key])
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_refused_before_any_work(tmp_path):
+    """torch's SyncBatchNorm runs on GPUs only (on CPU it fails at the first forward)."""
+    cfg = load_config(None, [f"distributed.deepspeed_config={ZERO2}", "distributed.sync_batchnorm=true", "device=cpu",
+                             "data.name=split_folder", f"data.root={tmp_path / 'missing'}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"distributed.sync_batchnorm.*GPU ranks only, not on cpu"):
+        train(cfg)  # the data root does not exist: reaching it would raise something else
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm runs on GPUs")
+def test_sync_batchnorm_on_one_gpu_rank_trains_as_batch_norm(tiny_root, tmp_path):
+    """One rank: SyncBatchNorm normalises over the same batch as batch norm, so the run ends with
+    the same metrics (with more ranks it normalises over the global batch)."""
+    final = []
+    for sync in ("false", "true"):
+        cfg = load_config(None, [*_tiny(tiny_root), "model.backbone=smallcnn", "device=cuda", f"distributed.deepspeed_config={ZERO2}",
+                                 f"distributed.sync_batchnorm={sync}", f"output_dir={tmp_path / sync}"])
+        final.append(train(cfg)["final"]["mAP"])
+    assert final[0] == pytest.approx(final[1], abs=1e-6)
+
+
 def test_low_precision_keeps_buffers_in_the_training_dtype(tmp_path):
     """Batch norm's running statistics follow the weights into bf16 (DeepSpeed keeps buffers fp32
     unless told); a DeepSpeed file that says otherwise is refused."""
     cfg = load_config(None, ["distributed.precision=bf16", "distributed.zero_stage=2"])
-    assert distributed.deepspeed_config(cfg, 1)["data_types"] == {"buffer_dtype": "bf16"}
+    assert distributed.deepspeed_config(cfg, 1)["data_types"]["buffer_dtype"] == "bf16"
     assert "data_types" not in distributed.deepspeed_config(load_config(None, ["distributed.zero_stage=2"]), 1)
     bad = tmp_path / "ds.yaml"
     bad.write_text("data_types:\n  buffer_dtype: fp32\n")

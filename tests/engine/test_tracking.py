@@ -218,3 +218,18 @@ def test_overrides_anywhere_in_every_tool_that_takes_them(monkeypatch, console):
     # Tools with other positional arguments take them anywhere too.
     args = predict.parse_args(["one.png", "--checkpoint", "C", "two.png", "--threshold", "0.3", "three.png"])
     assert (args.inputs, args.threshold) == (["one.png", "two.png", "three.png"], 0.3)
+
+
+def test_logged_loss_is_the_mean_since_the_last_logged_step(bundled_root, tmp_path, one_thread):
+    """logging.step_every=N logs at every N-th optimizer step the mean loss of the N steps since the
+    last log (summed on the device, read once), not the loss of that one step."""
+    losses = {}
+    for every in (1, 3):
+        out = tmp_path / f"every{every}"
+        train(load_config(None, [f"output_dir={out}", "progress=false", "optim.epochs=1", *TINY,
+                                 f"logging.step_every={every}"]))
+        losses[every] = {e.step: e.value for e in _events(out).Scalars("train/loss")}
+    per_step = losses[1]
+    assert sorted(losses[3]) == [s for s in sorted(per_step) if s % 3 == 0] and len(losses[3]) >= 5
+    for step, value in losses[3].items():
+        assert value == pytest.approx(np.mean([per_step[s] for s in (step - 2, step - 1, step)]), rel=1e-5), step

@@ -131,3 +131,20 @@ def test_one_cycle_runs_every_step_whatever_the_warm_up_length(total_steps, pct_
         opt.step()
         sched.step()
     assert max(lrs) == pytest.approx(1.0, rel=1e-6) and lrs[0] < 1.0 and lrs[-1] < lrs[0]
+
+
+def test_resume_refuses_another_config_but_takes_keys_added_since_as_their_defaults():
+    from cssfe.config import to_dict
+    from cssfe.engine.train import _check_resume_config
+
+    cfg = load_config(None, ["seed=3"])
+    saved = to_dict(cfg)
+    _check_resume_config(saved, cfg, "RUN")  # the same config
+    older = to_dict(cfg)
+    del older["distributed"]["sync_batchnorm"], older["distributed"]["timeout_s"]  # a run from before these keys
+    _check_resume_config(older, cfg, "RUN")
+    changed = load_config(None, ["seed=3", "distributed.sync_batchnorm=true"])
+    with pytest.raises(ValueError, match=r"cannot resume RUN: the config differs .*distributed.sync_batchnorm: False -> True"):
+        _check_resume_config(older, changed, "RUN")  # an added key set to something else is a change
+    with pytest.raises(ValueError, match=r"seed: 3 -> 4"):
+        _check_resume_config(saved, load_config(None, ["seed=4"]), "RUN")
