@@ -142,7 +142,8 @@ Config = TrainConfig
 
 # Keys added after runs were trained, with the value that means what their absence meant: run digests
 # (cssfe.sweep.studies.config_hash) leave them out at that value, so those runs keep their folders.
-ADDED_KEYS: Dict[str, Any] = {"model.head_options": {}, "model.enhance_form": "published"}
+ADDED_KEYS: Dict[str, Any] = {"model.head_options": {}, "model.enhance_form": "published",
+                              "distributed.sync_batchnorm": False}
 
 
 def _type_name(tp: Any) -> str:

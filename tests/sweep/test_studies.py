@@ -284,21 +284,24 @@ def test_paired_against_names_a_variant_and_the_command_line_chooses_it(tmp_path
     assert "paired_csv" not in write_summary(plain, _paired_records(), str(tmp_path / "plain"))
 
 
-def test_model_enhance_form_at_its_default_leaves_the_digests_of_older_runs(monkeypatch):
+@pytest.mark.parametrize("key", ["model.enhance_form", "distributed.sync_batchnorm", "model.head_options"])
+def test_a_key_added_later_at_its_default_leaves_the_digests_of_older_runs(monkeypatch, key):
     """Trials trained before the key existed keep their run folders (digest) and are reused."""
     import cssfe.config as config
-    from cssfe.config import load_config
+    from cssfe.config import ADDED_KEYS, load_config
 
     cfg = load_config(None, [])
     digest = config_hash(cfg)
     real = config.to_dict
+    section, name = key.split(".")
 
     def before_the_key(c):
         d = real(c)
-        del d["model"]["enhance_form"]
+        del d[section][name]
         return d
 
     monkeypatch.setattr(config, "to_dict", before_the_key)
     assert config_hash(cfg) == digest
     monkeypatch.undo()
+    assert key in ADDED_KEYS
     assert config_hash(load_config(None, ["model.enhance_form=presence"])) != digest
