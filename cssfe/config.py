@@ -60,6 +60,8 @@ class ModelConfig:
     prompt: str = "a photo of {}."
     dim: int = 128  # d, the width of queries, keys and values
     enhance: bool = True
+    # how the enhancement transfers (cssfe/models/enhance_forms.py, docs/method.md): published | stage_lambda | presence | sharpen
+    enhance_form: str = "published"
     mask: bool = True
     global_branch: bool = True
     gate: str = "uncertainty"  # uncertainty: 1 - |2p - 1| | absence: 1 - p
@@ -136,6 +138,12 @@ class TrainConfig:
 
 
 Config = TrainConfig
+
+
+# Keys added after runs were trained, with the value that means what their absence meant: run digests
+# (cssfe.sweep.studies.config_hash) leave them out at that value, so those runs keep their folders.
+ADDED_KEYS: Dict[str, Any] = {"model.head_options": {}, "model.enhance_form": "published",
+                              "distributed.sync_batchnorm": False}
 
 
 def _type_name(tp: Any) -> str:
@@ -274,6 +282,7 @@ def validate(cfg: TrainConfig) -> None:
     from cssfe.data.transforms import AUGMENTATIONS
     from cssfe.losses import LOSSES
     from cssfe.models.backbones import BACKBONES
+    from cssfe.models.enhance_forms import ENHANCE_FORMS
     from cssfe.models.heads import HEADS
     from cssfe.models.text_encoders import TEXT_ENCODERS
 
@@ -284,6 +293,7 @@ def validate(cfg: TrainConfig) -> None:
     check_name("data.name", cfg.data.name, DATASETS)
     check_name("model.backbone", cfg.model.backbone, BACKBONES)
     check_name("model.head", cfg.model.head, HEADS)
+    check_name("model.enhance_form", cfg.model.enhance_form, ENHANCE_FORMS)
     check_name("model.embedding", cfg.model.embedding, TEXT_ENCODERS)
     check_name("loss.name", cfg.loss.name, LOSSES)
     check_name("data.augment", cfg.data.augment, AUGMENTATIONS)
@@ -326,6 +336,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'model.gate' must be 'uncertainty' or 'absence', got {cfg.model.gate!r}")
     if cfg.optim.amp not in ("auto", "on", "off"):
         raise ConfigError(f"config key 'optim.amp' must be auto, on or off, got {cfg.optim.amp!r}")
+    if cfg.model.enhance_form != ModelConfig.enhance_form:  # a form of the CSSFE head's enhancement
+        if cfg.model.head != "cssfe" or not cfg.model.enhance:
+            raise ConfigError(f"config key 'model.enhance_form' ({cfg.model.enhance_form!r}) applies to model.head=cssfe "
+                              f"with model.enhance=true, not model.head={cfg.model.head!r}, model.enhance={cfg.model.enhance}")
     if cfg.model.head_options:  # only CPRFL takes head options
         if cfg.model.head != "cprfl":
             raise ConfigError(f"config key 'model.head_options' applies to model.head=cprfl, not {cfg.model.head!r}")

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cssfe import ops
+from cssfe.models.enhance_forms import ENHANCE_FORMS, EnhanceInputs
 from cssfe.registry import Registry
 
 HEADS: Registry[nn.Module] = Registry("head")
@@ -79,7 +80,8 @@ class CSSFEHead(Head):
     Q = E W_q; K = W_k F, V = W_v F; A = softmax_N(Q K / sqrt(d)); Z0 = A V^T.
     logit_c(Z) = <w_c, LayerNorm(z_c + q_c)> + b_c + <u_c, GAP(F)>   (last term: global branch).
     First pass logits0 = logit(Z0); gate = g(sigmoid(logits0)) detached; Z' = progressive
-    enhancement of Z0 under the affinity R (masked or not); final logits = logit(Z').
+    enhancement of Z0 under the affinity R (masked or not), in the form ``enhance_form``
+    (cssfe.models.enhance_forms; "published": SPEC section 1); final logits = logit(Z').
     """
 
     uses_label_embeddings = True
@@ -99,12 +101,15 @@ class CSSFEHead(Head):
         global_branch: bool = True,
         gate: str = "uncertainty",
         tau: float = 0.1,
+        enhance_form: str = "published",
     ):
         super().__init__()
         if embeddings.shape[0] != num_classes:
             raise ValueError(f"label embeddings have {embeddings.shape[0]} rows for {num_classes} classes")
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {sorted(GATES)}")
+        if enhance_form not in ENHANCE_FORMS:
+            raise ValueError(f"unknown enhancement form {enhance_form!r}; choose one of {ENHANCE_FORMS.names()}")
         emb = embeddings.detach().float().clone()
         if learnable_embeddings:
             self.embeddings = nn.Parameter(emb)
@@ -124,6 +129,9 @@ class CSSFEHead(Head):
         # Shape [1], not 0-d: DeepSpeed's parameter broadcast and flattening reject 0-d tensors.
         self.lam_raw = nn.Parameter(torch.full((1,), math.log(math.e - 1)))
         self._register_load_state_dict_pre_hook(_lam_raw_from_scalar)
+        # the form's own parameters, if any, live here ("published" has none: its state dict is the head's)
+        self.enhance_form = enhance_form
+        self.enhancement = ENHANCE_FORMS.build(enhance_form, num_classes)
         # The enhancement's plan (cssfe.ops.enhance_plan): the class order, a buffer so that it follows
         # the module across devices, and per mask setting the group bounds and the stages that take only
         # earlier groups. Derived from the groups, computed here and again whenever they change.
@@ -145,7 +153,7 @@ class CSSFEHead(Head):
     @classmethod
     def config_options(cls, cfg, learnable_embeddings: bool) -> Dict:
         return dict(dim=cfg.dim, learnable_embeddings=learnable_embeddings, enhance=cfg.enhance, mask=cfg.mask,
-                    global_branch=cfg.global_branch, gate=cfg.gate, tau=cfg.tau)
+                    global_branch=cfg.global_branch, gate=cfg.gate, tau=cfg.tau, enhance_form=cfg.enhance_form)
 
     @property
     def lam(self) -> torch.Tensor:
@@ -224,7 +232,7 @@ class CSSFEHead(Head):
         k = self.key(feats).flatten(2)  # [B, d, N]
         v = self.value(feats).flatten(2)
         pooled = feats.mean(dim=(2, 3)) if self.global_fc is not None else None
-        if return_maps:
+        if return_maps or (self.enhance and self.enhancement.needs_maps):
             z0, maps = ops.class_attention(q, k, v, return_maps=True)
         else:
             z0, maps = ops.class_attention(q, k, v), None
@@ -236,14 +244,16 @@ class CSSFEHead(Head):
                 out["maps"] = out["refined_maps"] = maps
             return out
         with torch.autocast(feats.device.type, enabled=False):  # the gate stays fp32, like R
-            gate = GATES[self.gate](torch.sigmoid(logits0.detach().float()))
+            presence = torch.sigmoid(logits0.detach().float())
+            gate = GATES[self.gate](presence)
         affinity = self.affinity(mask)
         plan = self.enhance_plan(self.mask if mask is None else mask)
-        z1 = ops.progressive_enhance(z0, affinity, self.groups, gate, self.lam, plan=plan)
+        inputs = EnhanceInputs(z0, maps, v, affinity, self.groups, gate, presence, self.lam, plan)
+        z1, refined = self.enhancement(inputs, refine_maps=return_maps)
         out["logits"] = self.classify(z1, q, pooled)
         if return_maps:
             out["maps"] = maps
-            out["refined_maps"] = ops.progressive_enhance(maps, affinity, self.groups, gate, self.lam, plan=plan)
+            out["refined_maps"] = refined
         return out
 
 

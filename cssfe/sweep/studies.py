@@ -11,6 +11,7 @@ A study file (``configs/sweeps/<name>.yaml``) is data::
       BCE: {loss.name: bce}
     grid:                         # and/or: every combination of these values becomes a variant
       model.dim: [64, 128]
+    paired_against: ASL           # optional: the report adds each variant's per-seed differences to this one
 
 String values may name environment variables (``$GLOVE_VECTORS``): a file that lives in a
 different place on every machine is then given without editing the study.
@@ -26,11 +27,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from cssfe.config import ConfigError, TrainConfig, load_config
+from cssfe.config import ADDED_KEYS, ConfigError, TrainConfig, load_config
 
 # Studies shipped with the repository (configs/sweeps/ beside the package).
 STUDY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "sweeps")
-_STUDY_KEYS = {"title", "config", "overrides", "seeds", "variants", "grid"}
+_STUDY_KEYS = {"title", "config", "overrides", "seeds", "variants", "grid", "paired_against"}
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Study:
     variants: Dict[str, Dict[str, Any]]  # label -> dotted-key overrides, in the study's order
     source: Optional[str] = None  # the YAML file it was read from
     skipped: Dict[str, str] = field(default_factory=dict)  # label -> why it cannot run here
+    paired_against: Optional[str] = None  # the variant the report pairs every other one with, seed by seed
 
     def override_list(self, variant: str, seed: int, *extra: str) -> List[str]:
         """``key=value`` strings for one trial: study-wide, then the variant's, then the seed and ``extra``."""
@@ -54,7 +56,8 @@ class Study:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "title": self.title, "config": self.config, "overrides": self.overrides,
-                "seeds": self.seeds, "variants": self.variants, "skipped": self.skipped}
+                "seeds": self.seeds, "variants": self.variants, "skipped": self.skipped,
+                "paired_against": self.paired_against}
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "Study":
@@ -82,8 +85,6 @@ def trial_key(variant: str, seed: int) -> str:
     return f"{slug}_s{seed}"
 
 
-# Keys added after runs were trained: left at their empty default they leave those runs' digests as they were.
-UNSET_IS_ABSENT = ("model.head_options",)
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -97,7 +98,7 @@ def config_hash(cfg: TrainConfig) -> str:
     def strip(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         out = {}
         for k, v in d.items():
-            if prefix + k in RESUMABLE_CHANGES or (prefix + k in UNSET_IS_ABSENT and v == {}):
+            if prefix + k in RESUMABLE_CHANGES or (prefix + k in ADDED_KEYS and v == ADDED_KEYS[prefix + k]):
                 continue
             if isinstance(v, dict) and k not in ("params", "embedding_options"):
                 v = strip(v, f"{prefix}{k}.")
@@ -141,10 +142,11 @@ def _grid_variants(grid: Dict[str, Sequence[Any]]) -> Dict[str, Dict[str, Any]]:
 
 
 def load_study(name_or_path: str, seeds: Optional[Sequence[int]] = None, overrides: Sequence[str] = (),
-               variants: Optional[Sequence[str]] = None) -> Study:
-    """Read a study; ``seeds``, ``overrides`` (``key=value``, for every trial) and a subset of
-    ``variants`` (labels) replace or narrow what the file says. Every trial's config is validated
-    here, so a wrong key fails before anything is scheduled."""
+               variants: Optional[Sequence[str]] = None, paired_against: Optional[str] = None) -> Study:
+    """Read a study; ``seeds``, ``overrides`` (``key=value``, for every trial), a subset of
+    ``variants`` (labels) and the variant to pair the others with (``paired_against``) replace or
+    narrow what the file says. Every trial's config is validated here, so a wrong key fails before
+    anything is scheduled."""
     path = study_path(name_or_path)
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
@@ -157,6 +159,9 @@ def load_study(name_or_path: str, seeds: Optional[Sequence[int]] = None, overrid
     found.update(_grid_variants(raw.get("grid") or {}))
     if not found:
         raise ConfigError(f"{path}: a study needs 'variants' or 'grid'")
+    paired_against = paired_against if paired_against is not None else raw.get("paired_against")
+    if paired_against is not None and paired_against not in found:
+        raise ConfigError(f"{path}: paired_against {paired_against!r} is not a variant; the study has: {', '.join(found)}")
     if variants:
         missing = [v for v in variants if v not in found]
         if missing:
@@ -172,7 +177,7 @@ def load_study(name_or_path: str, seeds: Optional[Sequence[int]] = None, overrid
         config = os.path.join(os.path.dirname(os.path.dirname(STUDY_DIR)), config)
     study = Study(name=name, title=str(raw.get("title") or name), config=config, overrides=common,
                   seeds=[int(s) for s in (seeds if seeds is not None else raw.get("seeds") or [0])],
-                  variants=found, source=path)
+                  variants=found, source=path, paired_against=paired_against)
     seen: Dict[str, str] = {}
     for label in study.variants:  # fail now, naming the variant, rather than inside a trial
         try:

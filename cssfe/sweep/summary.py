@@ -1,7 +1,10 @@
 """A finished sweep as the supplement shows its ablations: a table (rows = variants, columns =
 Total / Head / Medium / Tail mAP, mean ± std over seeds) in Markdown and CSV, the class-weighted,
 micro and macro F1 table (Markdown and ``<study>_f1.csv``) where the trials have F1, the per-trial
-numbers in CSV, and a grouped bar chart (PNG). The table and the chart are those of :mod:`cssfe.report`."""
+numbers in CSV, and a grouped bar chart (PNG). The table and the chart are those of :mod:`cssfe.report`.
+A study with ``paired_against: LABEL`` also gets each variant's per-seed differences to that variant
+(Markdown and ``<study>_paired.csv``): the seeds both finished, their mean ± std, how many are
+positive, and a 95 % Student-t interval of the mean difference."""
 from __future__ import annotations
 
 import csv
@@ -54,6 +57,73 @@ def f1_by_variant(study: Study, records: List[Dict[str, Any]]) -> Dict[str, np.n
     return out
 
 
+PAIRED_CONFIDENCE = 0.95
+
+
+def paired_differences(study: Study, records: List[Dict[str, Any]], baseline: str) -> Dict[str, Dict[str, Any]]:
+    """{variant: {"seeds": [...], "diffs": [seeds, 4] (variant - baseline, per seed), "lambda": [seeds]}}
+    over the seeds that both the variant and ``baseline`` finished, in the study's order."""
+    def by_seed(label):
+        return {r["seed"]: r for r in records if r["variant"] == label and r["status"] == "finished"}
+
+    base = by_seed(baseline)
+    out = {}
+    for label in study.variants:
+        if label == baseline:
+            continue
+        mine = by_seed(label)
+        seeds = sorted(set(mine) & set(base))
+        if seeds:
+            out[label] = {"seeds": seeds,
+                          "diffs": np.asarray([[mine[s][c] - base[s][c] for c in COLUMNS] for s in seeds], dtype=np.float64),
+                          "lambda": np.asarray([np.nan if mine[s].get("lambda") is None else mine[s]["lambda"] for s in seeds])}
+    return out
+
+
+def paired_stats(diffs: np.ndarray, confidence: float = PAIRED_CONFIDENCE) -> Dict[str, np.ndarray]:
+    """Per column of ``diffs`` [seeds, k]: mean, sample std, positives (> 0), n, and the Student-t
+    interval mean ± t_{(1+confidence)/2, n-1} std / sqrt(n) (NaN with one seed: no spread to size it)."""
+    from scipy import stats  # scikit-learn's dependency
+
+    n = len(diffs)
+    mean, std = mean_std(diffs)
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * std / np.sqrt(n) if n > 1 else np.full(diffs.shape[1], np.nan)
+    return {"mean": mean, "std": std, "positive": (diffs > 0).sum(0), "n": n, "low": mean - half, "high": mean + half}
+
+
+def paired_markdown(paired: Dict[str, Dict[str, Any]], baseline: str) -> str:
+    lines = [f"Per-seed paired differences to **{baseline}** (variant minus {baseline}, mAP points, same seed: same data "
+             f"order and initialisation): mean ± sample std, seeds positive of n, {PAIRED_CONFIDENCE:.0%} t-interval "
+             "of the mean; λ: the variant's own λ at the end, mean ± std.", "",
+             "| variant | " + " | ".join(f"Δ {c.capitalize()}" for c in COLUMNS) + " | λ at the end | n |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]
+    for label, pair in paired.items():
+        st = paired_stats(pair["diffs"])
+        cells = [f"{m:+.2f} ± {s:.2f} ({p}/{st['n']} > 0) [{lo:+.2f}, {hi:+.2f}]"
+                 for m, s, p, lo, hi in zip(st["mean"], st["std"], st["positive"], st["low"], st["high"])]
+        lam = pair["lambda"]
+        lam_cell = "n/a" if np.isnan(lam).all() else "{:.3f} ± {:.3f}".format(*[float(x[0]) for x in mean_std(lam[:, None])])
+        lines.append(f"| {label} | " + " | ".join(cells).replace("[nan, nan]", "[n/a]") + f" | {lam_cell} | {st['n']} |")
+    return "\n".join(lines)
+
+
+def paired_rows(paired: Dict[str, Dict[str, Any]]) -> List[List[Any]]:
+    rows = []
+    for label, pair in paired.items():
+        st = paired_stats(pair["diffs"])
+        for i, column in enumerate(COLUMNS):
+            rows.append([label, column, st["n"], int(st["positive"][i]),
+                         *[f"{st[k][i]:.4f}" for k in ("mean", "std", "low", "high")]])
+        lam = pair["lambda"]
+        if not np.isnan(lam).all():
+            mean, std = mean_std(lam[:, None])
+            rows.append([label, "lambda", len(lam), "", f"{mean[0]:.4f}", f"{std[0]:.4f}", "", ""])
+    return rows
+
+
+PAIRED_HEADER = ["variant", "column", "n", "positive", "mean", "std", "ci95_low", "ci95_high"]
+
+
 def f1_markdown(variants: Dict[str, np.ndarray]) -> str:
     lines = ["| variant | class-weighted F1 | micro F1 | macro F1 | n |", "|---|---|---|---|---|"]
     for name, values in variants.items():
@@ -70,6 +140,10 @@ def summary_markdown(study: Study, records: List[Dict[str, Any]]) -> str:
     if f1:
         lines += ["", "F1 (fractions) of the same models at the fixed threshold 0.5 on the sigmoid score "
                   "(not tuned on the test set), mean ± sample std over seeds.", "", f1_markdown(f1)]
+    if study.paired_against:
+        paired = paired_differences(study, records, study.paired_against)
+        lines += ["", paired_markdown(paired, study.paired_against) if paired
+                  else f"(no seed that **{study.paired_against}** and another variant both finished: no paired differences)"]
     notes = [f"- skipped **{label}**: {reason}" for label, reason in study.skipped.items()]
     notes += [f"- {line}" for line in stopped_notes(study, records).values()]
     notes += [f"- {r['status']} **{r['variant']}** seed {r['seed']} at epoch {r['epochs']}, after {r['attempts']} start(s)"
@@ -130,6 +204,9 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str,
         paths["f1_csv"] = os.path.join(out_dir, f"{study.name}_f1.csv")
         _write_csv(paths["f1_csv"], ["variant", "n", *[f"{c}_{s}" for c in F1_FIELDS for s in ("mean", "std")]],
                    [[label, len(v), *[f"{x:.4f}" for pair in zip(*mean_std(v)) for x in pair]] for label, v in f1.items()])
+    if study.paired_against:  # per variant and column (total ... tail, lambda): the paired statistics
+        paths["paired_csv"] = os.path.join(out_dir, f"{study.name}_paired.csv")
+        _write_csv(paths["paired_csv"], PAIRED_HEADER, paired_rows(paired_differences(study, records, study.paired_against)))
     if variants:
         bar_chart(variants, paths["png"], title=f"{study.title}: mAP (%), mean ± std over seeds")
     else:

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from cssfe.models.enhance_forms import ENHANCE_FORMS
 from cssfe.models.heads import CSSFEHead, HEADS
 
 GROUPS = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
@@ -23,13 +24,15 @@ def test_outputs_and_maps():
     assert head.lam.item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_head_logits_untouched_under_mask_and_changed_without():
+@pytest.mark.parametrize("form", ENHANCE_FORMS.names())
+def test_head_logits_untouched_under_mask_and_changed_without(form):
+    """Every enhancement form (tests/models/test_enhance_forms.py checks the flow between all groups)."""
     feats = torch.randn(4, D, 3, 3)
-    out = _head(mask=True)(feats)
+    out = _head(mask=True, enhance_form=form)(feats)
     head = torch.as_tensor(GROUPS == 0)
     assert torch.equal(out["logits"][:, head], out["logits0"][:, head])
     assert not torch.allclose(out["logits"][:, ~head], out["logits0"][:, ~head])
-    out = _head(mask=False)(feats)
+    out = _head(mask=False, enhance_form=form)(feats)
     assert not torch.allclose(out["logits"][:, head], out["logits0"][:, head])
 
 

@@ -202,3 +202,106 @@ def test_fresh_keeps_the_run_folders_another_study_started(tmp_path):
     assert not _used_by_others(str(own), "mask")
     assert _used_by_others(str(shared), "mask")
     assert not _used_by_others(str(new), "mask")
+
+
+def test_the_enhancement_studies_pair_every_form_with_enhancement_off():
+    """Both datasets, 5 seeds, every form of model.enhance_form, paired with "enhancement off"; the
+    published form is the default run (trained once, shared with the other studies)."""
+    from cssfe.models.enhance_forms import ENHANCE_FORMS
+
+    for name, dataset in (("enhancement", "bundled"), ("enhancement_coco", "bundled_coco")):
+        study = load_study(name)
+        assert study.seeds == [0, 1, 2, 3, 4] and study.paired_against == "enhancement off"
+        configs = {label: study.trial_config(label, 0) for label in study.variants}
+        assert {c.data.name for c in configs.values()} == {dataset}
+        assert not configs["enhancement off"].model.enhance
+        assert sorted(c.model.enhance_form for label, c in configs.items() if c.model.enhance) == ENHANCE_FORMS.names()
+    default = config_hash(load_study("mask").trial_config("mask + enhancement (CSSFE)", 0))
+    assert config_hash(load_study("enhancement").trial_config("published", 0)) == default
+
+
+def test_the_bundled_coco_studies_remeasure_mask_embeddings_and_losses():
+    pairs = {"mask_coco": ("mask + enhancement (CSSFE)", {"model.mask": False}), "embeddings_coco": ("MiniLM", {"model.embedding": "rie"}),
+             "losses_coco": ("ASL", {"loss.name": "pg"})}
+    digests = set()
+    for name, (baseline, other) in pairs.items():
+        study = load_study(name)
+        assert study.seeds == [0, 1, 2, 3, 4] and study.paired_against == baseline and len(study.variants) == 2
+        assert study.trial_config(baseline, 0).data.name == "bundled_coco"
+        assert other in [v for label, v in study.variants.items() if label != baseline]
+        digests.add(config_hash(study.trial_config(baseline, 0)))
+    # the baselines are one model, the default on bundled_coco, which the enhancement study's published row trains too
+    assert digests == {config_hash(load_study("enhancement_coco").trial_config("published", 0))}
+
+
+def _paired_records():
+    base = dict(epochs=4, head=60.0, medium=40.0, error=None, attempts=1, status="finished")
+    records = [{**base, "variant": "off", "seed": s, "total": 50.0, "tail": 30.0, "lambda": 1.0} for s in range(5)]
+    # tail differences 1, 2, 3, 4, -1 (seed 4 negative); total +0.5 in every seed; seed 3 of "b" failed
+    records += [{**base, "variant": "a", "seed": s, "total": 50.5, "tail": 30.0 + d, "lambda": lam}
+                for s, d, lam in zip(range(5), (1, 2, 3, 4, -1), (0.5, 0.6, 0.7, 0.8, 0.9))]
+    records += [{**base, "variant": "b", "seed": s, "total": 49.0, "tail": 30.0, "lambda": 1.0,
+                 "status": "failed" if s == 3 else "finished"} for s in range(5)]
+    return records
+
+
+def test_paired_differences_with_a_t_interval(tmp_path):
+    """Against numbers worked by hand: tail differences 1, 2, 3, 4, -1 have mean 1.8, sample std
+    sqrt(14.8 / 4) = 1.9235, 4 of 5 positive, and the 95 % interval 1.8 ± t(0.975, 4) 1.9235 / sqrt(5)
+    with t(0.975, 4) = 2.776 (the t table) = [-0.588, 4.188]."""
+    from cssfe.sweep.summary import paired_differences, paired_stats
+
+    study = load_study(_write(tmp_path, {"title": "T", "paired_against": "off", "variants": {
+        "off": {"model.enhance": False}, "a": {}, "b": {"model.mask": False}}}))
+    paired = paired_differences(study, _paired_records(), "off")
+    assert list(paired) == ["a", "b"] and paired["b"]["seeds"] == [0, 1, 2, 4]  # b's failed seed is left out
+    st = paired_stats(paired["a"]["diffs"])
+    tail = 3  # total, head, medium, tail
+    assert st["n"] == 5 and st["positive"][tail] == 4 and st["positive"][0] == 5 and st["positive"][1] == 0
+    assert st["mean"][tail] == pytest.approx(1.8) and st["std"][tail] == pytest.approx((14.8 / 4) ** 0.5)
+    half = 2.776 * (14.8 / 4) ** 0.5 / 5 ** 0.5
+    assert st["low"][tail] == pytest.approx(1.8 - half, abs=2e-3) and st["high"][tail] == pytest.approx(1.8 + half, abs=2e-3)
+    assert st["low"][0] == st["high"][0] == pytest.approx(0.5)  # no spread: the interval is the point
+    text = summary_markdown(study, _paired_records())
+    assert "Per-seed paired differences to **off**" in text
+    row = next(line for line in text.splitlines() if line.startswith("| a | +0.50"))
+    assert "+1.80 ± 1.92 (4/5 > 0) [-0.59, +4.19]" in row and "0.700 ± 0.158" in row and row.endswith("| 5 |")
+    paths = write_summary(study, _paired_records(), str(tmp_path / "out"))
+    rows = list(csv.DictReader(open(paths["paired_csv"])))
+    tail_a = next(r for r in rows if r["variant"] == "a" and r["column"] == "tail")
+    assert (tail_a["n"], tail_a["positive"], float(tail_a["mean"])) == ("5", "4", pytest.approx(1.8))
+    assert float(tail_a["ci95_low"]) == pytest.approx(1.8 - half, abs=2e-3)
+    assert [r["n"] for r in rows if r["variant"] == "b"][0] == "4"
+
+
+def test_paired_against_names_a_variant_and_the_command_line_chooses_it(tmp_path):
+    path = _write(tmp_path, {"variants": {"off": {"model.enhance": False}, "a": {}}, "paired_against": "of"})
+    with pytest.raises(ConfigError, match="paired_against 'of' is not a variant.*off, a"):
+        load_study(path)
+    assert load_study(path, paired_against="a").paired_against == "a"
+    plain = load_study(_write(tmp_path, {"variants": {"off": {"model.enhance": False}, "a": {}}}))
+    assert plain.paired_against is None and "paired" not in summary_markdown(plain, _paired_records())
+    assert "paired_csv" not in write_summary(plain, _paired_records(), str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("key", ["model.enhance_form", "distributed.sync_batchnorm", "model.head_options"])
+def test_a_key_added_later_at_its_default_leaves_the_digests_of_older_runs(monkeypatch, key):
+    """Trials trained before the key existed keep their run folders (digest) and are reused."""
+    import cssfe.config as config
+    from cssfe.config import ADDED_KEYS, load_config
+
+    cfg = load_config(None, [])
+    digest = config_hash(cfg)
+    real = config.to_dict
+    section, name = key.split(".")
+
+    def before_the_key(c):
+        d = real(c)
+        del d[section][name]
+        return d
+
+    monkeypatch.setattr(config, "to_dict", before_the_key)
+    assert config_hash(cfg) == digest
+    monkeypatch.undo()
+    assert key in ADDED_KEYS
+    assert config_hash(load_config(None, ["model.enhance_form=presence"])) != digest

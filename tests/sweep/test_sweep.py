@@ -71,8 +71,11 @@ def test_tiny_grid_writes_table_csv_and_chart(cluster, tmp_path, monkeypatch):
         "GloVe": {"model.embedding": "glove", "model.embedding_options": {"path": str(tmp_path / "absent.txt")}},
     }, config="base.yaml")
     out = tmp_path / "report"
-    rc = sweep_main(["--study", "custom", "--space", "tiny.yaml", "--storage", "sweeps", "--output", "report"])
+    rc = sweep_main(["--study", "custom", "--space", "tiny.yaml", "--storage", "sweeps", "--output", "report",
+                     "--paired-against", "mask"])
     assert rc == 0
+    paired = [r for r in csv.DictReader(open(out / "tiny_paired.csv")) if r["column"] == "tail"]
+    assert [(r["variant"], r["n"]) for r in paired] == [("no mask", "2")]
 
     rows = {r["variant"]: r for r in csv.DictReader(open(out / "tiny.csv"))}
     assert list(rows) == ["mask", "no mask", "GloVe"]
@@ -264,3 +267,16 @@ def test_distributed_batch_arithmetic_is_checked_before_any_trial(tmp_path):
         run_sweep(load_study(_study_file(tmp_path, {"mask": {}})),
                   SweepOptions(storage_path=str(tmp_path / "sweeps"), workers_per_trial=2, gpus_per_trial=1, verbose=0))
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_the_enhancement_study_runs_as_documented_and_reports_pairs(cluster, tmp_path):
+    """``python launch/sweep.py --study enhancement_coco`` (docs/method.md), narrowed to two variants and
+    two seeds of tiny trials: the report pairs the form with enhancement off, seed by seed."""
+    out = tmp_path / "report"
+    rc = sweep_main(["--study", "enhancement_coco", "--variants", "enhancement off,presence", "--seeds", "0,1",
+                     "--storage", str(tmp_path / "sweeps"), "--output", str(out),
+                     *[f"{k}={v}" for k, v in TINY.items()], "data.image_size=16"])
+    assert rc == 0
+    rows = {r["column"]: r for r in csv.DictReader(open(out / "enhancement_coco_paired.csv")) if r["variant"] == "presence"}
+    assert set(rows) == {"total", "head", "medium", "tail", "lambda"} and rows["tail"]["n"] == "2"
+    assert "Per-seed paired differences to **enhancement off**" in open(out / "enhancement_coco.md").read()
