@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = {
     "data.num_workers", "data.eval_batch_size", "data.check_images", "data.on_bad_image",
     "logging.log_level", "logging.tensorboard", "logging.wandb", "logging.wandb_project", "logging.step_every",
     "compile", "compile_mode",
+    "distributed.timeout_s",  # how long a rank waits in a collective: not what it computes
 }
 
 logger = logging.getLogger(__name__)
