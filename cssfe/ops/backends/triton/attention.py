@@ -151,7 +151,7 @@ _block_override = None  # (BLOCK_C, BLOCK_N, launch options) while block_config 
 
 def block_config(block_c: int, block_n: int, **launch):
     """Run the flash kernels with these class / position blocks and launch options (``num_warps``,
-    ``num_stages``) inside the ``with`` block, for the block-size sweep of ``benchmarks/gpu_check.py``;
+    ``num_stages``) inside the ``with`` block, for the block-size sweep of ``benchmarks/gpu_check/plan.py``;
     the feature block stays the whole width."""
     return overriding(globals(), "_block_override", (int(block_c), int(block_n), dict(launch)))
 
