@@ -115,7 +115,7 @@ EXTRAS = {
     # Multi-process / multi-node training (deepspeed launch/train.py), CPU ranks included.
     "distributed": ["deepspeed>=0.16"],
     "test": ["pytest>=7", "hypothesis>=6", "pycocotools>=2.0", "pandas>=1.5", "openpyxl>=3.0", "gensim>=4.0", "ray[tune,train]>=2.51",
-             "deepspeed>=0.16"],
+             "deepspeed>=0.16", "ruff>=0.5"],
     "dev": ["pytest>=7", "hypothesis>=6", "ruff"],
 }
 

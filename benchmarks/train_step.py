@@ -33,7 +33,6 @@ from cssfe.models.backbones import build_backbone
 from cssfe.models.heads import HEADS
 from cssfe.models.model import MultiLabelClassifier
 
-
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -125,7 +125,8 @@ class TrainConfig:
     compile_mode: str = "default"  # default | max-autotune | reduce-overhead (CUDA graphs)
     output_dir: str = "runs/default"
     eval_every: int = 1
-    checkpoint_every_steps: int = 0  # also checkpoint inside epochs, every this many micro-batches (a multiple of distributed.grad_accum; 0: at epoch ends only)
+    # also checkpoint inside epochs, every this many micro-batches (a multiple of distributed.grad_accum; 0: at epoch ends only)
+    checkpoint_every_steps: int = 0
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
     progress: bool = True
     cache_dir: Optional[str] = None  # datasets and embeddings cache (default $CSSFE_CACHE or ~/.cache/cssfe)

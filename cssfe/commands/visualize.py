@@ -20,9 +20,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from cssfe.cache import default_cache_dir
     from cssfe.data import build_data
     from cssfe.engine.inference import load_trained
-    from cssfe.cache import default_cache_dir
     from cssfe.explain.visualize import visualize
 
     try:

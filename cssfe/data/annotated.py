@@ -195,7 +195,8 @@ def read_annotated(cfg, layout: Layout, write_split_files: Optional[bool] = None
     paths: Dict[str, Optional[str]] = {part: _resolve(cfg, layout, part) for part in PARTS}
     reader_cls = ANNOTATION_FORMATS.get(layout.format)
     train_reader = reader_cls(_need(paths["train_images"], "data.train_images", layout, "training image folder"),
-                              paths["train_annotations"] and _need(paths["train_annotations"], "data.train_annotations", layout, "training annotations"))
+                              paths["train_annotations"]
+                              and _need(paths["train_annotations"], "data.train_annotations", layout, "training annotations"))
     same = (paths["test_images"], paths["test_annotations"]) == (paths["train_images"], paths["train_annotations"])
     test_reader = train_reader if same else reader_cls(
         _need(paths["test_images"], "data.test_images", layout, "test image folder"),

@@ -67,6 +67,7 @@ class CocoAnnotations:
             anns = self.coco.imgToAnns.get(image["id"], [])
             stray = [a["category_id"] for a in anns if a["category_id"] not in to_index]
             if stray:
-                raise SplitFormatError(f"{self.path}: image {image_id!r} has an annotation of category id {stray[0]}, which is not among its categories")
+                raise SplitFormatError(f"{self.path}: image {image_id!r} has an annotation of category id {stray[0]}, "
+                                       "which is not among its categories")
             out.append(sorted({to_index[a["category_id"]] for a in anns}))
         return out

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from cssfe.metrics import GROUP_NAMES  # noqa: F401  (re-exported: one definition of the group names)
+
 SPLIT_KEYS = ("head", "middle", "tail")  # the published pickle's keys
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 

@@ -26,7 +26,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="last", choices=RESUME_MODES, metavar="auto",
                    help="continue the run in --output-dir from its newest complete checkpoint; --resume auto: "
                         "continue it if it has one, else start it (for a job that the scheduler requeues)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher; LOCAL_RANK is used
+    # set by the deepspeed launcher; LOCAL_RANK is used
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_verbosity_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     argv = list(sys.argv[1:] if argv is None else argv)

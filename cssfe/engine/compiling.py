@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from cssfe.config import COMPILE_MODES as MODES
+
 # The compiler backend: inductor, or CSSFE_COMPILE_BACKEND (tests and CPU dry runs trace with
 # "aot_eager": no C++ code generation, which takes minutes on a small CPU); ``mode`` is inductor's.
 BACKEND = os.environ.get("CSSFE_COMPILE_BACKEND") or "inductor"

@@ -16,12 +16,12 @@ import argparse
 import glob
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from cssfe.engine.checkpoint import save_checkpoint
 from cssfe.engine import ds_checkpoint
+from cssfe.engine.checkpoint import save_checkpoint
 from cssfe.engine.ds_checkpoint import client_path
 
 METADATA = ("config", "class_names", "groups", "class_freq")

@@ -33,7 +33,8 @@ def load_trained(checkpoint: str, device: str = "cpu", cache_dir: Optional[str] 
     from cssfe.cache import default_cache_dir
 
     model = build_model(
-        cfg.model, state["class_names"], state["groups"], cfg.data.image_size, cache_dir or cfg.cache_dir or default_cache_dir(), embeddings=embeddings
+        cfg.model, state["class_names"], state["groups"], cfg.data.image_size, cache_dir or cfg.cache_dir or default_cache_dir(),
+        embeddings=embeddings
     )
     model.load_state_dict(weights)
     model.to(device).eval()

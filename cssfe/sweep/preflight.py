@@ -28,8 +28,8 @@ def check_distributed(study: Study, workers: int) -> None:
 
 def check_variants(study: Study, cache_dir: Optional[str] = None) -> Dict[str, str]:
     """``{label: reason}`` of the variants that cannot be built; also stored in ``study.skipped``."""
-    from cssfe.data import build_data
     from cssfe.cache import default_cache_dir
+    from cssfe.data import build_data
     from cssfe.models.model import build_model
 
     skipped: Dict[str, str] = {}

@@ -54,7 +54,8 @@ def test_lt_voc_verifies_the_published_pickles(tmp_path, data_cfg):
     stats["gt_labels"][3, 16] ^= 1
     stats["class_freq"] = stats["gt_labels"].sum(0)
     pickle.dump(stats, open(folder / "class_freq.pkl", "wb"))
-    with pytest.raises(SplitFormatError, match=f"class_freq.pkl: labels of 1 training image.*disagree with the annotations, first '{ids['train'][3]}'"):
+    with pytest.raises(SplitFormatError,
+                       match=f"class_freq.pkl: labels of 1 training image.*disagree with the annotations, first '{ids['train'][3]}'"):
         _build(data_cfg("lt_voc", tmp_path))
     # An annotation that disagrees with the published labels is named, image and classes.
     write_voc_xml(tmp_path / "VOCdevkit" / "VOC2012" / "Annotations" / f"{ids['train'][3]}.xml", [("sheep", 0)])

@@ -2,8 +2,6 @@
 no graph break), the same numbers as eager with inductor, and a compiled training run (traced with
 aot_eager: no C++ code generation, which takes minutes on two cores) that matches eager and resumes."""
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest

@@ -12,14 +12,13 @@ import sys
 
 import pytest
 import torch
+from test_distributed import DEEPSPEED, ROOT, TRAIN, ZERO2, _deepspeed, _env, _log, _port, _remove_shared_memory_buffers, _tiny, tiny_root  # noqa: F401
 
 from cssfe.config import ConfigError, load_config, validate
 from cssfe.engine import ds_checkpoint
 from cssfe.engine import train as train_module
 from cssfe.engine.signals import TrainingInterrupted
 from cssfe.engine.train import train
-from test_distributed import (DEEPSPEED, ROOT, TRAIN, ZERO2, _deepspeed, _env, _log, _port,  # noqa: F401
-                              _remove_shared_memory_buffers, _tiny, tiny_root)
 
 STAGE0 = [f"distributed.deepspeed_config={ZERO2}", "distributed.zero_stage=0"]
 

@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 from cssfe import ops
-
 from cssfe.losses import (
     LOSSES,
     AsymmetricLoss,

@@ -176,11 +176,11 @@ def test_trained_head_round_trips_evaluates_predicts_visualizes_and_exports(cprf
     from cssfe.data.images import read_rgb
     from cssfe.data.transforms import build_transform
     from cssfe.engine.evaluation import evaluate_checkpoint
-    from cssfe.engine.prediction import predict_files
     from cssfe.engine.export import export_model
     from cssfe.engine.inference import load_trained
-    from cssfe.ops import kernel_backend
+    from cssfe.engine.prediction import predict_files
     from cssfe.explain.visualize import render_grid
+    from cssfe.ops import kernel_backend
 
     root, ckpt = cprfl_run
     trained = load_trained(str(ckpt))

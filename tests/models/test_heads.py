@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cssfe.models.enhance_forms import ENHANCE_FORMS
-from cssfe.models.heads import CSSFEHead, HEADS
+from cssfe.models.heads import HEADS, CSSFEHead
 
 GROUPS = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
 C, D = len(GROUPS), 24

@@ -1,6 +1,4 @@
 """Kernel test setup. The extension cache is pinned in the root conftest (CSSFE_EXT_DIR)."""
-import os
-import shutil
 
 import pytest
 import torch

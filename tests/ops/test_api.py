@@ -5,12 +5,11 @@ import sys
 
 import pytest
 import torch
+from kernel_cases import GROUPS, enhance_args, opcheck_samples
 
 import cssfe.ops as ops
-from cssfe.ops import library
 from cssfe.ops.backends import native_ops
 from cssfe.ops.backends.triton import ops as triton_ops
-from kernel_cases import GROUPS, enhance_args, opcheck_samples
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

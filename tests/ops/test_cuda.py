@@ -10,10 +10,10 @@ import shutil
 import subprocess
 import sys
 
+import kernel_cases as kc
 import pytest
 import torch
 
-import kernel_cases as kc
 from cssfe import ops
 from cssfe.ops import reference
 from cssfe.ops.backends import build_spec

@@ -3,13 +3,25 @@ gradient, awkward shapes, fp32 everywhere and half precision on a subset. Output
 (NaN-filled allocations) so unwritten elements fail. Triton: test_triton.py; CUDA: test_cuda.py."""
 import pytest
 import torch
+from kernel_cases import (
+    ASL_SCALE_SIZES,
+    ASL_SCALES,
+    ASL_SHAPES,
+    ASL_VARIANTS,
+    ATTENTION_SHAPES,
+    ENHANCE_SHAPES,
+    MUTATION_CASES,
+    MUTATIONS,
+    check_asl,
+    check_asl_nan,
+    check_asl_scale,
+    check_attention,
+    check_enhance,
+    mutated,
+)
 
 import cssfe.ops as ops
 from cssfe.ops.backends import native_ops
-
-from kernel_cases import (ASL_SCALE_SIZES, ASL_SCALES, ASL_SHAPES, ASL_VARIANTS, ATTENTION_SHAPES, ENHANCE_SHAPES,
-                          MUTATION_CASES, MUTATIONS, check_asl, check_asl_nan, check_asl_scale, check_attention,
-                          check_enhance, mutated)
 
 HALF = [torch.float16, torch.bfloat16]
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kernel_cases import check_asl, check_attention, check_enhance
 
 BACKENDS = ["reference", "cpu"]

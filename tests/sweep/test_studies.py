@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 import cssfe
-
 from cssfe.config import ConfigError
 from cssfe.sweep.studies import available_studies, config_hash, load_study, trial_key
 from cssfe.sweep.summary import summary_markdown, write_summary

@@ -18,8 +18,8 @@ from cssfe.config import ConfigError
 ray = pytest.importorskip("ray")
 
 from cssfe.sweep import SweepOptions, load_study, run_sweep  # noqa: E402
-from cssfe.sweep.runner import current_records  # noqa: E402
 from cssfe.sweep.cli import main as sweep_main  # noqa: E402
+from cssfe.sweep.runner import current_records  # noqa: E402
 from cssfe.sweep.summary import summary_markdown  # noqa: E402
 from cssfe.sweep.trainable import FAIL_ONCE_ENV, trial_dir  # noqa: E402
 
@@ -168,7 +168,6 @@ def test_asha_with_eval_every_and_fresh_start_over(cluster, tmp_path):
     options = SweepOptions(storage_path=str(tmp_path / "sweeps"), asha=True, asha_grace_epochs=1, verbose=0)
     (record,) = run_sweep(study, options)["records"]
     assert record["status"] == "finished" and record["epochs"] == 2
-    metrics_file = os.path.join(record["run_dir"], "metrics.json")
 
     options.restore = False  # --fresh
     (again,) = run_sweep(study, options)["records"]

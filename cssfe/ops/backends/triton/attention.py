@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention_gemm
 from ...overrides import overriding
+from . import attention_gemm
 from ._common import INTERPRET, launch, pow2
 
 FLASH_MAX_D = 128  # wider features: attention_gemm
