@@ -31,6 +31,7 @@ CONFIG_TESTS = {
     "sweeps/mask.yaml": "test_shipped_files.py::test_every_study_file_loads",
     "sweeps/mask_coco.yaml": "sweep/test_studies.py::test_the_bundled_coco_studies_remeasure_mask_embeddings_and_losses",
     "sweeps/methods.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
+    "sweeps/methods_coco.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
     "sweeps/methods_lt_coco.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
     "sweeps/methods_lt_voc.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
     "sweeps/methods_odir5k.yaml": "models/test_cprfl.py::test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1",
