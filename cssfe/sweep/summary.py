@@ -83,7 +83,7 @@ def paired_differences(study: Study, records: List[Dict[str, Any]], baseline: st
 def paired_stats(diffs: np.ndarray, confidence: float = PAIRED_CONFIDENCE) -> Dict[str, np.ndarray]:
     """Per column of ``diffs`` [seeds, k]: mean, sample std, positives (> 0), n, and the Student-t
     interval mean ± t_{(1+confidence)/2, n-1} std / sqrt(n) (NaN with one seed: no spread to size it)."""
-    from scipy import stats  # scikit-learn's dependency
+    from scipy import stats
 
     n = len(diffs)
     mean, std = mean_std(diffs)
