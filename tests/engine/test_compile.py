@@ -10,7 +10,7 @@ import torch
 from cssfe import ops
 from cssfe.config import ConfigError, load_config
 from cssfe.engine import compiling
-from cssfe.engine import train as train_module
+from cssfe.engine import trainer as trainer_module
 from cssfe.engine.train import train
 from cssfe.losses import build_loss
 from cssfe.models.backbones import build_backbone
@@ -119,7 +119,7 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, monkeypatch, one_
     real_compile = compiling.compile_module
     monkeypatch.setattr(compiling, "compile_module",
                         lambda module, mode: compiled_modules.append(type(module).__name__) or real_compile(module, mode))
-    real_evaluate = train_module.evaluate
+    real_evaluate = trainer_module.evaluate
     calls = {"n": 0}
 
     def crash_in_epoch_two(*args, **kwargs):
@@ -129,12 +129,12 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, monkeypatch, one_
         return real_evaluate(*args, **kwargs)
 
     torch._dynamo.reset()
-    monkeypatch.setattr(train_module, "evaluate", crash_in_epoch_two)
+    monkeypatch.setattr(trainer_module, "evaluate", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path / "cut", "compile=true"))
     # the trained model, its EMA copy (evaluated) and the loss
     assert compiled_modules == ["MultiLabelClassifier", "MultiLabelClassifier", "FusedAsymmetricLoss"]
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
     resumed = train(_cfg(tmp_path / "cut", "compile=true", "compile_mode=reduce-overhead"), resume=True)
     assert len(compiled_modules) == 6
     first = [json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[0]) for d in ("eager", "cut")]

@@ -16,6 +16,7 @@ from test_distributed import DEEPSPEED, ROOT, TRAIN, ZERO2, _deepspeed, _env, _l
 
 from cssfe.config import ConfigError, load_config, validate
 from cssfe.engine import ds_checkpoint
+from cssfe.engine import steps as steps_module
 from cssfe.engine import train as train_module
 from cssfe.engine.signals import TrainingInterrupted
 from cssfe.engine.train import train
@@ -131,13 +132,13 @@ def _accum2(root, out, *extra):
 
 def _stop_at_micro_batch(monkeypatch, n):
     """A stop signal seen from the n-th micro-batch on (1-based, counted over the run)."""
-    real, calls = train_module._ds_step, []
+    real, calls = steps_module._ds_step, []
 
     def step(engine, loss, loss_scale, run, signum, *rest):
         calls.append(1)
         return real(engine, loss, loss_scale, run, signal.SIGTERM if len(calls) >= n else signum, *rest)
 
-    monkeypatch.setattr(train_module, "_ds_step", step)
+    monkeypatch.setattr(steps_module, "_ds_step", step)
 
 
 def test_a_stop_inside_an_accumulation_window_checkpoints_at_its_end(tiny_root, tmp_path, monkeypatch, world_of_one):

@@ -8,6 +8,7 @@ import torch
 from cssfe.config import load_config
 from cssfe.data.split_files import read_split
 from cssfe.engine import train as train_module
+from cssfe.engine import trainer as trainer_module
 from cssfe.engine.train import train
 from cssfe.metrics import average_precision
 
@@ -50,7 +51,7 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch,
     small = ["optim.epochs=3", "data.image_size=32", "model.embedding=rie", "model.dim=32"]
     whole = train(_cfg(tmp_path / "whole", *small))
 
-    real_evaluate = train_module.evaluate
+    real_evaluate = trainer_module.evaluate
     calls = {"n": 0}
 
     def crash_in_epoch_two(*args, **kwargs):
@@ -59,10 +60,10 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch,
             raise KeyboardInterrupt  # the process dies after epoch 2's training, before its checkpoint
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", crash_in_epoch_two)
+    monkeypatch.setattr(trainer_module, "evaluate", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path / "cut", *small))
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
     resumed = train(_cfg(tmp_path / "cut", *small), resume=True)
     assert resumed["final"]["mAP"] == whole["final"]["mAP"]
     assert resumed["final"]["per_class_ap"] == whole["final"]["per_class_ap"]
