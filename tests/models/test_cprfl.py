@@ -235,7 +235,8 @@ def test_methods_studies_compare_the_heads_on_one_recipe_and_report_f1(tmp_path)
     from cssfe.sweep.studies import load_study
     from cssfe.sweep.summary import summary_markdown, write_summary
 
-    for name, data in (("methods", "bundled"), ("methods_coco", "bundled_coco"), ("methods_lt_voc", "lt_voc"), ("methods_lt_coco", "lt_coco"), ("methods_odir5k", "odir5k")):
+    for name, data in (("methods", "bundled"), ("methods_coco", "bundled_coco"), ("methods_lt_voc", "lt_voc"),
+                       ("methods_lt_coco", "lt_coco"), ("methods_odir5k", "odir5k")):
         study = load_study(name)
         configs = [to_dict(study.trial_config(label, 0)) for label in study.variants]
         assert [c["model"]["head"] for c in configs] == ["baseline", "cssfe", "cprfl"], name
