@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -182,10 +182,7 @@ def generate(root: str, seed: int = 0, progress: bool = True) -> str:
                 bar.update()
         bar.close()
         write_split_folder(tmp, CLASS_NAMES, ids, label_sets, head_min=100, tail_max=20)
-        with open(os.path.join(tmp, "boxes.json"), "w") as f:
-            json.dump({"format": "class x0 y0 x1 y1 (pixels, x1/y1 exclusive)", "boxes": boxes}, f)
-        with open(os.path.join(tmp, "README.txt"), "w") as f:
-            f.write(__doc__ or "")
+        write_boxes_and_readme(tmp, boxes, __doc__)
         if os.path.isdir(root):  # another process finished first
             shutil.rmtree(tmp)
         else:
@@ -194,6 +191,15 @@ def generate(root: str, seed: int = 0, progress: bool = True) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def write_boxes_and_readme(folder: str, boxes: Dict[str, List[List[int]]], doc: Optional[str]) -> None:
+    """The object boxes (``boxes.json``) and the generator's description (``README.txt``) of a
+    bundled dataset."""
+    with open(os.path.join(folder, "boxes.json"), "w") as f:
+        json.dump({"format": "class x0 y0 x1 y1 (pixels, x1/y1 exclusive)", "boxes": boxes}, f)
+    with open(os.path.join(folder, "README.txt"), "w") as f:
+        f.write(doc or "")
 
 
 def ensure_bundled(cache_dir: str, seed: int = 0, progress: bool = True) -> str:

@@ -352,10 +352,7 @@ def generate(root: str, seed: int = 0, progress: bool = True) -> str:
         os.makedirs(os.path.join(tmp, "images"))
         ids, boxes = _render_all(seed, splits, os.path.join(tmp, "images"), progress)
         write_split_folder(tmp, CLASS_NAMES, ids, splits, head_min=HEAD_MIN, tail_max=TAIL_MAX)
-        with open(os.path.join(tmp, "boxes.json"), "w") as f:
-            json.dump({"format": "class x0 y0 x1 y1 (pixels, x1/y1 exclusive)", "boxes": boxes}, f)
-        with open(os.path.join(tmp, "README.txt"), "w") as f:
-            f.write(__doc__ or "")
+        digits.write_boxes_and_readme(tmp, boxes, __doc__)
         _write_manifest(tmp, seed)
         if os.path.isdir(root) and damage(root, seed) is None:  # another process finished first
             shutil.rmtree(tmp)
