@@ -13,6 +13,7 @@ fused kernels implement only the published form's op).
 """
 from __future__ import annotations
 
+import abc
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -39,14 +40,15 @@ class EnhanceInputs(NamedTuple):
     plan: ops.EnhancePlan  # class order and group bounds (python ints: no read-back, traceable)
 
 
-class EnhanceForm(nn.Module):
+class EnhanceForm(nn.Module, abc.ABC):
     needs_maps = False  # the head computes the class maps for this form even when it returns none
 
     def __init__(self, num_classes: int = 0):
         super().__init__()
 
+    @abc.abstractmethod
     def forward(self, x: EnhanceInputs, refine_maps: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        raise NotImplementedError
+        """(enhanced features, refined maps or None)."""
 
 
 @ENHANCE_FORMS.register("published")

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_heads import HeadLogits
 
 from cssfe import ops
 from cssfe.config import ConfigError, load_config
@@ -181,16 +182,7 @@ def test_the_config_key_names_the_form():
 def test_every_form_exports_and_compiles(form):
     """The forms trace: no read-back of tensor values (the stages come from the plan's ints)."""
     head = _head(form).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
-        def forward(self, feats):
-            return self.head(feats)["logits"]
-
-    model = Logits(head)
+    model = HeadLogits(head)
     feats = torch.randn(2, D, 3, 3)
     program = torch.export.export(model, (feats,))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break either

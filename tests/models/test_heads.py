@@ -164,18 +164,20 @@ def test_rie_affinity_and_gate_stay_fp32_under_autocast(monkeypatch):
     torch.testing.assert_close(gate, 1 - (2 * p0 - 1).abs(), rtol=0, atol=0)
 
 
+class HeadLogits(torch.nn.Module):
+    """A head's logits alone, as torch.export wants one tensor out."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, feats):
+        return self.head(feats)["logits"]
+
+
 def test_head_exports_with_its_cached_affinity():
     """torch.export traces fake tensors: the staleness check of R must not touch their data."""
-
-    class Logits(torch.nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
-        def forward(self, feats):
-            return self.head(feats)["logits"]
-
-    model = Logits(_head()).eval()
+    model = HeadLogits(_head()).eval()
     program = torch.export.export(model, (torch.randn(2, D, 3, 3),))
     feats = torch.randn(2, D, 3, 3)
     with torch.no_grad():
