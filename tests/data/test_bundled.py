@@ -23,18 +23,24 @@ def test_profile_and_groups(bundled_root):
     assert np.array_equal(groups, split_files.groups_from_frequencies(freq, 100, 20))
 
 
-def test_images_objects_and_boxes(bundled_root):
-    boxes = json.load(open(os.path.join(bundled_root, "boxes.json")))["boxes"]
+def check_objects_and_boxes(root: str, num_classes: int, canvas: int) -> None:
+    """1-4 objects per image, one box per positive class, every box inside the canvas (both bundled datasets)."""
+    boxes = json.load(open(os.path.join(root, "boxes.json")))["boxes"]
     for split in ("train", "test"):
-        ids, labels = split_files.read_split(bundled_root, split, 20)
+        ids, labels = split_files.read_split(root, split, num_classes)
         counts = labels.sum(1)
         assert counts.min() >= 1 and counts.max() <= 4
         for image_id, row in zip(ids, labels):
             image_boxes = boxes[image_id]
             assert sorted(b[0] for b in image_boxes) == np.flatnonzero(row).tolist()
             for _, x0, y0, x1, y1 in image_boxes:
-                assert 0 <= x0 < x1 <= bundled.CANVAS and 0 <= y0 < y1 <= bundled.CANVAS
-    test_freq = split_files.read_split(bundled_root, "test", 20)[1].sum(0)
+                assert 0 <= x0 < x1 <= canvas and 0 <= y0 < y1 <= canvas
+
+
+def test_images_objects_and_boxes(bundled_root):
+    check_objects_and_boxes(bundled_root, 20, bundled.CANVAS)
+    ids, test_labels = split_files.read_split(bundled_root, "test", 20)
+    test_freq = test_labels.sum(0)
     assert test_freq.min() >= 0.6 * test_freq.mean() and test_freq.max() <= 1.4 * test_freq.mean()
     from PIL import Image
 

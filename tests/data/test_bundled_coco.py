@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+from test_bundled import check_objects_and_boxes
 
 from cssfe.data import bundled, bundled_coco, split_files
 from cssfe.data.bundled_coco import CLASS_NAMES
@@ -68,18 +69,10 @@ def test_profile_is_lt_coco_and_groups_are_22_33_25(coco_root):
 
 
 def test_one_to_four_objects_with_boxes_inside_the_canvas(coco_root):
-    boxes = json.load(open(os.path.join(coco_root, "boxes.json")))["boxes"]
-    for split in ("train", "test"):
-        ids, labels = _labels(coco_root, split)
-        counts = labels.sum(1)
-        assert counts.min() >= 1 and counts.max() <= 4
-        for image_id, row in zip(ids, labels):
-            image_boxes = boxes[image_id]
-            assert sorted(b[0] for b in image_boxes) == np.flatnonzero(row).tolist()
-            for _, x0, y0, x1, y1 in image_boxes:
-                assert 0 <= x0 < x1 <= bundled_coco.CANVAS and 0 <= y0 < y1 <= bundled_coco.CANVAS
+    check_objects_and_boxes(coco_root, C, bundled_coco.CANVAS)
     from PIL import Image
 
+    ids, _ = _labels(coco_root, "train")
     with Image.open(split_files.find_image(coco_root, ids[0])) as img:
         assert img.size == (bundled_coco.CANVAS, bundled_coco.CANVAS) and img.mode == "RGB"
 
