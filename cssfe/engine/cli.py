@@ -65,11 +65,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     # torch and the models load only after the config is good
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from cssfe.engine.distributed import leaving_process_group
     from cssfe.engine.signals import TrainingInterrupted
     from cssfe.engine.train import TrainingDiverged, train
 
     try:
-        with logging_redirect_tqdm([logging.getLogger(PACKAGE_LOGGER)]):  # reports between progress bars
+        # reports between progress bars; the process group is left before the interpreter exits
+        with logging_redirect_tqdm([logging.getLogger(PACKAGE_LOGGER)]), leaving_process_group():
             train(cfg, resume=args.resume)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -97,6 +97,24 @@ def init(device_type: str, timeout_s: Optional[float] = None) -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+@contextlib.contextmanager
+def leaving_process_group():
+    """Leave, when the block ends, a process group joined inside it (a group that existed before,
+    Ray Train's, is its owner's to end). The command line wraps its run in this: gloo's worker
+    threads left to interpreter finalization can abort a finished rank (SIGABRT, "terminate called
+    without an active exception"), turning a good run into a failed launch. ``train()`` itself
+    keeps the group: DeepSpeed caches its groups per process, so a process that trains again (a
+    notebook, the tests) reuses the one it joined."""
+    import torch.distributed as dist
+
+    joined_before = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not joined_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def rank_device(local_rank: int) -> torch.device:
     """The GPU of the rank with this LOCAL_RANK, among those visible to it. A rank that sees every
     GPU of its node (deepspeed, torchrun) takes ``cuda:LOCAL_RANK``; a rank the scheduler gave one

@@ -192,6 +192,38 @@ def test_test_shards_cover_each_image_once():
             assert [i for s in shards for i in s] == list(range(size))
 
 
+def test_a_run_leaves_the_process_group_it_joined_and_no_other(tmp_path):
+    """A group joined during the run is destroyed when it ends (left to interpreter exit, gloo's
+    threads can abort a finished rank); a group that existed before (Ray Train's) stays."""
+    import torch.distributed as dist
+
+    def join(name):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / name), 1), rank=0, world_size=1)
+
+    with distributed.leaving_process_group():
+        join("store-a")
+        assert dist.is_initialized()
+    assert not dist.is_initialized()
+    join("store-b")
+    try:
+        with distributed.leaving_process_group():
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_command_line_leaves_the_process_group_before_exit(tiny_root, tmp_path):
+    """launch/train.py's process has left the group its run joined when main() returns (gloo's
+    threads left to interpreter exit can abort a finished rank: a good run, a failed launch)."""
+    code = ("import sys, torch.distributed as dist; from cssfe.engine.cli import main; rc = main(sys.argv[1:]); "
+            "print('group left:', not dist.is_initialized()); sys.exit(rc)")
+    args = [*_tiny(tiny_root), "optim.epochs=1", f"distributed.deepspeed_config={ZERO2}", "distributed.zero_stage=0"]
+    proc = subprocess.run([sys.executable, "-c", code, "--output-dir", str(tmp_path / "run"), *args], capture_output=True,
+                          text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0 and "group left: True" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+
+
 def test_rank_shards_of_the_sampler_make_up_the_global_batches():
     whole = EpochShuffle(100, seed=3)
     whole.set_epoch(2, start=16)
