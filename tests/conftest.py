@@ -32,6 +32,17 @@ def _cache_dir(tmp_path_factory):
         os.environ["CSSFE_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _leave_the_process_group():
+    """In-process DeepSpeed tests join a gloo group that DeepSpeed keeps for the session; it is left
+    before the interpreter exits (gloo's threads left to finalization can abort the test process)."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def one_thread():
     """CPU training is bitwise reproducible only with one thread (parallel reductions)."""
