@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="no training: the table of the trials finished so far (e.g. while the sweep runs elsewhere)")
     p.add_argument("--output", help="also write the table, CSVs and chart here (they always go to <experiment>/report)")
+    p.add_argument("--with-run-files", action="store_true",
+                   help="with --output: also copy each finished trial's config.yaml, log.jsonl and metrics.json to "
+                        "OUTPUT/runs/<variant>_s<seed>/ (to keep a study's numbers with its tables)")
     p.add_argument("overrides", nargs="*", help="key=value for every trial's config")
     return p
 
@@ -78,6 +81,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("--study custom needs --space FILE.yaml", file=sys.stderr)
             return 2
         source = args.space
+    if args.with_run_files and not args.output:
+        print("--with-run-files copies the trials' files to --output: give --output DIR", file=sys.stderr)
+        return 2
     try:
         study = load_study(source, seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
                            overrides=args.overrides, variants=args.variants.split(",") if args.variants else None,
@@ -110,12 +116,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     report_dir = storage.join(exp_dir, "report")
     storage_root = None if storage.is_uri(exp_dir) else os.path.dirname(exp_dir)  # trials.csv names run folders from here
     for out_dir in filter(None, (report_dir, args.output)):
+        run_files = args.with_run_files and out_dir == args.output  # the experiment's report has the trials beside it
         if storage.is_uri(out_dir):  # written here, then copied beside the experiment
             with tempfile.TemporaryDirectory() as local:
-                write_summary(study, records, local, storage_root)
+                write_summary(study, records, local, storage_root, run_files)
                 storage.upload_dir(local, out_dir)
             print(f"wrote the report: {out_dir}")
             continue
-        for kind, path in write_summary(study, records, out_dir, storage_root).items():
+        for kind, path in write_summary(study, records, out_dir, storage_root, run_files).items():
             print(f"wrote {kind}: {path}")
     return 0 if all(r["status"] == "finished" for r in records) else 1  # also while unfinished (--report-only)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from cssfe.report import COLUMNS, bar_chart, markdown_table, mean_std
-from cssfe.sweep.studies import Study
+from cssfe.sweep.studies import Study, trial_key
 
 # F1 of the final EMA model at the fixed threshold 0.5 on the sigmoid score (cssfe.metrics; supplement Table 3).
 F1_FIELDS = ("f1_weighted", "f1_micro", "f1_macro")
@@ -124,6 +125,69 @@ def paired_rows(paired: Dict[str, Dict[str, Any]]) -> List[List[Any]]:
 PAIRED_HEADER = ["variant", "column", "n", "positive", "mean", "std", "ci95_low", "ci95_high"]
 
 
+def paired_chart(paired: Dict[str, Dict[str, Any]], baseline: str, path: str, title: str) -> None:
+    """One panel per column (total, head, medium, tail): each variant's per-seed differences to
+    ``baseline`` as dots, their mean with the t-interval as a bar, and the zero line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(paired)
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(3 * len(COLUMNS), 3.6), dpi=100, sharey=True)
+    for i, (ax, column) in enumerate(zip(axes, COLUMNS)):
+        ax.axhline(0, color="0.4", linewidth=0.8)
+        for x, label in enumerate(labels):
+            diffs = paired[label]["diffs"][:, i]
+            st = paired_stats(paired[label]["diffs"][:, i:i + 1])
+            jitter = np.linspace(-0.12, 0.12, len(diffs)) if len(diffs) > 1 else np.zeros(1)
+            ax.plot(x + jitter, diffs, "o", color="0.55", markersize=3.5, zorder=2)
+            low, high = (st["low"][0], st["high"][0]) if np.isfinite(st["low"][0]) else (st["mean"][0],) * 2
+            ax.errorbar(x, st["mean"][0], yerr=[[st["mean"][0] - low], [high - st["mean"][0]]], fmt="s",
+                        color=f"C{x}", capsize=4, markersize=6, zorder=3)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(column.capitalize())
+    axes[0].set_ylabel(f"mAP points, minus {baseline}")
+    fig.suptitle(f"{title}: per-seed differences (dots), mean and {PAIRED_CONFIDENCE:.0%} t-interval", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+RUN_FILES = ("config.yaml", "log.jsonl", "metrics.json")
+
+
+def copy_run_files(records: List[Dict[str, Any]], out_dir: str, storage_root: Optional[str]) -> List[str]:
+    """Each finished trial's ``config.yaml``, ``log.jsonl`` and ``metrics.json`` into
+    ``<out_dir>/runs/<variant>_s<seed>/``, to keep with a study's tables. The config names the run
+    folder relative to the storage (as ``trials.csv`` does) and the sweep's default cache folder as
+    the default (null): what stays are the settings, not this machine's paths."""
+    import yaml
+
+    from cssfe.cache import default_cache_dir
+
+    written = []
+    for record in records:
+        run_dir = record.get("run_dir")
+        if record["status"] != "finished" or not run_dir or not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+            continue
+        dest = os.path.join(out_dir, "runs", trial_key(record["variant"], record["seed"]))
+        os.makedirs(dest, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        if storage_root and os.path.abspath(run_dir).startswith(os.path.abspath(storage_root) + os.sep):
+            cfg["output_dir"] = os.path.relpath(run_dir, storage_root)
+        if cfg.get("cache_dir") and os.path.abspath(cfg["cache_dir"]) == os.path.abspath(default_cache_dir()):
+            cfg["cache_dir"] = None
+        with open(os.path.join(dest, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        for name in RUN_FILES[1:]:
+            shutil.copyfile(os.path.join(run_dir, name), os.path.join(dest, name))
+        written.append(dest)
+    return written
+
+
 def f1_markdown(variants: Dict[str, np.ndarray]) -> str:
     lines = ["| variant | class-weighted F1 | micro F1 | macro F1 | n |", "|---|---|---|---|---|"]
     for name, values in variants.items():
@@ -167,11 +231,13 @@ def _write_csv(path: str, header, rows) -> None:
 
 
 def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str,
-                  storage_root: Optional[str] = None) -> Dict[str, str]:
+                  storage_root: Optional[str] = None, run_files: bool = False) -> Dict[str, str]:
     """Write ``<study>.md``, ``<study>.csv`` (one row per variant), ``trials.csv`` and ``<study>.png``
-    (when a trial finished); returns their paths by kind. ``trials.csv`` names each trial's run
-    folder relative to ``storage_root`` (``trials/s0-...``) when it lies below it, so the file
-    reads the same wherever the storage is mounted."""
+    (when a trial finished), for a paired study ``<study>_paired.csv`` and ``<study>_paired.png``,
+    with ``run_files`` each finished trial's files (:func:`copy_run_files`); returns their paths
+    by kind. ``trials.csv`` names each trial's run folder relative to ``storage_root``
+    (``trials/s0-...``) when it lies below it, so the file reads the same wherever the storage is
+    mounted."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"markdown": os.path.join(out_dir, f"{study.name}.md"), "csv": os.path.join(out_dir, f"{study.name}.csv"),
              "trials": os.path.join(out_dir, "trials.csv"), "png": os.path.join(out_dir, f"{study.name}.png")}
@@ -205,8 +271,14 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str,
         _write_csv(paths["f1_csv"], ["variant", "n", *[f"{c}_{s}" for c in F1_FIELDS for s in ("mean", "std")]],
                    [[label, len(v), *[f"{x:.4f}" for pair in zip(*mean_std(v)) for x in pair]] for label, v in f1.items()])
     if study.paired_against:  # per variant and column (total ... tail, lambda): the paired statistics
+        paired = paired_differences(study, records, study.paired_against)
         paths["paired_csv"] = os.path.join(out_dir, f"{study.name}_paired.csv")
-        _write_csv(paths["paired_csv"], PAIRED_HEADER, paired_rows(paired_differences(study, records, study.paired_against)))
+        _write_csv(paths["paired_csv"], PAIRED_HEADER, paired_rows(paired))
+        if paired:
+            paths["paired_png"] = os.path.join(out_dir, f"{study.name}_paired.png")
+            paired_chart(paired, study.paired_against, paths["paired_png"], study.title)
+    if run_files and copy_run_files(records, out_dir, storage_root):
+        paths["runs"] = os.path.join(out_dir, "runs")
     if variants:
         bar_chart(variants, paths["png"], title=f"{study.title}: mAP (%), mean ± std over seeds")
     else:

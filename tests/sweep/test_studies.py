@@ -271,6 +271,7 @@ def test_paired_differences_with_a_t_interval(tmp_path):
     assert (tail_a["n"], tail_a["positive"], float(tail_a["mean"])) == ("5", "4", pytest.approx(1.8))
     assert float(tail_a["ci95_low"]) == pytest.approx(1.8 - half, abs=2e-3)
     assert [r["n"] for r in rows if r["variant"] == "b"][0] == "4"
+    assert open(paths["paired_png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_paired_against_names_a_variant_and_the_command_line_chooses_it(tmp_path):
@@ -280,7 +281,30 @@ def test_paired_against_names_a_variant_and_the_command_line_chooses_it(tmp_path
     assert load_study(path, paired_against="a").paired_against == "a"
     plain = load_study(_write(tmp_path, {"variants": {"off": {"model.enhance": False}, "a": {}}}))
     assert plain.paired_against is None and "paired" not in summary_markdown(plain, _paired_records())
-    assert "paired_csv" not in write_summary(plain, _paired_records(), str(tmp_path / "plain"))
+    assert not {"paired_csv", "paired_png"} & set(write_summary(plain, _paired_records(), str(tmp_path / "plain")))
+
+
+def test_run_files_keep_the_settings_and_drop_the_machine_paths(tmp_path, monkeypatch):
+    """Finished trials only; output_dir relative to the storage; the sweep's default cache folder
+    written as the default (null), another one kept."""
+    from cssfe.sweep.summary import copy_run_files
+
+    monkeypatch.setenv("CSSFE_CACHE", str(tmp_path / "cache"))
+    storage = tmp_path / "sweeps"
+    records = []
+    for i, (status, cache) in enumerate([("finished", str(tmp_path / "cache")), ("finished", "/elsewhere"), ("failed", None)]):
+        run = storage / "trials" / f"s{i}-key"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(run), "cache_dir": cache, "seed": i}))
+        (run / "log.jsonl").write_text(f'{{"epoch": {i}}}\n')
+        (run / "metrics.json").write_text(f'{{"seed": {i}}}')
+        records.append({"variant": "a (b)", "seed": i, "status": status, "run_dir": str(run)})
+    written = copy_run_files(records, str(tmp_path / "out"), str(storage))
+    assert [os.path.basename(w) for w in written] == ["a_b_s0", "a_b_s1"]
+    first, second = (yaml.safe_load(open(os.path.join(w, "config.yaml"))) for w in written)
+    assert first == {"output_dir": os.path.join("trials", "s0-key"), "cache_dir": None, "seed": 0}
+    assert second["cache_dir"] == "/elsewhere"
+    assert open(os.path.join(written[1], "metrics.json")).read() == '{"seed": 1}'
 
 
 @pytest.mark.parametrize("key", ["model.enhance_form", "distributed.sync_batchnorm", "model.head_options",

@@ -273,9 +273,29 @@ def test_the_enhancement_study_runs_as_documented_and_reports_pairs(cluster, tmp
     two seeds of tiny trials: the report pairs the form with enhancement off, seed by seed."""
     out = tmp_path / "report"
     rc = sweep_main(["--study", "enhancement_coco", "--variants", "enhancement off,presence", "--seeds", "0,1",
-                     "--storage", str(tmp_path / "sweeps"), "--output", str(out),
+                     "--storage", str(tmp_path / "sweeps"), "--output", str(out), "--with-run-files",
                      *[f"{k}={v}" for k, v in TINY.items()], "data.image_size=16"])
     assert rc == 0
     rows = {r["column"]: r for r in csv.DictReader(open(out / "enhancement_coco_paired.csv")) if r["variant"] == "presence"}
     assert set(rows) == {"total", "head", "medium", "tail", "lambda"} and rows["tail"]["n"] == "2"
     assert "Per-seed paired differences to **enhancement off**" in open(out / "enhancement_coco.md").read()
+    assert (out / "enhancement_coco_paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --with-run-files: each trial's files beside the tables, its config naming the run folder as trials.csv does
+    trials = list(csv.DictReader(open(out / "trials.csv")))
+    assert sorted(os.listdir(out / "runs")) == ["enhancement_off_s0", "enhancement_off_s1", "presence_s0", "presence_s1"]
+    for t in trials:
+        copied = out / "runs" / f"{t['variant'].replace(' ', '_')}_s{t['seed']}"
+        run = tmp_path / "sweeps" / t["run_dir"]
+        assert (copied / "metrics.json").read_bytes() == (run / "metrics.json").read_bytes()
+        assert (copied / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
+        saved, original = (yaml.safe_load(open(d / "config.yaml")) for d in (copied, run))
+        assert saved["output_dir"] == t["run_dir"] and original["output_dir"] == str(run)
+        assert saved["cache_dir"] is None and original["cache_dir"]  # the sweep's default cache folder: the default
+        unset = {"output_dir": None, "cache_dir": None}
+        assert {**saved, **unset} == {**original, **unset}  # nothing else changed
+    assert not (tmp_path / "sweeps" / "enhancement_coco" / "report" / "runs").exists()  # the trials are beside it
+
+
+def test_run_files_go_to_an_output_folder_only(capsys):
+    assert sweep_main(["--study", "enhancement", "--with-run-files"]) == 2
+    assert "give --output DIR" in capsys.readouterr().err
