@@ -274,6 +274,8 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
         else:
             tuner = _new_tuner(study, options, plan, trainable, runnable, exp_dir)
         grid = tuner.fit()
+        if any(r.config is None for r in grid):  # interrupted (Ctrl-C): trials not started yet carry no config
+            return {**current_records(options, study), "results": grid}  # the saved state lists them as unfinished
         return {"study": study, "records": records_from_results(study, grid), "experiment_dir": exp_dir, "results": grid}
     finally:
         if started:
