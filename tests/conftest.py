@@ -36,11 +36,10 @@ def _cache_dir(tmp_path_factory):
 def _leave_the_process_group():
     """In-process DeepSpeed tests join a gloo group that DeepSpeed keeps for the session; it is left
     before the interpreter exits (gloo's threads left to finalization can abort the test process)."""
-    yield
-    import torch.distributed as dist
+    from cssfe.engine.distributed import leaving_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    with leaving_process_group():
+        yield
 
 
 @pytest.fixture

@@ -134,17 +134,19 @@ def paired_chart(paired: Dict[str, Dict[str, Any]], baseline: str, path: str, ti
     import matplotlib.pyplot as plt
 
     labels = list(paired)
+    stats = {label: paired_stats(pair["diffs"]) for label, pair in paired.items()}
     fig, axes = plt.subplots(1, len(COLUMNS), figsize=(3 * len(COLUMNS), 3.6), dpi=100, sharey=True)
     for i, (ax, column) in enumerate(zip(axes, COLUMNS)):
         ax.axhline(0, color="0.4", linewidth=0.8)
         for x, label in enumerate(labels):
-            diffs = paired[label]["diffs"][:, i]
-            st = paired_stats(paired[label]["diffs"][:, i:i + 1])
+            diffs, mean = paired[label]["diffs"][:, i], stats[label]["mean"][i]
+            low, high = stats[label]["low"][i], stats[label]["high"][i]
+            if not np.isfinite(low):  # one seed: no interval
+                low = high = mean
             jitter = np.linspace(-0.12, 0.12, len(diffs)) if len(diffs) > 1 else np.zeros(1)
             ax.plot(x + jitter, diffs, "o", color="0.55", markersize=3.5, zorder=2)
-            low, high = (st["low"][0], st["high"][0]) if np.isfinite(st["low"][0]) else (st["mean"][0],) * 2
-            ax.errorbar(x, st["mean"][0], yerr=[[st["mean"][0] - low], [high - st["mean"][0]]], fmt="s",
-                        color=f"C{x}", capsize=4, markersize=6, zorder=3)
+            ax.errorbar(x, mean, yerr=[[mean - low], [high - mean]], fmt="s", color=f"C{x}", capsize=4, markersize=6,
+                        zorder=3)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(column.capitalize())
@@ -156,6 +158,14 @@ def paired_chart(paired: Dict[str, Dict[str, Any]], baseline: str, path: str, ti
 
 
 RUN_FILES = ("config.yaml", "log.jsonl", "metrics.json")
+
+
+def from_storage(run_dir: str, storage_root: Optional[str]) -> str:
+    """A run folder relative to the sweep's storage (``trials/s0-...``) when it lies below it, so
+    it reads the same wherever the storage is mounted; else as it is."""
+    if storage_root and run_dir.startswith(storage_root.rstrip("/") + "/"):
+        return os.path.relpath(run_dir, storage_root)
+    return run_dir
 
 
 def copy_run_files(records: List[Dict[str, Any]], out_dir: str, storage_root: Optional[str]) -> List[str]:
@@ -176,8 +186,7 @@ def copy_run_files(records: List[Dict[str, Any]], out_dir: str, storage_root: Op
         os.makedirs(dest, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml")) as f:
             cfg = yaml.safe_load(f)
-        if storage_root and os.path.abspath(run_dir).startswith(os.path.abspath(storage_root) + os.sep):
-            cfg["output_dir"] = os.path.relpath(run_dir, storage_root)
+        cfg["output_dir"] = from_storage(run_dir, storage_root)
         if cfg.get("cache_dir") and os.path.abspath(cfg["cache_dir"]) == os.path.abspath(default_cache_dir()):
             cfg["cache_dir"] = None
         with open(os.path.join(dest, "config.yaml"), "w") as f:
@@ -260,9 +269,7 @@ def write_summary(study: Study, records: List[Dict[str, Any]], out_dir: str,
     _write_csv(paths["csv"], ["variant", "n", *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")], "note"], rows)
     def field(record: Dict[str, Any], key: str):
         value = record.get(key)
-        if key == "run_dir" and value and storage_root and value.startswith(storage_root.rstrip("/") + "/"):
-            return os.path.relpath(value, storage_root)
-        return value
+        return from_storage(value, storage_root) if key == "run_dir" and value else value
 
     _write_csv(paths["trials"], TRIAL_FIELDS, [[field(r, k) for k in TRIAL_FIELDS] for r in records])
     f1 = f1_by_variant(study, records)
