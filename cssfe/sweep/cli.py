@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--with-run-files", action="store_true",
                    help="with --output: also copy each finished trial's config.yaml, log.jsonl and metrics.json to "
                         "OUTPUT/runs/<variant>_s<seed>/ (to keep a study's numbers with its tables)")
+    p.add_argument("--reuse-runs", action="append", default=[], metavar="DIR",
+                   help="take finished runs from DIR (a study's OUTPUT/runs of --with-run-files, another storage's "
+                        "trials/ folder) for the trials whose config they match, instead of training them (repeatable)")
     p.add_argument("overrides", nargs="*", help="key=value for every trial's config")
     return p
 
@@ -101,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
         max_concurrent_trials=args.max_concurrent, max_failures=args.max_failures, asha=args.asha,
         asha_grace_epochs=args.asha_grace_epochs, restore=not args.fresh, placement=args.placement,
-        trial_resources=trial_resources, ship_code=args.ship_code,
+        trial_resources=trial_resources, ship_code=args.ship_code, reuse_runs=args.reuse_runs,
     )
     try:
         outcome = current_records(options, study) if args.report_only else run_sweep(study, options)

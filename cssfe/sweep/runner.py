@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from cssfe.config import ConfigError
 from cssfe.sweep import storage
+from cssfe.sweep.reuse import import_runs, read_runs
 from cssfe.sweep.studies import Study, trial_key
 from cssfe.sweep.summary import F1_FIELDS
 from cssfe.sweep.trainable import FAIL_ONCE_ENV, TRIAL_RUNNERS, experiment_name, trial_dir
@@ -43,6 +44,7 @@ class SweepOptions:
     placement: str = "PACK"  # placement group strategy of a distributed trial's workers: PACK | STRICT_PACK | SPREAD
     trial_resources: Dict[str, float] = field(default_factory=dict)  # custom resources of each trial's own process
     ship_code: bool = False  # send this package to the nodes with the job (runtime_env py_modules)
+    reuse_runs: List[str] = field(default_factory=list)  # folders of finished runs to reuse (cssfe.sweep.reuse)
 
 
 def experiment_dir(options: SweepOptions, study: Study) -> str:
@@ -223,6 +225,7 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     study = pin_paths(study)  # trials run in their own working directories, maybe on other nodes
     _prepare(study, options)
+    reusable = read_runs(options.reuse_runs) if options.reuse_runs else {}
     exp_dir = experiment_dir(options, study)
     # The experiment state is tiny: save it every second so that a trial that finished just before
     # an interruption is known as finished (Ray's default waits up to 10 s).
@@ -255,6 +258,10 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
         for label, reason in study.skipped.items():
             print(f"sweep: skipping variant {label!r}: {reason}", flush=True)
         plan = make_plan(study, options, exp_dir)
+    if reusable:
+        copied = import_runs(reusable, study, plan)
+        print(f"sweep: --reuse-runs: {len(copied)} finished run(s) taken for trials of this study"
+              + "".join(f"\n  {line}" for line in copied), flush=True)
     runnable = [label for label in study.variants if label not in study.skipped]
     started = _ensure_ray(options)
     try:

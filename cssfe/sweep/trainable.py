@@ -164,7 +164,7 @@ def run_trial(config: Dict[str, Any], plan: Dict[str, Any]) -> None:
 def restore_from_checkpoint(checkpoint, run_dir: str) -> bool:
     """Fill a run folder that has no epoch checkpoint (a retry on another node, a node-local folder
     that is gone) from Ray's copy of the trial's last reported one; True if it did."""
-    if checkpoint is None or _resumable(run_dir) or os.path.isfile(os.path.join(run_dir, "metrics.json")):
+    if checkpoint is None or resumable(run_dir) or os.path.isfile(os.path.join(run_dir, "metrics.json")):
         return False
     checkpoint.to_directory(run_dir)
     return True
@@ -176,7 +176,7 @@ def _begin(run_dir: str, plan: Dict[str, Any]) -> Dict[str, Any]:
     sweep started training it, and whether another sweep trained it."""
     done = os.path.join(run_dir, "metrics.json")
     reuse = os.path.isfile(done)  # the folder is named by the trial's reuse key
-    action = "reuse" if reuse else "resume" if _resumable(run_dir) else "start"
+    action = "reuse" if reuse else "resume" if resumable(run_dir) else "start"
     attempts = os.path.join(run_dir, "attempts.jsonl")
     with open(attempts, "a") as f:
         f.write(json.dumps({"time": time.time(), "action": action, "experiment": experiment_name(plan)}) + "\n")
@@ -190,7 +190,7 @@ def _begin(run_dir: str, plan: Dict[str, Any]) -> Dict[str, Any]:
     return status
 
 
-def _resumable(run_dir: str) -> bool:
+def resumable(run_dir: str) -> bool:
     """A checkpoint to continue from: one process's, or DeepSpeed's pointer to its newest one."""
     return any(os.path.isfile(os.path.join(run_dir, "checkpoints", *p)) for p in (("last.pt",), ("deepspeed", "latest")))
 
@@ -219,7 +219,7 @@ def _train_or_reuse(cfg, run_dir: str, plan: Dict[str, Any], key: str) -> None:
         tune.report({**epoch_metrics(record), **status}, checkpoint=_run_checkpoint(run_dir))
         _maybe_fail_once(plan, key, run_dir)
 
-    result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report)
+    result = train(cfg, resume=resumable(run_dir), on_epoch_end=report)
     # The last report says the run is complete (metrics.json written): the table counts only these.
     tune.report({**final_metrics(cfg, result["final"], run_dir), **status, "finished": True}, checkpoint=_run_checkpoint(run_dir))
 
@@ -327,7 +327,7 @@ def _distributed_worker(loop_config: Dict[str, Any]) -> None:
     # Decided here, not by the driver: Ray Train may rerun this function (node preemption) after
     # the first run wrote checkpoints. No rank can checkpoint before all have joined.
     # node-local folders: Ray merges every node's upload into one checkpoint, restored on each node
-    result = train(cfg, resume=_resumable(run_dir), on_epoch_end=report, shared_storage=shared_dir is not None)
+    result = train(cfg, resume=resumable(run_dir), on_epoch_end=report, shared_storage=shared_dir is not None)
     ray.train.report({**final_metrics(cfg, result["final"], run_dir), **status, "finished": True},
                      checkpoint=_run_checkpoint(run_dir) if owner else None)
 

@@ -11,6 +11,8 @@ from cssfe.config import ConfigError
 from cssfe.sweep.studies import available_studies, config_hash, load_study, trial_key
 from cssfe.sweep.summary import summary_markdown, write_summary
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def test_the_shipped_studies_load_with_the_supplement_variants():
     assert {"losses", "backbones", "embeddings", "mask"} <= set(available_studies())
@@ -330,3 +332,22 @@ def test_a_key_added_later_at_its_default_leaves_the_digests_of_older_runs(monke
     monkeypatch.undo()
     assert key in ADDED_KEYS or key in RESUMABLE_CHANGES  # at its default / never part of the digest
     assert config_hash(load_config(None, ["model.enhance_form=presence"])) != digest
+
+
+def test_the_committed_coco_runs_stand_for_the_default_row_of_the_coco_studies(tmp_path):
+    """docs/sweeps.md's ``--study mask_coco --reuse-runs docs/results/sweeps/methods_coco/runs``: the
+    committed CSSFE runs match that study's default trials (folder key and config digest), so a
+    change of defaults that would make them stale fails here; no other committed run is taken."""
+    from cssfe.sweep.reuse import import_runs, read_runs
+    from cssfe.sweep.runner import SweepOptions, make_plan
+
+    runs_dir = os.path.join(REPO, "docs", "results", "sweeps", "methods_coco", "runs")
+    study = load_study("mask_coco")
+    plan = make_plan(study, SweepOptions(storage_path=str(tmp_path)), str(tmp_path / "mask_coco"))
+    copied = import_runs(read_runs([runs_dir]), study, plan)
+    assert copied == [f"mask + enhancement (CSSFE) seed {s} <- {os.path.join(runs_dir, f'CSSFE_s{s}')}" for s in (0, 1, 2)]
+    for s in (0, 1, 2):
+        target = plan["trial_dirs"][f"mask + enhancement (CSSFE)|{s}"]
+        kept = os.path.join(runs_dir, f"CSSFE_s{s}", "metrics.json")
+        assert open(os.path.join(target, "metrics.json")).read() == open(kept).read()
+    assert import_runs(read_runs([runs_dir]), study, plan) == []  # the trials' own runs come first now

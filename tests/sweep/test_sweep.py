@@ -1,9 +1,11 @@
 """Ray Tune sweeps end to end on the bundled data with tiny trials, on one shared 2-CPU Ray cluster:
 the table / CSV / chart of a small grid, a skipped variant, a retried failure, and an interrupted
-sweep that resumes without training its finished trials again."""
+sweep that resumes without training its finished trials again, runs kept with a report reused
+elsewhere."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -299,3 +301,47 @@ def test_the_enhancement_study_runs_as_documented_and_reports_pairs(cluster, tmp
 def test_run_files_go_to_an_output_folder_only(capsys):
     assert sweep_main(["--study", "enhancement", "--with-run-files"]) == 2
     assert "give --output DIR" in capsys.readouterr().err
+
+
+def test_runs_kept_with_a_report_finish_the_study_on_another_storage(cluster, tmp_path, capsys):
+    """``--reuse-runs OUTPUT/runs``: the files ``--with-run-files`` keeps stand for their trials in a
+    sweep elsewhere (another storage, as on another machine), not retrained; a run whose config no
+    longer matches its trial is not taken, and that trial trains."""
+    study = _study_file(tmp_path, {"mask": {}, "no mask": {"model.mask": False}})
+    first = tmp_path / "first"
+    assert sweep_main(["--study", study, "--storage", str(tmp_path / "a"), "--output", str(first), "--with-run-files"]) == 0
+    changed = first / "runs" / "no_mask_s1" / "config.yaml"
+    cfg = yaml.safe_load(changed.read_text())
+    cfg["optim"]["lr"] *= 2
+    changed.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    capsys.readouterr()
+
+    second = tmp_path / "second"
+    assert sweep_main(["--study", study, "--storage", str(tmp_path / "b"), "--output", str(second),
+                       "--reuse-runs", str(first / "runs")]) == 0
+    assert "--reuse-runs: 3 finished run(s) taken" in capsys.readouterr().out
+    before = {(r["variant"], r["seed"]): r for r in csv.DictReader(open(first / "trials.csv"))}
+    after = {(r["variant"], r["seed"]): r for r in csv.DictReader(open(second / "trials.csv"))}
+    for key in (("mask", "0"), ("mask", "1"), ("no mask", "0")):
+        assert (after[key]["reused"], after[key]["attempts"]) == ("True", "0")
+        assert [after[key][c] for c in ("total", "tail", "f1_weighted")] == [before[key][c] for c in ("total", "tail", "f1_weighted")]
+        assert after[key]["run_dir"] == before[key]["run_dir"]  # the same reuse key, under the other storage
+        assert _attempts(tmp_path / "b" / after[key]["run_dir"]) == ["reuse"]
+    assert (after[("no mask", "1")]["reused"], after[("no mask", "1")]["attempts"]) == ("False", "1")
+
+
+def test_reuse_runs_refuses_what_it_cannot_take_before_any_work(tmp_path, capsys):
+    study = _study_file(tmp_path, {"mask": {}})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad" / "mask_s0"
+    bad.mkdir(parents=True)
+    (bad / "config.yaml").write_text("optim: {epochs: 1, warmup: 3}\n")
+    (bad / "metrics.json").write_text("{}")
+    for folder, message in ((tmp_path / "missing", "no such folder"), (empty, "no finished run in it"),
+                            (tmp_path / "bad", r"mask_s0/config.yaml: unknown config key 'optim.warmup'")):
+        rc = sweep_main(["--study", study, "--storage", str(tmp_path / "sweeps"), "--reuse-runs", str(folder)])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and re.search(message, err), err
+    assert not (tmp_path / "sweeps").exists()
