@@ -139,8 +139,13 @@ def trial_record(config: Dict[str, Any], metrics: Optional[Dict[str, Any]], erro
 
 
 def _order(study: Study, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The records in table order, with one "not started" record for each trial of the study that
+    Tune never created (a sweep interrupted before it got there creates no trial for it)."""
+    seen = {(r["variant"], r["seed"]) for r in records}
+    missing = [{**trial_record({"trial": {"variant": v, "seed": s}}, None, ended=False), "status": "not started"}
+               for v in study.variants if v not in study.skipped for s in study.seeds if (v, s) not in seen]
     order = {label: i for i, label in enumerate(study.variants)}
-    return sorted(records, key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
+    return sorted(records + missing, key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
 
 
 def records_from_results(study: Study, results, ended: bool = True) -> List[Dict[str, Any]]:

@@ -220,7 +220,12 @@ def summary_markdown(study: Study, records: List[Dict[str, Any]]) -> str:
     notes = [f"- skipped **{label}**: {reason}" for label, reason in study.skipped.items()]
     notes += [f"- {line}" for line in stopped_notes(study, records).values()]
     notes += [f"- {r['status']} **{r['variant']}** seed {r['seed']} at epoch {r['epochs']}, after {r['attempts']} start(s)"
-              + (f": {r['error']}" if r["error"] else "") for r in records if r["status"] not in ("finished", "stopped early")]
+              + (f": {r['error']}" if r["error"] else "") for r in records
+              if r["status"] not in ("finished", "stopped early", "not started")]
+    for label in study.variants:
+        waiting = [str(r["seed"]) for r in records if r["variant"] == label and r["status"] == "not started"]
+        if waiting:
+            notes.append(f"- not started **{label}**: seed {', '.join(waiting)}")
     retried = [r for r in records if r["status"] == "finished" and r["attempts"] > 1]
     notes += [f"- restarted **{r['variant']}** seed {r['seed']}: finished after {r['attempts']} starts, each continuing "
               "from the last epoch checkpoint (after a failure or an interrupted sweep)" for r in retried]

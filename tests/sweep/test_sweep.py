@@ -345,3 +345,42 @@ def test_reuse_runs_refuses_what_it_cannot_take_before_any_work(tmp_path, capsys
         err = capsys.readouterr().err
         assert str(folder) in err and re.search(message, err), err
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_ctrl_c_prints_the_table_of_the_saved_state_and_exits_1(cluster, tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group) while trials are still pending: the driver
+    prints the table of what finished, lists the rest as unfinished, and exits 1, without a
+    traceback (Tune's result grid has no config for trials that never started)."""
+    study_path = _study_file(tmp_path, {"mask": {}}, seeds=(0, 1, 2, 3), **{"optim.epochs": 2})
+    storage = tmp_path / "sweeps"
+    study = load_study(study_path)
+    first = trial_dir({"trials_dir": str(storage / "trials")}, study, "mask", 0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "launch", "sweep.py"), "--study", study_path, "--storage", str(storage),
+         "--address", cluster, "--max-concurrent", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        # interrupt once Tune's saved state knows the first trial as finished: the driver is inside fit()
+        while not (os.path.isfile(os.path.join(first, "metrics.json")) and _terminated_in_experiment_state(storage / "tiny")):
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGINT)
+        out, err = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert "### Tiny" in out, out[-2000:]
+    table = out[out.index("### Tiny"):]
+    status = {int(t["seed"]): t["status"] for t in csv.DictReader(open(storage / "tiny" / "report" / "trials.csv"))}
+    assert status[0] == "finished" and status[3] == "not started", status  # Tune creates trials one ahead at most
+    assert set(status) == {0, 1, 2, 3} and {status[1], status[2]} <= {"unfinished", "not started"}, status
+    assert "| mask | " in table and "- unfinished **mask** seed 1 at epoch" in table, table
+    waiting = ", ".join(str(s) for s in sorted(status) if status[s] == "not started")
+    assert f"- not started **mask**: seed {waiting}\n" in table, table  # trials Tune had not created yet are listed too
