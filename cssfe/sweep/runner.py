@@ -286,8 +286,11 @@ def run_sweep(study: Study, options: SweepOptions) -> Dict[str, Any]:
         else:
             tuner = _new_tuner(study, options, plan, trainable, runnable, exp_dir)
         grid = tuner.fit()
-        if any(r.config is None for r in grid):  # interrupted (Ctrl-C): trials not started yet carry no config
-            return {**current_records(options, study), "results": grid}  # the saved state lists them as unfinished
+        # Interrupted (Ctrl-C): in the result grid an interrupted trial looks like one ASHA stopped, and
+        # trials not created yet carry no config; Tune's state saved at the interruption tells them apart.
+        saved = current_records(options, study)
+        if any(r.config is None for r in grid) or any(r["status"] == "unfinished" for r in saved["records"]):
+            return {**saved, "results": grid}
         return {"study": study, "records": records_from_results(study, grid), "experiment_dir": exp_dir, "results": grid}
     finally:
         if started:
