@@ -330,6 +330,28 @@ def test_runs_kept_with_a_report_finish_the_study_on_another_storage(cluster, tm
     assert (after[("no mask", "1")]["reused"], after[("no mask", "1")]["attempts"]) == ("False", "1")
 
 
+def test_parts_of_a_study_under_their_own_names_make_the_whole_without_training(cluster, tmp_path, capsys):
+    """docs/sweeps.md, "Splitting a study": parts picked by ``--seeds`` / ``--variants`` and kept apart by
+    ``--name`` share the storage's run folders, so the whole study afterwards trains nothing."""
+    study = _study_file(tmp_path, {"mask": {}, "no mask": {"model.mask": False}})
+    storage = str(tmp_path / "sweeps")
+    parts = {"part_a": ["--seeds", "0"], "part_b": ["--seeds", "1", "--variants", "no mask"]}
+    for name, narrowing in parts.items():
+        assert sweep_main(["--study", study, "--storage", storage, "--name", name, *narrowing]) == 0
+    capsys.readouterr()
+    whole = tmp_path / "whole"
+    assert sweep_main(["--study", study, "--storage", storage, "--name", "whole", "--output", str(whole)]) == 0
+    trials = {(r["variant"], r["seed"]): r for r in csv.DictReader(open(whole / "trials.csv"))}
+    assert sorted(trials) == [("mask", "0"), ("mask", "1"), ("no mask", "0"), ("no mask", "1")]
+    assert all(r["status"] == "finished" for r in trials.values())
+    trained_by_parts = [("mask", "0"), ("no mask", "0"), ("no mask", "1")]
+    for key in trained_by_parts:
+        assert (trials[key]["reused"], trials[key]["attempts"]) == ("True", "0"), key
+        assert _attempts(os.path.join(storage, trials[key]["run_dir"])) == ["start", "reuse"]
+    # the one trial no part ran trains in the whole
+    assert (trials[("mask", "1")]["reused"], trials[("mask", "1")]["attempts"]) == ("False", "1")
+
+
 def test_reuse_runs_refuses_what_it_cannot_take_before_any_work(tmp_path, capsys):
     study = _study_file(tmp_path, {"mask": {}})
     empty = tmp_path / "empty"
