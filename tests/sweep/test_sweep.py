@@ -330,7 +330,7 @@ def test_runs_kept_with_a_report_finish_the_study_on_another_storage(cluster, tm
     assert (after[("no mask", "1")]["reused"], after[("no mask", "1")]["attempts"]) == ("False", "1")
 
 
-def test_parts_of_a_study_under_their_own_names_make_the_whole_without_training(cluster, tmp_path, capsys):
+def test_parts_of_a_study_under_their_own_names_make_the_whole_without_training(cluster, tmp_path):
     """docs/sweeps.md, "Splitting a study": parts picked by ``--seeds`` / ``--variants`` and kept apart by
     ``--name`` share the storage's run folders, so the whole study afterwards trains nothing."""
     study = _study_file(tmp_path, {"mask": {}, "no mask": {"model.mask": False}})
@@ -338,7 +338,6 @@ def test_parts_of_a_study_under_their_own_names_make_the_whole_without_training(
     parts = {"part_a": ["--seeds", "0"], "part_b": ["--seeds", "1", "--variants", "no mask"]}
     for name, narrowing in parts.items():
         assert sweep_main(["--study", study, "--storage", storage, "--name", name, *narrowing]) == 0
-    capsys.readouterr()
     whole = tmp_path / "whole"
     assert sweep_main(["--study", study, "--storage", storage, "--name", "whole", "--output", str(whole)]) == 0
     trials = {(r["variant"], r["seed"]): r for r in csv.DictReader(open(whole / "trials.csv"))}
